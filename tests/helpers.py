@@ -1,0 +1,236 @@
+"""Shared test helpers: real peers, the vmail user, a vdeliver that vmail can run.
+
+Peers: `require("sendmail")` skips a test whose peer program is missing, or fails
+it when VDELIVER_REQUIRE_PEERS=1 (as in CI).
+
+The interpreter running pytest may live under root's home, which other users
+cannot enter.  Tests that run vdeliver as the unprivileged vmail user use
+`install_vdeliver()`: a copy of the package in a world-readable directory and a
+launcher `bin/vdeliver` whose shebang is Debian's /usr/bin/python3 (the same form
+as production: `python3 -I` and only the standard library on the delivery path).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "vdeliver"
+REQUIRE_PEERS = os.environ.get("VDELIVER_REQUIRE_PEERS") == "1"
+IS_ROOT = os.geteuid() == 0
+SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+# sbin directories are not always on a non-root PATH; peers live there.
+_SEARCH = os.pathsep.join(
+    [os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/lib/postgresql/15/bin", "/usr/lib/dovecot"]
+)
+
+
+def which(program: str) -> str | None:
+    return shutil.which(program, path=_SEARCH)
+
+
+def require(*programs: str) -> dict[str, str]:
+    """Paths of the named peer programs; skip (or fail under CI) when one is missing."""
+    found: dict[str, str] = {}
+    for program in programs:
+        path = which(program)
+        if path is None:
+            message = f"peer program {program!r} is not installed"
+            if REQUIRE_PEERS:
+                pytest.fail(message + " (VDELIVER_REQUIRE_PEERS=1)", pytrace=False)
+            pytest.skip(message)
+        found[program] = path
+    return found
+
+
+def require_root(why: str) -> None:
+    if not IS_ROOT:
+        if REQUIRE_PEERS:
+            pytest.fail(f"needs root: {why}", pytrace=False)
+        pytest.skip(f"needs root: {why}")
+
+
+def world_tmpdir(prefix: str = "vdeliver-test-") -> Path:
+    """A temporary directory every user can enter (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def ensure_vmail() -> Account:
+    """The unprivileged vmail user (created when running as root), else ourselves."""
+    if IS_ROOT:
+        try:
+            pw = pwd.getpwnam("vmail")
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--user-group", "--home-dir", "/nonexistent", "--no-create-home",
+                 "--shell", "/usr/sbin/nologin", "vmail"],
+                check=True,
+            )
+            pw = pwd.getpwnam("vmail")
+        return Account("vmail", pw.pw_uid, pw.pw_gid)
+    pw = pwd.getpwuid(os.geteuid())
+    return Account(pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+_INSTALLED: Path | None = None
+
+
+def install_vdeliver() -> Path:
+    """Copy the package where vmail can read it; return the directory (bin/, lib/)."""
+    global _INSTALLED
+    if _INSTALLED is not None and (_INSTALLED / "bin" / "vdeliver").exists():
+        return _INSTALLED
+    base = world_tmpdir("vdeliver-install-")
+    lib = base / "lib"
+    shutil.copytree(PACKAGE, lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
+    bindir = base / "bin"
+    bindir.mkdir()
+    for name, module in (
+        ("vdeliver", "vdeliver.cli"),
+        ("vdeliver-lmtpd", "vdeliver.lmtp.server"),
+        ("vdeliver-socketmapd", "vdeliver.socketmap.server"),
+    ):
+        launcher = bindir / name
+        launcher.write_text(
+            f"#!{SYSTEM_PYTHON} -I\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(lib)!r})\n"
+            f"from {module} import main\n"
+            "raise SystemExit(main())\n"
+        )
+        launcher.chmod(0o755)
+    for path in [base, lib, *lib.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for launcher in bindir.iterdir():
+        launcher.chmod(0o755)
+    _INSTALLED = base
+    return base
+
+
+@dataclass
+class MailRoot:
+    """A private mail tree: vbox/ for mboxes, home/ for Maildirs, a config file."""
+
+    base: Path
+    owner: Account
+    config: Path = field(init=False)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config = self.base / "vdeliver.toml"
+        (self.base / "vbox").mkdir(exist_ok=True)
+        (self.base / "home").mkdir(exist_ok=True)
+        (self.base / "spool").mkdir(exist_ok=True)
+        for d in ("vbox", "home", "spool"):
+            os.chown(self.base / d, self.owner.uid, self.owner.gid)
+        self.write_config()
+
+    @property
+    def vbox(self) -> Path:
+        return self.base / "vbox"
+
+    @property
+    def home(self) -> Path:
+        return self.base / "home"
+
+    def write_config(self, **extra: object) -> Path:
+        self.extra.update(extra)
+        values: dict[str, object] = {
+            "mbox_path": f"{self.vbox}/{{domain}}/{{user}}",
+            "maildir_path": f"{self.home}/{{domain}}/{{user}}/Maildir",
+            "spool_dir": str(self.base / "spool"),
+            "log": "stderr",
+            "lock_timeout": 10,
+        }
+        if IS_ROOT:
+            values["user"] = self.owner.name
+        values.update(self.extra)
+        lines = []
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, int):
+                lines.append(f"{key} = {value}")
+            else:
+                lines.append(f'{key} = "{value}"')
+        self.config.write_text("\n".join(lines) + "\n")
+        self.config.chmod(0o644)
+        return self.config
+
+    def _own(self, path: Path) -> None:
+        os.chown(path, self.owner.uid, self.owner.gid)
+
+    def add_domain(self, domain: str) -> None:
+        for top in (self.vbox, self.home):
+            d = top / domain
+            d.mkdir(exist_ok=True, mode=0o700)
+            self._own(d)
+
+    def add_mbox(self, domain: str, user: str, content: bytes = b"") -> Path:
+        self.add_domain(domain)
+        path = self.vbox / domain / user
+        path.write_bytes(content)
+        path.chmod(0o600)
+        self._own(path)
+        return path
+
+    def add_maildir(self, domain: str, user: str) -> Path:
+        self.add_domain(domain)
+        userdir = self.home / domain / user
+        userdir.mkdir(exist_ok=True, mode=0o700)
+        self._own(userdir)
+        md = userdir / "Maildir"
+        md.mkdir(exist_ok=True, mode=0o700)
+        self._own(md)
+        for sub in ("tmp", "new", "cur"):
+            (md / sub).mkdir(exist_ok=True, mode=0o700)
+            self._own(md / sub)
+        return md
+
+
+def run_vdeliver(
+    args: list[str],
+    message: bytes = b"",
+    *,
+    config: Path | None = None,
+    as_user: Account | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the installed vdeliver like sendmail does (as vmail when we are root)."""
+    launcher = install_vdeliver() / "bin" / "vdeliver"
+    argv = [str(launcher)]
+    if config is not None:
+        argv += ["-c", str(config)]
+    argv += args
+    kwargs: dict[str, object] = {}
+    if as_user is not None and IS_ROOT and as_user.uid != 0:
+        kwargs.update(user=as_user.uid, group=as_user.gid, extra_groups=[])
+    return subprocess.run(
+        argv,
+        input=message,
+        capture_output=True,
+        timeout=timeout,
+        env=env if env is not None else {"PATH": "/usr/bin:/bin", "LANG": "C"},
+        cwd="/",
+        **kwargs,  # type: ignore[arg-type]
+    )

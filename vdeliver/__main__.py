@@ -1,0 +1,5 @@
+"""`python -I -m vdeliver ...`: the fastest way to run the delivery agent."""
+
+from vdeliver.cli import main
+
+raise SystemExit(main())

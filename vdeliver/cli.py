@@ -1,0 +1,287 @@
+"""`vdeliver`: the command sendmail runs as its procmail mailer.  The only place that exits.
+
+sendmail retries only on exit 75/74/71 and bounces everything else, so every path
+out of here goes through errors.exit_code(): a usage error, a configuration fault
+or a bug defers (75); only an unknown recipient, a loop or an over-size message
+bounces.  argv is parsed by hand, procmail-style, because argparse exits 2 on its
+own and costs more to import than a delivery takes.
+"""
+
+import os
+import sys
+import time
+
+from vdeliver import __version__
+from vdeliver.errors import EX_OK, EX_TEMPFAIL, DeliveryError, Status
+
+HELP = """\
+NAME
+    vdeliver - local delivery agent for virtual mail domains on sendmail
+
+SYNOPSIS
+    vdeliver [-tYpo] [-f SENDER] [-c CONFIG] -a DOMAIN -a USER  < message
+    vdeliver [-tYpo] [-f SENDER] [-c CONFIG] -d USER@DOMAIN    < message
+    vdeliver [-c CONFIG] --dry-run -a DOMAIN -a USER
+    vdeliver --version | --help
+
+DESCRIPTION
+    Delivers one message from standard input into the mailbox of one virtual
+    user: an mbox (default /var/spool/vbox/DOMAIN/USER) or a Maildir (default
+    /home/vmail-users/DOMAIN/USER/Maildir), whichever exists, under the dotlock
+    and fcntl locks that procmail, mutt, Dovecot and Postfix use.  The write is
+    fsynced, and rolled back on any error: the mailbox is either unchanged or
+    holds the whole message.
+
+    sendmail runs it from the procmail mailer as `vdeliver -t -Y -a $h -a $u`.
+    DOMAIN may be given as away.com, <away.com>, away.com.virtuser or
+    away.com.virtuser.; USER as fred, fred@host, fred@away.com or
+    <fred@away.com>.  user+detail delivers to user (or to its .detail Maildir
+    folder with detail_folders = true).
+
+OPTIONS
+    -a ARG          first: the domain ($h); second: the user ($u)
+    -d USER@DOMAIN  the recipient as one argument (with one -a, -a is the domain)
+    -f SENDER       envelope sender; default: the leading "From " line
+    -c CONFIG       configuration file (default $VDELIVER_CONFIG, then
+                    /etc/vdeliver.toml; a missing default file means defaults)
+    --dry-run       print the format and path of the mailbox and exit
+    -t -Y -p -o     accepted for procmail compatibility; no effect
+    --version       print the version
+    --help          print this text
+
+EXIT STATUS
+    0   delivered
+    67  unknown user or domain (bounce, 5.1.1)
+    69  mail loop or message too big (bounce, 5.4.6 / 5.3.4)
+    73  mailbox full, only with over_quota = "bounce" (5.2.2)
+    75  anything else: locked mailbox, full disk, bad arguments, configuration
+        or permission fault, internal error (sendmail keeps the message and
+        tries again)
+
+FILES
+    /etc/vdeliver.toml   configuration (TOML; see the README for every key)
+
+LOGGING
+    One line per delivery to syslog (facility mail), Postfix style:
+    to=<fred@away.com>, sender=<a@b.org>, size=N, delay=S, dsn=2.0.0,
+    status=sent (mbox /var/spool/vbox/away.com/fred)
+"""
+
+
+class UsageError(DeliveryError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(Status("4.3.5", "usage error", detail))
+
+
+class Args:
+    __slots__ = ("a", "d", "sender", "config", "dry_run", "action")
+
+    def __init__(self) -> None:
+        self.a: list[str] = []
+        self.d: str | None = None
+        self.sender: str | None = None
+        self.config: str | None = None
+        self.dry_run = False
+        self.action = "deliver"
+
+
+_NOOP_FLAGS = "tYpo"
+_VALUE_FLAGS = "afdc"
+
+
+def parse_args(argv: "list[str]") -> Args:
+    """procmail-style options; raises UsageError (exit 75), never exits."""
+    args = Args()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name == "--help" and not eq:
+                args.action = "help"
+            elif name == "--version" and not eq:
+                args.action = "version"
+            elif name == "--dry-run" and not eq:
+                args.dry_run = True
+            elif name == "--config":
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError("--config needs a file")
+                    value = argv[i]
+                    i += 1
+                args.config = value
+            else:
+                raise UsageError(f"unknown option {arg[:40]!r}")
+            continue
+        if not arg.startswith("-") or arg == "-":
+            raise UsageError(f"unexpected argument {arg[:40]!r}")
+        j = 1
+        while j < len(arg):
+            flag = arg[j]
+            j += 1
+            if flag in _NOOP_FLAGS:
+                continue
+            if flag not in _VALUE_FLAGS:
+                raise UsageError(f"unknown option -{flag}")
+            if j < len(arg):
+                value = arg[j:]
+            elif i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                raise UsageError(f"option -{flag} needs a value")
+            if flag == "a":
+                args.a.append(value)
+            elif flag == "d":
+                if args.d is not None:
+                    raise UsageError("-d given twice")
+                args.d = value
+            elif flag == "f":
+                args.sender = value
+            else:
+                args.config = value
+            break
+    if args.action != "deliver":
+        return args
+    if args.d is not None:
+        if len(args.a) > 1:
+            raise UsageError("-d takes at most one -a (the domain)")
+    elif len(args.a) != 2:
+        raise UsageError(f"need -a DOMAIN -a USER or -d USER@DOMAIN (got {len(args.a)} -a)")
+    return args
+
+
+def _drain(fd: int = 0) -> None:
+    """Read what sendmail still wants to write, so it does not die on a closed pipe."""
+    try:
+        if os.isatty(fd):
+            return
+        while os.read(fd, 1 << 16):
+            pass
+    except OSError:
+        pass
+
+
+def _switch_user(name: str, group: str) -> None:
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise DeliveryError(Status("4.3.5", "configuration error", f"user {name!r} does not exist")) from None
+    gid = pw.pw_gid
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise DeliveryError(Status("4.3.5", "configuration error", f"group {group!r} does not exist")) from None
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    started = time.time()
+    try:
+        return _main(sys.argv[1:] if argv is None else argv, started)
+    except KeyboardInterrupt:
+        _say(Status("4.3.0", "interrupted"))
+        return EX_TEMPFAIL
+    except BaseException as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else EX_TEMPFAIL
+            return code if code in (EX_OK, EX_TEMPFAIL) else EX_TEMPFAIL
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+        status = Status("4.3.0", "internal error", f"{type(exc).__name__}: {exc}{where}")
+        _say(status)
+        try:
+            from vdeliver.log import Logger
+
+            Logger().error(f"internal error: {status.detail}")
+        except Exception:  # noqa: BLE001
+            pass
+        _drain()
+        return EX_TEMPFAIL
+
+
+def _say(status: Status) -> None:
+    try:
+        sys.stderr.write(f"vdeliver: {status.text()}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _main(argv: "list[str]", started: float) -> int:
+    import _signal  # not `signal`: that one imports enum, which costs more than a delivery
+
+    # A write past RLIMIT_FSIZE must fail with EFBIG (and be rolled back), not kill us.
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
+    from vdeliver import config as config_mod
+    from vdeliver.log import Logger, delivery_line
+
+    try:
+        args = parse_args(argv)
+    except DeliveryError as exc:
+        _say(exc.status)
+        _drain()
+        return exc.status.exit_code()
+    if args.action == "help":
+        sys.stdout.write(HELP)
+        return EX_OK
+    if args.action == "version":
+        sys.stdout.write(f"vdeliver {__version__}\n")
+        return EX_OK
+
+    logger: Logger | None = None
+    to = args.d or "@".join(args.a[::-1])
+    sender = args.sender
+    try:
+        cfg = config_mod.load(args.config)
+        logger = Logger("vdeliver", cfg.syslog_facility, cfg.log)
+        if os.geteuid() == 0:
+            if not cfg.user:
+                raise DeliveryError(
+                    Status("4.3.5", "configuration error", "refusing to deliver as root: set user in the configuration")
+                )
+            _switch_user(cfg.user, cfg.group)
+        from vdeliver import recipient
+
+        domain_arg = args.a[0] if args.a and args.d is not None else (args.a[0] if args.a else None)
+        user_arg = args.d if args.d is not None else args.a[1]
+        rcpt = recipient.parse(
+            domain_arg, user_arg, keep_case=cfg.keep_user_case, delimiter=cfg.recipient_delimiter
+        )
+        to = rcpt.address
+        from vdeliver.deliver import deliver, resolve
+
+        target = resolve(cfg, rcpt)
+        if args.dry_run:
+            sys.stdout.write(f"{target.format} {target.path}{' (created on delivery)' if target.create else ''}\n")
+            return EX_OK
+        result = deliver(cfg, rcpt, 0, sender, target)
+    except DeliveryError as exc:
+        status = exc.status
+        _say(status)
+        if logger is None:
+            logger = Logger()
+        logger.info(
+            delivery_line(to, sender, 0, time.time() - started, status.dsn, status.word,
+                          f"{status.reason}: {status.detail}" if status.detail else status.reason)
+        )
+        if not args.dry_run:
+            _drain()
+        return status.exit_code()
+    for note in result.notes:
+        logger.warning(f"to=<{to}>, broke stale lock {note}")
+    where = f"{result.target.format} {result.target.path}"
+    logger.info(delivery_line(to, result.sender, result.size, time.time() - started, "2.0.0", "sent", where))
+    return EX_OK

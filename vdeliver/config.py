@@ -1,0 +1,298 @@
+"""The TOML configuration (/etc/vdeliver.toml) and its defaults.
+
+Every key is optional.  Errors name the file, the line and the key at fault.
+
+Speed: importing tomllib costs more than the rest of a delivery (it pulls in re,
+typing and datetime), so configurations in the flat subset that administrators
+actually write (`key = "string" | 'string' | integer | true | false`, `[table]`,
+comments) are read by a small reader here, and anything else falls back to
+tomllib.  The tests check that both readers agree on every input the small one
+accepts.
+"""
+
+import os
+
+from vdeliver.errors import DeliveryError, Status
+
+DEFAULT_PATH = "/etc/vdeliver.toml"
+
+# key -> (default, kind, allowed values or None).  kind: str, int, bool, path, template.
+SCHEMA: "dict[str, tuple[object, str, tuple[str, ...] | None]]" = {
+    "format": ("mbox", "str", ("mbox", "maildir")),
+    "mbox_path": ("/var/spool/vbox/{domain}/{user}", "template", None),
+    "maildir_path": ("/home/vmail-users/{domain}/{user}/Maildir", "template", None),
+    "create_mailbox": (False, "bool", None),
+    "lock_timeout": (60, "int", None),
+    "stale_lock_age": (300, "int", None),
+    "max_message_size": (0, "int", None),
+    "mbox_escape": ("mboxo", "str", ("mboxo", "mboxrd")),
+    "return_path": (True, "bool", None),
+    "delivered_to": (True, "bool", None),
+    "syslog_facility": (
+        "mail",
+        "str",
+        ("mail", "user", "daemon", "local0", "local1", "local2", "local3", "local4",
+         "local5", "local6", "local7"),
+    ),
+    "log": ("syslog", "str", ("syslog", "stderr", "none")),
+    "keep_user_case": (False, "bool", None),
+    "recipient_delimiter": ("+", "str", None),
+    "detail_folders": (False, "bool", None),
+    "over_quota": ("defer", "str", ("defer", "bounce")),
+    "user": ("", "str", None),
+    "group": ("", "str", None),
+    "spool_threshold": (1 << 20, "int", None),
+    "spool_dir": ("/var/tmp", "path", None),
+    "hostname": ("", "str", None),
+    "maildir_tmp_max_age": (36 * 3600, "int", None),
+}
+
+# Tables read by other parts of vdeliver (accounts, servers); each validates its own.
+TABLES = ("accounts", "maps", "socketmap", "lmtp", "dovecot")
+
+
+class ConfigError(DeliveryError):
+    """A configuration fault: always temporary (the mail waits for the fix)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(Status("4.3.5", "configuration error", f"{where}: {message}"))
+        self.where = where
+        self.message = message
+
+
+class Config:
+    """The validated configuration; attributes are the SCHEMA keys."""
+
+    format: str
+    mbox_path: str
+    maildir_path: str
+    create_mailbox: bool
+    lock_timeout: int
+    stale_lock_age: int
+    max_message_size: int
+    mbox_escape: str
+    return_path: bool
+    delivered_to: bool
+    syslog_facility: str
+    log: str
+    keep_user_case: bool
+    recipient_delimiter: str
+    detail_folders: bool
+    over_quota: str
+    user: str
+    group: str
+    spool_threshold: int
+    spool_dir: str
+    hostname: str
+    maildir_tmp_max_age: int
+
+    def __init__(self, path: str = "", tables: "dict[str, dict[str, object]] | None" = None) -> None:
+        for key, (default, _kind, _allowed) in SCHEMA.items():
+            setattr(self, key, default)
+        self.path = path
+        self.tables: dict[str, dict[str, object]] = tables or {}
+        self._lines: dict[tuple[str, str], int] = {}
+
+    def where(self, table: str, key: str) -> str:
+        """`/etc/vdeliver.toml:12: [accounts] database` for error messages."""
+        line = self._lines.get((table, key))
+        name = f"[{table}] {key}" if table else key
+        if line:
+            return f"{self.path}:{line}: {name}"
+        return f"{self.path or '<defaults>'}: {name}"
+
+    def table(self, name: str) -> "dict[str, object]":
+        return self.tables.get(name, {})
+
+    def host(self) -> str:
+        return self.hostname or os.uname().nodename
+
+
+# -- reading -----------------------------------------------------------------
+
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_DIGITS = frozenset("0123456789")
+
+
+def _simple_value(text: str) -> "tuple[bool, object, str]":
+    """Parse one value of the flat subset; (ok, value, rest-after-value)."""
+    if not text:
+        return False, None, ""
+    c = text[0]
+    if c == '"' or c == "'":
+        end = text.find(c, 1)
+        if end < 0:
+            return False, None, ""
+        body = text[1:end]
+        if c == '"' and "\\" in body:
+            return False, None, ""
+        if text.startswith(c * 3):
+            return False, None, ""
+        for ch in body:
+            if (ch < " " and ch != "\t") or ch == "\x7f":
+                return False, None, ""
+        return True, body, text[end + 1 :]
+    for word, value in (("true", True), ("false", False)):
+        if text.startswith(word) and (len(text) == len(word) or text[len(word)] in " \t#"):
+            return True, value, text[len(word) :]
+    i = 0
+    if c in "+-":
+        i = 1
+    j = i
+    while j < len(text) and text[j] in _DIGITS:
+        j += 1
+    if j == i or (text[i] == "0" and j - i > 1):
+        return False, None, ""
+    if j < len(text) and text[j] not in " \t#":
+        return False, None, ""
+    return True, int(text[:j]), text[j:]
+
+
+def parse_simple(text: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]] | None":
+    """Read the flat TOML subset; None when the text needs the full parser."""
+    data: dict[str, object] = {}
+    lines: dict[tuple[str, str], int] = {}
+    current: dict[str, object] = data
+    table = ""
+    for n, raw in enumerate(text.split("\n"), 1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        s = line.strip(" \t")
+        if not s or s[0] == "#":
+            if any((ch < " " and ch != "\t") or ch == "\x7f" for ch in s):
+                return None
+            continue
+        if s[0] == "[":
+            end = s.find("]")
+            name = s[1:end].strip(" \t") if end > 0 else ""
+            rest = s[end + 1 :].strip(" \t") if end > 0 else "x"
+            if not name or not _BARE.issuperset(name) or (rest and rest[0] != "#"):
+                return None
+            if name in data:
+                return None
+            current = {}
+            data[name] = current
+            table = name
+            lines[(name, "")] = n
+            continue
+        key, eq, value = s.partition("=")
+        key = key.strip(" \t")
+        if not eq or not key or not _BARE.issuperset(key) or key in current:
+            return None
+        ok, parsed, rest = _simple_value(value.strip(" \t"))
+        if not ok:
+            return None
+        rest = rest.strip(" \t")
+        if rest and rest[0] != "#":
+            return None
+        if any((ch < " " and ch != "\t") or ch == "\x7f" for ch in rest):
+            return None
+        current[key] = parsed
+        lines[(table, key)] = n
+    return data, lines
+
+
+def _locate(text: str) -> "dict[tuple[str, str], int]":
+    """Best-effort line numbers of `key =` lines, for errors after a tomllib parse."""
+    found: dict[tuple[str, str], int] = {}
+    table = ""
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("[") and not s.startswith("[["):
+            table = s[1 : s.find("]")].strip() if "]" in s else table
+            found.setdefault((table, ""), n)
+        elif "=" in s and not s.startswith("#"):
+            key = s.split("=", 1)[0].strip().strip("\"'")
+            found.setdefault((table, key), n)
+    return found
+
+
+def read_file(path: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]]":
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"not UTF-8 at byte {exc.start}") from None
+    simple = parse_simple(text)
+    if simple is not None:
+        return simple
+    import tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"invalid TOML: {exc}") from None
+    return data, _locate(text)
+
+
+def _check(cfg: Config, key: str, value: object) -> object:
+    default, kind, allowed = SCHEMA[key]
+    where = cfg.where("", key)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(where, "must be true or false")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, "must be a whole number")
+        if value < 0:
+            raise ConfigError(where, "must not be negative")
+    else:
+        if not isinstance(value, str):
+            raise ConfigError(where, "must be a string")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(where, f"must be one of {', '.join(allowed)} (got {value!r})")
+        if kind in ("path", "template") and not value.startswith("/"):
+            raise ConfigError(where, "must be an absolute path")
+        if kind == "template":
+            check_template(value, where)
+        if key == "recipient_delimiter" and len(value) > 1:
+            raise ConfigError(where, "must be one character or empty")
+        if key == "recipient_delimiter" and value in ("/", "@", "."):
+            raise ConfigError(where, f"{value!r} cannot separate a detail")
+    return value
+
+
+def check_template(value: str, where: str) -> None:
+    rest = value.replace("{domain}", "").replace("{user}", "")
+    if "{" in rest or "}" in rest:
+        raise ConfigError(where, "only {domain} and {user} may appear in braces")
+    if "{user}" not in value:
+        raise ConfigError(where, "must contain {user}")
+    if "/../" in value + "/" or "/./" in value + "/":
+        raise ConfigError(where, "must not contain '.' or '..' components")
+
+
+def build(data: "dict[str, object]", path: str = "", lines: "dict[tuple[str, str], int] | None" = None) -> Config:
+    cfg = Config(path)
+    cfg._lines = lines or {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in TABLES:
+                raise ConfigError(cfg.where(key, ""), f"unknown table [{key}]")
+            cfg.tables[key] = value
+            continue
+        if key not in SCHEMA:
+            raise ConfigError(cfg.where("", key), "unknown key")
+        setattr(cfg, key, _check(cfg, key, value))
+    return cfg
+
+
+def config_path(explicit: "str | None" = None) -> "tuple[str, bool]":
+    """(path, must_exist): -c wins, then $VDELIVER_CONFIG, then the default."""
+    if explicit:
+        return explicit, True
+    env = os.environ.get("VDELIVER_CONFIG")
+    if env:
+        return env, True
+    return DEFAULT_PATH, False
+
+
+def load(explicit: "str | None" = None) -> Config:
+    path, must_exist = config_path(explicit)
+    if not must_exist and not os.path.exists(path):
+        return Config(path)
+    data, lines = read_file(path)
+    return build(data, path, lines)

@@ -1,0 +1,147 @@
+"""Resolve a recipient to a mailbox, read the message, store it.  Never exits.
+
+The mailbox format is detected from what is on disk, so users and domains can mix
+formats without configuration: a directory with new/ is a Maildir (at either
+template's path), a regular file at the mbox path is an mbox.  When neither
+exists, the domain directory decides between "unknown domain", "unknown user" and
+(with create_mailbox) a new mailbox in the default format.
+"""
+
+import os
+import stat
+
+from vdeliver.config import Config
+from vdeliver.errors import DeliveryError, Status
+from vdeliver.recipient import Recipient
+
+
+class Target:
+    __slots__ = ("format", "path", "create")
+
+    def __init__(self, fmt: str, path: str, create: bool = False) -> None:
+        self.format = fmt
+        self.path = path
+        self.create = create
+
+    def __repr__(self) -> str:
+        return f"Target({self.format!r}, {self.path!r}, create={self.create})"
+
+
+def expand(template: str, rcpt: Recipient) -> str:
+    return template.replace("{domain}", rcpt.domain).replace("{user}", rcpt.user)
+
+
+def domain_dir(template: str, rcpt: Recipient) -> str:
+    """The directory above the first path component that holds {user}."""
+    parts = template.split("/")
+    for i, part in enumerate(parts):
+        if "{user}" in part:
+            return expand("/".join(parts[:i]) or "/", rcpt)
+    return os.path.dirname(expand(template, rcpt))
+
+
+def _fail(reason: str, detail: str, dsn: str = "4.3.0") -> DeliveryError:
+    return DeliveryError(Status(dsn, reason, detail))
+
+
+def _probe(fmt: str, path: str) -> "Target | None":
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise _fail("mailbox path is broken", f"a parent of {path} is not a directory") from None
+    except OSError as exc:
+        raise _fail("cannot look up mailbox", f"{path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _fail("mailbox is a symbolic link", path)
+    if stat.S_ISDIR(st.st_mode):
+        return Target("maildir", path)  # maildir.deliver() checks tmp/ and new/
+    if fmt == "mbox" and stat.S_ISREG(st.st_mode):
+        return Target("mbox", path)
+    if fmt == "maildir":
+        raise _fail("mailbox is not a Maildir", f"{path} is not a directory")
+    raise _fail("mailbox is not a regular file", path)
+
+
+def resolve(cfg: Config, rcpt: Recipient) -> Target:
+    paths = {"mbox": expand(cfg.mbox_path, rcpt), "maildir": expand(cfg.maildir_path, rcpt)}
+    order = ("maildir", "mbox") if cfg.format == "maildir" else ("mbox", "maildir")
+    for fmt in order:
+        found = _probe(fmt, paths[fmt])
+        if found is not None:
+            return _with_detail(cfg, rcpt, found)
+    default = cfg.format
+    template = cfg.maildir_path if default == "maildir" else cfg.mbox_path
+    ddir = domain_dir(template, rcpt)
+    other = domain_dir(cfg.mbox_path if default == "maildir" else cfg.maildir_path, rcpt)
+    if not os.path.isdir(ddir) and not os.path.isdir(other):
+        raise _fail("domain unknown", f"no domain directory {ddir}", "5.1.2")
+    if not cfg.create_mailbox or not os.path.isdir(ddir):
+        raise _fail("user unknown", f"no mailbox for {rcpt.address} in {ddir}", "5.1.1")
+    return Target(default, paths[default], create=True)
+
+
+def _with_detail(cfg: Config, rcpt: Recipient, target: Target) -> Target:
+    if cfg.detail_folders and rcpt.detail and target.format == "maildir":
+        from vdeliver.maildir import is_maildir
+
+        folder = os.path.join(target.path, "." + rcpt.detail)
+        if is_maildir(folder):
+            return Target("maildir", folder)
+    return target
+
+
+class Result:
+    __slots__ = ("target", "size", "sender", "notes", "name")
+
+    def __init__(self, target: Target, size: int, sender: str, notes: "list[str]", name: str = "") -> None:
+        self.target = target
+        self.size = size
+        self.sender = sender
+        self.notes = notes
+        self.name = name
+
+
+def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None) -> Result:
+    """Read the message from fd and store it for rcpt.  Raises DeliveryError."""
+    from vdeliver import message
+
+    if target is None:
+        target = resolve(cfg, rcpt)
+    is_mbox = target.format == "mbox"
+    msg = message.prepare(
+        fd,
+        sender=sender,
+        recipient=rcpt.address,
+        mbox=is_mbox,
+        escape=cfg.mbox_escape,
+        return_path=cfg.return_path,
+        delivered_to=cfg.delivered_to,
+        max_size=cfg.max_message_size,
+        spool_threshold=cfg.spool_threshold,
+        spool_dir=cfg.spool_dir,
+    )
+    try:
+        bounce = cfg.over_quota == "bounce"
+        if is_mbox:
+            from vdeliver import mbox
+
+            notes = mbox.deliver(
+                target.path,
+                msg,
+                host=cfg.host(),
+                create=target.create,
+                lock_timeout=cfg.lock_timeout,
+                stale_age=cfg.stale_lock_age,
+                over_quota_bounce=bounce,
+            )
+            return Result(target, msg.input_size, msg.sender, notes)
+        from vdeliver import maildir
+
+        name = maildir.deliver(
+            target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce
+        )
+        return Result(target, msg.input_size, msg.sender, [], name)
+    finally:
+        msg.close()

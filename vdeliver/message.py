@@ -1,0 +1,398 @@
+"""Read the message from stdin and prepare the exact bytes a mailbox will receive.
+
+The message is bytes from start to end: it is never parsed into objects and never
+re-serialised, so signed headers keep their folding.  What changes:
+
+- CRLF becomes LF; a missing final newline is added.
+- A leading `From ` line (sendmail prepends one) gives the envelope sender and is
+  replaced by our own (mbox only): `From <sender>  <asctime>`.
+- `Return-Path:` and `Delivered-To:` are added on top; an incoming Return-Path is
+  dropped when we add ours, and a Delivered-To equal to ours is a mail loop.
+- mbox only: headers a sender could use to confuse readers are dropped, and body
+  lines that would read as a message separator are escaped (mboxo or mboxrd).
+
+All of it is read before any lock is taken.  Above `spool_threshold` bytes the
+result goes to an unnamed temporary file (O_TMPFILE), so a 100 MB message does
+not sit in memory.  Nothing here imports more than os and time.
+"""
+
+import os
+
+from vdeliver.errors import DeliveryError, Status
+
+CHUNK = 1 << 16
+MAX_HEADER = 1 << 20  # a header block longer than this is treated as body
+MAX_SENDER = 512
+
+# Headers an mbox reader keeps its own state in (Dovecot, mutt, Pine, UW-IMAP).
+MBOX_STRIP = frozenset(
+    (b"content-length", b"status", b"x-status", b"x-keywords", b"x-uid", b"x-imap", b"x-imapbase")
+)
+
+
+class MessageError(DeliveryError):
+    pass
+
+
+def sanitize_sender(sender: str) -> str:
+    """Make an envelope sender safe for a From_ line and a header value."""
+    s = sender.strip()
+    if s.startswith("<") and s.endswith(">"):
+        s = s[1:-1].strip()
+    if len(s) > MAX_SENDER:
+        s = s[:MAX_SENDER]
+    out = []
+    for ch in s:
+        if ch <= " " or ch == "\x7f" or ch in "<>":
+            out.append("_")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def from_line(sender: str, when: "float | None" = None) -> bytes:
+    import time
+
+    stamp = time.asctime(time.localtime(when))
+    shown = sender or "MAILER-DAEMON"
+    return f"From {shown}  {stamp}\n".encode("utf-8", "surrogateescape")
+
+
+class Escaper:
+    """Streaming CRLF normalisation and mbox From_-escaping of a byte stream.
+
+    Feed chunks with `feed()`, end with `close()`.  Output goes to `sink(bytes)`.
+    mode is None (no escaping, Maildir), "mboxo" (`From ` -> `>From `) or
+    "mboxrd" (`>*From ` gains one more `>`).
+    """
+
+    __slots__ = ("mode", "sink", "at_bol", "carry", "pending_cr", "out_bytes", "out_lf", "last")
+
+    def __init__(self, mode: "str | None", sink: "object") -> None:
+        self.mode = mode
+        self.sink = sink
+        self.at_bol = True
+        self.carry = b""
+        self.pending_cr = False
+        self.out_bytes = 0
+        self.out_lf = 0
+        self.last = 10  # the last byte written: pretend a newline before the start
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.out_bytes += len(data)
+            self.out_lf += data.count(b"\n")
+            self.last = data[-1]
+            self.sink(data)  # type: ignore[operator]
+
+    def feed(self, chunk: bytes) -> None:
+        if self.pending_cr:
+            chunk = b"\r" + chunk
+            self.pending_cr = False
+        if chunk.endswith(b"\r"):
+            self.pending_cr = True
+            chunk = chunk[:-1]
+        if not chunk:
+            return
+        chunk = chunk.replace(b"\r\n", b"\n")
+        if self.mode is None:
+            self._emit(chunk)
+            return
+        data = self.carry + chunk if self.carry else chunk
+        self.carry = b""
+        out = self._escape(data)
+        # Hold back a trailing partial line that could still become `From `.
+        nl = data.rfind(b"\n")
+        tail = data[nl + 1 :]
+        line_start = nl >= 0 or self.at_bol
+        rest = tail.lstrip(b">") if self.mode == "mboxrd" else tail
+        if line_start and len(rest) < 5 and b"From ".startswith(rest):
+            if rest:
+                out = out[: -len(rest)]
+                self.carry = rest
+            self.at_bol = True
+        else:
+            self.at_bol = False
+        self._emit(out)
+
+    def _escape(self, data: bytes) -> bytes:
+        if self.mode == "mboxo":
+            out = data.replace(b"\nFrom ", b"\n>From ")
+            if self.at_bol and data.startswith(b"From "):
+                out = b">" + out
+            return out
+        # mboxrd: insert '>' before `From ` when only '>'s stand between it and a line start.
+        pieces = []
+        start = 0
+        p = data.find(b"From ")
+        while p >= 0:
+            q = p
+            while q > 0 and data[q - 1] == 62:  # '>'
+                q -= 1
+            if (q == 0 and self.at_bol) or (q > 0 and data[q - 1] == 10):
+                pieces.append(data[start:p])
+                pieces.append(b">")
+                start = p
+            p = data.find(b"From ", p + 5)
+        if not pieces:
+            return data
+        pieces.append(data[start:])
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        """Flush what is held back and make sure the stream ends with a newline."""
+        if self.pending_cr:
+            self.pending_cr = False
+            self.carry += b"\n"  # a CR at the very end: the CRLF lost its LF
+        if self.carry:
+            carry, self.carry = self.carry, b""
+            self._emit(carry)
+        if self.last != 10:
+            self._emit(b"\n")
+
+
+class Spool:
+    """Collects output in memory, moving to an unnamed file past a threshold."""
+
+    __slots__ = ("threshold", "spool_dir", "buf", "fd", "length")
+
+    def __init__(self, threshold: int, spool_dir: str) -> None:
+        self.threshold = threshold
+        self.spool_dir = spool_dir
+        self.buf = bytearray()
+        self.fd = -1
+        self.length = 0
+
+    def write(self, data: bytes) -> None:
+        self.length += len(data)
+        if self.fd < 0:
+            self.buf += data
+            if len(self.buf) > self.threshold:
+                self._open_file()
+                _write_all(self.fd, self.buf)
+                self.buf = bytearray()
+            return
+        _write_all(self.fd, data)
+
+    def _open_file(self) -> None:
+        try:
+            self.fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except (OSError, AttributeError):
+            import tempfile
+
+            try:
+                fd, name = tempfile.mkstemp(prefix="vdeliver.", dir=self.spool_dir)
+                os.unlink(name)
+            except OSError as exc:
+                raise MessageError(
+                    Status("4.3.0", "cannot spool message", f"{self.spool_dir}: {exc.strerror}")
+                ) from None
+            self.fd = fd
+
+    def chunks(self, size: int = 1 << 20) -> "object":
+        """Yield the collected bytes from the start (memory or file)."""
+        if self.fd < 0:
+            yield bytes(self.buf)
+            return
+        offset = 0
+        while offset < self.length:
+            data = os.pread(self.fd, min(size, self.length - offset), offset)
+            if not data:
+                raise OSError(5, "spool file shrank")
+            offset += len(data)
+            yield data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.buf = bytearray()
+
+
+def _write_all(fd: int, data: "bytes | bytearray | memoryview") -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Prepared:
+    """The record to store: `spool` holds it; sizes for Maildir names and logs."""
+
+    __slots__ = ("spool", "sender", "length", "lf_count", "input_size", "had_from_line")
+
+    def __init__(self, spool: Spool, sender: str, length: int, lf_count: int, input_size: int,
+                 had_from_line: bool) -> None:
+        self.spool = spool
+        self.sender = sender
+        self.length = length
+        self.lf_count = lf_count
+        self.input_size = input_size
+        self.had_from_line = had_from_line
+
+    @property
+    def rfc822_size(self) -> int:
+        """Size with every LF counted as CRLF: Maildir's W= and IMAP's RFC822.SIZE."""
+        return self.length + self.lf_count
+
+    def close(self) -> None:
+        self.spool.close()
+
+
+class _Reader:
+    """Raw reads from a file descriptor, counting bytes and enforcing a size limit."""
+
+    def __init__(self, fd: int, max_size: int) -> None:
+        self.fd = fd
+        self.max_size = max_size
+        self.total = 0
+        self.eof = False
+
+    def read(self) -> bytes:
+        if self.eof:
+            return b""
+        try:
+            data = os.read(self.fd, CHUNK)
+        except OSError as exc:
+            raise MessageError(Status("4.3.0", "cannot read message", exc.strerror or "")) from None
+        if not data:
+            self.eof = True
+            return b""
+        self.total += len(data)
+        if self.max_size and self.total > self.max_size:
+            raise MessageError(
+                Status("5.3.4", "message too big", f"more than {self.max_size} bytes")
+            )
+        return data
+
+
+def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) -> "tuple[bytes, bool]":
+    """Drop the named headers (with their continuation lines); report a loop."""
+    out = []
+    keep = True
+    loop = False
+    for line in block.split(b"\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        lname = name.rstrip(b" \t").lower() if colon else b""
+        keep = lname not in strip
+        if loop_value and lname == b"delivered-to" and value.strip().lower() == loop_value:
+            loop = True
+        if keep:
+            out.append(line)
+    if not out:
+        return b"", loop
+    return b"\n".join(out) + b"\n", loop
+
+
+def prepare(
+    fd: int,
+    *,
+    sender: "str | None",
+    recipient: str,
+    mbox: bool,
+    escape: str = "mboxo",
+    return_path: bool = True,
+    delivered_to: bool = True,
+    max_size: int = 0,
+    spool_threshold: int = 1 << 20,
+    spool_dir: str = "/var/tmp",
+    when: "float | None" = None,
+) -> Prepared:
+    """Read the whole message from fd and build the record for one mailbox.
+
+    recipient is `user@domain` for Delivered-To and the loop check.
+    """
+    reader = _Reader(fd, max_size)
+    # 1. Collect the first line and the header block (CRLF normalised).
+    head = bytearray()
+    header_end = -1
+    while True:
+        data = reader.read()
+        if data:
+            head += data
+        if not data or len(head) > MAX_HEADER:
+            break
+        probe = head.replace(b"\r\n", b"\n") if b"\r" in head else head
+        if probe.startswith(b"\n") or b"\n\n" in probe or (
+            probe.startswith(b"From ") and probe.find(b"\n\n", probe.find(b"\n")) >= 0
+        ):
+            break
+    text = bytes(head)
+    pending_cr = text.endswith(b"\r") and not reader.eof
+    if pending_cr:
+        text = text[:-1]
+    text = text.replace(b"\r\n", b"\n")
+
+    # 2. The envelope sender from a leading From_ line, unless -f gave one.
+    had_from = text.startswith(b"From ")
+    if had_from:
+        nl = text.find(b"\n")
+        first = text[: nl if nl >= 0 else len(text)]
+        text = text[nl + 1 :] if nl >= 0 else b""
+        if sender is None:
+            parts = first.split(b" ", 2)
+            sender = parts[1].decode("utf-8", "surrogateescape") if len(parts) > 1 else ""
+    clean = sanitize_sender(sender or "")
+    if clean.upper() == "MAILER-DAEMON":
+        clean = ""
+
+    # 3. The header block: up to the first empty line.
+    if text.startswith(b"\n"):
+        header_end = 0
+    else:
+        idx = text.find(b"\n\n")
+        header_end = idx + 1 if idx >= 0 else -1
+    if header_end < 0:
+        if reader.eof or len(text) > MAX_HEADER:
+            # No empty line: headers run to the last complete line (all of it at EOF).
+            header_end = len(text) if reader.eof else text.rfind(b"\n") + 1
+        else:
+            header_end = 0
+    block, body = text[:header_end], text[header_end:]
+    strip: frozenset[bytes] = MBOX_STRIP if mbox else frozenset()
+    if return_path:
+        strip = strip | {b"return-path"}
+    loop_value = recipient.lower().encode("utf-8", "surrogateescape") if delivered_to else b""
+    block, loop = _filter_headers(block, strip, loop_value)
+    if loop:
+        # Drain the rest so sendmail is not left writing into a closed pipe.
+        while reader.read():
+            pass
+        raise MessageError(
+            Status("5.4.6", "mail forwarding loop", f"Delivered-To: {recipient} already present")
+        )
+
+    # 4. Write the record: [From_ line] + our headers + the rest, escaped.
+    spool = Spool(spool_threshold, spool_dir)
+    try:
+        if mbox:
+            spool.write(from_line(clean, when))
+        added = b""
+        if return_path:
+            added += b"Return-Path: <" + clean.encode("utf-8", "surrogateescape") + b">\n"
+        if delivered_to:
+            added += b"Delivered-To: " + recipient.encode("utf-8", "surrogateescape") + b"\n"
+        esc = Escaper((escape if mbox else None), spool.write)
+        esc.feed(added + block + body)
+        if pending_cr:
+            esc.feed(b"\r")
+        while True:
+            data = reader.read()
+            if not data:
+                break
+            esc.feed(data)
+        esc.close()
+        if mbox:
+            spool.write(b"\n")  # the empty line that ends an mbox message
+        lf = esc.out_lf + (2 if mbox else 0)
+        return Prepared(spool, clean, spool.length, lf, reader.total, had_from)
+    except OSError as exc:
+        spool.close()
+        raise MessageError(Status("4.3.0", "cannot spool message", exc.strerror or str(exc))) from None
+    except BaseException:
+        spool.close()
+        raise

@@ -1,0 +1,164 @@
+"""Turn sendmail's $h / $u arguments into a validated (domain, user, detail).
+
+Real configurations pass the domain as `away.com`, `<away.com>`, `away.com.virtuser`
+or `away.com.virtuser.`, and the user as `fred`, `fred@<host name>`, `fred@away.com`
+or `<fred@away.com>`.  All of them name (away.com, fred).  Everything here is a pure
+function; nothing touches the file system.  Names are validated before any path is
+built from them: a name that could escape its directory never reaches `open()`.
+
+A refused name is the configuration's fault, never the sender's, so it is a
+temporary failure: the mail waits in the queue until the administrator fixes it.
+"""
+
+from vdeliver.errors import DeliveryError, Status
+
+MAX_DOMAIN = 253
+MAX_LABEL = 63
+MAX_USER = 64
+MAX_DETAIL = 64
+
+_LDH = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+# RFC 5322 atext plus '.', minus '/': what a local part may hold on disk.
+_ATEXT = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-=?^_`{|}~."
+)
+
+
+class RecipientError(DeliveryError):
+    """A domain or user argument that cannot name a mailbox."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(Status("4.3.5", reason, detail))
+
+
+class Recipient:
+    __slots__ = ("domain", "user", "detail")
+
+    def __init__(self, domain: str, user: str, detail: str = "") -> None:
+        self.domain = domain
+        self.user = user
+        self.detail = detail
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.domain}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipient) and (
+            (self.domain, self.user, self.detail) == (other.domain, other.user, other.detail)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.domain, self.user, self.detail))
+
+    def __repr__(self) -> str:
+        return f"Recipient({self.domain!r}, {self.user!r}, {self.detail!r})"
+
+
+def _unbracket(text: str) -> str:
+    text = text.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    return text
+
+
+def normalize_domain(raw: str) -> str:
+    """`<Away.COM.virtuser.>` -> `away.com`; IDN -> punycode; refuse anything else."""
+    shown = raw[:80]
+    d = _unbracket(raw)
+    if d.startswith("@"):
+        d = d[1:]
+    if d.endswith("."):
+        d = d[:-1]
+    low = d.lower()
+    if low.endswith(".virtuser"):
+        d = d[: -len(".virtuser")]
+    if not d:
+        raise RecipientError("bad domain argument", f"empty domain in {shown!r}")
+    if not d.isascii():
+        d = _to_ascii(d, shown)
+    d = d.lower()
+    if len(d) > MAX_DOMAIN:
+        raise RecipientError("bad domain argument", f"domain longer than {MAX_DOMAIN}")
+    for label in d.split("."):
+        if not label:
+            raise RecipientError("bad domain argument", f"empty label in {shown!r}")
+        if len(label) > MAX_LABEL:
+            raise RecipientError("bad domain argument", f"label longer than {MAX_LABEL}")
+        if not _LDH.issuperset(label.encode()) or label[0] == "-" or label[-1] == "-":
+            raise RecipientError("bad domain argument", f"invalid character in domain {shown!r}")
+    return d
+
+
+def _to_ascii(domain: str, shown: str) -> str:
+    # Imported only for non-ASCII domains: the codec pulls in stringprep and unicodedata.
+    try:
+        import encodings.idna  # noqa: F401
+
+        return domain.encode("idna").decode("ascii")
+    except (UnicodeError, ValueError) as exc:
+        raise RecipientError("bad domain argument", f"not an IDN domain {shown!r}: {exc}") from None
+
+
+def _check_name(name: str, what: str, limit: int, shown: str) -> None:
+    if not name:
+        raise RecipientError(f"bad {what} argument", f"empty {what} in {shown!r}")
+    if len(name) > limit:
+        raise RecipientError(f"bad {what} argument", f"{what} longer than {limit}")
+    if not name.isascii() or not _ATEXT.issuperset(name.encode()):
+        raise RecipientError(f"bad {what} argument", f"invalid character in {what} {shown!r}")
+    if name[0] == "." or ".." in name:
+        raise RecipientError(f"bad {what} argument", f"{what} may not start with '.' or hold '..'")
+
+
+def split_user(raw: str) -> "tuple[str, str]":
+    """`<fred@away.com>` -> ("fred", "away.com"); `fred` -> ("fred", "")."""
+    u = _unbracket(raw)
+    if u.startswith('"') and '"@' in u:
+        # A quoted local part: keep it only if it is also a plain name inside.
+        q = u.rindex('"@')
+        return u[1:q], u[q + 2 :]
+    local, sep, dom = u.rpartition("@")
+    if not sep:
+        return u, ""
+    return local, dom
+
+
+def parse(
+    domain_arg: "str | None",
+    user_arg: str,
+    *,
+    keep_case: bool = False,
+    delimiter: str = "+",
+) -> Recipient:
+    """Resolve the mailer's arguments to a validated Recipient.
+
+    domain_arg is $h (None in the one-argument `-d user@domain` form, where the
+    domain comes from the address).  The domain in user_arg is ignored when $h is
+    given: sendmail appends the machine's own name there (always_add_domain).
+    """
+    shown = user_arg[:80]
+    for ch in user_arg:
+        if ch < " " or ch == "\x7f":
+            raise RecipientError("bad user argument", f"control character in {shown!r}")
+    if domain_arg is not None:
+        for ch in domain_arg:
+            if ch < " " or ch == "\x7f":
+                raise RecipientError("bad domain argument", "control character in domain")
+    local, addr_domain = split_user(user_arg)
+    if domain_arg is None:
+        if not addr_domain:
+            raise RecipientError("bad user argument", f"no domain in {shown!r}")
+        domain_arg = addr_domain
+    domain = normalize_domain(domain_arg)
+    if "/" in local or "\0" in local:
+        raise RecipientError("bad user argument", f"invalid character in user {shown!r}")
+    detail = ""
+    if delimiter and delimiter in local:
+        local, _, detail = local.partition(delimiter)
+    _check_name(local, "user", MAX_USER, shown)
+    if detail:
+        _check_name(detail, "detail", MAX_DETAIL, shown)
+    if not keep_case:
+        local = local.lower()
+    return Recipient(domain, local, detail)
