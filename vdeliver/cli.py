@@ -22,6 +22,7 @@ SYNOPSIS
     vdeliver [-tYpo] [-f SENDER] [-c CONFIG] -a DOMAIN -a USER  < message
     vdeliver [-tYpo] [-f SENDER] [-c CONFIG] -d USER@DOMAIN    < message
     vdeliver [-c CONFIG] --dry-run -a DOMAIN -a USER
+    vdeliver [-c CONFIG] --repair MBOX...
     vdeliver --version | --help
 
 DESCRIPTION
@@ -45,6 +46,10 @@ OPTIONS
     -c CONFIG       configuration file (default $VDELIVER_CONFIG, then
                     /etc/vdeliver.toml; a missing default file means defaults)
     --dry-run       print the format and path of the mailbox and exit
+    --repair MBOX...
+                    take each mbox's locks and undo what an interrupted
+                    delivery left (see CRASH SAFETY); exit 0 when there was
+                    nothing to do or it was repaired, 75 when one needs a look
     -t -Y -p -o     accepted for procmail compatibility; no effect
     --version       print the version
     --help          print this text
@@ -57,6 +62,15 @@ EXIT STATUS
     75  anything else: locked mailbox, full disk, bad arguments, configuration
         or permission fault, internal error (sendmail keeps the message and
         tries again)
+
+CRASH SAFETY
+    Before appending to an mbox, vdeliver writes .MBOX.vdeliver-journal beside
+    it (original size, intended end, file identity).  A delivery killed in the
+    middle leaves it behind; the next delivery or --repair cuts the mbox back to
+    its last complete message and logs what it cut.  Bytes another program
+    wrote after the crash are never cut: then the journal is kept as
+    .MBOX.vdeliver-journal.unresolved and the log says why.  Files left in a
+    Maildir's tmp/ are removed once older than maildir_tmp_max_age (36 hours).
 
 FILES
     /etc/vdeliver.toml   configuration (TOML; see the README for every key)
@@ -74,7 +88,7 @@ class UsageError(DeliveryError):
 
 
 class Args:
-    __slots__ = ("a", "d", "sender", "config", "dry_run", "action")
+    __slots__ = ("a", "d", "sender", "config", "dry_run", "action", "paths")
 
     def __init__(self) -> None:
         self.a: list[str] = []
@@ -83,6 +97,7 @@ class Args:
         self.config: str | None = None
         self.dry_run = False
         self.action = "deliver"
+        self.paths: list[str] = []
 
 
 _NOOP_FLAGS = "tYpo"
@@ -104,6 +119,8 @@ def parse_args(argv: "list[str]") -> Args:
                 args.action = "version"
             elif name == "--dry-run" and not eq:
                 args.dry_run = True
+            elif name == "--repair" and not eq:
+                args.action = "repair"
             elif name == "--config":
                 if not eq:
                     if i >= len(argv):
@@ -114,7 +131,10 @@ def parse_args(argv: "list[str]") -> Args:
             else:
                 raise UsageError(f"unknown option {arg[:40]!r}")
             continue
-        if not arg.startswith("-") or arg == "-":
+        if not arg.startswith("-"):
+            args.paths.append(arg)
+            continue
+        if arg == "-":
             raise UsageError(f"unexpected argument {arg[:40]!r}")
         j = 1
         while j < len(arg):
@@ -142,6 +162,12 @@ def parse_args(argv: "list[str]") -> Args:
             else:
                 args.config = value
             break
+    if args.action == "repair":
+        if not args.paths:
+            raise UsageError("--repair needs at least one mbox path")
+        return args
+    if args.paths:
+        raise UsageError(f"unexpected argument {args.paths[0][:40]!r}")
     if args.action != "deliver":
         return args
     if args.d is not None:
@@ -220,6 +246,39 @@ def _say(status: Status) -> None:
         pass
 
 
+def _repair(args: Args) -> int:
+    """`--repair MBOX...`: one line per mbox on stdout; 0 when all are in order."""
+    from vdeliver import config as config_mod
+    from vdeliver import recovery
+    from vdeliver.log import Logger
+
+    try:
+        cfg = config_mod.load(args.config)
+        if os.geteuid() == 0:
+            if not cfg.user:
+                raise DeliveryError(
+                    Status("4.3.5", "configuration error", "refusing to repair as root: set user in the configuration")
+                )
+            _switch_user(cfg.user, cfg.group)
+    except DeliveryError as exc:
+        _say(exc.status)
+        return EX_TEMPFAIL
+    logger = Logger("vdeliver", cfg.syslog_facility, cfg.log)
+    code = EX_OK
+    for path in args.paths:
+        try:
+            outcome, text = recovery.repair(
+                path, host=cfg.host(), lock_timeout=cfg.lock_timeout, stale_age=cfg.stale_lock_age, log=logger
+            )
+        except DeliveryError as exc:
+            outcome, text = "error", f"{path}: {exc.status.reason}: {exc.status.detail}"
+        if outcome in ("error", recovery.UNRESOLVED_STATE):
+            code = EX_TEMPFAIL
+        sys.stdout.write(f"{outcome}: {text}\n")
+    sys.stdout.flush()
+    return code
+
+
 def _main(argv: "list[str]", started: float) -> int:
     import _signal  # not `signal`: that one imports enum, which costs more than a delivery
 
@@ -240,6 +299,8 @@ def _main(argv: "list[str]", started: float) -> int:
     if args.action == "version":
         sys.stdout.write(f"vdeliver {__version__}\n")
         return EX_OK
+    if args.action == "repair":
+        return _repair(args)
 
     logger: Logger | None = None
     to = args.d or "@".join(args.a[::-1])

@@ -126,6 +126,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         bounce = cfg.over_quota == "bounce"
         if is_mbox:
             from vdeliver import mbox
+            from vdeliver.recovery import MboxJournal
 
             notes = mbox.deliver(
                 target.path,
@@ -135,12 +136,14 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 lock_timeout=cfg.lock_timeout,
                 stale_age=cfg.stale_lock_age,
                 over_quota_bounce=bounce,
+                journal=MboxJournal(cfg.syslog_facility, cfg.log),
             )
             return Result(target, msg.input_size, msg.sender, notes)
         from vdeliver import maildir
 
         name = maildir.deliver(
-            target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce
+            target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
+            tmp_max_age=cfg.maildir_tmp_max_age,
         )
         return Result(target, msg.input_size, msg.sender, [], name)
     finally:

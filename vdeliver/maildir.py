@@ -23,6 +23,7 @@ from vdeliver.message import Prepared, _write_all
 SUBDIRS = ("tmp", "new", "cur")
 QUOTA_FILE = "maildirsize"
 QUOTA_REBUILD_AT = 5120
+CLEAN_ODDS = 8  # out of 256: tmp/ is swept for old files on about 1 delivery in 32
 
 
 class MaildirError(DeliveryError):
@@ -216,6 +217,7 @@ def deliver(
     create_missing: bool = False,
     over_quota_bounce: bool = False,
     before_link: "object" = None,
+    tmp_max_age: int = 0,
 ) -> str:
     """Store msg in the Maildir at path; returns the new file's name."""
     if create_missing and not os.path.lexists(path):
@@ -262,8 +264,39 @@ def deliver(
         _remove(tmp)
         if update_quota:
             _add_to_quota(path, msg.length)
+        if tmp_max_age > 0 and os.urandom(1)[0] < CLEAN_ODDS:
+            clean_tmp(tmpdir, tmp_max_age)
         return name
     raise _fail("cannot write mailbox", f"{newdir}: no unique name after 10 tries")
+
+
+def clean_tmp(tmpdir: str, max_age: int, now: "float | None" = None) -> int:
+    """Remove files older than max_age from tmp/ (left by killed deliveries).
+
+    The Maildir convention: a tmp/ file neither written nor read for 36 hours is
+    garbage.  Called on about one delivery in 256/CLEAN_ODDS, so its cost (one
+    directory read) is not paid on every delivery; a delivery in progress keeps
+    its file's mtime fresh.
+    """
+    cutoff = (time.time() if now is None else now) - max_age
+    removed = 0
+    try:
+        entries = os.scandir(tmpdir)
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and max(st.st_mtime, st.st_atime) < cutoff:
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
 
 
 def _fsync_dir(path: str) -> None:

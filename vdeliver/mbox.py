@@ -30,7 +30,8 @@ def _fail(reason: str, detail: str, dsn: str = "4.3.0") -> MboxError:
 
 def open_mbox(path: str, create: bool) -> int:
     """Open (or create) the mbox for appending and check what it is."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    # Read-write: the separator check and crash recovery read the tail of the file.
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -72,12 +73,20 @@ def _separator_needed(fd: int, size: int) -> bytes:
 
 
 class Journal:
-    """Hook for crash recovery (see recovery.py): records an append before it starts."""
+    """Hook for crash recovery (see recovery.py): undoes an interrupted append found
+    under the locks, and records an append before it starts."""
 
-    def begin(self, fd: int, path: str, size: int, st: os.stat_result) -> None:  # pragma: no cover
+    def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:  # pragma: no cover
+        return st
+
+    def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes,
+              msg: Prepared) -> None:  # pragma: no cover
         pass
 
     def end(self) -> None:  # pragma: no cover
+        pass
+
+    def abandon(self) -> None:  # pragma: no cover
         pass
 
 
@@ -111,6 +120,8 @@ def deliver(
                 continue  # replaced while we waited: start again with the new file
             if st.st_nlink != 1:
                 raise _fail("mailbox has more than one link", f"{path}: {st.st_nlink} links")
+            if journal is not None:
+                st = journal.recover(fd, path, st)  # cut back what a killed delivery left
             _append(fd, path, st, msg, lock, over_quota_bounce, journal, before_write)
             return lock.broke
         finally:
@@ -124,10 +135,13 @@ def deliver(
 def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking.DotLock,
             over_quota_bounce: bool, journal: "Journal | None", before_write: "object") -> None:
     size = st.st_size
-    if journal is not None:
-        journal.begin(fd, path, size, st)
     try:
         sep = _separator_needed(fd, size)
+    except OSError as exc:
+        raise MboxError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
+    if journal is not None:
+        journal.begin(fd, path, size, st, sep, msg)
+    try:
         if before_write is not None:
             before_write()  # type: ignore[operator]
         if sep:
@@ -139,9 +153,13 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
     except OSError as exc:
         status = status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)
         _rollback(fd, path, size)
+        if journal is not None:
+            journal.abandon()
         raise MboxError(status) from None
     except BaseException:
         _rollback(fd, path, size)
+        if journal is not None:
+            journal.abandon()
         raise
     if journal is not None:
         journal.end()

@@ -85,16 +85,18 @@ class Escaper:
             self.last = data[-1]
             self.sink(data)  # type: ignore[operator]
 
-    def feed(self, chunk: bytes) -> None:
-        if self.pending_cr:
-            chunk = b"\r" + chunk
-            self.pending_cr = False
-        if chunk.endswith(b"\r"):
-            self.pending_cr = True
-            chunk = chunk[:-1]
+    def feed(self, chunk: bytes, normalized: bool = False) -> None:
+        """Take the next chunk; normalized=True for text whose CRLFs are already LFs."""
+        if not normalized:
+            if self.pending_cr:
+                chunk = b"\r" + chunk
+                self.pending_cr = False
+            if chunk.endswith(b"\r"):
+                self.pending_cr = True
+                chunk = chunk[:-1]
+            chunk = chunk.replace(b"\r\n", b"\n")
         if not chunk:
             return
-        chunk = chunk.replace(b"\r\n", b"\n")
         if self.mode is None:
             self._emit(chunk)
             return
@@ -271,7 +273,11 @@ def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) 
     out = []
     keep = True
     loop = False
-    for line in block.split(b"\n")[:-1]:
+    lines = block.split(b"\n")
+    partial = lines.pop()  # a last line without its newline (only at the end of input)
+    if partial:
+        lines.append(partial)
+    for line in lines:
         if line[:1] in (b" ", b"\t"):
             if keep:
                 out.append(line)
@@ -285,7 +291,8 @@ def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) 
             out.append(line)
     if not out:
         return b"", loop
-    return b"\n".join(out) + b"\n", loop
+    ending = b"" if partial and keep else b"\n"
+    return b"\n".join(out) + ending, loop
 
 
 def prepare(
@@ -322,7 +329,7 @@ def prepare(
         ):
             break
     text = bytes(head)
-    pending_cr = text.endswith(b"\r") and not reader.eof
+    pending_cr = text.endswith(b"\r")  # its LF may be in the next read (or be missing at EOF)
     if pending_cr:
         text = text[:-1]
     text = text.replace(b"\r\n", b"\n")
@@ -377,7 +384,7 @@ def prepare(
         if delivered_to:
             added += b"Delivered-To: " + recipient.encode("utf-8", "surrogateescape") + b"\n"
         esc = Escaper((escape if mbox else None), spool.write)
-        esc.feed(added + block + body)
+        esc.feed(added + block + body, normalized=True)
         if pending_cr:
             esc.feed(b"\r")
         while True:

@@ -1,0 +1,105 @@
+"""recipient.parse: every argument form real sendmail set-ups produce, every refusal."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vdeliver.errors import DeliveryError
+from vdeliver.recipient import Recipient, RecipientError, normalize_domain, parse
+
+FRED_AWAY = Recipient("away.com", "fred")
+
+
+@pytest.mark.parametrize("domain", ["away.com", "<away.com>", "away.com.virtuser", "away.com.virtuser.",
+                                    "Away.COM", "<AWAY.com.VIRTUSER.>", "away.com."])
+@pytest.mark.parametrize("user", ["fred", "fred@vm.localdomain", "fred@away.com", "<fred@away.com>", "Fred",
+                                  "<FRED@vm>"])
+def test_all_forms_resolve_to_the_same_recipient(domain: str, user: str) -> None:
+    assert parse(domain, user) == FRED_AWAY
+
+
+def test_domain_from_h_wins_over_the_machine_name_in_u() -> None:
+    # always_add_domain + R=EnvToSMTP append the host name, not the virtual domain.
+    assert parse("home.com", "fred@vm.localdomain") == Recipient("home.com", "fred")
+
+
+def test_one_argument_form() -> None:
+    assert parse(None, "fred@away.com") == FRED_AWAY
+    assert parse(None, "<Fred@Away.Com.virtuser.>") == FRED_AWAY
+
+
+def test_keep_case() -> None:
+    assert parse("Away.com", "Fred", keep_case=True) == Recipient("away.com", "Fred")
+
+
+def test_detail() -> None:
+    assert parse("away.com", "fred+lists") == Recipient("away.com", "fred", "lists")
+    assert parse("away.com", "fred+lists", delimiter="") == Recipient("away.com", "fred+lists")
+    assert parse("away.com", "fred-lists", delimiter="-") == Recipient("away.com", "fred", "lists")
+
+
+def test_idn_domain_becomes_punycode() -> None:
+    assert parse("bücher.example", "fred").domain == "xn--bcher-kva.example"
+    assert normalize_domain("<BÜCHER.example.virtuser.>") == "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    ("domain", "user"),
+    [
+        ("away.com", "../etc"),
+        ("away.com", "fred/../../x"),
+        ("away.com", "a/b"),
+        ("away.com", ".hidden"),
+        ("away.com", "fr..ed"),
+        ("away.com", ""),
+        ("away.com", "<>"),
+        ("away.com", "fr\x00ed"),
+        ("away.com", "fr\ned"),
+        ("away.com", "fred\x7f"),
+        ("away.com", "fr ed"),
+        ("away.com", "x" * 65),
+        ("away.com", "fred+../x"),
+        ("away.com", "fred+.x"),
+        ("away.com", "+detail"),
+        ("", "fred"),
+        ("<>", "fred"),
+        (".", "fred"),
+        ("..", "fred"),
+        ("../etc", "fred"),
+        ("away/com", "fred"),
+        ("away..com", "fred"),
+        (".away.com", "fred"),
+        ("-away.com", "fred"),
+        ("away.com\x00", "fred"),
+        ("a" * 64 + ".com", "fred"),
+        ("a." * 130 + "com", "fred"),
+        ("away com", "fred"),
+    ],
+)
+def test_refusals_are_temporary(domain: str, user: str) -> None:
+    with pytest.raises(RecipientError) as info:
+        parse(domain, user)
+    assert info.value.status.temporary
+    assert info.value.status.exit_code() == 75
+    assert "\n" not in info.value.status.text()
+
+
+def test_one_argument_form_without_domain_is_refused() -> None:
+    with pytest.raises(RecipientError):
+        parse(None, "fred")
+
+
+@given(st.text(max_size=80), st.text(max_size=80))
+def test_any_input_gives_a_safe_name_or_a_temporary_error(domain: str, user: str) -> None:
+    try:
+        r = parse(domain, user)
+    except DeliveryError as exc:
+        assert exc.status.exit_code() == 75
+        return
+    for name in (r.domain, r.user, r.detail):
+        assert "/" not in name and "\x00" not in name
+        assert not name.startswith(".") and ".." not in name
+        assert name.isascii() and name.isprintable()
+    assert r.domain and r.user
