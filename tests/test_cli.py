@@ -38,7 +38,9 @@ def test_any_argv_parses_or_is_a_usage_error(argv: list[str] | str) -> None:
         assert "\n" not in exc.status.text()
 
 
-def test_internal_error_defers_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_internal_error_defers_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def boom(*_a: object, **_k: object) -> None:
         raise ZeroDivisionError("simulated bug")
 

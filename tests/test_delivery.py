@@ -59,7 +59,9 @@ def test_maildir_delivery_name_sizes_and_bytes(mailroot: MailRoot) -> None:
     assert int(m.group(6)) == len(data)
     assert int(m.group(7)) == len(data) + data.count(b"\n")
     assert int(m.group(3)) > 0
-    assert data == b"Return-Path: <a@b.org>\nDelivered-To: fred@home.com\nSubject: test\nStatus: RO\n\nHello\nFrom the body\n"
+    assert data == (
+        b"Return-Path: <a@b.org>\nDelivered-To: fred@home.com\nSubject: test\nStatus: RO\n\nHello\nFrom the body\n"
+    )
     assert os.listdir(md / "tmp") == []
     assert os.stat(md / "new" / name).st_mode & 0o777 == 0o600
 

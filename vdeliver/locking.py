@@ -30,7 +30,7 @@ def _timeout(what: str, path: str, waited: float) -> LockError:
 
 
 def _sleep_step(attempt: int) -> float:
-    return min(0.005 * (2 ** min(attempt, 6)), 0.25)
+    return min(0.005 * float(1 << min(attempt, 6)), 0.25)
 
 
 def _pid_alive(pid: int) -> bool:

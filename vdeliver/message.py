@@ -20,6 +20,10 @@ import os
 
 from vdeliver.errors import DeliveryError, Status
 
+TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 CHUNK = 1 << 16
 MAX_HEADER = 1 << 20  # a header block longer than this is treated as body
 MAX_SENDER = 512
@@ -191,7 +195,7 @@ class Spool:
                 ) from None
             self.fd = fd
 
-    def chunks(self, size: int = 1 << 20) -> "object":
+    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
         """Yield the collected bytes from the start (memory or file)."""
         if self.fd < 0:
             yield bytes(self.buf)
