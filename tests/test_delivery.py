@@ -465,3 +465,29 @@ def test_sixteen_writers_fifty_messages_each(mailroot: MailRoot) -> None:
         assert m.endswith(b"\n\nbody of " + key + b"\n>From x\n")
         seen.add(key)
     assert len(seen) == 800
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to provide /dev/log")
+def test_syslog_line_in_postfix_style(mailroot: MailRoot) -> None:
+    import socket
+
+    if os.path.exists("/dev/log"):
+        pytest.skip("the machine has a syslog daemon; not replacing its socket")
+    box = mailroot.add_mbox("away.com", "fred")
+    mailroot.write_config(log="syslog")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind("/dev/log")
+        os.chmod("/dev/log", 0o666)
+        sock.settimeout(10)
+        done = deliver(mailroot, "-a", "away.com", "-a", "fred")
+        assert done.returncode == 0, done.stderr
+        line = sock.recv(4096).decode()
+    finally:
+        sock.close()
+        os.unlink("/dev/log")
+    # <22> = facility mail (2) * 8 + priority info (6)
+    assert re.match(r"<22>\w{3} [ \d]\d \d\d:\d\d:\d\d vdeliver\[\d+\]: to=<fred@away\.com>, "
+                    r"sender=<sender@example\.org>, size=\d+, delay=\d+\.\d{3}, dsn=2\.0\.0, "
+                    rf"status=sent \(mbox {re.escape(str(box))}\)$", line), line
+    assert done.stderr == b""
