@@ -1,0 +1,532 @@
+"""vdeliver-lmtpd as a real process (started as root, serving as vmail) driven by smtplib.LMTP.
+
+Each test starts its own server on a unix socket in a private mail tree and stops it;
+the log (stderr) is kept for the assertions on Postfix-style lines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import IS_ROOT, MailRoot, install_vdeliver
+
+MSG = b"Subject: lmtp test\r\nFrom: s@example.org\r\n\r\nHello\r\n.leading dot\r\nFrom the body\r\n"
+
+
+def write_config(root: MailRoot, **lmtp: object) -> Path:
+    """The mail tree's vdeliver.toml plus an [lmtp] table."""
+    root.write_config()
+    lines = ["[lmtp]"]
+    for key, value in lmtp.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    with root.config.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    return root.config
+
+
+class Lmtpd:
+    """One private vdeliver-lmtpd process."""
+
+    def __init__(self, root: MailRoot, rundir: Path | None = None, **lmtp: object) -> None:
+        self.root = root
+        # As in production (/run/vdeliver owned by vmail): the server, no longer root, can remove
+        # its socket and pid file when it stops.  (sendmail refuses a socket below /tmp: pass
+        # a rundir outside it for sendmail tests.)
+        self.rundir = rundir or root.base / "run"
+        self.rundir.mkdir(exist_ok=True)
+        self.rundir.chmod(0o755)
+        os.chown(self.rundir, root.owner.uid, root.owner.gid)
+        self.socket = self.rundir / "lmtp.sock"
+        self.pid_file = self.rundir / "lmtpd.pid"
+        settings: dict[str, object] = {"socket": str(self.socket), "pid_file": str(self.pid_file)}
+        settings.update(lmtp)
+        self.settings = settings
+        write_config(root, **settings)
+        self.log_path = root.base / "lmtpd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Lmtpd:
+        launcher = install_vdeliver() / "bin" / "vdeliver-lmtpd"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(launcher), "-c", str(self.root.config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C"}, start_new_session=True,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vdeliver-lmtpd exited {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(str(self.socket))
+                    if s.recv(100).startswith(b"220 "):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"vdeliver-lmtpd did not come up: {self.log()}")
+
+    def client(self) -> smtplib.LMTP:
+        c = smtplib.LMTP(str(self.socket), timeout=30)
+        c.ehlo("client.test")
+        return c
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def start(mailroot: MailRoot) -> Iterator[object]:
+    if not IS_ROOT:
+        pytest.skip("the server tests start vdeliver-lmtpd as root serving as vmail")
+    servers: list[Lmtpd] = []
+
+    def _start(**lmtp: object) -> Lmtpd:
+        server = Lmtpd(mailroot, **lmtp).start()
+        servers.append(server)
+        return server
+
+    try:
+        yield _start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def transaction(c: smtplib.LMTP, sender: str, rcpts: list[str], msg: bytes = MSG) -> dict[str, tuple[int, bytes]]:
+    """MAIL, RCPT each, DATA: every recipient's final reply (RCPT refusal or its own DATA reply)."""
+    code, text = c.mail(sender)
+    assert code == 250, text
+    replies: dict[str, tuple[int, bytes]] = {}
+    accepted = []
+    for rcpt in rcpts:
+        code, text = c.rcpt(rcpt)
+        if code == 250:
+            accepted.append(rcpt)
+        else:
+            replies[rcpt] = (code, text)
+    if not accepted:
+        c.rset()
+        return replies
+    first = c.data(msg)
+    replies[accepted[0]] = first
+    for rcpt in accepted[1:]:
+        replies[rcpt] = c.getreply()
+    return replies
+
+
+def maildir_files(md: Path) -> list[bytes]:
+    return [(md / "new" / n).read_bytes() for n in sorted(os.listdir(md / "new"))]
+
+
+def spool_empty(root: MailRoot) -> bool:
+    return os.listdir(root.base / "spool") == []
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+
+def test_one_reply_per_recipient_into_mbox_and_maildir(start: object, mailroot: MailRoot) -> None:
+    box = mailroot.add_mbox("away.com", "fred")
+    md = mailroot.add_maildir("home.com", "wilma")
+    server = start()  # type: ignore[operator]
+    with server.client() as c:
+        assert c.does_esmtp and {"pipelining", "enhancedstatuscodes", "8bitmime", "size"} <= set(c.esmtp_features)
+        replies = transaction(c, "s@example.org", ["fred@away.com", "nobody@away.com", "Wilma+news@home.com",
+                                                   "x@nowhere.test"])
+    assert replies["nobody@away.com"][0] == 550 and replies["nobody@away.com"][1].startswith(b"5.1.1")
+    assert replies["x@nowhere.test"][0] == 550 and replies["x@nowhere.test"][1].startswith(b"5.1.2")
+    assert replies["fred@away.com"] == (250, b"2.0.0 <fred@away.com> delivered")
+    assert replies["Wilma+news@home.com"] == (250, b"2.0.0 <Wilma+news@home.com> delivered")
+    data = box.read_bytes()
+    assert data.startswith(b"From s@example.org  ")
+    assert data.endswith(b"\nReturn-Path: <s@example.org>\nDelivered-To: fred@away.com\nSubject: lmtp test\n"
+                         b"From: s@example.org\n\nHello\n.leading dot\n>From the body\n\n")
+    (only,) = maildir_files(md)
+    assert only == (b"Return-Path: <s@example.org>\nDelivered-To: wilma@home.com\nSubject: lmtp test\n"
+                    b"From: s@example.org\n\nHello\n.leading dot\nFrom the body\n")
+    assert os.listdir(md / "tmp") == [] and spool_empty(mailroot)
+    log = server.log()
+    assert "to=<fred@away.com>, sender=<s@example.org>, size=" in log
+    assert f"dsn=2.0.0, status=sent (mbox {box})" in log
+    assert "to=<nobody@away.com>, sender=<s@example.org>, size=0" in log and "dsn=5.1.1, status=bounced" in log
+
+
+def test_over_quota_recipient_gets_its_own_failure(start: object, mailroot: MailRoot) -> None:
+    full = mailroot.add_maildir("away.com", "fred")
+    (full / "maildirsize").write_bytes(b"100S\n")
+    os.chown(full / "maildirsize", mailroot.owner.uid, mailroot.owner.gid)
+    ok = mailroot.add_maildir("away.com", "barney")
+    server = start()  # type: ignore[operator]
+    with server.client() as c:
+        replies = transaction(c, "", ["fred@away.com", "barney@away.com"], MSG + b"x" * 200 + b"\r\n")
+        # The connection goes on: a second transaction on it works.
+        again = transaction(c, "s@example.org", ["barney@away.com"])
+    assert replies["fred@away.com"][0] == 452 and replies["fred@away.com"][1].startswith(b"4.2.2")
+    assert replies["barney@away.com"][0] == 250
+    assert again["barney@away.com"][0] == 250
+    assert os.listdir(full / "new") == [] and os.listdir(full / "tmp") == []
+    assert len(os.listdir(ok / "new")) == 2
+    # (Maildir names do not sort by time: look at both.)
+    assert sorted(m[:30] for m in maildir_files(ok)) == [b"Return-Path: <>\nDelivered-To: ",
+                                                         b"Return-Path: <s@example.org>\nD"]
+    assert "to=<fred@away.com>, sender=<>" in server.log() and "dsn=4.2.2, status=deferred" in server.log()
+
+
+def test_big_message_is_streamed_not_refused(start: object, mailroot: MailRoot) -> None:
+    md = mailroot.add_maildir("away.com", "fred")
+    server = start()  # type: ignore[operator]
+    body = b"".join(b"%07d " % i + b"y" * 90 + b"\r\n" for i in range(30000))  # about 3 MB
+    with server.client() as c:
+        assert transaction(c, "s@example.org", ["fred@away.com"], MSG + body)["fred@away.com"][0] == 250
+    (data,) = maildir_files(md)
+    assert data.endswith(body[-200:].replace(b"\r\n", b"\n"))
+    assert len(data) > 2_900_000
+
+
+# -- bad input: the right reply, nothing partial written, the server keeps serving -----------
+
+
+def test_disconnect_in_data_writes_nothing(start: object, mailroot: MailRoot) -> None:
+    box = mailroot.add_mbox("away.com", "fred")
+    md = mailroot.add_maildir("home.com", "fred")
+    server = start()  # type: ignore[operator]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(server.socket))
+        s.sendall(b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nRCPT TO:<fred@home.com>\r\nDATA\r\n")
+        got = b""
+        while b"354" not in got:
+            got += s.recv(4096)
+        s.sendall(b"Subject: half\r\n\r\n" + b"line\r\n" * 5000)  # and no final dot
+    with server.client() as c:
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    assert box.read_bytes().count(b"\nFrom ") + box.read_bytes().startswith(b"From ") == 1
+    assert b"half" not in box.read_bytes()
+    assert os.listdir(md / "new") == [] and os.listdir(md / "tmp") == []
+    assert spool_empty(mailroot)
+    assert "lost connection in DATA, message discarded" in server.log()
+
+
+def test_over_size_declared_and_actual(start: object, mailroot: MailRoot) -> None:
+    box = mailroot.add_mbox("away.com", "fred")
+    server = start(max_message_size=1000)  # type: ignore[operator]
+    with server.client() as c:
+        assert "size" in c.esmtp_features and c.esmtp_features["size"] == "1000"
+        code, text = c.mail("s@example.org", ["SIZE=5000"])
+        assert (code, text[:5]) == (552, b"5.3.4")
+        replies = transaction(c, "s@example.org", ["fred@away.com"], MSG + b"z" * 2000 + b"\r\n")
+        assert replies["fred@away.com"][0] == 552 and replies["fred@away.com"][1].startswith(b"5.3.4")
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    assert box.read_bytes().count(b"Subject: lmtp test") == 1 and b"zzz" not in box.read_bytes()
+    assert spool_empty(mailroot)
+
+
+def test_garbage_order_and_bare_lf(start: object, mailroot: MailRoot) -> None:
+    mailroot.add_mbox("away.com", "fred")
+    server = start()  # type: ignore[operator]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(server.socket))
+        s.sendall(b"RCPT TO:<fred@away.com>\r\nLHLO c\r\nDATA\r\nNOOP\n\x00\xff\r\nLHLO c\r\n"
+                  + b"".join(b"junk %d\r\n" % i for i in range(20)))
+        got = b""
+        while True:
+            data = s.recv(4096)
+            if not data:
+                break
+            got += data
+    codes = [line[:3] for line in got.split(b"\r\n") if line[3:4] == b" "]
+    assert codes[:6] == [b"220", b"503", b"250", b"503", b"500", b"500"]
+    assert codes[-1] == b"421" and b"421 4.7.0 too many errors" in got
+    # Bare LF inside a message: refused for each recipient, nothing stored.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(server.socket))
+        s.sendall(b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
+        got = b""
+        while b"354" not in got:
+            got += s.recv(4096)
+        s.sendall(b"Subject: x\r\n\r\nsmuggled\n.\nMAIL FROM:<evil@x>\r\n.\r\nQUIT\r\n")
+        while b"221" not in got:
+            got += s.recv(4096)
+    assert b"554 5.6.0 bare LF" in got and b"evil" not in got
+    with server.client() as c:
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    assert server.proc.poll() is None
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def test_held_lock_delays_only_its_recipient(start: object, mailroot: MailRoot) -> None:
+    locked = mailroot.add_mbox("away.com", "fred")
+    free = mailroot.add_mbox("away.com", "barney")
+    server = start()  # type: ignore[operator]
+    # A live process (this one) holds fred's dotlock, as procmail or Dovecot would.
+    lock = Path(str(locked) + ".lock")
+    lock.write_bytes(f"{os.getpid()}:{os.uname().nodename}".encode())
+    result: dict[str, object] = {}
+
+    def slow() -> None:
+        with server.client() as c:
+            result["fred"] = transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"]
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        time.sleep(0.5)
+        assert "fred" not in result  # waiting for the lock
+        with server.client() as c:
+            assert transaction(c, "s@example.org", ["barney@away.com"])["barney@away.com"][0] == 250
+        # barney is delivered while fred still waits: not queued behind fred's lock.
+        assert b"Subject: lmtp test" in free.read_bytes()
+        assert "fred" not in result and locked.read_bytes() == b""
+    finally:
+        lock.unlink()
+        t.join(30)
+    assert result["fred"][0] == 250  # type: ignore[index]
+    assert b"Subject: lmtp test" in locked.read_bytes()
+
+
+def test_parallel_clients_same_and_different_mailboxes(start: object, mailroot: MailRoot) -> None:
+    boxes = [mailroot.add_mbox("away.com", f"u{i}") for i in range(3)]
+    md = mailroot.add_maildir("home.com", "fred")
+    server = start()  # type: ignore[operator]
+    errors: list[object] = []
+
+    def client(n: int) -> None:
+        try:
+            with server.client() as c:
+                for k in range(5):
+                    rcpts = ["u0@away.com", f"u{n % 3}@away.com", "fred@home.com"]
+                    msg = MSG + b"client %d message %d\r\n" % (n, k)
+                    replies = transaction(c, "s@example.org", rcpts, msg)
+                    if any(code != 250 for code, _ in replies.values()):
+                        errors.append(replies)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    import mailbox
+
+    counts = []
+    for box in boxes:
+        mb = mailbox.mbox(str(box), create=False)
+        try:
+            msgs = [mb.get_bytes(k) for k in mb.keys()]
+        finally:
+            mb.close()
+        assert all(m.count(b"Subject: lmtp test") == 1 and b"\nclient " in m for m in msgs)
+        counts.append(len(msgs))
+    # u0 gets every message (twice when the client's own box is u0: two RCPTs, two copies).
+    assert counts == [30 + 10, 10, 10]
+    assert len(os.listdir(md / "new")) == 30
+
+
+def test_idle_and_data_timeouts(start: object, mailroot: MailRoot) -> None:
+    box = mailroot.add_mbox("away.com", "fred")
+    server = start(timeout=1, data_timeout=1)  # type: ignore[operator]
+
+    def read_all(s: socket.socket) -> bytes:
+        got = b""
+        while True:
+            data = s.recv(4096)
+            if not data:
+                return got
+            got += data
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(server.socket))
+        s.sendall(b"LHLO c\r\n")
+        assert read_all(s).endswith(b"421 4.4.2 timeout, closing connection\r\n")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(server.socket))
+        s.sendall(b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\nSubject: stalled\r\n")
+        assert read_all(s).endswith(b"354 send the message, end with <CRLF>.<CRLF>\r\n"
+                                    b"421 4.4.2 timeout, closing connection\r\n")
+    assert box.read_bytes() == b"" and spool_empty(mailroot)
+    assert "timeout in DATA, message discarded" in server.log()
+
+
+def test_max_connections(start: object, mailroot: MailRoot) -> None:
+    server = start(max_connections=1)  # type: ignore[operator]
+    deadline = time.monotonic() + 10
+    while True:  # the start-up probe's connection may still hold the one slot for a moment
+        try:
+            c = server.client()
+            break
+        except smtplib.SMTPConnectError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with c:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(server.socket))
+            assert s.recv(200).startswith(b"421 4.3.2 too many connections")
+        assert c.noop()[0] == 250
+
+
+def test_tcp_on_loopback_and_socket_mode_owner(start: object, mailroot: MailRoot) -> None:
+    mailroot.add_mbox("away.com", "fred")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start(tcp=f"127.0.0.1:{port}", socket_mode="0640", socket_owner="vmail:vmail")  # type: ignore[operator]
+    st = os.stat(server.socket)
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, mailroot.owner.uid, mailroot.owner.gid)
+    with smtplib.LMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.test")
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    assert f"and 127.0.0.1:{port}" in server.log()
+
+
+# -- signals, pid file, configuration ---------------------------------------------------------
+
+
+def test_sigterm_finishes_the_message_in_flight(start: object, mailroot: MailRoot) -> None:
+    box = mailroot.add_mbox("away.com", "fred")
+    server = start()  # type: ignore[operator]
+    assert server.pid_file.read_text().strip() == str(server.proc.pid)
+    idle = server.client()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(server.socket))
+        s.sendall(b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
+        got = b""
+        while b"354" not in got:
+            got += s.recv(4096)
+        s.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        time.sleep(0.2)
+        server.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:  # the listener closes at once; the message in DATA is still in flight
+            try:
+                with socket.socket(socket.AF_UNIX) as late:
+                    late.connect(str(server.socket))
+            except OSError:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s.sendall(b"second half\r\n.\r\nNOOP\r\n")
+        while got.count(b"\r\n") < 8 or not got.endswith(b"\r\n") or b"421" not in got:
+            data = s.recv(4096)
+            if not data:
+                break
+            got += data
+    assert b"250 2.0.0 <fred@away.com> delivered\r\n421 4.3.2" in got
+    assert server.wait() == 0
+    assert idle.getreply()[0] == 421  # the idle connection was told, unasked, and closed
+    idle.close()
+    assert b"first half\nsecond half\n" in box.read_bytes()
+    assert not server.pid_file.exists() and not server.socket.exists()
+    assert "stopped" in server.log()
+
+
+def test_sighup_reloads_and_keeps_a_good_config(start: object, mailroot: MailRoot) -> None:
+    server = start(max_message_size=1000)  # type: ignore[operator]
+    with server.client() as c:
+        assert c.esmtp_features["size"] == "1000"
+    write_config(mailroot, **{**server.settings, "max_message_size": 2000})
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with server.client() as c:
+        assert c.esmtp_features["size"] == "2000"
+    mailroot.config.write_text(mailroot.config.read_text() + "bogus_key = 1\n")
+    server.signal(signal.SIGHUP)
+    while "reload failed" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reload failed, keeping the old configuration" in server.log() and "bogus_key" in server.log()
+    with server.client() as c:
+        assert c.esmtp_features["size"] == "2000"
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("max_connections = 0", "[lmtp] max_connections: must be at least 1"),
+        ('max_connections = "5"', "[lmtp] max_connections: must be a whole number"),
+        ('socket = "relative.sock"', "[lmtp] socket: must be an absolute path"),
+        ('socket_mode = "rw"', "[lmtp] socket_mode: must be an octal mode"),
+        ('tcp = "0.0.0.0:24"', "[lmtp] tcp: only loopback addresses are allowed"),
+        ('tcp = "127.0.0.1"', "[lmtp] tcp: must be HOST:PORT"),
+        ("colour = 1", "[lmtp] colour: unknown key"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, table: str, message: str) -> None:
+    from vdeliver.lmtp import server
+
+    config = tmp_path / "v.toml"
+    config.write_text(f'log = "stderr"\n\n[lmtp]\n{table}\n')
+    done = subprocess.run([sys.executable, "-m", "vdeliver.lmtp.server", "-c", str(config), "--check"],
+                          capture_output=True, timeout=30, cwd=Path(__file__).parent.parent)
+    assert done.returncode == server.EX_CONFIG
+    assert done.stderr.decode().startswith(f"vdeliver-lmtpd: {config}:4: {message}")
+    assert done.stderr.count(b"\n") == 1  # one clear line, no traceback
+
+
+def test_usage_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vdeliver.lmtp import server
+
+    assert server.main(["--bogus"]) == server.EX_USAGE
+    assert server.main(["--version"]) == 0
+    config = tmp_path / "v.toml"
+    config.write_text(f'[lmtp]\nsocket = "{tmp_path}/s"\ntcp = "127.0.0.1:2424"\n')
+    assert server.main(["-c", str(config), "--check"]) == 0
+    assert "[lmtp] ok" in capsys.readouterr().out
+
+
+def test_refuses_root_without_user(tmp_path: Path) -> None:
+    if not IS_ROOT:
+        pytest.skip("needs root")
+    from vdeliver.lmtp import server
+
+    config = tmp_path / "v.toml"
+    config.write_text(f'log = "none"\n[lmtp]\nsocket = "{tmp_path}/s"\n')
+    assert server.main(["-c", str(config)]) == server.EX_CONFIG
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,504 @@
+"""The LMTP protocol (RFC 2033) as a state machine that does no I/O.
+
+Feed it what the client sent with `receive_data()` (b"" at end of file), take events
+with `next_event()`, send what `data_to_send()` returns.  Commands the protocol can
+answer alone (LHLO, MAIL, RSET, NOOP, QUIT and every error) are answered here; two
+events need the server's decision: `RcptTo` (answer with `answer_rcpt()`) and
+`EndOfData` (answer with `answer_data()` once per accepted recipient, in RCPT order:
+RFC 2033's one reply per recipient, which aiosmtpd gets wrong in its issue #517).
+
+The message arrives as `Data` events, already dot-unstuffed and with CRLF turned
+into LF, in pieces of whatever size the client sent: the server streams them to a
+spool file, never holding the message whole.  Rules enforced here (RFC 5321):
+command lines of at most 512 octets, text lines of at most 1000, lines ending in
+CRLF (a bare LF is refused: only CRLF.CRLF ends the data, so nothing can be
+smuggled), the SIZE limit both as declared and as sent.
+
+Whose fault: a client's mistake is a reply (5xx) and never an exception;
+`LocalProtocolError` means the server called this module wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
+MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6, including CRLF
+MAX_PATH = 256  # RFC 5321 4.5.3.1.3
+MAX_ERRORS = 10  # then 421 and close: pipelined garbage cannot keep a thread busy
+_PARTIAL = 1 << 16  # hand over a partial text line once this much of it is buffered
+
+# States.  Transitions live in _ALLOWED (which command may come when) and the handlers.
+INIT = "INIT"  # before LHLO
+READY = "READY"  # after LHLO, no transaction
+MAIL = "MAIL"  # after MAIL FROM, collecting recipients
+WAIT_RCPT = "WAIT_RCPT"  # RcptTo handed to the server, waiting for answer_rcpt()
+DATA = "DATA"  # receiving the message
+WAIT_DATA = "WAIT_DATA"  # EndOfData handed out, waiting for answer_data() per recipient
+CLOSED = "CLOSED"
+
+_ALLOWED: dict[str, frozenset[str]] = {
+    "LHLO": frozenset((INIT, READY, MAIL)),
+    "MAIL": frozenset((READY,)),
+    "RCPT": frozenset((MAIL,)),
+    "DATA": frozenset((MAIL,)),
+    "RSET": frozenset((INIT, READY, MAIL)),
+    "NOOP": frozenset((INIT, READY, MAIL)),
+    "QUIT": frozenset((INIT, READY, MAIL)),
+    "HELP": frozenset((INIT, READY, MAIL)),
+    "VRFY": frozenset((INIT, READY, MAIL)),
+}
+_SEQUENCE_HINT = {
+    "MAIL": {INIT: "send LHLO first", MAIL: "nested MAIL command"},
+    "RCPT": {INIT: "send LHLO first", READY: "need MAIL before RCPT"},
+    "DATA": {INIT: "send LHLO first", READY: "need MAIL before DATA"},
+}
+_NOT_LMTP = frozenset(("HELO", "EHLO"))
+_NOT_IMPLEMENTED = frozenset(("BDAT", "ETRN", "EXPN", "TURN", "STARTTLS", "AUTH"))
+
+
+class LocalProtocolError(Exception):
+    """The server used this module wrongly (a bug on our side, not the client's)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    dsn: str
+    text: str
+
+    def __bytes__(self) -> bytes:
+        middle = f" {self.dsn}" if self.dsn else ""
+        return f"{self.code}{middle} {self.text}\r\n".encode("ascii", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+@dataclass(frozen=True)
+class Hello:
+    host: str
+
+
+@dataclass(frozen=True)
+class MailFrom:
+    sender: str  # "" for the null sender <>
+    size: int | None
+    body: str | None
+
+
+@dataclass(frozen=True)
+class RcptTo:
+    address: str
+
+
+@dataclass(frozen=True)
+class DataStart:
+    pass
+
+
+@dataclass(frozen=True)
+class Data:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndOfData:
+    recipients: tuple[str, ...]
+    error: Reply | None  # set when the message was refused whole; replies already queued
+
+
+@dataclass(frozen=True)
+class Reset:
+    pass
+
+
+@dataclass(frozen=True)
+class Noop:
+    pass
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A command refused by the protocol itself; the reply is already queued."""
+
+    command: str
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    mid_data: bool  # the client went away inside DATA: discard the partial message
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+Event = Hello | MailFrom | RcptTo | DataStart | Data | EndOfData | Reset | Noop | Quit | Rejected | ConnectionClosed
+
+
+def _printable(text: str) -> bool:
+    return all(" " < ch < "\x7f" for ch in text)
+
+
+class Connection:
+    """One LMTP session, server side."""
+
+    def __init__(self, hostname: str, *, max_size: int = 0, max_recipients: int = 1000,
+                 max_line: int = MAX_TEXT_LINE, max_errors: int = MAX_ERRORS) -> None:
+        self.hostname = hostname
+        self.max_size = max_size
+        self.max_recipients = max_recipients
+        self.max_line = max_line
+        self.max_errors = max_errors
+        self.state = INIT
+        self.stopping = False
+        self.errors = 0
+        self._in = bytearray()
+        self._out = bytearray()
+        self._eof = False
+        self._skipping = False  # inside an over-long command line
+        self._reset_transaction()
+
+    # -- the transaction ----------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self._rcpt_seen = 0
+        self._pending_rcpt: str | None = None
+        self._replies_due = 0
+        self._bol = True
+        self._line_len = 0
+        self._size = 0
+        self._too_big = False
+        self._bare_lf = False
+        self._long_line = False
+
+    # -- I/O boundary ---------------------------------------------------------------
+
+    def greeting(self) -> None:
+        self._queue(Reply(220, "", f"{self.hostname} LMTP vdeliver ready"))
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            if self._eof:
+                raise LocalProtocolError("data received after end of file")
+            self._in += data
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.state in (MAIL, WAIT_RCPT, DATA, WAIT_DATA)
+
+    @property
+    def busy(self) -> bool:
+        """Receiving or answering a message: a shutdown lets it finish."""
+        return self.state in (WAIT_RCPT, DATA, WAIT_DATA)
+
+    def close_with(self, reply: Reply) -> None:
+        """Say goodbye (timeout, shutdown) and close; the server then closes the socket."""
+        self._queue(reply)
+        self.state = CLOSED
+
+    def _queue(self, reply: Reply) -> None:
+        self._out += bytes(reply)
+
+    # -- answers from the server --------------------------------------------------
+
+    def answer_rcpt(self, reply: Reply) -> None:
+        if self.state != WAIT_RCPT or self._pending_rcpt is None:
+            raise LocalProtocolError("answer_rcpt() without a pending RcptTo")
+        if reply.ok:
+            self.recipients.append(self._pending_rcpt)
+        self._pending_rcpt = None
+        self._queue(reply)
+        self.state = MAIL
+
+    def answer_data(self, reply: Reply) -> None:
+        """One call per accepted recipient, in RCPT order."""
+        if self.state != WAIT_DATA or self._replies_due <= 0:
+            raise LocalProtocolError("answer_data() without a pending EndOfData")
+        self._queue(reply)
+        self._replies_due -= 1
+        if self._replies_due == 0:
+            self._reset_transaction()
+            self.state = READY
+
+    # -- events -----------------------------------------------------------------------
+
+    def next_event(self) -> Event | _NeedData:
+        while True:
+            if self.state == CLOSED:
+                return ConnectionClosed(mid_data=False)
+            if self.state in (WAIT_RCPT, WAIT_DATA):
+                raise LocalProtocolError(f"the server must answer first (state {self.state})")
+            if self.state == DATA:
+                return self._data_event()
+            event = self._command_event()
+            if event is not None:
+                return event
+
+    def _command_event(self) -> Event | _NeedData | None:
+        """Parse one command line; None means "nothing to report, go on"."""
+        lf = self._in.find(b"\n")
+        if lf < 0:
+            if len(self._in) >= MAX_COMMAND_LINE:
+                self._in.clear()
+                self._skipping = True
+            if self._eof:
+                self.state = CLOSED
+                return ConnectionClosed(mid_data=False)
+            return NEED_DATA
+        raw = bytes(self._in[: lf + 1])
+        del self._in[: lf + 1]
+        if self._skipping:
+            self._skipping = False
+            return self._reject("", Reply(500, "5.5.2", "line too long (limit 512 octets)"))
+        if len(raw) > MAX_COMMAND_LINE:
+            return self._reject("", Reply(500, "5.5.2", "line too long (limit 512 octets)"))
+        if not raw.endswith(b"\r\n"):
+            return self._reject("", Reply(500, "5.5.2", "bare LF: lines must end in CRLF"))
+        try:
+            line = raw[:-2].decode("ascii")
+        except UnicodeDecodeError:
+            return self._reject("", Reply(500, "5.5.2", "8-bit characters in a command"))
+        if not all(" " <= ch < "\x7f" or ch == "\t" for ch in line):
+            return self._reject("", Reply(500, "5.5.2", "control characters in a command"))
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if self.stopping and verb != "QUIT":
+            self.close_with(Reply(421, "4.3.2", f"{self.hostname} shutting down, try again later"))
+            return Rejected(verb, Reply(421, "4.3.2", "shutting down"))
+        if verb in _NOT_LMTP:
+            return self._reject(verb, Reply(500, "5.5.1", "this is LMTP: use LHLO"))
+        if verb in _NOT_IMPLEMENTED:
+            return self._reject(verb, Reply(502, "5.5.1", f"{verb} not implemented"))
+        allowed = _ALLOWED.get(verb)
+        if allowed is None:
+            return self._reject(verb or "?", Reply(500, "5.5.1", "command unrecognized"))
+        if self.state not in allowed:
+            hint = _SEQUENCE_HINT.get(verb, {}).get(self.state, "bad sequence of commands")
+            return self._reject(verb, Reply(503, "5.5.1", hint))
+        handler = getattr(self, "_cmd_" + verb.lower())
+        return handler(arg.strip(" \t"))  # type: ignore[no-any-return]
+
+    def _reject(self, command: str, reply: Reply) -> Event:
+        self.errors += 1
+        self._queue(reply)
+        if self.errors >= self.max_errors:
+            self.close_with(Reply(421, "4.7.0", "too many errors, closing connection"))
+        return Rejected(command, reply)
+
+    # -- command handlers ---------------------------------------------------------------
+
+    def _cmd_lhlo(self, arg: str) -> Event:
+        if not arg or " " in arg or not _printable(arg):
+            return self._reject("LHLO", Reply(501, "5.5.4", "syntax: LHLO hostname"))
+        self._reset_transaction()
+        self.state = READY
+        lines = [self.hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME"]
+        lines.append(f"SIZE {self.max_size}" if self.max_size else "SIZE")
+        out = "".join(f"250-{text}\r\n" for text in lines[:-1]) + f"250 {lines[-1]}\r\n"
+        self._out += out.encode("ascii")
+        return Hello(arg)
+
+    def _cmd_mail(self, arg: str) -> Event:
+        path, params, error = _parse_path(arg, "FROM:")
+        if error:
+            return self._reject("MAIL", Reply(501, "5.5.4", f"syntax: MAIL FROM:<address> ({error})"))
+        if len(path) > MAX_PATH or (path and not _printable(path)):
+            return self._reject("MAIL", Reply(501, "5.1.7", "bad sender address syntax"))
+        size: int | None = None
+        body: str | None = None
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit() and len(value) <= 20 and size is None:
+                size = int(value)
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME") and body is None:
+                body = value.upper()
+            elif key in ("SIZE", "BODY"):
+                return self._reject("MAIL", Reply(501, "5.5.4", f"bad {key} parameter"))
+            else:
+                return self._reject("MAIL", Reply(555, "5.5.4", f"unsupported parameter {key[:20]}"))
+        if size is not None and self.max_size and size > self.max_size:
+            return self._reject("MAIL", Reply(552, "5.3.4", f"message too big (limit {self.max_size} bytes)"))
+        self._reset_transaction()
+        self.sender = path
+        self.state = MAIL
+        self._queue(Reply(250, "2.1.0", "sender ok"))
+        return MailFrom(path, size, body)
+
+    def _cmd_rcpt(self, arg: str) -> Event:
+        path, params, error = _parse_path(arg, "TO:")
+        if error:
+            return self._reject("RCPT", Reply(501, "5.5.4", f"syntax: RCPT TO:<address> ({error})"))
+        if params:
+            return self._reject("RCPT", Reply(555, "5.5.4", "RCPT parameters are not supported"))
+        if not path or len(path) > MAX_PATH or not _printable(path):
+            return self._reject("RCPT", Reply(501, "5.1.3", "bad recipient address syntax"))
+        self._rcpt_seen += 1
+        if len(self.recipients) >= self.max_recipients:
+            # Not an error of the client's: sendmail sends the rest in the next transaction.
+            self._queue(Reply(452, "4.5.3", "too many recipients"))
+            return Rejected("RCPT", Reply(452, "4.5.3", "too many recipients"))
+        self._pending_rcpt = path
+        self.state = WAIT_RCPT
+        return RcptTo(path)
+
+    def _cmd_data(self, arg: str) -> Event:
+        if arg:
+            return self._reject("DATA", Reply(501, "5.5.4", "DATA takes no arguments"))
+        if not self.recipients:
+            return self._reject("DATA", Reply(503, "5.5.1", "no valid recipients"))
+        self.state = DATA
+        self._queue(Reply(354, "", "send the message, end with <CRLF>.<CRLF>"))
+        return DataStart()
+
+    def _cmd_rset(self, arg: str) -> Event:
+        self._reset_transaction()
+        if self.state != INIT:
+            self.state = READY
+        self._queue(Reply(250, "2.0.0", "ok"))
+        return Reset()
+
+    def _cmd_noop(self, arg: str) -> Event:
+        self._queue(Reply(250, "2.0.0", "ok"))
+        return Noop()
+
+    def _cmd_help(self, arg: str) -> Event:
+        self._queue(Reply(214, "2.0.0", "LHLO MAIL RCPT DATA RSET NOOP QUIT (RFC 2033)"))
+        return Noop()
+
+    def _cmd_vrfy(self, arg: str) -> Event:
+        self._queue(Reply(252, "2.5.0", "cannot VRFY; send the message and see"))
+        return Noop()
+
+    def _cmd_quit(self, arg: str) -> Event:
+        self._queue(Reply(221, "2.0.0", f"{self.hostname} closing connection"))
+        self.state = CLOSED
+        return Quit()
+
+    # -- the message ------------------------------------------------------------------
+
+    def _data_event(self) -> Event | _NeedData:
+        buf = self._in
+        n = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        ended = False
+        while pos < n:
+            if self._bol and buf[pos] == 0x2E:  # '.'
+                if n - pos < 3:
+                    if buf.find(b"\n", pos) < 0:
+                        break  # cannot tell ".\r\n" from a stuffed line yet
+                if buf[pos : pos + 3] == b".\r\n":
+                    pos += 3
+                    ended = True
+                    break
+                pos += 1  # a stuffed dot: drop it (it still counts toward the line length)
+                self._bol = False
+                self._line_len += 1
+            lf = buf.find(b"\n", pos)
+            if lf < 0:
+                # A partial line: hand it over once it is long, keeping a trailing CR back
+                # so that CRLF is always seen whole.
+                end = n - 1 if buf[n - 1] == 0x0D else n
+                if end - pos >= _PARTIAL or (end > pos and self._line_len + end - pos > self.max_line):
+                    self._take(out, bytes(buf[pos:end]))
+                    self._bol = False
+                    pos = end
+                break
+            if lf > pos and buf[lf - 1] == 0x0D:
+                self._take(out, bytes(buf[pos : lf - 1]) + b"\n", crlf=True)
+            else:
+                self._bare_lf = True
+                self._take(out, bytes(buf[pos : lf + 1]))
+            self._bol = True
+            self._line_len = 0
+            pos = lf + 1
+        del buf[:pos]
+        if ended:
+            return self._end_of_data(out)
+        if out:
+            return Data(b"".join(out))
+        if self._eof:
+            self.state = CLOSED
+            return ConnectionClosed(mid_data=True)
+        return NEED_DATA
+
+    def _take(self, out: list[bytes], piece: bytes, crlf: bool = False) -> None:
+        """Count a piece of the message and keep it unless the message is already refused."""
+        length = len(piece) + (1 if crlf else 0)
+        self._line_len += length
+        self._size += length
+        if self._line_len > self.max_line:
+            self._long_line = True
+        if self.max_size and self._size > self.max_size:
+            self._too_big = True
+        if not (self._too_big or self._long_line or self._bare_lf):
+            out.append(piece)
+
+    def _end_of_data(self, out: list[bytes]) -> Event:
+        # A last piece of data before the dot is handed over first; the dot is re-read.
+        if out:
+            self._in[:0] = b".\r\n"
+            self._bol = True
+            return Data(b"".join(out))
+        error = None
+        if self._too_big:
+            error = Reply(552, "5.3.4", f"message too big (limit {self.max_size} bytes)")
+        elif self._bare_lf:
+            error = Reply(554, "5.6.0", "bare LF in message: lines must end in CRLF")
+        elif self._long_line:
+            error = Reply(554, "5.6.0", f"message has a line longer than {self.max_line} octets")
+        recipients = tuple(self.recipients)
+        if error is not None:
+            for _ in recipients:
+                self._queue(error)
+            self._reset_transaction()
+            self.state = READY
+            return EndOfData(recipients, error)
+        self._replies_due = len(recipients)
+        self.state = WAIT_DATA
+        return EndOfData(recipients, None)
+
+
+def _parse_path(arg: str, prefix: str) -> tuple[str, list[str], str]:
+    """`FROM:<a@b> SIZE=10` -> ("a@b", ["SIZE=10"], ""); the error text when malformed."""
+    if arg[: len(prefix)].upper() != prefix:
+        return "", [], f"expected {prefix}"
+    rest = arg[len(prefix) :].lstrip(" ")
+    if not rest.startswith("<"):
+        return "", [], "address must be in <>"
+    end = rest.find(">")
+    if end < 0:
+        return "", [], "missing >"
+    path = rest[1:end]
+    if path.startswith("@") and ":" in path:
+        path = path.split(":", 1)[1]  # an old source route: <@relay:user@domain>
+    params = rest[end + 1 :].split()
+    if rest[end + 1 : end + 2] not in ("", " "):
+        return "", [], "junk after >"
+    return path, params, ""
