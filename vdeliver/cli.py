@@ -48,7 +48,8 @@ OPTIONS
     --dry-run       print the format and path of the mailbox and exit
     --repair MBOX...
                     take each mbox's locks and undo what an interrupted
-                    delivery left (see CRASH SAFETY); exit 0 when there was
+                    delivery left (see CRASH SAFETY) and tidy temporary lock
+                    files of dead processes; exit 0 when there was
                     nothing to do or it was repaired, 75 when one needs a look
     -t -Y -p -o     accepted for procmail compatibility; no effect
     --version       print the version
@@ -280,7 +281,7 @@ def _repair(args: Args) -> int:
 
 
 def _main(argv: "list[str]", started: float) -> int:
-    import _signal  # not `signal`: that one imports enum, which costs more than a delivery
+    import _signal  # type: ignore[import-not-found]  # not `signal`: that one imports enum, which costs more than a delivery
 
     # A write past RLIMIT_FSIZE must fail with EFBIG (and be rolled back), not kill us.
     _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)

@@ -1,0 +1,213 @@
+"""Mailboxes on disk: create them for `user add`, move them aside for `user remove`.
+
+Paths come from the vdeliver configuration templates (mbox_path, maildir_path),
+expanded exactly as delivery expands them, so vmailctl creates what vdeliver will
+look for.  Everything created belongs to the configured vmail user, directories
+0700 and files 0600: delivery runs as vmail and refuses mailboxes it does not own.
+Mail is never unlinked by default: a removed mailbox is renamed to
+`.removed-<user>-<UTC time>` in its domain directory, a name no user can have.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import time
+from dataclasses import dataclass
+
+from vdeliver.accounts.errors import AccountsError, ConfigurationError, TemporaryError
+from vdeliver.accounts.settings import Settings
+from vdeliver.config import Config
+from vdeliver.deliver import domain_dir, expand
+from vdeliver.recipient import Recipient
+
+REMOVED_PREFIX = ".removed-"
+
+
+@dataclass
+class Owner:
+    uid: int
+    gid: int
+
+
+def owner(settings: Settings) -> Owner:
+    """The vmail user and group; when not root, only ourselves can own what we create."""
+    try:
+        uid = pwd.getpwnam(settings.vmail_user).pw_uid if settings.vmail_user else os.geteuid()
+        if settings.vmail_group:
+            gid = grp.getgrnam(settings.vmail_group).gr_gid
+        elif settings.vmail_user:
+            gid = pwd.getpwnam(settings.vmail_user).pw_gid
+        else:
+            gid = os.getegid()
+    except KeyError as exc:
+        raise ConfigurationError(f"[accounts] vmail_user/vmail_group: no such user or group {exc}") from None
+    if os.geteuid() != 0 and uid != os.geteuid():
+        raise AccountsError(f"creating mailboxes owned by {settings.vmail_user} needs root")
+    return Owner(uid, gid)
+
+
+def mailbox_path(cfg: Config, fmt: str, user: str, domain: str) -> str:
+    return expand(cfg.maildir_path if fmt == "maildir" else cfg.mbox_path, Recipient(domain, user))
+
+
+def user_root(cfg: Config, fmt: str, user: str, domain: str) -> str:
+    """The first path component that names the user: what `user remove` moves aside."""
+    template = cfg.maildir_path if fmt == "maildir" else cfg.mbox_path
+    parts = template.split("/")
+    for i, part in enumerate(parts):
+        if "{user}" in part:
+            return expand("/".join(parts[: i + 1]), Recipient(domain, user))
+    return mailbox_path(cfg, fmt, user, domain)
+
+
+def _mkdir(path: str, who: Owner) -> None:
+    os.mkdir(path, 0o700)
+    os.chown(path, who.uid, who.gid)
+    os.chmod(path, 0o700)
+
+
+def _makedirs(path: str, who: Owner) -> None:
+    """Create path and its missing parents, each owned by vmail, 0700."""
+    missing: list[str] = []
+    p = path
+    while not os.path.isdir(p):
+        if os.path.lexists(p):
+            raise AccountsError(f"{p} exists and is not a directory")
+        missing.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(missing):
+        _mkdir(d, who)
+
+
+def create(cfg: Config, settings: Settings, fmt: str, user: str, domain: str, quota: int = 0) -> str:
+    """Create an empty Maildir or mbox; returns its path.  An existing one is kept (and checked)."""
+    who = owner(settings)
+    path = mailbox_path(cfg, fmt, user, domain)
+    rcpt = Recipient(domain, user)
+    try:
+        for template in (cfg.mbox_path, cfg.maildir_path):
+            _makedirs(domain_dir(template, rcpt), who)
+        if fmt == "maildir":
+            _makedirs(path, who)
+            for sub in ("tmp", "new", "cur"):
+                if not os.path.isdir(os.path.join(path, sub)):
+                    _mkdir(os.path.join(path, sub), who)
+            set_quota(cfg, settings, fmt, user, domain, quota)
+        else:
+            _makedirs(os.path.dirname(path), who)
+            if os.path.lexists(path):
+                if os.path.islink(path) or not os.path.isfile(path):
+                    raise AccountsError(f"{path} exists and is not a regular file")
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.fchown(fd, who.uid, who.gid)
+                    os.fchmod(fd, 0o600)
+                finally:
+                    os.close(fd)
+    except OSError as exc:
+        raise TemporaryError(f"cannot create mailbox {path}: {exc.strerror}") from None
+    return path
+
+
+def set_quota(cfg: Config, settings: Settings, fmt: str, user: str, domain: str, quota: int) -> str | None:
+    """Write (or remove, for 0) the Maildir++ maildirsize that vdeliver.maildir enforces."""
+    if fmt != "maildir":
+        return None
+    path = mailbox_path(cfg, fmt, user, domain)
+    size_file = os.path.join(path, "maildirsize")
+    if not os.path.isdir(os.path.join(path, "tmp")):
+        return None
+    if quota <= 0:
+        try:
+            os.unlink(size_file)
+        except FileNotFoundError:
+            pass
+        return None
+    from vdeliver.maildir import recalculate
+
+    who = owner(settings)
+    recalculate(path, f"{quota}S")  # counts the mail already there; tmp file + rename
+    os.chown(size_file, who.uid, who.gid)
+    os.chmod(size_file, 0o600)
+    return size_file
+
+
+def move_aside(cfg: Config, fmt: str, user: str, domain: str, unlink: bool = False) -> str | None:
+    """Rename the user's mail out of delivery's way (or delete it when unlink); returns the new name."""
+    root = user_root(cfg, fmt, user, domain)
+    if not os.path.lexists(root):
+        return None
+    if unlink:
+        if os.path.isdir(root) and not os.path.islink(root):
+            shutil.rmtree(root)
+        else:
+            os.unlink(root)
+        return ""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    new = os.path.join(os.path.dirname(root), f"{REMOVED_PREFIX}{user}-{stamp}")
+    n = 1
+    while os.path.lexists(new):
+        n += 1
+        new = os.path.join(os.path.dirname(root), f"{REMOVED_PREFIX}{user}-{stamp}-{n}")
+    os.rename(root, new)
+    return new
+
+
+def inspect(cfg: Config, fmt: str, user: str, domain: str, who: Owner | None) -> list[str]:
+    """Problems with one user's mailbox on disk ([] when it is as delivery expects)."""
+    path = mailbox_path(cfg, fmt, user, domain)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        other = mailbox_path(cfg, "mbox" if fmt == "maildir" else "maildir", user, domain)
+        if os.path.lexists(other):
+            return [f"{user}@{domain}: mailbox is {other}, but the database says {fmt}"]
+        return [f"{user}@{domain}: user without a mailbox ({path} is missing)"]
+    import stat
+
+    problems: list[str] = []
+    if fmt == "maildir":
+        if not stat.S_ISDIR(st.st_mode):
+            return [f"{user}@{domain}: {path} is not a Maildir directory"]
+        for sub in ("tmp", "new", "cur"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                problems.append(f"{user}@{domain}: {path}/{sub} is missing")
+    elif not stat.S_ISREG(st.st_mode):
+        return [f"{user}@{domain}: {path} is not a regular file (mbox)"]
+    if who is not None and st.st_uid != who.uid:
+        problems.append(f"{user}@{domain}: {path} is owned by uid {st.st_uid}, not the vmail user ({who.uid})")
+    return problems
+
+
+def tree_root(template: str) -> str | None:
+    """`/var/spool/vbox/{domain}/{user}` -> `/var/spool/vbox`: where domain directories live."""
+    parts = template.split("/")
+    if "{domain}" not in parts:
+        return None
+    i = parts.index("{domain}")
+    if i + 1 >= len(parts) or "{user}" not in parts[i + 1]:
+        return None
+    return "/".join(parts[:i]) or "/"
+
+
+def on_disk(cfg: Config) -> dict[str, set[tuple[str, str]]]:
+    """Names found under each template's root: {"mbox": {(user, domain)}, "maildir": {...}}."""
+    found: dict[str, set[tuple[str, str]]] = {"mbox": set(), "maildir": set()}
+    for fmt, template in (("mbox", cfg.mbox_path), ("maildir", cfg.maildir_path)):
+        root = tree_root(template)
+        if root is None or not os.path.isdir(root):
+            continue
+        for dom in os.listdir(root):
+            ddir = os.path.join(root, dom)
+            if dom.startswith(".") or not os.path.isdir(ddir):
+                continue
+            for name in os.listdir(ddir):
+                if name.startswith(".") or name.endswith(".lock"):
+                    continue
+                if os.path.lexists(mailbox_path(cfg, fmt, name, dom)):
+                    found[fmt].add((name, dom))
+    return found

@@ -1,0 +1,129 @@
+"""The [accounts] and [maps] tables of the vdeliver configuration, validated.
+
+    [accounts]
+    database = "/var/lib/vdeliver/accounts.sqlite"   # SQLite (the default store), or:
+    # dsn = "postgresql://vmailctl@db1,db2/vmail"     # PostgreSQL via psycopg 3 (libpq conninfo)
+    vmail_user = "vmail"            # owner of the mailboxes vmailctl creates
+    vmail_group = "vmail"
+    password_scheme = "ARGON2ID"    # or "BLF-CRYPT"
+    argon2_time_cost = 3            # argon2-cffi defaults; lower only for tests
+    argon2_memory_cost = 65536      # KiB
+    argon2_parallelism = 4
+    bcrypt_rounds = 12
+    busy_timeout = 5                # seconds to wait for a locked SQLite database
+    connect_timeout = 5             # seconds to reach PostgreSQL
+    default_quota = 0               # bytes, 0 = none (Maildir++ maildirsize)
+
+    [maps]
+    directory = "/etc/mail"           # where examples/sendmail_*.mc read them
+    makemap = "/usr/sbin/makemap"   # "" = write the text maps only
+    reject_unknown = true           # refuse unknown users of hosted domains at RCPT time
+    local_host_names = ""           # class w of the outgoing sendmail; "" = this host's name + localhost
+    relay_clients = "127.0.0.1 localhost"   # Connect:X RELAY lines in access.in and access_out
+
+Every error names the file, line and key (Config.where).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vdeliver.accounts.errors import ConfigurationError
+from vdeliver.config import Config
+
+SCHEMES = ("ARGON2ID", "BLF-CRYPT")
+
+
+@dataclass
+class Settings:
+    database: str = "/var/lib/vdeliver/accounts.sqlite"
+    dsn: str = ""
+    vmail_user: str = "vmail"
+    vmail_group: str = "vmail"
+    password_scheme: str = "ARGON2ID"
+    argon2_time_cost: int = 3
+    argon2_memory_cost: int = 65536
+    argon2_parallelism: int = 4
+    bcrypt_rounds: int = 12
+    busy_timeout: int = 5
+    connect_timeout: int = 5
+    default_quota: int = 0
+    maps_directory: str = "/etc/mail"
+    makemap: str = "/usr/sbin/makemap"
+    reject_unknown: bool = True
+    local_host_names: str = ""
+    relay_clients: str = "127.0.0.1 localhost"
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.dsn else "sqlite"
+
+
+_ACCOUNTS: dict[str, type] = {
+    "database": str, "dsn": str, "vmail_user": str, "vmail_group": str, "password_scheme": str,
+    "argon2_time_cost": int, "argon2_memory_cost": int, "argon2_parallelism": int, "bcrypt_rounds": int,
+    "busy_timeout": int, "connect_timeout": int, "default_quota": int,
+}
+_MAPS: dict[str, tuple[str, type]] = {
+    "directory": ("maps_directory", str), "makemap": ("makemap", str), "reject_unknown": ("reject_unknown", bool),
+    "local_host_names": ("local_host_names", str), "relay_clients": ("relay_clients", str),
+}
+
+
+def _typed(cfg: Config, table: str, key: str, value: object, kind: type) -> object:
+    where = cfg.where(table, key)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{where}: must be true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"{where}: must be a whole number")
+        if value < 0:
+            raise ConfigurationError(f"{where}: must not be negative")
+    elif not isinstance(value, str):
+        raise ConfigurationError(f"{where}: must be a string")
+    return value
+
+
+def load(cfg: Config) -> Settings:
+    s = Settings()
+    explicit: set[str] = set()
+    for key, value in cfg.table("accounts").items():
+        if key not in _ACCOUNTS:
+            raise ConfigurationError(f"{cfg.where('accounts', key)}: unknown key")
+        setattr(s, key, _typed(cfg, "accounts", key, value, _ACCOUNTS[key]))
+        explicit.add(key)
+    for key, value in cfg.table("maps").items():
+        if key not in _MAPS:
+            raise ConfigurationError(f"{cfg.where('maps', key)}: unknown key")
+        attr, kind = _MAPS[key]
+        setattr(s, attr, _typed(cfg, "maps", key, value, kind))
+    if "database" in explicit and "dsn" in explicit and s.dsn:
+        raise ConfigurationError(f"{cfg.where('accounts', 'dsn')}: give either database or dsn, not both")
+    if not s.dsn and not os.path.isabs(s.database):
+        raise ConfigurationError(f"{cfg.where('accounts', 'database')}: must be an absolute path")
+    if s.password_scheme.upper() not in SCHEMES:
+        raise ConfigurationError(
+            f"{cfg.where('accounts', 'password_scheme')}: must be one of {', '.join(SCHEMES)}"
+            f" (got {s.password_scheme!r})"
+        )
+    s.password_scheme = s.password_scheme.upper()
+    for key, low in (("argon2_time_cost", 1), ("argon2_memory_cost", 8), ("argon2_parallelism", 1),
+                     ("bcrypt_rounds", 4), ("busy_timeout", 0), ("connect_timeout", 1)):
+        if getattr(s, key) < low:
+            raise ConfigurationError(f"{cfg.where('accounts', key)}: must be at least {low}")
+    if s.argon2_memory_cost < 8 * s.argon2_parallelism:
+        where = cfg.where("accounts", "argon2_memory_cost")
+        raise ConfigurationError(f"{where}: must be at least 8 x argon2_parallelism")
+    if s.bcrypt_rounds > 31:
+        raise ConfigurationError(f"{cfg.where('accounts', 'bcrypt_rounds')}: must be at most 31")
+    if not os.path.isabs(s.maps_directory):
+        raise ConfigurationError(f"{cfg.where('maps', 'directory')}: must be an absolute path")
+    if s.makemap and not os.path.isabs(s.makemap):
+        raise ConfigurationError(f"{cfg.where('maps', 'makemap')}: must be an absolute path or empty")
+    for key in ("local_host_names", "relay_clients"):
+        for word in getattr(s, key).split():
+            if not all(c.isalnum() or c in ".-:[]_" for c in word):
+                raise ConfigurationError(f"{cfg.where('maps', key)}: invalid host name {word!r}")
+    return s

@@ -1,0 +1,619 @@
+"""The account store: one behaviour over SQLite (stdlib) and PostgreSQL (psycopg 3).
+
+`Store` holds every operation and its checks, written against a DB-API cursor
+with `?` placeholders; the two subclasses only connect, translate placeholders
+and classify their engine's errors.  Each vmailctl command runs in one
+transaction (`with store.transaction():`): a refused or failed command leaves the
+database exactly as it was.  Invariants that SQL cannot state portably (an alias
+name must not shadow a mailbox, no alias or forward loops) are checked on the
+whole data set inside the transaction, just before it commits.
+
+Every change bumps `meta.serial` and `meta.changed_at`; `maps build` records the
+serial it built from, which is how `check` sees maps older than the database.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from vdeliver.accounts import names
+from vdeliver.accounts.errors import (
+    AccountsError,
+    ConfigurationError,
+    Conflict,
+    InvalidName,
+    NotFound,
+    TemporaryError,
+)
+from vdeliver.accounts.schema import CREATE_MIGRATIONS_TABLE, LATEST, MIGRATIONS
+from vdeliver.accounts.settings import Settings
+
+STATUSES = ("active", "disabled", "suspended")
+FORMATS = ("maildir", "mbox")
+MAX_QUOTA = (1 << 62)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class Snapshot:
+    """Everything the maps and `check` need, read in one transaction."""
+
+    serial: int
+    changed_at: str
+    domains: list[dict[str, Any]]
+    mailboxes: list[dict[str, Any]]
+    aliases: dict[str, list[str]] = field(default_factory=dict)   # address -> targets
+    forwards: dict[str, list[str]] = field(default_factory=dict)  # address -> targets
+
+    def hosted(self) -> set[str]:
+        return {d["name"] for d in self.domains}
+
+
+class Store:
+    """The operations; subclasses provide the connection."""
+
+    backend = ""
+    write_begin = "BEGIN"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn: Any = None
+        self._depth = 0
+
+    # -- engine hooks ----------------------------------------------------------------
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    def _classify(self, exc: BaseException) -> AccountsError | None:
+        """Turn an engine error into ours (None: a bug, let it propagate)."""
+        return None
+
+    def _has_table(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _lock_for_migration(self) -> None:
+        pass
+
+    # -- connection and transactions ---------------------------------------------
+    def open(self) -> Store:
+        try:
+            self.conn = self._connect()
+            self.migrate()
+        except AccountsError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            mapped = self._classify(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        return self
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
+                pass
+            self.conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def execute(self, statement: str, params: tuple[Any, ...] = ()) -> Any:
+        cur = self.conn.cursor()
+        if params:
+            cur.execute(self._sql(statement), params)
+        else:
+            cur.execute(statement)
+        return cur
+
+    def rows(self, statement: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = self.execute(statement, params)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def one(self, statement: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        found = self.rows(statement, params)
+        return found[0] if found else None
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[None]:
+        """One transaction; nested uses join the outer one.  Engine errors become ours."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self.execute(self.write_begin if write else "BEGIN")
+        except Exception as exc:
+            mapped = self._classify(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        self._depth = 1
+        try:
+            yield
+            if write:
+                self._check_invariants()
+            self.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                self.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - the connection may be gone; the original error matters
+                pass
+            if isinstance(exc, Exception) and not isinstance(exc, AccountsError):
+                mapped = self._classify(exc)
+                if mapped is not None:
+                    raise mapped from None
+            raise
+        finally:
+            self._depth = 0
+
+    # -- schema -----------------------------------------------------------------------
+    def schema_version(self) -> int:
+        if not self._has_table("schema_migrations"):
+            return 0
+        row = self.one("SELECT MAX(version) AS v FROM schema_migrations")
+        return int(row["v"] or 0) if row else 0
+
+    def migrate(self) -> list[int]:
+        """Apply the missing migrations, each in its own transaction; returns their numbers."""
+        applied: list[int] = []
+        current = self.schema_version()
+        if current > LATEST:
+            raise TemporaryError(f"the database has schema version {current}, newer than this vmailctl ({LATEST})")
+        if current == LATEST:
+            return applied  # the common case: no write transaction at all
+        for version, title, statements in MIGRATIONS:
+            self.execute(self.write_begin)
+            try:
+                self._lock_for_migration()
+                if not self._has_table("schema_migrations"):
+                    self.execute(CREATE_MIGRATIONS_TABLE)
+                row = self.one("SELECT version FROM schema_migrations WHERE version = ?", (version,))
+                if row is None:
+                    for statement in statements:
+                        self.execute(statement)
+                    self.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        (version, title, now()),
+                    )
+                    applied.append(version)
+                self.execute("COMMIT")
+            except BaseException:
+                try:
+                    self.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+        return applied
+
+    def _touch(self) -> None:
+        self.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS VARCHAR(200)) WHERE key = 'serial'")
+        self.execute("UPDATE meta SET value = ? WHERE key = 'changed_at'", (now(),))
+
+    def meta(self) -> tuple[int, str]:
+        values = {r["key"]: r["value"] for r in self.rows("SELECT key, value FROM meta")}
+        return int(values.get("serial", "0")), values.get("changed_at", "")
+
+    # -- domains ----------------------------------------------------------------------
+    def domain(self, name: str) -> dict[str, Any]:
+        row = self.one("SELECT name, alias_of, catchall, created_at FROM domains WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"domain {name} does not exist")
+        return row
+
+    def domain_add(self, name: str, alias_of: str | None = None) -> None:
+        if self.one("SELECT name FROM domains WHERE name = ?", (name,)):
+            raise Conflict(f"domain {name} already exists")
+        if alias_of is not None:
+            target = self.domain(alias_of)
+            if target["alias_of"]:
+                raise Conflict(f"{alias_of} is itself an alias of {target['alias_of']}: point {name} there")
+            if alias_of == name:
+                raise Conflict(f"domain {name} cannot be an alias of itself")
+        self.execute("INSERT INTO domains (name, alias_of, created_at) VALUES (?, ?, ?)", (name, alias_of, now()))
+        self._touch()
+
+    def domain_remove(self, name: str, force: bool = False) -> list[dict[str, Any]]:
+        """Remove a domain; with force also its mailboxes and aliases (mail stays on disk)."""
+        self.domain(name)
+        mailboxes = self.rows("SELECT username, domain, format FROM mailboxes WHERE domain = ?", (name,))
+        n_alias = len(self.rows("SELECT DISTINCT username FROM aliases WHERE domain = ?", (name,)))
+        dependants = [r["name"] for r in self.rows("SELECT name FROM domains WHERE alias_of = ?", (name,))]
+        if dependants:
+            raise Conflict(f"domain {name} has alias domains: {', '.join(sorted(dependants))}; remove them first")
+        if (mailboxes or n_alias) and not force:
+            raise Conflict(f"domain {name} still has {len(mailboxes)} mailbox(es) and {n_alias} alias(es); "
+                           "remove them or use --force")
+        self.execute("DELETE FROM forwards WHERE domain = ?", (name,))
+        self.execute("DELETE FROM mailboxes WHERE domain = ?", (name,))
+        self.execute("DELETE FROM aliases WHERE domain = ?", (name,))
+        self.execute("DELETE FROM domains WHERE name = ?", (name,))
+        self._touch()
+        return mailboxes
+
+    def domain_list(self) -> list[dict[str, Any]]:
+        domains = self.rows("SELECT name, alias_of, catchall, created_at FROM domains ORDER BY name")
+        counts = {r["domain"]: r["n"] for r in self.rows("SELECT domain, COUNT(*) AS n FROM mailboxes GROUP BY domain")}
+        acounts = {r["domain"]: r["n"] for r in
+                   self.rows("SELECT domain, COUNT(DISTINCT username) AS n FROM aliases GROUP BY domain")}
+        for d in domains:
+            d["mailboxes"] = int(counts.get(d["name"], 0))
+            d["aliases"] = int(acounts.get(d["name"], 0))
+        return domains
+
+    def domain_show(self, name: str) -> dict[str, Any]:
+        d = self.domain(name)
+        d["mailboxes"] = [r["username"] for r in
+                          self.rows("SELECT username FROM mailboxes WHERE domain = ? ORDER BY username", (name,))]
+        found = self.rows("SELECT DISTINCT username FROM aliases WHERE domain = ?", (name,))
+        d["aliases"] = sorted(r["username"] for r in found)
+        d["alias_domains"] = [r["name"] for r in
+                              self.rows("SELECT name FROM domains WHERE alias_of = ? ORDER BY name", (name,))]
+        return d
+
+    def catchall_set(self, name: str, target: str) -> None:
+        d = self.domain(name)
+        if d["alias_of"]:
+            raise Conflict(f"{name} is an alias domain of {d['alias_of']}; set the catch-all there")
+        self.execute("UPDATE domains SET catchall = ? WHERE name = ?", (self._target(target), name))
+        self._touch()
+
+    def catchall_clear(self, name: str) -> None:
+        d = self.domain(name)
+        if d["catchall"] is None:
+            raise NotFound(f"domain {name} has no catch-all")
+        self.execute("UPDATE domains SET catchall = NULL WHERE name = ?", (name,))
+        self._touch()
+
+    # -- mailboxes ---------------------------------------------------------------------
+    _USER_COLS = "username, domain, password, format, quota_bytes, status, reason, keep_copy, created_at"
+
+    def _real_domain(self, domain: str) -> None:
+        d = self.domain(domain)
+        if d["alias_of"]:
+            raise Conflict(f"{domain} is an alias domain of {d['alias_of']}: add addresses there")
+
+    def user(self, username: str, domain: str) -> dict[str, Any]:
+        row = self.one(f"SELECT {self._USER_COLS} FROM mailboxes WHERE username = ? AND domain = ?", (username, domain))
+        if row is None:
+            raise NotFound(f"mailbox {username}@{domain} does not exist")
+        row["forwards"] = self._targets("forwards", username, domain)
+        return row
+
+    def user_add(self, username: str, domain: str, password: str, fmt: str, quota: int = 0) -> None:
+        if fmt not in FORMATS:
+            raise InvalidName(f"mailbox format must be one of {', '.join(FORMATS)}")
+        self._check_quota(quota)
+        self._real_domain(domain)
+        if self.one("SELECT username FROM mailboxes WHERE username = ? AND domain = ?", (username, domain)):
+            raise Conflict(f"mailbox {username}@{domain} already exists")
+        if self.one("SELECT username FROM aliases WHERE username = ? AND domain = ?", (username, domain)):
+            raise Conflict(f"{username}@{domain} is an alias; remove the alias first")
+        self.execute(
+            "INSERT INTO mailboxes (username, domain, password, format, quota_bytes, status, reason, keep_copy,"
+            " created_at) VALUES (?, ?, ?, ?, ?, 'active', '', 0, ?)",
+            (username, domain, password, fmt, quota, now()),
+        )
+        self._touch()
+
+    def user_remove(self, username: str, domain: str) -> dict[str, Any]:
+        row = self.user(username, domain)
+        self.execute("DELETE FROM forwards WHERE username = ? AND domain = ?", (username, domain))
+        self.execute("DELETE FROM mailboxes WHERE username = ? AND domain = ?", (username, domain))
+        self._touch()
+        return row
+
+    def user_list(self, domain: str | None = None) -> list[dict[str, Any]]:
+        cols = "username, domain, format, quota_bytes, status, reason, keep_copy, created_at"
+        if domain is not None:
+            self.domain(domain)
+            found = self.rows(f"SELECT {cols} FROM mailboxes WHERE domain = ? ORDER BY domain, username", (domain,))
+        else:
+            found = self.rows(f"SELECT {cols} FROM mailboxes ORDER BY domain, username")
+        fwd = self._all_targets("forwards")
+        for r in found:
+            r["forwards"] = fwd.get(f"{r['username']}@{r['domain']}", [])
+        return found
+
+    def user_set_password(self, username: str, domain: str, password: str) -> None:
+        self.user(username, domain)
+        self.execute("UPDATE mailboxes SET password = ? WHERE username = ? AND domain = ?",
+                     (password, username, domain))
+        self._touch()
+
+    def user_set_status(self, username: str, domain: str, status: str, reason: str = "") -> None:
+        if status not in STATUSES:
+            raise InvalidName(f"status must be one of {', '.join(STATUSES)}")
+        if len(reason) > 500 or any(ch < " " for ch in reason):
+            raise InvalidName("reason must be one line of at most 500 characters")
+        self.user(username, domain)
+        self.execute("UPDATE mailboxes SET status = ?, reason = ? WHERE username = ? AND domain = ?",
+                     (status, reason, username, domain))
+        self._touch()
+
+    def user_set_quota(self, username: str, domain: str, quota: int) -> None:
+        self._check_quota(quota)
+        self.user(username, domain)
+        self.execute("UPDATE mailboxes SET quota_bytes = ? WHERE username = ? AND domain = ?",
+                     (quota, username, domain))
+        self._touch()
+
+    @staticmethod
+    def _check_quota(quota: int) -> None:
+        if quota < 0 or quota > MAX_QUOTA:
+            raise InvalidName(f"quota must be between 0 and {MAX_QUOTA} bytes")
+
+    # -- aliases and forwards ------------------------------------------------------------
+    def _target(self, raw: str) -> str:
+        """Validate a target; in a hosted domain it names a local address, so lower-case it."""
+        t = names.target(raw)
+        local, dom = names.split(t)
+        if self.one("SELECT name FROM domains WHERE name = ?", (dom,)):
+            base = local.lower().split("+", 1)[0]
+            names.user(base)
+            t = f"{local.lower()}@{dom}"
+        return t
+
+    def _targets(self, table: str, username: str, domain: str) -> list[str]:
+        return [r["target"] for r in self.rows(
+            f"SELECT target FROM {table} WHERE username = ? AND domain = ? ORDER BY target", (username, domain))]
+
+    def _all_targets(self, table: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self.rows(f"SELECT username, domain, target FROM {table} ORDER BY domain, username, target"):
+            out.setdefault(f"{r['username']}@{r['domain']}", []).append(r["target"])
+        return out
+
+    def alias_add(self, username: str, domain: str, targets: list[str]) -> None:
+        self._real_domain(domain)
+        if not targets:
+            raise InvalidName("an alias needs at least one target")
+        if self.one("SELECT username FROM mailboxes WHERE username = ? AND domain = ?", (username, domain)):
+            raise Conflict(f"{username}@{domain} is a mailbox; use `forward set` to redirect its mail")
+        existing = set(self._targets("aliases", username, domain))
+        for raw in targets:
+            t = self._target(raw)
+            if t == f"{username}@{domain}":
+                raise Conflict(f"alias {t} cannot point at itself")
+            if t in existing:
+                raise Conflict(f"alias {username}@{domain} already points at {t}")
+            existing.add(t)
+            self.execute("INSERT INTO aliases (username, domain, target) VALUES (?, ?, ?)", (username, domain, t))
+        self._touch()
+
+    def alias_remove(self, username: str, domain: str, targets: list[str] | None = None) -> None:
+        self.domain(domain)
+        existing = self._targets("aliases", username, domain)
+        if not existing:
+            raise NotFound(f"alias {username}@{domain} does not exist")
+        if targets:
+            for raw in targets:
+                t = self._target(raw)
+                if t not in existing:
+                    raise NotFound(f"alias {username}@{domain} does not point at {t}")
+                self.execute("DELETE FROM aliases WHERE username = ? AND domain = ? AND target = ?",
+                             (username, domain, t))
+        else:
+            self.execute("DELETE FROM aliases WHERE username = ? AND domain = ?", (username, domain))
+        self._touch()
+
+    def alias_list(self, domain: str | None = None) -> list[dict[str, Any]]:
+        if domain is not None:
+            self.domain(domain)
+        found: list[dict[str, Any]] = []
+        for addr, targets in self._all_targets("aliases").items():
+            user, dom = names.split(addr)
+            if domain is None or dom == domain:
+                found.append({"address": addr, "username": user, "domain": dom, "targets": targets})
+        return found
+
+    def forward_set(self, username: str, domain: str, targets: list[str], keep_copy: bool = False) -> None:
+        self.user(username, domain)
+        if not targets:
+            raise InvalidName("a forward needs at least one target")
+        clean: list[str] = []
+        for raw in targets:
+            t = self._target(raw)
+            if _strip_detail(t) == f"{username}@{domain}":
+                raise Conflict(f"{username}@{domain} cannot forward to itself (use --keep-copy to keep a copy)")
+            if t not in clean:
+                clean.append(t)
+        self.execute("DELETE FROM forwards WHERE username = ? AND domain = ?", (username, domain))
+        for t in clean:
+            self.execute("INSERT INTO forwards (username, domain, target) VALUES (?, ?, ?)", (username, domain, t))
+        self.execute("UPDATE mailboxes SET keep_copy = ? WHERE username = ? AND domain = ?",
+                     (1 if keep_copy else 0, username, domain))
+        self._touch()
+
+    def forward_clear(self, username: str, domain: str) -> None:
+        row = self.user(username, domain)
+        if not row["forwards"]:
+            raise NotFound(f"mailbox {username}@{domain} has no forward")
+        self.execute("DELETE FROM forwards WHERE username = ? AND domain = ?", (username, domain))
+        self.execute("UPDATE mailboxes SET keep_copy = 0 WHERE username = ? AND domain = ?", (username, domain))
+        self._touch()
+
+    # -- whole data set ----------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        with self.transaction(write=False):
+            serial, changed = self.meta()
+            return Snapshot(
+                serial=serial,
+                changed_at=changed,
+                domains=self.rows("SELECT name, alias_of, catchall, created_at FROM domains ORDER BY name"),
+                mailboxes=self.rows(f"SELECT {self._USER_COLS} FROM mailboxes ORDER BY domain, username"),
+                aliases=self._all_targets("aliases"),
+                forwards=self._all_targets("forwards"),
+            )
+
+    def _check_invariants(self) -> None:
+        serial, changed = self.meta()
+        snap = Snapshot(
+            serial, changed,
+            self.rows("SELECT name, alias_of, catchall, created_at FROM domains"),
+            self.rows("SELECT username, domain, status, keep_copy FROM mailboxes"),
+            self._all_targets("aliases"), self._all_targets("forwards"),
+        )
+        loop = find_loop(snap)
+        if loop:
+            raise Conflict("mail loop: " + " -> ".join(loop))
+
+
+def _strip_detail(addr: str) -> str:
+    local, dom = names.split(addr)
+    return f"{local.split('+', 1)[0]}@{dom}"
+
+
+def next_hops(snap: Snapshot, addr: str) -> list[str]:
+    """Where mail for a hosted address goes next, as sendmail's virtusertable would send it."""
+    domains = {d["name"]: d for d in snap.domains}
+    addr = _strip_detail(addr)
+    local, dom = names.split(addr)
+    d = domains.get(dom)
+    if d is None:
+        return []  # off-site: leaves this host
+    if d["alias_of"]:
+        return [f"{local}@{d['alias_of']}"]
+    if addr in snap.forwards:
+        return list(snap.forwards[addr])  # keep_copy adds a terminal local delivery
+    if any(m["username"] == local and m["domain"] == dom for m in snap.mailboxes):
+        return []
+    if addr in snap.aliases:
+        return list(snap.aliases[addr])
+    if d["catchall"]:
+        return [d["catchall"]]
+    return []
+
+
+def find_loop(snap: Snapshot) -> list[str]:
+    """A cycle of addresses through aliases, forwards, catch-alls and alias domains, or []."""
+    sources = list(snap.aliases) + list(snap.forwards)
+    sources += [f"{d['name']}-catchall@{d['name']}" for d in snap.domains if d["catchall"]]
+    sources += [d["catchall"] for d in snap.domains if d["catchall"]]
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(addr: str, path: list[str]) -> list[str]:
+        key = _strip_detail(addr)
+        if state.get(key) == 2:
+            return []
+        if state.get(key) == 1:
+            return path[path.index(key):] + [key]
+        state[key] = 1
+        path.append(key)
+        for nxt in next_hops(snap, key):
+            found = visit(nxt, path)
+            if found:
+                return found
+        path.pop()
+        state[key] = 2
+        return []
+
+    for src in sources:
+        found = visit(src, [])
+        if found:
+            return found
+    return []
+
+
+# -- the two engines --------------------------------------------------------------------------
+
+
+class SQLiteStore(Store):
+    backend = "sqlite"
+    write_begin = "BEGIN IMMEDIATE"  # take the write lock now, so a busy database fails before any change
+
+    def _connect(self) -> Any:
+        import sqlite3
+
+        path = self.settings.database
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise ConfigurationError(f"[accounts] database: directory {parent} does not exist")
+        old = os.umask(0o077)  # the database holds password hashes
+        try:
+            conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None)
+        finally:
+            os.umask(old)
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _has_table(self, name: str) -> bool:
+        return self.one("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
+
+    def _classify(self, exc: BaseException) -> AccountsError | None:
+        import sqlite3
+
+        if isinstance(exc, sqlite3.IntegrityError):
+            return Conflict(f"refused by the database: {exc}")
+        if isinstance(exc, sqlite3.OperationalError):
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                return TemporaryError(f"database {self.settings.database} is locked: try again later")
+            return TemporaryError(f"database {self.settings.database}: {text}")
+        if isinstance(exc, sqlite3.DatabaseError):
+            return TemporaryError(f"database {self.settings.database}: {exc}")
+        return None
+
+
+class PostgresStore(Store):
+    backend = "postgresql"
+
+    def _connect(self) -> Any:
+        try:
+            import psycopg
+        except ImportError:
+            raise TemporaryError("PostgreSQL needs psycopg 3: pip install 'vdeliver[postgres]'") from None
+        conn = psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=self.settings.connect_timeout)
+        timeout = max(1, self.settings.busy_timeout) * 1000
+        conn.execute(f"SET lock_timeout = {int(timeout)}")
+        conn.execute("SET client_min_messages = warning")
+        return conn
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def _has_table(self, name: str) -> bool:
+        row = self.one("SELECT to_regclass(?) IS NOT NULL AS present", (name,))
+        return bool(row and row["present"])
+
+    def _lock_for_migration(self) -> None:
+        # Two first runs at once must not both create the tables.
+        self.execute("SELECT pg_advisory_xact_lock(7305164)")
+
+    def _classify(self, exc: BaseException) -> AccountsError | None:
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.IntegrityError):
+            return Conflict(f"refused by the database: {str(exc).splitlines()[0]}")
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            return TemporaryError("database is locked: try again later")
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return TemporaryError(f"database unreachable: {first}")
+        return None
+
+
+def open_store(settings: Settings) -> Store:
+    store: Store = PostgresStore(settings) if settings.dsn else SQLiteStore(settings)
+    return store.open()

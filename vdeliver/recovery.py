@@ -1,0 +1,395 @@
+"""Crash recovery for mbox appends: a journal written before the append, undone after a kill.
+
+procmail, Postfix and Dovecot truncate an mbox back after a write *error*, but a
+process killed with SIGKILL (sendmail's own timeout does that) cannot: half a
+message stays in the mailbox for ever.  vdeliver records, under both locks and
+before the first byte is appended, what is needed to undo the append:
+
+    <dir>/.<mbox>.vdeliver-journal   (one line, fsynced with its directory)
+    vdeliver-journal 1 <st_dev> <st_ino> <original size> <intended end> <pid> <head hex>
+
+`head` is the first bytes of the record (separator and From_ line).  The journal
+is removed (and the removal made durable) only after the mbox fsync succeeded, or
+after a rollback.  A recipient name may not start with '.', so the journal can
+never be taken for a mailbox; the dotlock content stays `pid:host` for Dovecot.
+
+The next vdeliver that takes the locks (or `vdeliver --repair`) calls recover()
+before anything else.  It cuts the mbox back to the original size only when
+everything says the bytes after it are ours: same file (dev, ino), size in
+(orig, end], our record's head at orig, and no other program's From_ line in what
+would be cut.  Anything else was changed by another program after the crash, and
+a completed delivery by someone else is never cut: the journal is dropped (the
+file was rewritten, replaced or shrunk) or kept aside as `.unresolved` with a loud
+log line (our partial record lies under someone else's message).  Every step is
+idempotent: killed during recovery, the next run finds either the journal with
+the size already at orig (and drops it) or the journal gone.
+
+Design notes and the fault table: docs/crash-safety.md.  Only `os` at import
+time: this module is on the delivery path.
+"""
+
+import os
+
+from vdeliver.errors import DeliveryError, Status
+from vdeliver.mbox import Journal
+from vdeliver.message import Prepared
+
+SUFFIX = ".vdeliver-journal"
+UNRESOLVED = ".unresolved"
+MAGIC = "vdeliver-journal"
+VERSION = "1"
+HEAD = 96  # bytes of the record kept in the journal to recognise it again
+SCAN_CHUNK = 1 << 20
+
+# Outcomes of recover(), also the words of `vdeliver --repair`.
+CLEAN = "clean"  # no journal
+CUT = "cut"  # partial record removed
+NOTHING = "nothing written"  # journal found, mailbox already at its original size
+DROPPED = "dropped"  # journal stale (file replaced, rewritten or shrunk): nothing cut
+UNRESOLVED_STATE = "unresolved"  # our partial record is followed by another program's data
+
+
+class JournalError(DeliveryError):
+    pass
+
+
+def _fail(reason: str, detail: str) -> JournalError:
+    return JournalError(Status("4.3.0", reason, detail))
+
+
+def journal_path(mbox_path: str) -> str:
+    directory, base = os.path.split(mbox_path)
+    return os.path.join(directory or ".", f".{base}{SUFFIX}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def head_of(sep: bytes, spool: "object") -> bytes:
+    """The first HEAD bytes the append will write: separator, then the record."""
+    buf = getattr(spool, "buf", b"")
+    sfd = getattr(spool, "fd", -1)
+    want = HEAD - len(sep)
+    if sfd is not None and sfd >= 0:
+        first = os.pread(sfd, want, 0)
+    else:
+        first = bytes(buf[:want])
+    return sep + first
+
+
+class Record:
+    """One parsed journal line."""
+
+    __slots__ = ("dev", "ino", "orig", "end", "pid", "head")
+
+    def __init__(self, dev: int, ino: int, orig: int, end: int, pid: int, head: bytes) -> None:
+        self.dev = dev
+        self.ino = ino
+        self.orig = orig
+        self.end = end
+        self.pid = pid
+        self.head = head
+
+    def line(self) -> bytes:
+        return (
+            f"{MAGIC} {VERSION} {self.dev} {self.ino} {self.orig} {self.end} {self.pid} {self.head.hex()}\n"
+        ).encode("ascii")
+
+
+def parse(data: bytes) -> "Record | None":
+    """A complete journal line, or None (torn or foreign: the append never started)."""
+    if not data.endswith(b"\n") or data.count(b"\n") != 1:
+        return None
+    fields = data.decode("ascii", "replace").split()
+    if len(fields) != 8 or fields[0] != MAGIC or fields[1] != VERSION:
+        return None
+    try:
+        dev, ino, orig, end, pid = (int(f) for f in fields[2:7])
+        head = bytes.fromhex(fields[7])
+    except ValueError:
+        return None
+    if min(dev, ino, orig, end, pid) < 0 or end < orig or len(head) > end - orig:
+        return None
+    return Record(dev, ino, orig, end, pid, head)
+
+
+def _read_journal(jpath: str) -> "bytes | None":
+    try:
+        jfd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _fail("cannot read mailbox journal", f"{jpath}: {exc.strerror}") from None
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(jfd).st_mode):
+            raise _fail("mailbox journal is not a regular file", jpath)
+        return os.read(jfd, 4096)
+    finally:
+        os.close(jfd)
+
+
+def _remove(jpath: str) -> None:
+    try:
+        os.unlink(jpath)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
+    try:
+        _fsync_dir(jpath)
+    except OSError as exc:
+        raise _fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
+
+
+def _set_aside(jpath: str) -> None:
+    try:
+        os.rename(jpath, jpath + UNRESOLVED)
+        _fsync_dir(jpath)
+    except OSError as exc:
+        raise _fail("cannot set mailbox journal aside", f"{jpath}: {exc.strerror}") from None
+
+
+def _foreign_from_line(fd: int, start: int, stop: int) -> int:
+    """Offset of another program's From_ line in [start, stop), or -1.
+
+    Our record never holds `\\nFrom ` after its own From_ line (the body is
+    escaped), so any such line is someone else's.  A writer that appended right
+    after our cut-off record without a newline leaves its From_ line mid-line:
+    that is recognised by the shape `From <sender> <weekday> <month> ...`, not
+    after a '>' (our escaped body lines).
+    """
+    import re
+
+    shape = re.compile(
+        rb"(?<!>)From \S+ +(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+        rb" [ \d]?\d \d\d:\d\d"
+    )
+    overlap = 200
+    pos = start
+    while pos < stop:
+        # Read one byte before pos: a newline or '>' just before the region counts.
+        base = max(pos - 1, 0)
+        data = os.pread(fd, min(SCAN_CHUNK + overlap, stop - base), base)
+        if len(data) <= pos - base:
+            break
+        nl = data.find(b"\nFrom ")
+        m = shape.search(data, pos - base)
+        hits = [x for x in (nl + 1 if nl >= 0 else -1, m.start() if m else -1) if x >= 0]
+        if hits:
+            return base + min(hits)
+        pos += SCAN_CHUNK
+    return -1
+
+
+def recover(fd: int, path: str, st: os.stat_result, log: "object" = None) -> "tuple[str, str]":
+    """Undo an interrupted append to the mbox open on fd (both locks held).
+
+    Returns (outcome, text for the log/administrator).  Raises JournalError when
+    the journal cannot be read or removed (the delivery defers).
+    """
+    jpath = journal_path(path)
+    data = _read_journal(jpath)
+    if data is None:
+        return CLEAN, ""
+    rec = parse(data)
+    if rec is None:
+        # Written with one write() and fsynced before the first byte of the append:
+        # a torn or empty journal means the append never started.
+        _remove(jpath)
+        return _say(log, "info", NOTHING, f"{path}: removed an incomplete journal; the mailbox was not touched")
+    size = st.st_size
+    who = f"pid {rec.pid}"
+    if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+        _remove(jpath)
+        return _say(log, "warning", DROPPED,
+                    f"{path}: journal of {who} is for another file (the mailbox was replaced); nothing cut")
+    if size == rec.orig:
+        _remove(jpath)
+        return _say(log, "info", NOTHING, f"{path}: interrupted delivery of {who} had written nothing at {rec.orig}")
+    if size < rec.orig:
+        _remove(jpath)
+        return _say(log, "warning", DROPPED,
+                    f"{path}: shrank from {rec.orig} to {size} bytes after the interrupted delivery of {who}"
+                    " (rewritten by another program); nothing cut")
+    n = min(len(rec.head), size - rec.orig)
+    found = os.pread(fd, n, rec.orig)
+    if found != rec.head[:n]:
+        same = 0
+        while same < n and found[same] == rec.head[same]:
+            same += 1
+        if same == 0:
+            _remove(jpath)
+            return _say(log, "warning", DROPPED,
+                        f"{path}: bytes at offset {rec.orig} are not the record of {who}"
+                        " (rewritten by another program); nothing cut")
+        _set_aside(jpath)
+        return _say(log, "error", UNRESOLVED_STATE,
+                    f"{path}: the record of {who} at offset {rec.orig} stops after at most {same} bytes and other"
+                    f" data follows; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+    if size > rec.end:
+        _set_aside(jpath)
+        return _say(log, "error", UNRESOLVED_STATE,
+                    f"{path}: the interrupted record of {who} at offset {rec.orig} (at most {rec.end - rec.orig}"
+                    f" bytes) is followed by {size - rec.end}+ bytes another program appended; nothing cut,"
+                    f" journal kept as {jpath}{UNRESOLVED}")
+    foreign = _foreign_from_line(fd, rec.orig + len(rec.head), size)
+    if foreign >= 0:
+        _set_aside(jpath)
+        return _say(log, "error", UNRESOLVED_STATE,
+                    f"{path}: another program appended a message at offset {foreign} after the interrupted"
+                    f" record of {who} at offset {rec.orig}; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+    try:
+        os.ftruncate(fd, rec.orig)
+        os.fsync(fd)
+    except OSError as exc:
+        raise _fail("cannot cut back mailbox", f"{path}: to {rec.orig}: {exc.strerror}") from None
+    _remove(jpath)
+    return _say(log, "warning", CUT,
+                f"{path}: cut {size - rec.orig} bytes at offsets {rec.orig}..{size} left by the interrupted"
+                f" delivery of {who} (record of {rec.end - rec.orig} bytes)")
+
+
+def _say(log: "object", level: str, outcome: str, text: str) -> "tuple[str, str]":
+    if log is not None:
+        getattr(log, level)(f"mbox recovery: {text}")
+    return outcome, text
+
+
+class MboxJournal(Journal):
+    """The journal hook mbox.deliver() calls: recover(), then begin() .. end()."""
+
+    __slots__ = ("facility", "mode", "_log", "jpath", "outcome")
+
+    def __init__(self, facility: str = "mail", mode: str = "syslog") -> None:
+        self.facility = facility
+        self.mode = mode
+        self._log: "object" = None
+        self.jpath = ""
+        self.outcome = CLEAN
+
+    def _logger(self) -> "object":
+        if self._log is None:
+            from vdeliver.log import Logger
+
+            self._log = Logger("vdeliver", self.facility, self.mode)
+        return self._log
+
+    def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:
+        jpath = journal_path(path)
+        try:
+            os.lstat(jpath)
+        except FileNotFoundError:
+            return st  # the common case: one failed lstat
+        except OSError:
+            pass
+        self.outcome, _text = recover(fd, path, st, self._logger())
+        return os.fstat(fd)
+
+    def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
+        """Make the undo record durable before the first byte is appended."""
+        jpath = journal_path(path)
+        end = size + len(sep) + msg.length
+        head = head_of(sep, msg.spool)
+        line = Record(st.st_dev, st.st_ino, size, end, os.getpid(), head).line()
+        try:
+            jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                if os.write(jfd, line) != len(line):
+                    raise OSError(28, "short write")
+                os.fsync(jfd)
+            finally:
+                os.close(jfd)
+            _fsync_dir(jpath)
+        except OSError as exc:
+            from vdeliver.errors import status_for_errno
+
+            try:
+                os.unlink(jpath)  # nothing was appended: leave no clutter (a torn one is harmless)
+            except OSError:
+                pass
+            raise JournalError(status_for_errno(exc.errno or 5, jpath)) from None
+        self.jpath = jpath
+
+    def end(self) -> None:
+        """The append is durable (or rolled back): forget it, durably, before we say so."""
+        if self.jpath:
+            jpath, self.jpath = self.jpath, ""
+            _remove(jpath)
+
+    def abandon(self) -> None:
+        """After a rollback: the mailbox is back at its size; a left journal is harmless."""
+        try:
+            self.end()
+        except DeliveryError:
+            pass
+
+
+def _sweep_lock_temps(path: str, host: str) -> int:
+    """Remove `.<mbox>.lock.<host>.<pid>.<random>` files whose process is gone.
+
+    DotLock links such a uniquely named file to `<mbox>.lock`; a process killed
+    between creating and unlinking it leaves it behind.  It is never a lock (only
+    `<mbox>.lock` is), so removing it is only tidying, done by --repair alone.
+    """
+    from vdeliver.locking import _pid_alive
+
+    directory, base = os.path.split(path)
+    prefix = f".{base}.lock.{host}."
+    removed = 0
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_s, dot, _rest = name[len(prefix):].partition(".")
+        if dot and pid_s.isdigit() and int(pid_s) != os.getpid() and not _pid_alive(int(pid_s)):
+            try:
+                os.unlink(os.path.join(directory or ".", name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def repair(path: str, *, host: str, lock_timeout: float = 60.0, stale_age: float = 300.0,
+           log: "object" = None) -> "tuple[str, str]":
+    """`vdeliver --repair MBOX`: take the locks like a delivery and recover."""
+    from vdeliver import locking, mbox
+
+    fd = mbox.open_mbox(path, False)
+    lock = locking.DotLock(path, host, lock_timeout, stale_age)
+    fcntl_held = False
+    try:
+        lock.acquire()
+        for note in lock.broke:
+            if log is not None:
+                log.warning(f"mbox recovery: broke stale lock {note}")  # type: ignore[attr-defined]
+        locking.fcntl_lock(fd, path, lock_timeout)
+        fcntl_held = True
+        st = os.fstat(fd)
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise _fail("mailbox changed while locking", path)
+        outcome, text = recover(fd, path, st, log)
+        swept = _sweep_lock_temps(path, host)
+        if swept:
+            text = (text or f"{path}: clean") + f"; removed {swept} temporary lock file(s) of dead processes"
+            if log is not None:
+                log.info(f"mbox recovery: {text}")  # type: ignore[attr-defined]
+    finally:
+        if fcntl_held:
+            locking.fcntl_unlock(fd)
+        lock.release()
+        os.close(fd)
+    if os.path.lexists(journal_path(path) + UNRESOLVED):
+        return UNRESOLVED_STATE, text or f"{path}: an unresolved journal {journal_path(path)}{UNRESOLVED} needs a look"
+    return outcome, text or f"{path}: clean"
