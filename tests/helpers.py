@@ -104,20 +104,22 @@ def install_vdeliver() -> Path:
     shutil.copytree(PACKAGE, lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
     bindir = base / "bin"
     bindir.mkdir()
-    for name, module in (
-        ("vdeliver", "vdeliver.cli"),
-        ("vdeliver-lmtpd", "vdeliver.lmtp.server"),
-        ("vdeliver-socketmapd", "vdeliver.socketmap.server"),
+    for name, module, func, call in (
+        ("vdeliver", "vdeliver.cli", "run", "run()"),
+        ("vdeliver-lmtpd", "vdeliver.lmtp.server", "main", "raise SystemExit(main())"),
+        ("vdeliver-socketmapd", "vdeliver.socketmap.server", "main", "raise SystemExit(main())"),
     ):
         launcher = bindir / name
         launcher.write_text(
             f"#!{SYSTEM_PYTHON} -I\n"
             "import sys\n"
             f"sys.path.insert(0, {str(lib)!r})\n"
-            f"from {module} import main\n"
-            "raise SystemExit(main())\n"
+            f"from {module} import {func}\n"
+            f"{call}\n"
         )
         launcher.chmod(0o755)
+    # Compile with the interpreter that will run it: vmail cannot write __pycache__ here.
+    subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", str(lib)], check=True, capture_output=True)
     for path in [base, lib, *lib.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     for launcher in bindir.iterdir():

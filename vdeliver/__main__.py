@@ -1,5 +1,5 @@
 """`python -I -m vdeliver ...`: the fastest way to run the delivery agent."""
 
-from vdeliver.cli import main
+from vdeliver.cli import run
 
-raise SystemExit(main())
+run()

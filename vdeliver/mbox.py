@@ -127,8 +127,10 @@ def deliver(
         finally:
             if fcntl_held:
                 locking.fcntl_unlock(fd)
-            lock.release()
+            # Close before the dotlock goes: fcntl locks belong to the process, so in a
+            # threaded caller (the LMTP server) a later close would drop a sibling's lock.
             os.close(fd)
+            lock.release()
     raise _fail("mailbox keeps changing", f"{path} was replaced three times while locking")
 
 
