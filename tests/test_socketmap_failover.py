@@ -1,0 +1,80 @@
+"""PostgreSQL failover: a libpq multi-host dsn, the first host stopped mid-run.
+
+Two private clusters hold the same accounts (as a primary and its replica would);
+the server is given `host=a,b`.  With `a` stopped, lookups of keys never seen
+before still get real answers (from `b`); with both stopped, cached keys are
+served stale and new ones get TEMP; when `a` is back, answers are fresh again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import world_tmpdir
+from tests.pg import Cluster, pg_clusters  # noqa: F401
+from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from vdeliver.accounts.maps import ACCESS_DISABLED, local_mailbox
+from vdeliver.socketmap import protocol as p
+
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = world_tmpdir("vdeliver-socketmap-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _database_on_both(clusters: tuple[Cluster, Cluster], base: Path) -> str:
+    name = f"failover_{base.name.replace('-', '_').lower()}"
+    for c in clusters:
+        c.start()
+        c.psql(f'CREATE DATABASE "{name}"')
+        populate(write_config(base, f'dsn = "{c.conninfo(name)}"'))
+    return Cluster.multi_host_conninfo(list(clusters), name) + " target_session_attrs=any"
+
+
+def _eventually(client: Client, map_name: str, key: str, expected: p.Reply, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while (reply := client.ask(map_name, key)) != expected:
+        assert time.monotonic() < deadline, f"{key}: {reply}"
+        time.sleep(0.2)
+
+
+def test_first_host_down_lookups_continue(base: Path, pg_clusters: tuple[Cluster, Cluster]) -> None:  # noqa: F811
+    first, second = pg_clusters
+    dsn = _database_on_both(pg_clusters, base)
+    config = write_config(base, f'dsn = "{dsn}"', "ttl = 1\nnegative_ttl = 1\ndb_timeout = 3\npoll_interval = 0.5")
+    try:
+        with running_server(config):
+            c = Client(str(base / "in.sock"))
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            first.stop()
+            # Never-seen keys: answered by the second host (the broken connection is retried at once).
+            assert c.ask("virtuser", "wilma@home.com") == p.ok(local_mailbox("wilma", "home.com"))
+            assert c.ask("access", "To:dino@away.com") == p.ok(ACCESS_DISABLED)
+            assert c.ask("virtuser", "nobody@away.com") == p.NOTFOUND
+            for i in range(20):  # every worker thread moves over, not just the first
+                assert c.ask("virtuser", f"n{i}@home.com") == p.NOTFOUND
+            # Both down: stale answers for what is known, TEMP for the rest - never NOTFOUND.
+            second.stop()
+            time.sleep(1.1)  # past the TTL
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            assert c.ask("virtuser", "never-seen@away.com").status == "TEMP"
+            assert c.ask("virtuser", "nobody@away.com") == p.NOTFOUND  # the last real answer, stale
+            # The first host is back: the server reconnects in the background.
+            first.start()
+            _eventually(c, "virtuser", "never-seen@away.com", p.NOTFOUND)
+            c.close()
+        log = server_log(config)
+        assert "serving cached answer" in log and "database answers again" in log
+        assert "Traceback" not in log
+    finally:
+        first.start()
+        second.start()

@@ -1,0 +1,201 @@
+"""The real daemon on unix sockets and loopback TCP: bad input, stalled clients,
+hundreds of connections, a slow database that holds up only its own lookups,
+configuration errors.  Every bad input gets PERM or a closed connection, a log
+line, and the server keeps answering."""
+
+from __future__ import annotations
+
+import select
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import world_tmpdir
+from tests.pg import pg_cluster, pg_conninfo  # noqa: F401
+from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from vdeliver.accounts.maps import local_mailbox
+from vdeliver.config import ConfigError, build
+from vdeliver.socketmap import protocol as p
+from vdeliver.socketmap.server import load_settings
+
+
+@pytest.fixture
+def base() -> Path:
+    path = world_tmpdir("vdeliver-socketmap-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sqlite_config(base: Path) -> Path:
+    port = _free_port()
+    config = write_config(base, f'database = "{base}/accounts.sqlite"',
+                          f'client_timeout = 0.5\nmax_key = 100\ntcp = "127.0.0.1:{port}"\ntcp_access = "out"')
+    populate(config)
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tcp(config: Path) -> tuple[str, int]:
+    line = next(line for line in config.read_text().splitlines() if line.startswith("tcp ="))
+    host, port = line.split('"')[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def test_bad_input_gets_perm_and_the_server_goes_on(base: Path, sqlite_config: Path) -> None:
+    with running_server(sqlite_config):
+        c = Client(str(base / "in.sock"))
+        assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+        # Framed but unusable: PERM, and the same connection keeps working.
+        assert c.ask("nosuchmap", "x") == p.perm("unknown map nosuchmap")
+        assert c.ask("virtuser", "k" * 101) == p.perm("key too long (101 > 100 bytes)")
+        c.send_raw(p.netstring("virtuser fr\xe9d@away.com".encode()))
+        assert c.read_reply() == p.perm("non-ASCII in key")
+        c.send_raw(p.netstring(b"virtuser"))
+        assert c.read_reply() == p.perm("no key in request (expected '<map> <key>')")
+        assert c.ask("virtuser", "fred@away.com").status == "OK"
+        c.close()
+        # Framing lost: one PERM, then the server closes.
+        for garbage in (b"hello\r\n", b"99999999:", b"3:abc;", b"5000:" + b"x" * 10):
+            g = Client(str(base / "in.sock"))
+            g.send_raw(garbage)
+            reply = g.read_reply()
+            assert isinstance(reply, p.Reply) and reply.status == "PERM", garbage
+            assert g.closed_by_peer()
+            g.close()
+        # Half a request, then silence: closed after client_timeout.
+        s = Client(str(base / "in.sock"))
+        s.send_raw(b"25:virtuser fred@")
+        assert s.closed_by_peer()
+        s.close()
+        # An idle connection between requests is fine (sendmail keeps one open).
+        idle = Client(str(base / "out.sock"))
+        assert not select.select([idle.sock], [], [], 1.0)[0]
+        assert idle.ask("virtuser", "wilma@home.com").status == "OK"
+        idle.close()
+    log = server_log(sqlite_config)
+    for text in ("unknown map nosuchmap", "key too long", "non-ASCII in key", "not a netstring",
+                 "request too long", "client stalled in the middle of a request"):
+        assert text in log, text
+    assert "Traceback" not in log
+
+
+def test_tcp_listener_and_its_access_flavour(base: Path, sqlite_config: Path) -> None:
+    with running_server(sqlite_config):
+        tcp = Client(_tcp(sqlite_config))
+        assert tcp.ask("access", "To:fred@away.com") == p.NOTFOUND  # outgoing flavour on TCP here
+        assert tcp.ask("access_in", "To:fred@away.com") == p.ok("RELAY")
+        tcp.close()
+        unix_in = Client(str(base / "in.sock"))
+        assert unix_in.ask("access", "To:fred@away.com") == p.ok("RELAY")
+        unix_in.close()
+
+
+def test_hundreds_of_connections_at_once(base: Path, sqlite_config: Path) -> None:
+    with running_server(sqlite_config):
+        clients = [Client(str(base / ("in.sock" if i % 2 else "out.sock"))) for i in range(300)]
+        try:
+            for i, c in enumerate(clients):  # all open at once, each asks in turn, twice
+                c.send_raw(p.encode_request("virtuser", "fred@away.com" if i % 3 else f"u{i}@home.com"))
+            for i, c in enumerate(clients):
+                assert c.read_reply() == (p.ok(local_mailbox("fred", "away.com")) if i % 3 else p.NOTFOUND)
+            for c in clients:
+                assert c.ask("virtuser", "@home.com") == p.ok("wilma@home.com")
+        finally:
+            for c in clients:
+                c.close()
+
+
+@pytest.mark.peers
+def test_slow_database_holds_up_only_its_own_lookups(base: Path, pg_conninfo: str) -> None:  # noqa: F811
+    import psycopg
+
+    config = write_config(base, f'dsn = "{pg_conninfo}"', "db_timeout = 5\nttl = 3600")
+    populate(config)
+    with running_server(config):
+        fast = Client(str(base / "in.sock"))
+        assert fast.ask("virtuser", "fred@away.com").status == "OK"  # now cached
+        with psycopg.connect(pg_conninfo) as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")  # every uncached query now blocks
+            slow = Client(str(base / "out.sock"))
+            slow.send_raw(p.encode_request("virtuser", "wilma@home.com"))
+            # While that lookup waits on the lock, other connections are answered.
+            others = [Client(str(base / "in.sock")) for _ in range(5)]
+            for c in others:
+                assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+                c.close()
+            assert not select.select([slow.sock], [], [], 0)[0], "the blocked lookup answered early"
+            reply = slow.read_reply()  # after db_timeout: TIMEOUT (sendmail queues), never NOTFOUND
+            assert isinstance(reply, p.Reply) and reply.status == "TIMEOUT", reply
+            locker.execute("ROLLBACK")
+        assert slow.ask("virtuser", "wilma@home.com") == p.ok(local_mailbox("wilma", "home.com"))
+        slow.close()
+        fast.close()
+    assert "timed out" in server_log(config)
+
+
+@pytest.mark.parametrize(
+    "table,message",
+    [
+        ({"ttl": "x"}, "[socketmap] ttl: must be a whole number"),
+        ({"db_timeout": -1}, "[socketmap] db_timeout: must not be negative"),
+        ({"bogus": 1}, "[socketmap] bogus: unknown key"),
+        ({"socket_in": "relative.sock"}, "[socketmap] socket_in: must be an absolute path"),
+        ({"socket_in": "/a", "socket_out": "/a"}, "[socketmap] socket_out: must differ from socket_in"),
+        ({"tcp": "0.0.0.0:9999"}, "[socketmap] tcp: must be a loopback address"),
+        ({"tcp": "127.0.0.1"}, "[socketmap] tcp: must be \"127.0.0.1:PORT\""),
+        ({"tcp_access": "sideways"}, "[socketmap] tcp_access: must be one of in, out"),
+        ({"socket_mode": "rw"}, "[socketmap] socket_mode: must be an octal mode"),
+        ({"socket_in": "", "socket_out": ""}, "no listener"),
+        ({"workers": 0}, "[socketmap] workers: must be at least 1"),
+    ],
+)
+def test_config_errors_name_the_key(table: dict[str, object], message: str) -> None:
+    cfg = build({"socketmap": table}, "/etc/vdeliver.toml")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert message in f"{err.value.where}: {err.value.message}"
+
+
+def test_second_server_on_the_same_socket_refuses(base: Path, sqlite_config: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    with running_server(sqlite_config):
+        second = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(sqlite_config),
+                                 "--log", "none"], cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+        assert second.returncode == 71
+        assert "another server is listening" in second.stderr
+        c = Client(str(base / "in.sock"))
+        assert c.ask("virtuser", "fred@away.com").status == "OK"
+        c.close()
+
+
+def test_fallback_chain_fails_the_rest_of_a_failed_address_only() -> None:
+    from vdeliver.socketmap.server import FallbackChain
+
+    chain = FallbackChain()
+    assert chain.check("virtuser", "fred+x@d") is None
+    chain.record("virtuser", "fred+x@d", p.temp("db down"))
+    for later in ("fred++@d", "fred+*@d", "fred@d", "++@d", "+*@d", "@d"):
+        reply = chain.check("virtuser", later)
+        assert reply is not None and reply.status == "TEMP", later
+    assert chain.check("virtuser", "wilma@d") is None  # the next address starts afresh
+    assert chain.check("virtuser", "@d") is None
+    chain.record("virtuser", "fred@d", p.timeout("slow"))
+    assert chain.check("access_in", "to:x@d") is None  # other maps are not affected...
+    assert chain.check("virtuser", "@d") is not None  # ...and do not end the chain
+    chain.record("virtuser", "fred@d", p.temp("x"))
+    assert chain.check("virtuser", "fred@d") is None  # the same key again is a new address
+    chain.record("virtuser", "fred@d", p.ok("v"))
+    assert chain.check("virtuser", "@e") is None

@@ -1,0 +1,166 @@
+"""Answers with a memory: positive/negative TTLs, stale answers on database trouble.
+
+The rule that matters (sendmail bounces on NOTFOUND and PERM, queues on TEMP):
+
+    fresh cached answer          -> that answer
+    database answers in time     -> that answer (and cache it)
+    database fails or times out  -> the last known answer, stale, if younger than
+                                    stale_max_age (logged), else TEMP / TIMEOUT
+
+A failure never becomes NOTFOUND.  Lookups run in a thread pool (database
+drivers block) under a timeout, so a slow database holds up only the sendmail
+connections that wait on it; concurrent lookups of one key share one query.
+Changes reach sendmail within `ttl` (positive) / `negative_ttl` seconds, or at
+once after `invalidate()` (the server calls it on SIGHUP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Protocol
+
+from vdeliver.socketmap import protocol as p
+
+
+class Backend(Protocol):
+    """What the cache asks: a value, None for "no such key", or an exception on trouble."""
+
+    maps: frozenset[str]
+
+    def lookup(self, map_name: str, key: str) -> str | None: ...
+
+
+class Log(Protocol):
+    def info(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+
+
+class _Entry:
+    __slots__ = ("value", "stored")
+
+    def __init__(self, value: str | None, stored: float) -> None:
+        self.value = value
+        self.stored = stored
+
+
+class Resolver:
+    def __init__(
+        self,
+        backend: Backend,
+        executor: Executor | None,
+        log: Log,
+        *,
+        ttl: float = 60,
+        negative_ttl: float = 30,
+        stale_max_age: float = 86400,
+        db_timeout: float = 3,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.executor = executor
+        self.log = log
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.stale_max_age = stale_max_age
+        self.db_timeout = db_timeout
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[p.Reply]] = {}
+        self.stats = {"hit": 0, "miss": 0, "stale": 0, "temp": 0}
+        self._trouble = ""  # last database error logged, to log changes of state once
+        self._valid_after = float("-inf")
+
+    def invalidate(self) -> None:
+        """Make every cached answer stale: asked again, but still served if the database fails."""
+        self._valid_after = self.clock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def resolve(self, map_name: str, key: str) -> p.Reply:
+        if map_name not in self.backend.maps:
+            return p.perm(f"unknown map {map_name}")
+        k = (map_name, key)
+        entry = self._entries.get(k)
+        if entry is not None and entry.stored > self._valid_after:
+            age = self.clock() - entry.stored
+            if age < (self.ttl if entry.value is not None else self.negative_ttl):
+                self.stats["hit"] += 1
+                return _reply(entry.value)
+        # One query per key at a time: later askers wait for the first one's answer.
+        pending = self._inflight.get(k)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[p.Reply] = asyncio.get_running_loop().create_future()
+        self._inflight[k] = future
+        try:
+            reply = await self._fetch(map_name, key)
+            future.set_result(reply)
+            return reply
+        except BaseException:  # cancelled: wake the waiters with a TEMP, never hang them
+            future.set_result(p.temp("lookup cancelled"))
+            raise
+        finally:
+            del self._inflight[k]
+
+    async def _fetch(self, map_name: str, key: str) -> p.Reply:
+        self.stats["miss"] += 1
+        loop = asyncio.get_running_loop()
+        try:
+            call = loop.run_in_executor(self.executor, self.backend.lookup, map_name, key)
+            value = await asyncio.wait_for(call, self.db_timeout)
+        except TimeoutError:
+            return self._failed(map_name, key, f"database lookup timed out after {self.db_timeout:g}s", True)
+        except Exception as exc:  # any driver error is "database trouble", never an answer
+            return self._failed(map_name, key, _describe(exc), False)
+        if self._trouble:
+            self.log.info(f"database answers again (was: {self._trouble})")
+            self._trouble = ""
+        self._store((map_name, key), value)
+        return _reply(value)
+
+    def _store(self, k: tuple[str, str], value: str | None) -> None:
+        entries = self._entries
+        entries.pop(k, None)  # re-insert at the end: dict order is age order
+        if len(entries) >= self.max_entries:
+            self._evict()
+        entries[k] = _Entry(value, self.clock())
+
+    def _evict(self) -> None:
+        """Drop everything too old to serve even stale, then the oldest tenth if still full."""
+        now = self.clock()
+        entries = self._entries
+        for k in [k for k, e in entries.items() if now - e.stored >= self.stale_max_age]:
+            del entries[k]
+        if len(entries) >= self.max_entries:
+            for k in list(entries)[: max(1, self.max_entries // 10)]:
+                del entries[k]
+
+    def _failed(self, map_name: str, key: str, why: str, timed_out: bool) -> p.Reply:
+        if why != self._trouble:
+            self.log.error(f"database trouble: {why}")
+            self._trouble = why
+        entry = self._entries.get((map_name, key))
+        if entry is not None and self.clock() - entry.stored < self.stale_max_age:
+            self.stats["stale"] += 1
+            age = self.clock() - entry.stored
+            self.log.warning(f"map={map_name} key=<{key}>: serving cached answer ({age:.0f}s old): {why}")
+            return _reply(entry.value)
+        self.stats["temp"] += 1
+        self.log.warning(f"map={map_name} key=<{key}>: no cached answer, deferring: {why}")
+        return p.timeout(why) if timed_out else p.temp(why)
+
+
+def _reply(value: str | None) -> p.Reply:
+    return p.NOTFOUND if value is None else p.ok(value)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"database unavailable: {text[:200]}"

@@ -1,0 +1,294 @@
+"""The socket map answers, from the accounts database: the same as the generated files.
+
+One source of truth: an answer is never computed here.  For a key, this module
+reads the rows the key is about - its domain (and, for an alias domain, the domain
+it points to) and the mailbox, aliases and forwards of its local part - into an
+accounts `Snapshot`, has `vdeliver.accounts.maps.render` write the map texts for
+that slice exactly as `vmailctl maps build` would, and reads the key's line back.
+Every line depends only on its domain's row and its own user's rows, so the slice
+gives the same line as the whole database does, in time independent of the size
+of the domain; tests/test_socketmap_lookup.py checks every key of a populated
+database against the files makemap compiled.
+
+Socket map name -> generated file:
+
+    virtuser         virtusertable      (sendmail's name: FEATURE(virtusertable) declares Kvirtuser)
+    virtuserdomains  virtuserdomains    (value: the domain itself)
+    access_in        access.in          (the incoming sendmail's `access`, see server.py)
+    access_out       access_out         (the outgoing sendmail's `access`)
+    aliases          vdeliver-aliases   (the generated multi-target aliases; whole-database read)
+    VirtHost         virtuserdomains    (any key: every hosted domain, space-separated - what
+                                         `F{VirtHost}domains@socket:...` loads into the class
+                                         when sendmail starts; whole-database read)
+
+Database access: SQLite opened read-only, or PostgreSQL through psycopg 3 with the
+[accounts] dsn (libpq multi-host strings fail over: `host=db1,db2 target_session_attrs=any`).
+One connection per worker thread.  A broken connection is retried once on a fresh one
+(which is how a multi-host dsn moves to the next host); after a failed connect,
+lookups fail fast (TEMP, or a stale cached answer) until the background probe
+(`serial()`, polled by the server) connects again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from vdeliver.config import Config
+
+MAPS = {
+    "virtuser": "virtusertable",
+    "virtuserdomains": "virtuserdomains",
+    "access_in": "access.in",
+    "access_out": "access_out",
+    "aliases": "aliases",
+    "VirtHost": "virtuserdomains",
+}
+
+_DOMAIN_COLS = "name, alias_of, catchall, created_at"
+_MAILBOX_COLS = "username, domain, format, quota_bytes, status, reason, keep_copy, created_at"
+
+
+class BackendConfigError(Exception):
+    """The [accounts] table cannot be used; the message names the key."""
+
+
+class DatabaseDown(Exception):
+    """No connection now; the background probe is retrying."""
+
+
+def parse_map(name: str, text: str) -> dict[str, str]:
+    """A generated map text as makemap reads it: first word -> rest of the line."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if name.endswith("aliases"):
+            key, _, value = line.partition(":")
+        elif name == "virtuserdomains":
+            key, value = line, line
+        else:
+            parts = line.split(None, 1)
+            key, value = parts[0], parts[1] if len(parts) > 1 else ""
+        # makemap folds keys to lower case and keeps the first of duplicates
+        entries.setdefault(key.strip().lower(), value.strip())
+    return entries
+
+
+def _file_name(map_name: str) -> str:
+    if map_name == "aliases":  # the accounts package names its generated aliases file
+        from vdeliver.accounts import maps
+
+        return str(getattr(maps, "ALIASES", "aliases"))
+    return MAPS[map_name]
+
+
+def key_parts(map_name: str, key: str) -> tuple[str, str]:
+    """(domain, local part) a key is about: `To:fred@away.com` -> (away.com, fred),
+    `@away.com` -> (away.com, ""), `To:away.com` -> (away.com, "")."""
+    if map_name.startswith("access"):
+        tag, colon, rest = key.partition(":")
+        key = rest if colon and tag.isalpha() else key
+    local, _, domain = key.rpartition("@")
+    return domain.rstrip(".").lower(), local.lower()
+
+
+class Backend:
+    """Map lookups over the accounts database (thread-safe: one connection per thread)."""
+
+    maps = frozenset(MAPS)
+
+    def __init__(self, settings: Any, hostname: str, *, statement_timeout: float = 3.0,
+                 retry_interval: float = 1.0) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.statement_timeout = statement_timeout
+        self.retry_interval = retry_interval
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._down_reason = ""
+        self.kind = "postgresql" if settings.dsn else "sqlite"
+
+    # -- connections -----------------------------------------------------------------
+    def _connect(self) -> Any:
+        if self.kind == "sqlite":
+            import sqlite3
+            from urllib.parse import quote
+
+            lite = sqlite3.connect(f"file:{quote(self.settings.database)}?mode=ro", uri=True,
+                                   timeout=self.statement_timeout, isolation_level=None, check_same_thread=False)
+            lite.execute("PRAGMA query_only = ON")
+            return lite
+        import psycopg
+
+        conn = psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=self.settings.connect_timeout)
+        conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout * 1000))}")
+        return conn
+
+    def _conn(self, probe: bool = False) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if not probe and time.monotonic() < self._down_until:
+            raise DatabaseDown(f"{self._down_reason} (reconnecting in the background)")
+        try:
+            conn = self._connect()
+        except Exception as exc:
+            self._down_until = time.monotonic() + self.retry_interval
+            self._down_reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise
+        self._down_until = 0.0
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is already broken
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _run(self, work: Any, probe: bool = False) -> Any:
+        """work(query) in one read-only transaction; one retry on a fresh connection."""
+        for attempt in (1, 2):
+            conn = self._conn(probe)
+            try:
+                return self._transaction(conn, work)
+            except DatabaseDown:
+                raise
+            except Exception:
+                self._drop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _transaction(self, conn: Any, work: Any) -> Any:
+        if self.kind == "sqlite":
+            def query(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+                cur = conn.execute(sql, params)
+                cols = [d[0] for d in cur.description]
+                return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+            conn.execute("BEGIN")
+            try:
+                return work(query)
+            finally:
+                conn.execute("COMMIT")
+
+        def pgquery(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+            cur = conn.execute(sql.replace("?", "%s"), params)
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return work(pgquery)
+
+    # -- answers -------------------------------------------------------------------------
+    def serial(self) -> int:
+        """The database's change counter (bumped by every vmailctl change); also the reconnect probe."""
+        rows = self._run(lambda q: q("SELECT value FROM meta WHERE key = 'serial'"), probe=True)
+        return int(rows[0]["value"]) if rows else 0
+
+    def check(self) -> None:
+        self.serial()
+
+    def lookup(self, map_name: str, key: str) -> str | None:
+        file_name = _file_name(map_name)
+        if map_name == "VirtHost":
+            text = self._render(self._run(self._whole), file_name)
+            words = list(parse_map(file_name, text))
+            return " ".join(words) if words else None
+        if map_name == "aliases":
+            from vdeliver.accounts.maps import alias_name
+
+            # Every generated alias is named alias_name(address); sendmail also asks for
+            # `owner-x`, `root`... which can never be there: no whole-database read for them.
+            if not key.lower().startswith(alias_name("").rsplit("-", 1)[0] + "-"):
+                return None
+            snap = self._run(self._whole)
+        else:
+            domain, local = key_parts(map_name, key)
+            snap = self._run(lambda q: self._slice(q, domain, local))
+        return parse_map(file_name, self._render(snap, file_name)).get(key.lower())
+
+    def _render(self, snap: Any, file_name: str) -> str:
+        from vdeliver.accounts.maps import render
+
+        return render(snap, self.settings, self.hostname)[file_name]
+
+    def _slice(self, q: Any, domain: str, local: str) -> Any:
+        """The rows the key's line can depend on: its domain (and the domain an alias domain
+        points to), and only the mailbox, aliases and forwards of its local part - every line
+        of a domain depends on its own user's rows and the domain row only."""
+        from vdeliver.accounts.store import Snapshot
+
+        domains = q(f"SELECT {_DOMAIN_COLS} FROM domains WHERE name = ?", (domain,)) if domain else []
+        if domains and domains[0]["alias_of"]:
+            domains += q(f"SELECT {_DOMAIN_COLS} FROM domains WHERE name = ?", (domains[0]["alias_of"],))
+        snap = Snapshot(serial=0, changed_at="", domains=domains, mailboxes=[])
+        for d in domains:
+            if d["alias_of"]:
+                continue
+            if not local:
+                continue  # `@d`, `To:d`: the domain row decides
+            snap.mailboxes += q(f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE domain = ? AND username = ?",
+                                (d["name"], local))
+            for table, into in (("aliases", snap.aliases), ("forwards", snap.forwards)):
+                for r in q(f"SELECT username, domain, target FROM {table} WHERE domain = ? AND username = ? "
+                           "ORDER BY target", (d["name"], local)):
+                    into.setdefault(f"{r['username']}@{r['domain']}", []).append(r["target"])
+        return snap
+
+    def _whole(self, q: Any) -> Any:
+        from vdeliver.accounts.store import Snapshot
+
+        snap = Snapshot(serial=0, changed_at="",
+                        domains=q(f"SELECT {_DOMAIN_COLS} FROM domains ORDER BY name"),
+                        mailboxes=q(f"SELECT {_MAILBOX_COLS} FROM mailboxes ORDER BY domain, username"))
+        for table, into in (("aliases", snap.aliases), ("forwards", snap.forwards)):
+            for r in q(f"SELECT username, domain, target FROM {table} ORDER BY domain, username, target"):
+                into.setdefault(f"{r['username']}@{r['domain']}", []).append(r["target"])
+        return snap
+
+
+def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None = None) -> Backend:
+    """The backend for the [accounts] table of a configuration."""
+    try:
+        from vdeliver.accounts import settings as accounts_settings
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise BackendConfigError(f"accounts package unavailable: {exc}") from None
+    try:
+        settings = accounts_settings.load(cfg)
+    except Exception as exc:  # its ConfigurationError names file, line and key
+        raise BackendConfigError(str(exc)) from None
+    if statement_timeout is None:
+        from vdeliver.socketmap.server import load_settings
+
+        statement_timeout = load_settings(cfg).db_timeout
+    if settings.dsn:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise BackendConfigError("[accounts] dsn needs psycopg 3: pip install 'vdeliver[postgres]'") from None
+    return Backend(settings, cfg.host(), statement_timeout=statement_timeout)

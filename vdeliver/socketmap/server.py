@@ -1,0 +1,453 @@
+"""vdeliver-socketmapd: sendmail's socket maps answered from the accounts database.
+
+    vdeliver-socketmapd [-c /etc/vdeliver.toml] [--log stderr] [--check]
+    vmailctl serve socketmap [...]           (the same entry point)
+
+One asyncio loop serves every connection (sendmail keeps one per process, so
+hundreds may be open); database lookups run in a thread pool under a timeout
+(cache.py), so one slow lookup holds up only the connection waiting for it.
+A client silent in the middle of a request is closed after `client_timeout`.
+
+Listeners, from the [socketmap] table (see docs/socketmap.md):
+
+    socket_in   unix socket for the incoming sendmail: map `access` is the incoming flavour
+    socket_out  unix socket for the outgoing sendmail: map `access` is the outgoing flavour
+    tcp         "127.0.0.1:PORT" (loopback only: the protocol has no authentication),
+                its `access` flavour from `tcp_access`
+
+Maps `access_in` and `access_out` are answered on every listener under those names;
+the names in `aliases_names` (default `Alias1`: the second entry of sendmail's
+AliasFile list) answer the generated aliases.
+SIGHUP makes every cached answer stale (asked again at once); SIGTERM/SIGINT stop.
+Exit codes: 0 stopped cleanly, 78 configuration error, 71 cannot listen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import stat
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from vdeliver.config import Config, ConfigError
+from vdeliver.log import Logger
+from vdeliver.socketmap import protocol as p
+from vdeliver.socketmap.cache import Backend, Resolver
+
+EX_OK = 0
+EX_OSERR = 71
+EX_CONFIG = 78
+
+FLAVOURS = ("in", "out")
+
+
+@dataclass
+class Settings:
+    socket_in: str = "/run/vdeliver/socketmap-in.sock"
+    socket_out: str = "/run/vdeliver/socketmap-out.sock"
+    socket_mode: str = "0660"
+    tcp: str = ""
+    tcp_access: str = "in"
+    ttl: int = 60
+    negative_ttl: int = 30
+    stale_max_age: int = 86400
+    db_timeout: float = 3.0
+    client_timeout: float = 10.0
+    idle_timeout: int = 0
+    poll_interval: float = 2.0
+    workers: int = 8
+    max_connections: int = 1000
+    max_key: int = p.MAX_KEY
+    cache_size: int = 100_000
+    aliases_names: str = "Alias1"
+    # derived
+    mode: int = 0o660
+    tcp_host: str = ""
+    tcp_port: int = 0
+    listeners: list[Listener] = field(default_factory=list)
+
+
+@dataclass
+class Listener:
+    kind: str  # "unix" or "tcp"
+    address: str  # path, or host
+    port: int
+    access: str  # flavour of map `access` here
+
+    def describe(self) -> str:
+        return self.address if self.kind == "unix" else f"{self.address}:{self.port}"
+
+
+_KEYS: dict[str, type] = {
+    "socket_in": str, "socket_out": str, "socket_mode": str, "tcp": str, "tcp_access": str,
+    "ttl": int, "negative_ttl": int, "stale_max_age": int, "db_timeout": float, "client_timeout": float,
+    "idle_timeout": int, "poll_interval": float, "workers": int, "max_connections": int, "max_key": int,
+    "cache_size": int, "aliases_names": str,
+}
+
+
+def load_settings(cfg: Config) -> Settings:
+    """Validate the [socketmap] table; every error names file, line and key."""
+    s = Settings()
+    for key, value in cfg.table("socketmap").items():
+        where = cfg.where("socketmap", key)
+        kind = _KEYS.get(key)
+        if kind is None:
+            raise ConfigError(where, "unknown key")
+        if kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(where, "must be a string")
+        elif isinstance(value, bool) or not isinstance(value, kind if kind is int else int | float):
+            raise ConfigError(where, "must be a number" if kind is float else "must be a whole number")
+        elif value < 0:
+            raise ConfigError(where, "must not be negative")
+        setattr(s, key, kind(value))
+
+    def w(key: str) -> str:
+        return cfg.where("socketmap", key)
+
+    for key in ("socket_in", "socket_out"):
+        path = getattr(s, key)
+        if path and not path.startswith("/"):
+            raise ConfigError(w(key), "must be an absolute path (or empty to disable)")
+        if len(path.encode()) > 100:
+            raise ConfigError(w(key), "unix socket path too long (over 100 bytes)")
+    if s.socket_in and s.socket_in == s.socket_out:
+        raise ConfigError(w("socket_out"), "must differ from socket_in")
+    try:
+        s.mode = int(s.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(w("socket_mode"), f"must be an octal mode like \"0660\" (got {s.socket_mode!r})") from None
+    if s.mode & ~0o777:
+        raise ConfigError(w("socket_mode"), "must be a permission mode (at most 0777)")
+    if s.tcp_access not in FLAVOURS:
+        raise ConfigError(w("tcp_access"), f"must be one of {', '.join(FLAVOURS)} (got {s.tcp_access!r})")
+    if s.tcp:
+        host, colon, port = s.tcp.rpartition(":")
+        host = host.strip("[]")
+        try:
+            s.tcp_port = int(port)
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ConfigError(w("tcp"), f"must be \"127.0.0.1:PORT\" (got {s.tcp!r})") from None
+        if not colon or not 0 < s.tcp_port < 65536:
+            raise ConfigError(w("tcp"), f"must be \"127.0.0.1:PORT\" (got {s.tcp!r})")
+        if not loopback:
+            raise ConfigError(w("tcp"), "must be a loopback address: socket maps have no authentication")
+        s.tcp_host = host
+    for key, low in (("workers", 1), ("max_connections", 1), ("max_key", 16), ("cache_size", 1)):
+        if getattr(s, key) < low:
+            raise ConfigError(w(key), f"must be at least {low}")
+    if s.db_timeout <= 0 or s.client_timeout <= 0:
+        raise ConfigError(w("db_timeout" if s.db_timeout <= 0 else "client_timeout"), "must be more than 0")
+    if s.socket_in:
+        s.listeners.append(Listener("unix", s.socket_in, 0, "in"))
+    if s.socket_out:
+        s.listeners.append(Listener("unix", s.socket_out, 0, "out"))
+    if s.tcp:
+        s.listeners.append(Listener("tcp", s.tcp_host, s.tcp_port, s.tcp_access))
+    if not s.listeners:
+        raise ConfigError(w("socket_in"), "no listener: set socket_in, socket_out or tcp")
+    return s
+
+
+class Server:
+    """The listeners, the resolver, and one coroutine per connection."""
+
+    def __init__(self, settings: Settings, backend: Backend, log: Logger) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.log = log
+        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="socketmap-lookup")
+        self.resolver = Resolver(
+            backend, self.executor, log, ttl=settings.ttl, negative_ttl=settings.negative_ttl,
+            stale_max_age=settings.stale_max_age, db_timeout=settings.db_timeout, max_entries=settings.cache_size,
+        )
+        self.connections = 0
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stopping: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = False
+
+    # -- listening -------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Many sendmail processes may connect at once (a queue run starts R=8 runners per
+        # group, a burst of SMTP sessions each opens its own): a short backlog would make
+        # connect() fail with EAGAIN, which sendmail treats as a map failure.
+        backlog = max(128, min(self.settings.max_connections, 4096))
+        for listener in self.settings.listeners:
+            handler = self._handler(listener)
+            if listener.kind == "unix":
+                _clear_stale_socket(listener.address)
+                old = os.umask(0o777 & ~self.settings.mode)  # the socket is born with its mode
+                try:
+                    server = await asyncio.start_unix_server(handler, path=listener.address, backlog=backlog)
+                finally:
+                    os.umask(old)
+                os.chmod(listener.address, self.settings.mode)
+            else:
+                server = await asyncio.start_server(handler, host=listener.address, port=listener.port,
+                                                    reuse_address=True, backlog=backlog)
+            self._servers.append(server)
+            self.log.info(f"listening on {listener.describe()} (access = {listener.access})")
+        self.ready = True
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for listener in self.settings.listeners:
+            if listener.kind == "unix":
+                try:
+                    os.unlink(listener.address)
+                except OSError:
+                    pass
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def _handler(self, listener: Listener):  # type: ignore[no-untyped-def]
+        aliases = {"access": f"access_{listener.access}"}
+        # sendmail names the maps of its AliasFile list Alias0, Alias1, ...: the one that is
+        # this socket answers the generated aliases.
+        aliases.update({name: "aliases" for name in self.settings.aliases_names.split()})
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                await self._serve(reader, writer, aliases, listener)
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            except Exception as exc:  # a bug must cost one connection, never the server
+                self.log.error(f"connection on {listener.describe()}: internal error: {exc!r}")
+            finally:
+                self._tasks.discard(task)
+                writer.close()
+
+        return handle
+
+    # -- one connection --------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     aliases: dict[str, str], listener: Listener) -> None:
+        s = self.settings
+        if self.connections >= s.max_connections:
+            self.log.warning(f"{listener.describe()}: connection refused: {self.connections} already open")
+            writer.write(p.temp("too many connections").encode())
+            return
+        self.connections += 1
+        conn = p.Connection(s.max_key)
+        chain = FallbackChain()
+        try:
+            while True:
+                event = conn.next_event()
+                if event is p.NEED_DATA:
+                    limit = s.client_timeout if conn.pending else (s.idle_timeout or None)
+                    try:
+                        data = await asyncio.wait_for(reader.read(65536), limit)
+                    except TimeoutError:
+                        why = "stalled in the middle of a request" if conn.pending else "idle"
+                        self.log.warning(f"{listener.describe()}: closing connection: client {why} for {limit:g}s")
+                        return
+                    conn.receive_data(data)
+                    continue
+                if event is p.CLOSED:
+                    return
+                if isinstance(event, p.ProtocolError):
+                    self.log.warning(f"{listener.describe()}: closing connection: {event.reason}")
+                    writer.write(p.perm(event.reason).encode())
+                    await writer.drain()
+                    return
+                if isinstance(event, p.BadRequest):
+                    self.log.warning(f"{listener.describe()}: bad request: {event.reason}")
+                    reply = p.perm(event.reason)
+                else:
+                    assert isinstance(event, p.Request)
+                    name = aliases.get(event.map, event.map)
+                    refused = chain.check(name, event.key)
+                    if refused is None:
+                        reply = await self.resolver.resolve(name, event.key)
+                        chain.record(name, event.key, reply)
+                    else:
+                        reply = refused
+                    if reply.status == "PERM":
+                        self.log.warning(f"{listener.describe()}: map={event.map} key=<{event.key}>: {reply.text}")
+                writer.write(reply.encode())
+                await writer.drain()
+        finally:
+            self.connections -= 1
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        await self.start()
+        if install_signals:
+            loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+            loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
+        watcher = asyncio.create_task(self._watch_changes())
+        try:
+            await self._stopping.wait()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            st = self.resolver.stats
+            self.log.info(f"stopping: {st['hit']} cached answers, {st['miss']} database lookups, "
+                          f"{st['stale']} stale answers, {st['temp']} deferrals")
+            await self.close()
+
+    def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    def _reload(self) -> None:
+        self.resolver.invalidate()
+        self.log.info("SIGHUP: cached answers marked stale")
+
+    async def _watch_changes(self) -> None:
+        """Poll the database's change serial (when the backend has one): a change
+        made with vmailctl makes every cached answer stale within poll_interval."""
+        serial_of = getattr(self.backend, "serial", None)
+        if serial_of is None or self.settings.poll_interval <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        last: object = None
+        while True:
+            try:
+                current = await asyncio.wait_for(loop.run_in_executor(self.executor, serial_of),
+                                                 self.settings.db_timeout)
+            except Exception:  # trouble is logged by lookups; the serial is only a hint
+                current = None
+            if current is not None:
+                if last is not None and current != last:
+                    self.resolver.invalidate()
+                    self.log.info(f"database changed (serial {last} -> {current}): cached answers marked stale")
+                last = current
+            await asyncio.sleep(self.settings.poll_interval)
+
+
+class FallbackChain:
+    """Keep sendmail's virtuser fallbacks from routing around a failed lookup.
+
+    For `user+detail@d` sendmail asks `user+detail@d`, `user++@d`, `user+*@d`,
+    `user@d`, `++@d`, `+*@d`, `@d` in turn on one connection (for `user@d`:
+    `user@d`, `@d`), and a temporary failure of one key does NOT stop it from
+    using the answer to a later one (measured: with `fred@home.com` failing and
+    `@home.com` cached, the mail went to the catch-all).  A cached `@d
+    error:nouser` would then bounce mail for a user who exists.  So once a key
+    fails, the keys that can only be its later fallbacks fail too, on that
+    connection; any other key (including the failed one again) starts afresh.
+    """
+
+    MAPS = frozenset({"virtuser"})
+
+    def __init__(self) -> None:
+        self.failed: tuple[str, str, frozenset[str]] | None = None  # (map, domain, later local parts)
+
+    def check(self, map_name: str, key: str) -> p.Reply | None:
+        if self.failed is None or map_name not in self.MAPS:
+            return None
+        fmap, fdomain, later = self.failed
+        local, _, domain = key.rpartition("@")
+        if map_name == fmap and domain == fdomain and local in later:
+            return p.temp("an earlier lookup for this address failed")
+        self.failed = None  # another address: a new chain
+        return None
+
+    def record(self, map_name: str, key: str, reply: p.Reply) -> None:
+        if map_name not in self.MAPS or reply.status not in ("TEMP", "TIMEOUT"):
+            return
+        local, _, domain = key.rpartition("@")
+        later = {""}
+        if "+" in local:
+            user = local.split("+", 1)[0]
+            later |= {f"{user}++", f"{user}+*", user, "++", "+*"}
+        later.discard(local)
+        self.failed = (map_name, domain, frozenset(later))
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead server; refuse to steal a live one's."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listening: a leftover
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vdeliver-socketmapd", description="sendmail socket map server for vdeliver")
+    ap.add_argument("-c", "--config", help="configuration file (default $VDELIVER_CONFIG or /etc/vdeliver.toml)")
+    ap.add_argument("--log", choices=("syslog", "stderr", "none"), help="where to log (default: the config's `log`)")
+    ap.add_argument("--check", action="store_true", help="validate the configuration and the database, then exit")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from vdeliver import config as config_module
+
+    try:
+        cfg = config_module.load(args.config)
+        settings = load_settings(cfg)
+    except ConfigError as exc:
+        print(f"vdeliver-socketmapd: {exc.where}: {exc.message}", file=sys.stderr)
+        return EX_CONFIG
+    log = Logger("vdeliver-socketmapd", cfg.syslog_facility, args.log or cfg.log)
+    from vdeliver.socketmap.lookup import BackendConfigError, open_backend
+
+    try:
+        backend = open_backend(cfg, log)
+    except BackendConfigError as exc:
+        print(f"vdeliver-socketmapd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check:
+        try:
+            backend.check()
+        except Exception as exc:
+            print(f"vdeliver-socketmapd: database: {exc}", file=sys.stderr)
+            return 75
+        print("vdeliver-socketmapd: configuration and database OK")
+        return EX_OK
+    server = Server(settings, backend, log)
+    try:
+        asyncio.run(server.run())
+    except OSError as exc:
+        print(f"vdeliver-socketmapd: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        log.error(f"cannot listen: {exc}")
+        return EX_OSERR
+    except KeyboardInterrupt:
+        pass
+    return EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
