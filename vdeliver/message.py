@@ -344,6 +344,8 @@ def prepare(
         nl = text.find(b"\n")
         first = text[: nl if nl >= 0 else len(text)]
         text = text[nl + 1 :] if nl >= 0 else b""
+        if nl < 0:
+            pending_cr = False  # that CR ended the From_ line, which is dropped
         if sender is None:
             parts = first.split(b" ", 2)
             sender = parts[1].decode("utf-8", "surrogateescape") if len(parts) > 1 else ""
