@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.helpers import Account, MailRoot, ensure_vmail, install_vdeliver, world_tmpdir
+from tests.sendmail_harness import Site, need_sendmail
 
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -24,6 +25,17 @@ def vmail() -> Account:
 @pytest.fixture(scope="session")
 def vdeliver_install() -> object:
     return install_vdeliver()
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    """A private sendmail site (tests/sendmail_harness.py); every daemon stopped afterwards."""
+    need_sendmail()
+    s = Site.create()
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture

@@ -128,6 +128,30 @@ def install_vdeliver() -> Path:
     return base
 
 
+def toml_lines(values: dict[str, object]) -> list[str]:
+    """`key = value` lines for a flat TOML table (strings, whole numbers, booleans)."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    return lines
+
+
+def mbox_messages(path: Path) -> list[bytes]:
+    """The messages of an mbox as Python's reader sees them (From_ line excluded)."""
+    import mailbox
+
+    mb = mailbox.mbox(str(path), create=False)
+    try:
+        return [mb.get_bytes(k) for k in mb.keys()]
+    finally:
+        mb.close()
+
+
 @dataclass
 class MailRoot:
     """A private mail tree: vbox/ for mboxes, home/ for Maildirs, a config file."""
@@ -166,15 +190,7 @@ class MailRoot:
         if IS_ROOT:
             values["user"] = self.owner.name
         values.update(self.extra)
-        lines = []
-        for key, value in values.items():
-            if isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            elif isinstance(value, int):
-                lines.append(f"{key} = {value}")
-            else:
-                lines.append(f'{key} = "{value}"')
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text("\n".join(toml_lines(values)) + "\n")
         self.config.chmod(0o644)
         return self.config
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mailbox
 import os
 import re
 import resource
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IS_ROOT, MailRoot, install_vdeliver, run_vdeliver
+from tests.helpers import IS_ROOT, MailRoot, install_vdeliver, mbox_messages, run_vdeliver
 
 MSG = b"From sender@example.org Wed Nov 25 02:56:49 2026\nSubject: test\nStatus: RO\n\nHello\nFrom the body\n"
 MAILDIR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)R([0-9a-f]+)\.([^,/]+),S=(\d+),W=(\d+)$")
@@ -21,13 +20,6 @@ MAILDIR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)R([0-9a-f]+)\.([^,/]+),S=(\d+),W
 def deliver(root: MailRoot, *args: str, msg: bytes = MSG, **kw: object) -> subprocess.CompletedProcess[bytes]:
     return run_vdeliver(list(args), msg, config=root.config, as_user=root.owner, **kw)  # type: ignore[arg-type]
 
-
-def mbox_messages(path: Path) -> list[bytes]:
-    mb = mailbox.mbox(str(path), create=False)
-    try:
-        return [mb.get_bytes(k) for k in mb.keys()]
-    finally:
-        mb.close()
 
 
 # -- the happy paths -------------------------------------------------------------------

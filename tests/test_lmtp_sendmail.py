@@ -7,14 +7,12 @@ exactly the third; after the quota is raised the next queue run delivers only th
 
 from __future__ import annotations
 
-import mailbox
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import MailRoot
+from tests.helpers import MailRoot, mbox_messages
 from tests.sendmail_harness import EXAMPLES, MAPS, Site, compile_mc, need_m4, need_sendmail, read_qf
 from tests.test_lmtp_server import Lmtpd
 
@@ -53,13 +51,6 @@ def site() -> Iterator[Site]:
         s.install_maps(MAPS)
         yield s
 
-
-def mbox_messages(path: Path) -> list[bytes]:
-    mb = mailbox.mbox(str(path), create=False)
-    try:
-        return [mb.get_bytes(k) for k in mb.keys()]
-    finally:
-        mb.close()
 
 
 def test_one_status_per_recipient_and_only_the_failed_one_requeued(site: Site, mailroot: MailRoot) -> None:

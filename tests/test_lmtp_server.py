@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IS_ROOT, MailRoot, install_vdeliver
+from tests.helpers import IS_ROOT, MailRoot, install_vdeliver, toml_lines
 
 MSG = b"Subject: lmtp test\r\nFrom: s@example.org\r\n\r\nHello\r\n.leading dot\r\nFrom the body\r\n"
 
@@ -27,14 +27,7 @@ MSG = b"Subject: lmtp test\r\nFrom: s@example.org\r\n\r\nHello\r\n.leading dot\r
 def write_config(root: MailRoot, **lmtp: object) -> Path:
     """The mail tree's vdeliver.toml plus an [lmtp] table."""
     root.write_config()
-    lines = ["[lmtp]"]
-    for key, value in lmtp.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f'{key} = "{value}"')
+    lines = ["[lmtp]", *toml_lines(lmtp)]
     with root.config.open("a") as f:
         f.write("\n".join(lines) + "\n")
     return root.config

@@ -17,13 +17,10 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import ROOT
-from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, need_sendmail, vdeliver_mailer
+from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, vdeliver_mailer
 from tests.test_accounts_env import Acct, pg_cluster, pg_schema_conninfo, sqlite_acct  # noqa: F401
 
 
@@ -49,14 +46,6 @@ def populate(acct: Acct) -> None:
     acct.ok("catchall", "set", "home.com", "wilma@home.com")
 
 
-@pytest.fixture
-def site() -> Iterator[Site]:
-    need_sendmail()
-    s = Site.create()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def build_into(acct: Acct, site: Site, **maps: object) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import smtplib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import Account, MailRoot
 from tests.pg import start_cluster
-from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, need_sendmail, read_qf, vdeliver_mailer
+from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, read_qf, vdeliver_mailer
 from tests.test_socketmap_support import Client, generated_maps, populate, running_server, server_log, write_config
 
 pytestmark = pytest.mark.peers
@@ -51,14 +50,6 @@ def map_test(site: Site, cf: Path, lookups: list[tuple[str, str]]) -> list[str]:
     return [line.split(" no match (")[0] + " no match" if " no match (" in line else line for line in found]
 
 
-@pytest.fixture
-def site() -> Iterator[Site]:
-    need_sendmail()
-    s = Site.create()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def socket_dir(site: Site) -> Path:
