@@ -104,14 +104,16 @@ def install_vdeliver() -> Path:
     shutil.copytree(PACKAGE, lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
     bindir = base / "bin"
     bindir.mkdir()
-    for name, module, func, call in (
-        ("vdeliver", "vdeliver.cli", "run", "run()"),
-        ("vdeliver-lmtpd", "vdeliver.lmtp.server", "main", "raise SystemExit(main())"),
-        ("vdeliver-socketmapd", "vdeliver.socketmap.server", "main", "raise SystemExit(main())"),
+    # vdeliver in the production form (vdeliver/launcher.py: -IS, no site); the servers keep
+    # site-packages (the socketmap server may need psycopg).
+    for name, module, func, call, flags in (
+        ("vdeliver", "vdeliver.cli", "run", "run()", "-IS"),
+        ("vdeliver-lmtpd", "vdeliver.lmtp.server", "main", "raise SystemExit(main())", "-I"),
+        ("vdeliver-socketmapd", "vdeliver.socketmap.server", "main", "raise SystemExit(main())", "-I"),
     ):
         launcher = bindir / name
         launcher.write_text(
-            f"#!{SYSTEM_PYTHON} -I\n"
+            f"#!{SYSTEM_PYTHON} {flags}\n"
             "import sys\n"
             f"sys.path.insert(0, {str(lib)!r})\n"
             f"from {module} import {func}\n"

@@ -88,3 +88,20 @@ def test_delivery_path_imports_stay_small() -> None:
     )
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_launcher_runs_vdeliver_without_site(tmp_path: "object") -> None:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from vdeliver import launcher
+
+    path = Path(str(tmp_path)) / "vdeliver"
+    assert launcher.main([str(path)]) == 0
+    text = path.read_text()
+    assert text.startswith("#!/") and text.splitlines()[0].endswith(" -IS")
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30, env={})
+    assert done.returncode == 0 and done.stdout.startswith("vdeliver ")
+    assert launcher.main([]) == 2

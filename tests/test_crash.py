@@ -478,3 +478,32 @@ def test_foreign_from_line_right_after_our_head(tmp_path: Path) -> None:
     outcome, text, _log = _recover(mbox, fd)
     assert outcome == recovery.UNRESOLVED_STATE and mbox.read_bytes() == content
     assert f"offset {len(OLD) + len(head)}" in text
+
+
+def test_mbox_journal_off_writes_none_but_still_recovers(mailroot: MailRoot) -> None:
+    """mbox_journal = false: no journal is written; one left from before is still honoured."""
+    from tests.helpers import mbox_messages
+    from vdeliver import recovery
+
+    box = mailroot.add_mbox("away.com", "fred", b"")
+    mailroot.write_config(mbox_journal=False)
+    done = run_vdeliver(["-a", "away.com", "-a", "fred"], b"Subject: a\n\nx\n", config=mailroot.config,
+                        as_user=mailroot.owner)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(recovery.journal_path(str(box)))
+    # A partial record from an earlier (journalling) delivery is still cut back.
+    good = box.read_bytes()
+    partial = b"From x  Wed Nov 25 02:56:49 2026\nSubject: half"
+    with open(box, "ab") as f:
+        f.write(partial)
+    record = recovery.Record(os.stat(box).st_dev, os.stat(box).st_ino, len(good), len(good) + 500, 999999,
+                             partial[:40])
+    jpath = recovery.journal_path(str(box))
+    with open(jpath, "wb") as f:
+        f.write(record.line())
+    os.chown(jpath, mailroot.owner.uid, mailroot.owner.gid)
+    done = run_vdeliver(["-a", "away.com", "-a", "fred"], b"Subject: b\n\ny\n", config=mailroot.config,
+                        as_user=mailroot.owner)
+    assert done.returncode == 0, done.stderr
+    assert [m.split(b"\n\n", 1)[1] for m in mbox_messages(box)] == [b"x\n", b"y\n"]
+    assert not os.path.exists(jpath)

@@ -45,6 +45,7 @@ SCHEMA: "dict[str, tuple[object, str, tuple[str, ...] | None]]" = {
     "spool_dir": ("/var/tmp", "path", None),
     "hostname": ("", "str", None),
     "maildir_tmp_max_age": (36 * 3600, "int", None),
+    "mbox_journal": (True, "bool", None),
 }
 
 # Tables read by other parts of vdeliver (accounts, servers); each validates its own.
@@ -85,6 +86,7 @@ class Config:
     spool_dir: str
     hostname: str
     maildir_tmp_max_age: int
+    mbox_journal: bool
 
     def __init__(self, path: str = "", tables: "dict[str, dict[str, object]] | None" = None) -> None:
         for key, (default, _kind, _allowed) in SCHEMA.items():

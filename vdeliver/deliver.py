@@ -136,7 +136,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 lock_timeout=cfg.lock_timeout,
                 stale_age=cfg.stale_lock_age,
                 over_quota_bounce=bounce,
-                journal=MboxJournal(cfg.syslog_facility, cfg.log),
+                journal=MboxJournal(cfg.syslog_facility, cfg.log, record=cfg.mbox_journal),
             )
             return Result(target, msg.input_size, msg.sender, notes)
         from vdeliver import maildir

@@ -265,11 +265,12 @@ def _say(log: "object", level: str, outcome: str, text: str) -> "tuple[str, str]
 class MboxJournal(Journal):
     """The journal hook mbox.deliver() calls: recover(), then begin() .. end()."""
 
-    __slots__ = ("facility", "mode", "_log", "jpath", "outcome")
+    __slots__ = ("facility", "mode", "_log", "jpath", "outcome", "record")
 
-    def __init__(self, facility: str = "mail", mode: str = "syslog") -> None:
+    def __init__(self, facility: str = "mail", mode: str = "syslog", record: bool = True) -> None:
         self.facility = facility
         self.mode = mode
+        self.record = record  # False (mbox_journal = false): recover old journals, write none
         self._log: "object" = None
         self.jpath = ""
         self.outcome = CLEAN
@@ -294,6 +295,8 @@ class MboxJournal(Journal):
 
     def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
         """Make the undo record durable before the first byte is appended."""
+        if not self.record:
+            return
         jpath = journal_path(path)
         end = size + len(sep) + msg.length
         head = head_of(sep, msg.spool)
