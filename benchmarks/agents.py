@@ -206,7 +206,7 @@ def write_vdeliver_config(ctx: Context) -> str:
 
 class VdeliverCli(Agent):
     key = "vdeliver"
-    label = "vdeliver (launcher, /usr/bin/python3 -I)"
+    label = "vdeliver (launcher, /usr/bin/python3 -IS)"
     fsync = "mbox: recovery journal, its dir, the mbox, the dir again; Maildir: file, new/"
 
     def prepare(self, ctx: Context) -> None:
