@@ -223,9 +223,17 @@ def deliver(
     if create_missing and not os.path.lexists(path):
         create(path)
     _check_dir(path)
-    update_quota = check_quota(path, msg.length, over_quota_bounce)
     tmpdir = os.path.join(path, "tmp")
     newdir = os.path.join(path, "new")
+    leftover = _linked_leftover(tmpdir, msg)
+    if leftover is not None:
+        # sendmail's retry of a delivery killed between link() and unlink(): the message
+        # is already in the Maildir.  Finish that delivery instead of storing a copy.
+        _remove(leftover)
+        if os.path.exists(os.path.join(path, QUOTA_FILE)):
+            _add_to_quota(path, msg.length)
+        return os.path.basename(leftover)
+    update_quota = check_quota(path, msg.length, over_quota_bounce)
     for _attempt in range(10):
         name = unique_name(host, msg.length, msg.rfc822_size)
         tmp = os.path.join(tmpdir, name)
@@ -297,6 +305,51 @@ def clean_tmp(tmpdir: str, max_age: int, now: "float | None" = None) -> int:
                 except OSError:
                     pass
     return removed
+
+
+def _linked_leftover(tmpdir: str, msg: Prepared) -> "str | None":
+    """A tmp/ file with a second link (in new/ or cur/) holding exactly this record.
+
+    Only a delivery killed after link() and before unlink() leaves one; tmp/ is
+    normally empty, so this costs one directory read.  The size in our file names
+    filters the candidates before any byte is compared.
+    """
+    try:
+        names = os.listdir(tmpdir)
+    except OSError:
+        return None
+    marker = f",S={msg.length},"
+    for name in names:
+        if marker not in name:
+            continue
+        candidate = os.path.join(tmpdir, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2 or st.st_size != msg.length:
+            continue
+        if _same_bytes(candidate, msg):
+            return candidate
+    return None
+
+
+def _same_bytes(path: str, msg: Prepared) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        offset = 0
+        for chunk in msg.spool.chunks():
+            if os.pread(fd, len(chunk), offset) != chunk:
+                return False
+            offset += len(chunk)
+        return os.pread(fd, 1, offset) == b""
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
