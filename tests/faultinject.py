@@ -256,7 +256,7 @@ def kill_at_record_byte(k: int) -> Callable[[], None]:
 
 def kill_at_fsync(n: int, after: bool = False) -> Callable[[], None]:
     """Die at the n-th fsync of the delivery (0: journal, 1: its directory, 2: the
-    mbox, 3: the directory after the journal's removal); before or after it."""
+    mbox); before or after it.  The journal's removal is not fsynced."""
 
     def patch() -> None:
         real = os.fsync
@@ -272,6 +272,22 @@ def kill_at_fsync(n: int, after: bool = False) -> Callable[[], None]:
                 _suicide()
 
         os.fsync = fsync  # type: ignore[assignment]
+
+    return patch
+
+
+def kill_after_journal_unlink() -> Callable[[], None]:
+    """Die right after the journal was removed: the commit, before the exit."""
+
+    def patch() -> None:
+        real = os.unlink
+
+        def unlink(path: str, *, dir_fd: int | None = None) -> None:
+            real(path, dir_fd=dir_fd)
+            if str(path).endswith(".vdeliver-journal"):
+                _suicide()
+
+        os.unlink = unlink  # type: ignore[assignment]
 
     return patch
 

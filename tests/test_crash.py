@@ -46,12 +46,12 @@ OLD = b"From bob@example.org  Tue Nov 24 10:00:00 2026\nSubject: old\n\nold body
 FOREIGN = b"From carol@example.org  Wed Nov 25 04:00:00 2026\nSubject: procmail\n\nother\n\n"
 
 
-def _setup(tmp_path: Path, content: bytes, orig: int, end: int, head: bytes) -> tuple[Path, int]:
+def _setup(tmp_path: Path, content: bytes, orig: int, end: int, head: bytes, boot: str = "") -> tuple[Path, int]:
     mbox = tmp_path / "fred"
     mbox.write_bytes(content)
     fd = os.open(mbox, os.O_RDWR)
     st = os.fstat(fd)
-    rec = recovery.Record(st.st_dev, st.st_ino, orig, end, 4242, head)
+    rec = recovery.Record(st.st_dev, st.st_ino, orig, end, 4242, head, boot)
     Path(recovery.journal_path(str(mbox))).write_bytes(rec.line())
     return mbox, fd
 
@@ -322,7 +322,7 @@ def test_kill_after_commit_keeps_the_message(crashroot: MailRoot, vmail: Account
     """Killed after the journal's removal (the commit): the message is whole, no journal."""
     msg = fi.make_message(random.Random(4), 1, 2000)
     mbox = crashroot.vbox / fi.DOMAIN / fi.USER
-    assert fi.deliver_in_child(crashroot, vmail, msg, fi.kill_at_fsync(3, after=True)) == "killed"
+    assert fi.deliver_in_child(crashroot, vmail, msg, fi.kill_after_journal_unlink()) == "killed"
     fi.check_mbox(mbox, [msg])
 
 
@@ -508,3 +508,37 @@ def test_mbox_journal_off_writes_none_but_still_recovers(mailroot: MailRoot) -> 
     assert done.returncode == 0, done.stderr
     assert [m.split(b"\n\n", 1)[1] for m in mbox_messages(box)] == [b"x\n", b"y\n"]
     assert not os.path.exists(jpath)
+
+
+def test_complete_record_from_an_earlier_boot_is_kept(tmp_path: Path) -> None:
+    """After a power loss an unlinked journal may come back: a whole record is kept, not cut."""
+    content = OLD + RECORD
+    mbox, fd = _setup(tmp_path, content, len(OLD), len(content), RECORD[:40], boot="an-earlier-boot")
+    outcome, _text, log = _recover(mbox, fd)
+    assert outcome == recovery.KEPT and mbox.read_bytes() == content and not _journal(mbox).exists()
+    assert log.lines and log.lines[0][0] == "warning"
+
+
+def test_partial_record_from_an_earlier_boot_is_still_cut(tmp_path: Path) -> None:
+    content = OLD + RECORD[:30]
+    mbox, fd = _setup(tmp_path, content, len(OLD), len(OLD) + len(RECORD), RECORD[:40], boot="an-earlier-boot")
+    outcome, _text, _log = _recover(mbox, fd)
+    assert outcome == recovery.CUT and mbox.read_bytes() == OLD
+
+
+def test_complete_record_of_this_boot_is_cut(tmp_path: Path) -> None:
+    """Same boot: the journal's removal would be visible had the delivery finished, so the
+    whole record was never acknowledged (killed before the exit): cut, sendmail retries."""
+    content = OLD + RECORD
+    mbox, fd = _setup(tmp_path, content, len(OLD), len(content), RECORD[:40], boot=recovery.boot_id())
+    outcome, _text, _log = _recover(mbox, fd)
+    assert outcome == recovery.CUT and mbox.read_bytes() == OLD
+
+
+def test_version_1_journal_is_still_read(tmp_path: Path) -> None:
+    content = OLD + RECORD
+    mbox, fd = _setup(tmp_path, content, len(OLD), len(content), RECORD[:40])
+    line = f"vdeliver-journal 1 {os.fstat(fd).st_dev} {os.fstat(fd).st_ino} {len(OLD)} {len(content)} 7 "
+    _journal(mbox).write_bytes(line.encode() + RECORD[:40].hex().encode() + b"\n")
+    outcome, _text, _log = _recover(mbox, fd)
+    assert outcome == recovery.CUT and mbox.read_bytes() == OLD

@@ -6,11 +6,17 @@ message stays in the mailbox for ever.  vdeliver records, under both locks and
 before the first byte is appended, what is needed to undo the append:
 
     <dir>/.<mbox>.vdeliver-journal   (one line, fsynced with its directory)
-    vdeliver-journal 1 <st_dev> <st_ino> <original size> <intended end> <pid> <head hex>
+    vdeliver-journal 2 <st_dev> <st_ino> <original size> <intended end> <pid> <head hex> <boot id>
 
 `head` is the first bytes of the record (separator and From_ line).  The journal
-is removed (and the removal made durable) only after the mbox fsync succeeded, or
-after a rollback.  A recipient name may not start with '.', so the journal can
+is removed only after the mbox fsync succeeded, or after a rollback.  The removal
+is not fsynced: within one boot an unlink is seen at once by every process, and a
+kill -9 (the crash that matters) loses nothing of the page cache.  Only a power
+loss can bring an unlinked journal back; the boot id in it tells the next run so,
+and a *complete* record found under a journal of an earlier boot is kept (it may
+have been acknowledged: a possible duplicate is better than a lost message),
+while a partial one is still cut.  Two fsyncs per delivery: the journal's (with
+its directory) and the mbox's.  A recipient name may not start with '.', so the journal can
 never be taken for a mailbox; the dotlock content stays `pid:host` for Dovecot.
 
 The next vdeliver that takes the locks (or `vdeliver --repair`) calls recover()
@@ -37,7 +43,7 @@ from vdeliver.message import Prepared
 SUFFIX = ".vdeliver-journal"
 UNRESOLVED = ".unresolved"
 MAGIC = "vdeliver-journal"
-VERSION = "1"
+VERSION = "2"  # version 1 journals (no boot id, durable removal) are still read
 HEAD = 96  # bytes of the record kept in the journal to recognise it again
 SCAN_CHUNK = 1 << 20
 
@@ -47,6 +53,7 @@ CUT = "cut"  # partial record removed
 NOTHING = "nothing written"  # journal found, mailbox already at its original size
 DROPPED = "dropped"  # journal stale (file replaced, rewritten or shrunk): nothing cut
 UNRESOLVED_STATE = "unresolved"  # our partial record is followed by another program's data
+KEPT = "kept"  # a complete record under a journal from before a reboot: not cut
 
 
 class JournalError(DeliveryError):
@@ -85,20 +92,38 @@ def head_of(sep: bytes, spool: "object") -> bytes:
 class Record:
     """One parsed journal line."""
 
-    __slots__ = ("dev", "ino", "orig", "end", "pid", "head")
+    __slots__ = ("dev", "ino", "orig", "end", "pid", "head", "boot")
 
-    def __init__(self, dev: int, ino: int, orig: int, end: int, pid: int, head: bytes) -> None:
+    def __init__(self, dev: int, ino: int, orig: int, end: int, pid: int, head: bytes, boot: str = "") -> None:
         self.dev = dev
         self.ino = ino
         self.orig = orig
         self.end = end
         self.pid = pid
         self.head = head
+        self.boot = boot  # "" for a version 1 journal
 
     def line(self) -> bytes:
+        boot = self.boot or boot_id()
         return (
-            f"{MAGIC} {VERSION} {self.dev} {self.ino} {self.orig} {self.end} {self.pid} {self.head.hex()}\n"
+            f"{MAGIC} {VERSION} {self.dev} {self.ino} {self.orig} {self.end} {self.pid} {self.head.hex()}"
+            f" {boot}\n"
         ).encode("ascii")
+
+
+_BOOT: "list[str]" = []
+
+
+def boot_id() -> str:
+    """This boot's id (Linux), so a journal can tell a kill from a power loss; "-" if unknown."""
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                value = f.read(64).decode("ascii", "replace").strip()
+        except OSError:
+            value = ""
+        _BOOT.append(value if value and " " not in value else "-")
+    return _BOOT[0]
 
 
 def parse(data: bytes) -> "Record | None":
@@ -106,7 +131,13 @@ def parse(data: bytes) -> "Record | None":
     if not data.endswith(b"\n") or data.count(b"\n") != 1:
         return None
     fields = data.decode("ascii", "replace").split()
-    if len(fields) != 8 or fields[0] != MAGIC or fields[1] != VERSION:
+    if len(fields) < 2 or fields[0] != MAGIC:
+        return None
+    if fields[1] == "1" and len(fields) == 8:
+        boot = ""
+    elif fields[1] == VERSION and len(fields) == 9:
+        boot = fields[8]
+    else:
         return None
     try:
         dev, ino, orig, end, pid = (int(f) for f in fields[2:7])
@@ -115,7 +146,7 @@ def parse(data: bytes) -> "Record | None":
         return None
     if min(dev, ino, orig, end, pid) < 0 or end < orig or len(head) > end - orig:
         return None
-    return Record(dev, ino, orig, end, pid, head)
+    return Record(dev, ino, orig, end, pid, head, boot)
 
 
 def _read_journal(jpath: str) -> "bytes | None":
@@ -146,6 +177,16 @@ def _remove(jpath: str) -> None:
         _fsync_dir(jpath)
     except OSError as exc:
         raise _fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
+
+
+def _discard(jpath: str) -> None:
+    """Remove the journal of a finished append; not fsynced (see the module's docstring)."""
+    try:
+        os.unlink(jpath)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
 
 
 def _set_aside(jpath: str) -> None:
@@ -245,6 +286,13 @@ def recover(fd: int, path: str, st: os.stat_result, log: "object" = None) -> "tu
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: another program appended a message at offset {foreign} after the interrupted"
                     f" record of {who} at offset {rec.orig}; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+    if size == rec.end and rec.boot and rec.boot != boot_id():
+        # A whole record under the journal of an earlier boot: the machine went down
+        # after the append, perhaps after sendmail was told.  Keep it.
+        _remove(jpath)
+        return _say(log, "warning", KEPT,
+                    f"{path}: the record of {who} at offset {rec.orig} is complete and its journal is from an"
+                    " earlier boot (power loss): kept; sendmail may deliver it once more")
     try:
         os.ftruncate(fd, rec.orig)
         os.fsync(fd)
@@ -321,10 +369,10 @@ class MboxJournal(Journal):
         self.jpath = jpath
 
     def end(self) -> None:
-        """The append is durable (or rolled back): forget it, durably, before we say so."""
+        """The append is durable (or rolled back): forget it before we say so."""
         if self.jpath:
             jpath, self.jpath = self.jpath, ""
-            _remove(jpath)
+            _discard(jpath)
 
     def abandon(self) -> None:
         """After a rollback: the mailbox is back at its size; a left journal is harmless."""
