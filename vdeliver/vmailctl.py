@@ -240,10 +240,19 @@ def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str]) -> No
             print(out)
 
 
+def _cell(value: Any) -> str:
+    """One table cell: lists as `a, b`, nothing as `-`."""
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     if not rows:
         return ""
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in cols] for r in rows]
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
