@@ -226,6 +226,18 @@ def run() -> None:
     os._exit(code)
 
 
+def _drop_root(cfg: "object", doing: str) -> None:
+    """As root, become the configured user; without one, refuse (a configuration fault)."""
+    if os.geteuid() != 0:
+        return
+    user = getattr(cfg, "user", "")
+    if not user:
+        raise DeliveryError(
+            Status("4.3.5", "configuration error", f"refusing to {doing} as root: set user in the configuration")
+        )
+    _switch_user(user, getattr(cfg, "group", ""))
+
+
 def main(argv: "list[str] | None" = None) -> int:
     started = time.time()
     try:
@@ -271,12 +283,7 @@ def _repair(args: Args) -> int:
 
     try:
         cfg = config_mod.load(args.config)
-        if os.geteuid() == 0:
-            if not cfg.user:
-                raise DeliveryError(
-                    Status("4.3.5", "configuration error", "refusing to repair as root: set user in the configuration")
-                )
-            _switch_user(cfg.user, cfg.group)
+        _drop_root(cfg, "repair")
     except DeliveryError as exc:
         _say(exc.status)
         return EX_TEMPFAIL
@@ -325,15 +332,10 @@ def _main(argv: "list[str]", started: float) -> int:
     try:
         cfg = config_mod.load(args.config)
         logger = Logger("vdeliver", cfg.syslog_facility, cfg.log)
-        if os.geteuid() == 0:
-            if not cfg.user:
-                raise DeliveryError(
-                    Status("4.3.5", "configuration error", "refusing to deliver as root: set user in the configuration")
-                )
-            _switch_user(cfg.user, cfg.group)
+        _drop_root(cfg, "deliver")
         from vdeliver import recipient
 
-        domain_arg = args.a[0] if args.a and args.d is not None else (args.a[0] if args.a else None)
+        domain_arg = args.a[0] if args.a else None  # -d USER@DOMAIN alone: the domain is in USER
         user_arg = args.d if args.d is not None else args.a[1]
         rcpt = recipient.parse(
             domain_arg, user_arg, keep_case=cfg.keep_user_case, delimiter=cfg.recipient_delimiter

@@ -152,16 +152,12 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
             _write_all(fd, chunk)
             lock.refresh()
         os.fsync(fd)
-    except OSError as exc:
-        status = status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)
+    except BaseException as exc:
         _rollback(fd, path, size)
         if journal is not None:
             journal.abandon()
-        raise MboxError(status) from None
-    except BaseException:
-        _rollback(fd, path, size)
-        if journal is not None:
-            journal.abandon()
+        if isinstance(exc, OSError):
+            raise MboxError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
         raise
     if journal is not None:
         journal.end()

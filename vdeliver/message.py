@@ -320,7 +320,6 @@ def prepare(
     reader = _Reader(fd, max_size)
     # 1. Collect the first line and the header block (CRLF normalised).
     head = bytearray()
-    header_end = -1
     while True:
         data = reader.read()
         if data:
@@ -328,9 +327,7 @@ def prepare(
         if not data or len(head) > MAX_HEADER:
             break
         probe = head.replace(b"\r\n", b"\n") if b"\r" in head else head
-        if probe.startswith(b"\n") or b"\n\n" in probe or (
-            probe.startswith(b"From ") and probe.find(b"\n\n", probe.find(b"\n")) >= 0
-        ):
+        if probe.startswith(b"\n") or b"\n\n" in probe:
             break
     text = bytes(head)
     pending_cr = text.endswith(b"\r")  # its LF may be in the next read (or be missing at EOF)
