@@ -24,13 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import Account, MailRoot, require, world_tmpdir
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import Account, MailRoot, free_port, require, world_tmpdir
 
 
 def vdeliver_config(root: MailRoot, **tables: dict[str, object]) -> object:

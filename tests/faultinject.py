@@ -232,13 +232,14 @@ def deliver_in_child(root: MailRoot, account: Account, msg: bytes, patch: Callab
 
 
 # Kill points inside an mbox append.  Each returns a patch for the child.
-def kill_at_record_byte(k: int) -> Callable[[], None]:
-    """Write exactly k bytes of the record (separator included), then die."""
+def kill_at_record_byte(k: int, module: str = "mbox") -> Callable[[], None]:
+    """Write exactly k bytes of the record (mbox: separator included), then die."""
 
     def patch() -> None:
-        from vdeliver import mbox
+        import importlib
 
-        real = mbox._write_all
+        target = importlib.import_module(f"vdeliver.{module}")
+        real = target._write_all
         state = {"left": k}
 
         def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -249,7 +250,7 @@ def kill_at_record_byte(k: int) -> Callable[[], None]:
             state["left"] -= len(view)
             real(fd, view)
 
-        mbox._write_all = write_all  # type: ignore[assignment]
+        target._write_all = write_all
 
     return patch
 
@@ -336,18 +337,7 @@ def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k
                                    spool_dir=str(root.base / "spool"))
         before_link = None
         if point == "write":
-            real = maildir._write_all
-            state = {"left": k}
-
-            def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-                view = memoryview(data)
-                if len(view) >= state["left"]:
-                    real(fd, view[: state["left"]])
-                    _suicide()
-                state["left"] -= len(view)
-                real(fd, view)
-
-            maildir._write_all = write_all  # type: ignore[assignment]
+            kill_at_record_byte(k, "maildir")()
         elif point == "fsync":
             kill_at_fsync(0)()
         elif point == "link":

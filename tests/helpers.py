@@ -130,6 +130,15 @@ def install_vdeliver() -> Path:
     return base
 
 
+def free_port() -> int:
+    """An unused loopback TCP port (a daemon may still lose it: wait for its greeting)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def toml_lines(values: dict[str, object]) -> list[str]:
     """`key = value` lines for a flat TOML table (strings, whole numbers, booleans)."""
     lines = []

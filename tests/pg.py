@@ -30,7 +30,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,16 +37,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IS_ROOT, require, world_tmpdir
+from tests.helpers import IS_ROOT, free_port, require, world_tmpdir
 
 _ENV = {"PATH": "/usr/lib/postgresql/15/bin:/usr/bin:/bin", "LANG": "C", "LC_ALL": "C"}
 _counter = itertools.count(1)
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:
@@ -65,7 +59,7 @@ class Cluster:
         self.data = self.base / "data"
         self.run = self.base / "run"
         self.log = self.base / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.tcp = tcp
         self.running = False
         self._run_as: dict[str, object] = {}

@@ -82,7 +82,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REQUIRE_PEERS, install_vdeliver, require, require_root
+from tests.helpers import REQUIRE_PEERS, free_port, install_vdeliver, require, require_root
 
 CF_DIR = Path("/usr/share/sendmail/cf")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -158,11 +158,6 @@ def vdeliver_mailer(config: Path, install: Path | None = None) -> dict[str, str]
         PRODUCTION_ARGS: f"vdeliver -c {config} -t -Y -a $h -a $u",
     }
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:

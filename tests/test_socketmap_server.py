@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import select
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import world_tmpdir
+from tests.helpers import free_port, world_tmpdir
 from tests.pg import pg_cluster, pg_conninfo  # noqa: F401
 from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
 from vdeliver.accounts.maps import local_mailbox
@@ -30,17 +29,12 @@ def base() -> Path:
 
 @pytest.fixture
 def sqlite_config(base: Path) -> Path:
-    port = _free_port()
+    port = free_port()
     config = write_config(base, f'database = "{base}/accounts.sqlite"',
                           f'client_timeout = 0.5\nmax_key = 100\ntcp = "127.0.0.1:{port}"\ntcp_access = "out"')
     populate(config)
     return config
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tcp(config: Path) -> tuple[str, int]:
