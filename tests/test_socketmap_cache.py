@@ -1,7 +1,8 @@
 """The cache rules with an in-memory backend (the only place a fake database is used).
 
 What matters: fresh answers from memory; failures never become NOTFOUND; stale
-answers served (and logged) while the database is in trouble; TEMP/TIMEOUT for
+positive answers served (and logged) while the database is in trouble, never a
+stale negative one; TEMP/TIMEOUT for
 keys never seen; invalidation keeps stale answers for bad times.
 """
 
@@ -114,7 +115,7 @@ def test_failure_serves_stale_then_temp(pool: ThreadPoolExecutor) -> None:
         clock.now += 100  # both expired, within stale_max_age
         b.broken = RuntimeError("connection refused")
         assert await r.resolve("virtuser", "a@d") == p.ok("a@d.virtuser.")
-        assert await r.resolve("virtuser", "gone@d") == p.NOTFOUND  # the real last answer
+        assert (await r.resolve("virtuser", "gone@d")).status == "TEMP"  # never a stale NOTFOUND
         never = await r.resolve("virtuser", "new@d")
         assert never.status == "TEMP" and "connection refused" in never.text
         clock.now += 600  # too old even for stale
@@ -189,3 +190,37 @@ def test_size_bound(pool: ThreadPoolExecutor) -> None:
 
     run(go())
     assert len(r) <= 50
+
+
+def test_socketmap_never_serves_a_stale_notfound(pool: ThreadPoolExecutor) -> None:
+    """A key unknown before an outage may be the account created since: TEMP, not NOTFOUND."""
+    r, b, clock, _ = make(pool, negative_ttl=30)
+
+    async def go() -> None:
+        assert await r.resolve("virtuser", "new@d") == p.NOTFOUND
+        b.data[("virtuser", "new@d")] = "new@d.virtuser."  # vmailctl user add, then the outage
+        b.broken = RuntimeError("server closed the connection unexpectedly")
+        clock.now += 31  # past negative_ttl: the cached NOTFOUND is no longer fresh
+        for _ in range(3):
+            assert (await r.resolve("virtuser", "new@d")).status == "TEMP"
+        b.broken = None
+        assert await r.resolve("virtuser", "new@d") == p.ok("new@d.virtuser.")
+
+    run(go())
+
+
+def test_change_notification_drops_negative_answers(pool: ThreadPoolExecutor) -> None:
+    r, b, clock, _ = make(pool, negative_ttl=3600)
+
+    async def go() -> None:
+        assert await r.resolve("virtuser", "new@d") == p.NOTFOUND
+        b.data[("virtuser", "new@d")] = "v"
+        clock.now += 1
+        r.invalidate()  # the serial changed (or SIGHUP)
+        b.broken = RuntimeError("down")
+        assert (await r.resolve("virtuser", "new@d")).status == "TEMP"
+        b.broken = None
+        assert await r.resolve("virtuser", "new@d") == p.ok("v")
+
+    run(go())
+    assert len(r) == 1

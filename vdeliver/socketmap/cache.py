@@ -4,10 +4,15 @@ The rule that matters (sendmail bounces on NOTFOUND and PERM, queues on TEMP):
 
     fresh cached answer          -> that answer
     database answers in time     -> that answer (and cache it)
-    database fails or times out  -> the last known answer, stale, if younger than
-                                    stale_max_age (logged), else TEMP / TIMEOUT
+    database fails or times out  -> the last known POSITIVE answer, stale, if
+                                    younger than stale_max_age (logged), else
+                                    TEMP / TIMEOUT
 
-A failure never becomes NOTFOUND.  Lookups run in a thread pool (database
+A failure never becomes NOTFOUND, not even a cached one: a key that was unknown a
+minute ago may be the account created since, and a stale NOTFOUND would bounce
+its mail (5.1.1) for as long as the outage lasts.  So only positive answers are
+ever served stale; a cached negative answer lives `negative_ttl` seconds at most
+and is dropped, not kept, when the database reports a change.  Lookups run in a thread pool (database
 drivers block) under a timeout, so a slow database holds up only the sendmail
 connections that wait on it; concurrent lookups of one key share one query.
 Changes reach sendmail within `ttl` (positive) / `negative_ttl` seconds, or at
@@ -77,8 +82,11 @@ class Resolver:
         self._valid_after = float("-inf")
 
     def invalidate(self) -> None:
-        """Make every cached answer stale: asked again, but still served if the database fails."""
+        """Make every cached answer stale: asked again; a positive one is still served if the
+        database then fails.  Negative answers are dropped: they are never served stale."""
         self._valid_after = self.clock()
+        for k in [k for k, e in self._entries.items() if e.value is None]:
+            del self._entries[k]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -147,6 +155,10 @@ class Resolver:
             self.log.error(f"database trouble: {why}")
             self._trouble = why
         entry = self._entries.get((map_name, key))
+        if entry is not None and entry.value is None:
+            # Never a stale NOTFOUND: the key may exist by now; sendmail must queue, not bounce.
+            del self._entries[(map_name, key)]
+            entry = None
         if entry is not None and self.clock() - entry.stored < self.stale_max_age:
             self.stats["stale"] += 1
             age = self.clock() - entry.stored
