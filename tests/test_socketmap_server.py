@@ -6,6 +6,7 @@ line, and the server keeps answering."""
 from __future__ import annotations
 
 import select
+import time
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,49 @@ def test_fallback_chain_fails_the_rest_of_a_failed_address_only() -> None:
     assert chain.check("virtuser", "fred@d") is None  # the same key again is a new address
     chain.record("virtuser", "fred@d", p.ok("v"))
     assert chain.check("virtuser", "@e") is None
+
+
+def test_connection_flood_cannot_exhaust_descriptors(base: Path) -> None:
+    """idle_timeout = 0 and max_connections = 1000 with a 128-descriptor limit: the cap comes
+    from RLIMIT_NOFILE, connections past it get TEMP and are closed, a client inside the cap
+    still gets database answers, the refusal is logged a bounded number of times, and once the
+    flood ends a fresh client is served."""
+    import socket
+
+    port = free_port()
+    config = write_config(base, f'database = "{base}/accounts.sqlite"',
+                          f'tcp = "127.0.0.1:{port}"\nidle_timeout = 0\nmax_connections = 1000\nworkers = 8')
+    populate(config)
+    with running_server(config, open_files=128):
+        inside = Client(("127.0.0.1", port))
+        assert inside.ask("virtuser", "fred@away.com").status == "OK"
+        flood: list[socket.socket] = []
+        refused = 0
+        try:
+            for _ in range(400):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                flood.append(s)
+            for s in flood:  # every one is either kept (idle) or answered TEMP and closed
+                s.settimeout(0.05)
+                try:
+                    data = s.recv(200)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                if data.startswith(b"2") or b"TEMP" in data:
+                    refused += 1
+            assert refused > 0
+            # Inside the cap, lookups that need the database still work.
+            assert inside.ask("virtuser", "wilma@home.com").status == "OK"
+        finally:
+            for s in flood:
+                s.close()
+        time.sleep(0.5)
+        fresh = Client(("127.0.0.1", port))
+        assert fresh.ask("virtuser", "fred@home.com").status == "OK"
+        fresh.close()
+        inside.close()
+    log = server_log(config)
+    assert "max_connections 1000 lowered to" in log
+    assert log.count("connection refused") <= 3, log.count("connection refused")
+    assert "Too many open files" not in log
+    assert "Traceback" not in log

@@ -171,6 +171,9 @@ class Server:
             stale_max_age=settings.stale_max_age, db_timeout=settings.db_timeout, max_entries=settings.cache_size,
         )
         self.connections = 0
+        self.max_connections, self.backlog, self.fd_note = connection_cap(settings)
+        self._refusals = RateLimited(log, 10.0)
+        self._accept_errors = RateLimited(log, 10.0)
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,7 +185,10 @@ class Server:
         # Many sendmail processes may connect at once (a queue run starts R=8 runners per
         # group, a burst of SMTP sessions each opens its own): a short backlog would make
         # connect() fail with EAGAIN, which sendmail treats as a map failure.
-        backlog = max(128, min(self.settings.max_connections, 4096))
+        backlog = self.backlog
+        if self.fd_note:
+            self.log.warning(self.fd_note)
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
         for listener in self.settings.listeners:
             handler = self._handler(listener)
             if listener.kind == "unix":
@@ -245,8 +251,9 @@ class Server:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      aliases: dict[str, str], listener: Listener) -> None:
         s = self.settings
-        if self.connections >= s.max_connections:
-            self.log.warning(f"{listener.describe()}: connection refused: {self.connections} already open")
+        if self.connections >= self.max_connections:
+            self._refusals.warning(f"{listener.describe()}: connection refused: {self.connections} already open "
+                                   f"(max_connections {self.max_connections})")
             writer.write(p.temp("too many connections").encode())
             return
         self.connections += 1
@@ -290,6 +297,15 @@ class Server:
                 await writer.drain()
         finally:
             self.connections -= 1
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        """asyncio's own errors (an accept() that fails with EMFILE retries every second for
+        as long as it lasts): one log line per interval, never a flood."""
+        exc = context.get("exception")
+        text = str(context.get("message", "event loop error"))
+        if exc is not None:
+            text += f": {exc}"
+        self._accept_errors.error(text)
 
     # -- running ---------------------------------------------------------------
 
@@ -340,6 +356,68 @@ class Server:
                     self.log.info(f"database changed (serial {last} -> {current}): cached answers marked stale")
                 last = current
             await asyncio.sleep(self.settings.poll_interval)
+
+
+# Descriptors kept free beyond the connections: listeners, the log, the event loop's own,
+# and a database connection per lookup thread (twice: one may be reconnecting).
+FD_RESERVE = 32
+
+
+def connection_cap(settings: Settings) -> tuple[int, int, str]:
+    """max_connections and the listen backlog, within what RLIMIT_NOFILE allows.
+
+    Past the limit, accept() fails with EMFILE and so do the database's sockets: every
+    lookup would fail at once.  asyncio accepts up to `backlog` connections in one go,
+    before any of them can be refused, so the backlog is budgeted too.  Returns the cap,
+    the backlog and a warning for the log ("" if none)."""
+    import resource
+
+    # Many sendmail processes may connect at once (a queue run starts R=8 runners per
+    # group, a burst of SMTP sessions each opens its own): a short backlog would make
+    # connect() fail with EAGAIN, which sendmail treats as a map failure.
+    backlog = max(128, min(settings.max_connections, 4096))
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections, backlog, ""
+    reserve = FD_RESERVE + 2 * settings.workers + len(settings.listeners)
+    room = max(2, soft - reserve)
+    burst = min(backlog, max(1, room // 4))
+    if settings.max_connections + burst <= room:
+        return settings.max_connections, burst if burst < backlog else backlog, ""
+    cap = max(1, room - burst)
+    return cap, burst, (f"max_connections {settings.max_connections} lowered to {cap}: the open-files limit is "
+                        f"{soft}, and {reserve + burst} descriptors are kept for listeners, the log, the "
+                        f"database and connections being accepted (raise it with `ulimit -n` or LimitNOFILE=)")
+
+
+class RateLimited:
+    """A log line that may repeat fast (a flood of refused connections): the first one at
+    once, then at most one per `interval` seconds, saying how many were left out."""
+
+    def __init__(self, log: Logger, interval: float) -> None:
+        self.log = log
+        self.interval = interval
+        self.last = float("-inf")
+        self.dropped = 0
+
+    def _emit(self, level: str, text: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.dropped += 1
+            return
+        if self.dropped:
+            text += f" ({self.dropped} more like it in the last {now - self.last:.0f}s)"
+        self.last = now
+        self.dropped = 0
+        getattr(self.log, level)(text)
+
+    def warning(self, text: str) -> None:
+        self._emit("warning", text)
+
+    def error(self, text: str) -> None:
+        self._emit("error", text)
 
 
 class FallbackChain:
