@@ -119,10 +119,17 @@ def site(request: pytest.FixtureRequest, vmail: Account) -> Iterator[Site]:
             args += ["--quota", str(quota)]
         accounts.vmailctl(*args, stdin=password + "\n")
     accounts.vmailctl("user", "disable", "dis@home.com")
+    if request.param == "pgsql":
+        # Dovecot only reads: it logs in as a role that may SELECT and nothing else.
+        accounts.vmailctl("db", "grant-readonly", "dovecot_ro")
+        table["readonly_dsn"] = str(table["dsn"]).replace("user=postgres", "user=dovecot_ro")
+        _write_site_config(root, table, {"config_dir": str(generated)})
 
     # What the administrator runs: the files Dovecot uses come from vmailctl itself.
     out = accounts.vmailctl("dovecot-config", "--output", str(generated)).stdout
     assert "wrote" in out and "dovecot-sql.conf.ext" in out
+    if request.param == "pgsql":
+        assert "user=dovecot_ro" in (generated / "dovecot-sql.conf.ext").read_text()
     assert accounts.vmailctl("dovecot-config", "--output", str(generated)).stdout.endswith(": up to date\n")
     dovecot = Dovecot(root, vmail, cfg=vdeliver_config(root), generated=generated)
     dovecot.start()

@@ -175,6 +175,12 @@ def build_parser() -> _Parser:
 
     js(sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch"))
 
+    db = verbs("db", "the accounts database itself")
+    sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
+             "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)")
+    sp.add_argument("roles", nargs="+", metavar="ROLE")
+    sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+
     i = verbs("import", "import a site running the paper's set-up")
     sp = sub(i, "users", "the paper's users table (username, password, userpart, domain, forward, alias_for)")
     src = sp.add_mutually_exclusive_group(required=True)
@@ -292,6 +298,8 @@ class Context:
         except vconfig.ConfigError as exc:
             raise AccountsError(f"{exc.where}: {exc.message}") from None
         self.settings = vsettings.load(self.cfg)
+        for warning in self.settings.warnings:
+            sys.stderr.write(f"vmailctl: {warning}\n")
         self._store: Any = None
 
     @property
@@ -481,6 +489,29 @@ def cmd_check(ctx: Context) -> int:
     return EXIT_ERROR if found else EXIT_OK
 
 
+def cmd_db(ctx: Context) -> int:
+    from vdeliver.accounts import schema
+
+    roles = ctx.args.roles
+    for role in roles:
+        if not role or len(role) > 63 or not (role[0].isascii() and (role[0].isalpha() or role[0] == "_")) \
+                or not all(c.isascii() and (c.isalnum() or c == "_") for c in role) or role != role.lower():
+            raise UsageError(f"invalid role name {role[:80]!r} (lower-case letters, digits and _)")
+    statements = [st for role in roles for st in schema.readonly_grants(role)]
+    if ctx.args.sql:
+        print(";\n".join(statements) + ";")
+        return EXIT_OK
+    if ctx.settings.backend != "postgresql":
+        raise UsageError("db grant-readonly needs PostgreSQL ([accounts] dsn); SQLite has no roles: "
+                         "make the database file readable by the readers' group instead")
+    store = ctx.store
+    with store.transaction():
+        for st in statements:
+            store.execute(st)
+    print(f"granted read-only access to the accounts tables: {', '.join(roles)}")
+    return EXIT_OK
+
+
 def cmd_import(ctx: Context) -> int:
     from vdeliver.accounts import mailboxes
     from vdeliver.accounts.importer import Importer
@@ -571,7 +602,7 @@ def cmd_dovecot(ctx: Context) -> int:
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "domain": cmd_domain, "user": cmd_user, "alias": cmd_alias, "forward": cmd_forward,
     "catchall": cmd_catchall, "maps": cmd_maps, "check": cmd_check, "import": cmd_import,
-    "dovecot-config": cmd_dovecot,
+    "dovecot-config": cmd_dovecot, "db": cmd_db,
 }
 
 

@@ -115,13 +115,25 @@ def _home_from_maildir(maildir: str) -> str:
 def _database(cfg: object, driver: str, connect: str, where: str) -> tuple[str, str]:
     """Dovecot's SQL driver and connect string, from [dovecot] or else from [accounts]."""
     accounts = _table(cfg, "accounts")
-    url = str(accounts.get("dsn", "") or "")
+    # Dovecot only reads: the read-only role's dsn when there is one (`vmailctl db grant-readonly`).
+    readonly = str(accounts.get("readonly_dsn", "") or "")
+    url = readonly or str(accounts.get("dsn", "") or "")
+    secret = str(accounts.get("readonly_password_file" if readonly else "password_file", "") or "")
     if not driver:
         driver = "pgsql" if url else "sqlite"
     if driver not in ("sqlite", "pgsql"):
         raise DovecotConfigError(f"{where}: [dovecot] driver: must be sqlite or pgsql (got {driver!r})")
     if not connect and driver == "pgsql" and url:
         connect = _pg_connect(url)
+        if secret:
+            from vdeliver.accounts.settings import read_secret
+
+            try:
+                password = read_secret(secret)
+            except Exception as exc:  # its ConfigurationError says which file and why
+                raise DovecotConfigError(f"{where}: [accounts] password file: {exc}") from None
+            escaped = password.replace("\\", "\\\\").replace("'", "\\'")
+            connect += f" password='{escaped}'"  # the generated file is 0600 (SECRET_FILES)
     if not connect and driver == "sqlite":
         connect = str(accounts.get("database", "") or "/var/lib/vdeliver/accounts.sqlite")
     if not connect:
@@ -430,7 +442,8 @@ def example_files() -> dict[str, str]:
     mbox = Config(DEFAULT_PATH)
     maildir = Config(DEFAULT_PATH)
     maildir.format = "maildir"
-    pg = Config(DEFAULT_PATH, {"accounts": {"dsn": "host=/var/run/postgresql dbname=vmail user=dovecot"}})
+    pg = Config(DEFAULT_PATH, {"accounts": {"dsn": "host=/var/run/postgresql dbname=vmail user=vmailctl",
+                                            "readonly_dsn": "host=/var/run/postgresql dbname=vmail user=dovecot"}})
     files = render_files(mbox, lookup_uid=False)
     files["conf.d/90-vdeliver.conf.maildir"] = render_files(maildir, lookup_uid=False)["conf.d/90-vdeliver.conf"]
     files["dovecot-sql.conf.ext.pgsql"] = render_files(pg, lookup_uid=False)["dovecot-sql.conf.ext"]

@@ -70,3 +70,22 @@ CREATE_MIGRATIONS_TABLE = """CREATE TABLE schema_migrations (
     name VARCHAR(200) NOT NULL,
     applied_at VARCHAR(40) NOT NULL
 )"""
+
+
+# What the readers (Dovecot's SQL auth, the socketmap server) read: nothing else is granted.
+READER_TABLES = ("domains", "mailboxes", "aliases", "forwards", "meta")
+
+
+def readonly_grants(role: str) -> list[str]:
+    """PostgreSQL statements that make `role` (created if missing, LOGIN) able to read the
+    accounts tables of the current database and schema, and nothing more.  `role` must be
+    a plain identifier (checked by the caller)."""
+    tables = ", ".join(READER_TABLES)
+    return [
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+        f"THEN CREATE ROLE \"{role}\" LOGIN; END IF; END $$",
+        f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), '{role}'); "
+        f"EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), '{role}'); END $$",
+        f"REVOKE ALL ON {tables} FROM \"{role}\"",
+        f"GRANT SELECT ON {tables} TO \"{role}\"",
+    ]

@@ -3,6 +3,10 @@
     [accounts]
     database = "/var/lib/vdeliver/accounts.sqlite"   # SQLite (the default store), or:
     # dsn = "postgresql://vmailctl@db1,db2/vmail"     # PostgreSQL via psycopg 3 (libpq conninfo)
+    # password_file = "/etc/vdeliver/db-password"     # the dsn's password, kept out of this file
+    # readonly_dsn = "host=/run/postgresql dbname=vmail user=vdeliver_ro"   # for the readers:
+    #                                 # the socketmap server and Dovecot (`vmailctl db grant-readonly`)
+    # readonly_password_file = ""
     vmail_user = "vmail"            # owner of the mailboxes vmailctl creates
     vmail_group = "vmail"
     password_scheme = "ARGON2ID"    # or "BLF-CRYPT"
@@ -22,12 +26,17 @@
     relay_clients = "127.0.0.1 localhost"   # Connect:X RELAY lines in access.in and access_out
 
 Every error names the file, line and key (Config.where).
+
+Secrets: a password may sit in the dsn, but then the configuration file must not be
+readable by everyone (`install -m 0640 -o root -g vmail`); `load()` notes a readable
+file holding a password in `Settings.warnings`, which every command prints (or logs)
+at start.  Better, `password_file` holds it apart (one line, mode 0600 or 0640).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vdeliver.accounts.errors import ConfigurationError
 from vdeliver.config import Config
@@ -54,16 +63,33 @@ class Settings:
     reject_unknown: bool = True
     local_host_names: str = ""
     relay_clients: str = "127.0.0.1 localhost"
+    password_file: str = ""
+    readonly_dsn: str = ""
+    readonly_password_file: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def backend(self) -> str:
         return "postgresql" if self.dsn else "sqlite"
+
+    def connect_args(self, readonly: bool = False) -> tuple[str, dict[str, str]]:
+        """(conninfo, extra psycopg.connect keywords) for vmailctl, or for a reader.
+
+        A reader (socketmap server) uses readonly_dsn when one is set; the password comes
+        from the matching password file when one is set."""
+        if readonly and self.readonly_dsn:
+            dsn, secret = self.readonly_dsn, self.readonly_password_file
+        else:
+            dsn, secret = self.dsn, self.password_file
+        extra = {"password": read_secret(secret)} if secret else {}
+        return dsn, extra
 
 
 _ACCOUNTS: dict[str, type] = {
     "database": str, "dsn": str, "vmail_user": str, "vmail_group": str, "password_scheme": str,
     "argon2_time_cost": int, "argon2_memory_cost": int, "argon2_parallelism": int, "bcrypt_rounds": int,
     "busy_timeout": int, "connect_timeout": int, "default_quota": int,
+    "password_file": str, "readonly_dsn": str, "readonly_password_file": str,
 }
 _MAPS: dict[str, tuple[str, type]] = {
     "directory": ("maps_directory", str), "makemap": ("makemap", str), "reject_unknown": ("reject_unknown", bool),
@@ -118,6 +144,21 @@ def load(cfg: Config) -> Settings:
         raise ConfigurationError(f"{where}: must be at least 8 x argon2_parallelism")
     if s.bcrypt_rounds > 31:
         raise ConfigurationError(f"{cfg.where('accounts', 'bcrypt_rounds')}: must be at most 31")
+    for key in ("password_file", "readonly_password_file"):
+        path = getattr(s, key)
+        if path:
+            if not os.path.isabs(path):
+                raise ConfigurationError(f"{cfg.where('accounts', key)}: must be an absolute path")
+            try:
+                read_secret(path)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{cfg.where('accounts', key)}: {exc}") from None
+            if _others_can_read(path):
+                s.warnings.append(_readable_warning(path, "the database password"))
+    if s.readonly_dsn and not s.dsn:
+        raise ConfigurationError(f"{cfg.where('accounts', 'readonly_dsn')}: needs dsn (PostgreSQL) as well")
+    if cfg.path and (_has_password(s.dsn) or _has_password(s.readonly_dsn)) and _others_can_read(cfg.path):
+        s.warnings.append(_readable_warning(cfg.path, "a database password (in dsn)"))
     if not os.path.isabs(s.maps_directory):
         raise ConfigurationError(f"{cfg.where('maps', 'directory')}: must be an absolute path")
     if s.makemap and not os.path.isabs(s.makemap):
@@ -127,3 +168,48 @@ def load(cfg: Config) -> Settings:
             if not all(c.isalnum() or c in ".-:[]_" for c in word):
                 raise ConfigurationError(f"{cfg.where('maps', key)}: invalid host name {word!r}")
     return s
+
+
+def read_secret(path: str) -> str:
+    """The first line of a password file; refuses anything but a regular file."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read password file {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigurationError(f"password file {path} is not a regular file")
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    text = data.decode("utf-8", "replace").split("\n", 1)[0].rstrip("\r")
+    if not text:
+        raise ConfigurationError(f"password file {path} is empty")
+    return text
+
+
+def _others_can_read(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o004)
+    except OSError:
+        return False
+
+
+def _readable_warning(path: str, what: str) -> str:
+    return (f"warning: {path} holds {what} and every user can read it: "
+            f"chown root:vmail {path} && chmod 0640 {path}")
+
+
+def _has_password(dsn: str) -> bool:
+    """Does a libpq conninfo (key=value words or a URL) carry a password?"""
+    if not dsn:
+        return False
+    if dsn.startswith(("postgresql://", "postgres://")):
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(dsn)
+        return bool(parts.password) or "password" in parse_qs(parts.query)
+    return any(word.strip().startswith("password") and "=" in word
+               for word in dsn.replace(" =", "=").split())

@@ -584,7 +584,8 @@ class PostgresStore(Store):
             import psycopg
         except ImportError:
             raise TemporaryError("PostgreSQL needs psycopg 3: pip install 'vdeliver[postgres]'") from None
-        conn = psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=self.settings.connect_timeout)
+        dsn, extra = self.settings.connect_args()
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=self.settings.connect_timeout, **extra)
         timeout = max(1, self.settings.busy_timeout) * 1000
         conn.execute(f"SET lock_timeout = {int(timeout)}")
         conn.execute("SET client_min_messages = warning")

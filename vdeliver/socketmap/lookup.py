@@ -125,7 +125,8 @@ class Backend:
             return lite
         import psycopg
 
-        conn = psycopg.connect(self.settings.dsn, autocommit=True, connect_timeout=self.settings.connect_timeout)
+        dsn, extra = self.settings.connect_args(readonly=True)  # readonly_dsn when set: GRANT SELECT only
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=self.settings.connect_timeout, **extra)
         conn.execute(f"SET statement_timeout = {max(1, int(self.statement_timeout * 1000))}")
         return conn
 

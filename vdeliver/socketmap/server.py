@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     except BackendConfigError as exc:
         print(f"vdeliver-socketmapd: {exc}", file=sys.stderr)
         return EX_CONFIG
+    for warning in getattr(backend.settings, "warnings", []):
+        log.warning(warning)
     if args.check:
         try:
             backend.check()
