@@ -6,8 +6,8 @@ line, and the server keeps answering."""
 from __future__ import annotations
 
 import select
-import time
 import shutil
+import time
 from pathlib import Path
 
 import pytest

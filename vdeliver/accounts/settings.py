@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from vdeliver.accounts.errors import ConfigurationError
 from vdeliver.config import Config
@@ -72,7 +73,7 @@ class Settings:
     def backend(self) -> str:
         return "postgresql" if self.dsn else "sqlite"
 
-    def connect_args(self, readonly: bool = False) -> tuple[str, dict[str, str]]:
+    def connect_args(self, readonly: bool = False) -> tuple[str, dict[str, Any]]:
         """(conninfo, extra psycopg.connect keywords) for vmailctl, or for a reader.
 
         A reader (socketmap server) uses readonly_dsn when one is set; the password comes
