@@ -29,6 +29,13 @@ class Conflict(AccountsError):
     """The request clashes with what exists (duplicate, loop, dependent rows)."""
 
 
+class BadRow(AccountsError):
+    """A row read back from the database that vmailctl could never have written (edited by
+    hand, by another tool or by an intruder): it never becomes a map line or an answer."""
+
+    bad_row = True
+
+
 class ConfigurationError(AccountsError):
     """A bad [accounts] or [maps] setting; the message names the key."""
 

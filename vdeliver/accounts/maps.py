@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vdeliver.accounts import names
-from vdeliver.accounts.errors import AccountsError, TemporaryError
+from vdeliver.accounts.errors import AccountsError, BadRow, TemporaryError
 from vdeliver.accounts.settings import Settings
 from vdeliver.accounts.store import Snapshot, Store
 
@@ -76,8 +76,58 @@ def _header(name: str, purpose: str) -> str:
             f"# Do not edit: changes are overwritten.  {purpose}\n")
 
 
+_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def _bad(table: str, row: str, why: str) -> BadRow:
+    return BadRow(f"refusing database row {table} {row[:120]!r}: {why} "
+                  "(not written by vmailctl: fix or delete it, then run `vmailctl check`)")
+
+
+def _check_domain(table: str, value: object) -> None:
+    if not isinstance(value, str) or not value or not _DOMAIN_CHARS.issuperset(value) or ".." in value \
+            or value[0] in ".-" or value[-1] in ".-":
+        raise _bad(table, repr(value), "not a domain name")
+
+
+def _check_address(table: str, value: object, target: bool) -> None:
+    if not isinstance(value, str):
+        raise _bad(table, repr(value), "not an address")
+    local, sep, dom = value.rpartition("@")
+    allowed = names._TARGET_LOCAL if target else names._USER_CHARS
+    if not sep or not local or not allowed.issuperset(local) or local[0] == "." or local[-1] == "." \
+            or ".." in local or len(value) > names.MAX_ADDRESS:
+        raise _bad(table, value, "not a plain user@domain address (program, file, :include: or line break?)")
+    _check_domain(table, dom)
+
+
+def check_rows(snap: Snapshot) -> None:
+    """Validate every row again before it becomes a map line or a socketmap answer.
+
+    The schema's CHECKs keep names lower-case and targets `%_@_%`, which still admits
+    `"|/bin/sh -c ..."@x`, `/etc/passwd@x` or a line break that adds map entries: sendmail
+    would run such a target, or write to it, as its default user.  Only the characters
+    vmailctl's own validators allow get through; anything else raises BadRow."""
+    for d in snap.domains:
+        _check_domain("domains", d["name"])
+        if d["alias_of"] is not None:
+            _check_domain("domains.alias_of", d["alias_of"])
+        if d["catchall"] is not None:
+            _check_address("domains.catchall", d["catchall"], target=True)
+    for m in snap.mailboxes:
+        _check_address("mailboxes", f"{m['username']}@{m['domain']}", target=False)
+        if m.get("status", "active") not in ("active", "disabled", "suspended"):
+            raise _bad("mailboxes", f"{m['username']}@{m['domain']}", f"unknown status {m.get('status')!r}")
+    for table, entries in (("aliases", snap.aliases), ("forwards", snap.forwards)):
+        for addr, targets in entries.items():
+            _check_address(table, addr, target=False)
+            for t in targets:
+                _check_address(f"{table}.target", t, target=True)
+
+
 def render(snap: Snapshot, settings: Settings, hostname: str) -> dict[str, str]:
-    """The text of every map, from one consistent snapshot."""
+    """The text of every map, from one consistent snapshot (validated first: check_rows)."""
+    check_rows(snap)
     mailboxes = {(m["username"], m["domain"]): m for m in snap.mailboxes}
     real = [d for d in snap.domains if not d["alias_of"]]
     alias_domains = [d for d in snap.domains if d["alias_of"]]

@@ -175,4 +175,6 @@ def _reply(value: str | None) -> p.Reply:
 
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if getattr(exc, "bad_row", False):  # a row vmailctl never wrote: TEMP until someone fixes it
+        return text[:300]
     return f"database unavailable: {text[:200]}"
