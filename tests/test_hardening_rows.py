@@ -18,7 +18,6 @@ from tests.test_socketmap_support import Client, populate, running_server, serve
 from vdeliver.accounts.settings import load as load_settings
 from vdeliver.accounts.store import open_store
 from vdeliver.config import load as load_config
-from vdeliver.socketmap import protocol as p
 
 pytestmark = pytest.mark.peers
 
