@@ -345,8 +345,8 @@ def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k
         elif point == "unlink":
             real_link = os.link
 
-            def link(src: str, dst: str) -> None:
-                real_link(src, dst)
+            def link(src: str, dst: str, **kw: object) -> None:
+                real_link(src, dst, **kw)  # type: ignore[arg-type]
                 _suicide()
 
             os.link = link  # type: ignore[assignment]

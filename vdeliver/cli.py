@@ -219,6 +219,8 @@ def run() -> None:
     """
     code = main()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):
@@ -238,9 +240,41 @@ def _drop_root(cfg: "object", doing: str) -> None:
     _switch_user(user, getattr(cfg, "group", ""))
 
 
+_STDIN_CLOSED = False
+
+
+def _standard_streams() -> None:
+    """Give closed descriptors 0, 1 and 2 /dev/null, before anything else opens a file.
+
+    sendmail may run a mailer so.  Left closed, the next open (syslog's socket, a
+    mailbox) would take the number: a drain of "stdin" would then read the syslog
+    socket for ever, and a message line written to "stderr" would land in a mailbox.
+    Python also leaves sys.stdin/stdout/stderr as None then."""
+    global _STDIN_CLOSED
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if fd == 0:
+                _STDIN_CLOSED = True
+            try:
+                got = os.open("/dev/null", os.O_RDWR)
+            except OSError:
+                return
+            if got != fd:  # cannot happen while fd is the lowest free one; never keep a stray
+                os.close(got)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            try:
+                setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))
+            except OSError:
+                pass
+
+
 def main(argv: "list[str] | None" = None) -> int:
     started = time.time()
     try:
+        _standard_streams()
         return _main(sys.argv[1:] if argv is None else argv, started)
     except KeyboardInterrupt:
         _say(Status("4.3.0", "interrupted"))
@@ -268,10 +302,13 @@ def main(argv: "list[str] | None" = None) -> int:
 
 
 def _say(status: Status) -> None:
+    """The one line sendmail puts into the DSN: printable, never raises."""
     try:
-        sys.stderr.write(f"vdeliver: {status.text()}\n")
+        from vdeliver.log import escape
+
+        sys.stderr.write(f"vdeliver: {escape(status.text())}\n")
         sys.stderr.flush()
-    except OSError:
+    except Exception:  # noqa: BLE001 - a closed or broken stderr must not change the outcome
         pass
 
 
@@ -347,21 +384,38 @@ def _main(argv: "list[str]", started: float) -> int:
         if args.dry_run:
             sys.stdout.write(f"{target.format} {target.path}{' (created on delivery)' if target.create else ''}\n")
             return EX_OK
+        if _STDIN_CLOSED:
+            raise DeliveryError(Status("4.3.0", "no message", "standard input is closed"))
         result = deliver(cfg, rcpt, 0, sender, target)
     except DeliveryError as exc:
         status = exc.status
         _say(status)
-        if logger is None:
-            logger = Logger()
-        logger.info(
-            delivery_line(to, sender, 0, time.time() - started, status.dsn, status.word,
-                          f"{status.reason}: {status.detail}" if status.detail else status.reason)
-        )
+        try:
+            if logger is None:
+                logger = Logger()
+            shown = None if sender is None else _sanitized(sender)
+            logger.info(
+                delivery_line(to, shown, 0, time.time() - started, status.dsn, status.word,
+                              f"{status.reason}: {status.detail}" if status.detail else status.reason)
+            )
+        except Exception:  # noqa: BLE001 - the status decides the exit code, not the log
+            pass
         if not args.dry_run:
             _drain()
         return status.exit_code()
-    for note in result.notes:
-        logger.warning(f"to=<{to}>, broke stale lock {note}")
-    where = f"{result.target.format} {result.target.path}"
-    logger.info(delivery_line(to, result.sender, result.size, time.time() - started, "2.0.0", "sent", where))
+    # The commit point: the message is durable.  Whatever fails from here on (the log, a
+    # closed stderr, a signal), the answer is 0: a 75 would make sendmail store it again.
+    try:
+        for note in result.notes:
+            logger.warning(f"to=<{to}>, broke stale lock {note}")
+        where = f"{result.target.format} {result.target.path}"
+        logger.info(delivery_line(to, result.sender, result.size, time.time() - started, "2.0.0", "sent", where))
+    except BaseException:  # noqa: BLE001
+        pass
     return EX_OK
+
+
+def _sanitized(sender: str) -> str:
+    from vdeliver.message import sanitize_sender
+
+    return sanitize_sender(sender)

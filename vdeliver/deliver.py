@@ -147,4 +147,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         )
         return Result(target, msg.input_size, msg.sender, [], name)
     finally:
-        msg.close()
+        try:
+            msg.close()
+        except OSError:  # the spool only; whatever the store did stands
+            pass

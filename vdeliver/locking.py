@@ -108,11 +108,7 @@ class DotLock:
         except OSError:
             return False
         reason = ""
-        try:
-            with open(self.lockpath, "rb") as f:
-                data = f.read(256)
-        except OSError:
-            data = b""
+        data = _read_lock(self.lockpath)
         pid_s, colon, host = data.strip().partition(b":")
         if colon and host.decode("utf-8", "replace") == self.host and pid_s.isdigit():
             pid = int(pid_s)
@@ -139,16 +135,18 @@ class DotLock:
         return True
 
     def acquire(self) -> None:
+        """Every round checks the deadline: a stale lock that cannot be removed (a directory
+        we may not write, a lock that is a directory) must not make this loop spin for ever."""
         start = time.monotonic()
         attempt = 0
         while not self._try_once():
-            if self._stale():
-                continue
+            broken = self._stale()
             waited = time.monotonic() - start
             if waited >= self.timeout:
                 raise _timeout("dotlock", self.lockpath, waited)
-            time.sleep(_sleep_step(attempt))
-            attempt += 1
+            if not broken or os.path.lexists(self.lockpath):
+                time.sleep(_sleep_step(attempt))
+                attempt += 1
         self.held = True
 
     def refresh(self, force: bool = False) -> None:
@@ -178,6 +176,25 @@ class DotLock:
                 os.unlink(self.lockpath)
         except OSError:
             pass
+
+
+def _read_lock(path: str) -> bytes:
+    """The start of a lock file, without blocking: a FIFO or device planted as the lock
+    must not hang us (O_NONBLOCK), and it is not read unless it is a regular file."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.read(fd, 256)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def fcntl_lock(fd: int, path: str, timeout: float, write: bool = True) -> None:

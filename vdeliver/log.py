@@ -6,6 +6,14 @@
 Log lines are for the administrator and may name paths; what the sender sees is
 only the status reason written to stderr.  Uses the C syslog module (no sockets
 are imported on the delivery path).
+
+Remote senders choose the envelope sender and much of what a line quotes, so a
+line is never encoded strictly and never trusted to be one line: `escape()` turns
+control characters and 8-bit bytes (also those kept as surrogates from undecodable
+input) into `\\xNN`, as Postfix does, and the address fields are escaped harder
+(`field()`: also backslash, space, comma, `<`, `>`), so a sender such as
+`a>, status=sent (x` cannot forge a field.  Logging never raises: a line that
+cannot be written is dropped (a delivered message must not become a failure).
 """
 
 import os
@@ -37,15 +45,15 @@ class Logger:
                 self.mode = "stderr"
 
     def log(self, priority: int, text: str) -> None:
-        text = text.replace("\n", " ").replace("\r", " ")
-        if self._syslog is not None:
-            self._syslog.syslog(priority, text)
-        elif self.mode == "stderr":
-            try:
+        try:
+            text = escape(text)
+            if self._syslog is not None:
+                self._syslog.syslog(priority, text)
+            elif self.mode == "stderr":
                 sys.stderr.write(f"{self.ident}[{os.getpid()}]: {text}\n")
                 sys.stderr.flush()
-            except OSError:
-                pass
+        except Exception:  # noqa: BLE001 - a log line is never worth a failed delivery
+            pass
 
     def info(self, text: str) -> None:
         self.log(LOG_INFO, text)
@@ -57,8 +65,37 @@ class Logger:
         self.log(LOG_ERR, text)
 
 
+def _escaped(text: str, extra: str) -> str:
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0x20 <= o < 0x7F and ch not in extra:
+            out.append(ch)
+        elif 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif o < 0x80:
+            out.append(f"\\x{o:02x}")
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def escape(text: str) -> str:
+    """One printable ASCII line: control characters and 8-bit bytes as `\\xNN` (idempotent)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return _escaped(text, "")
+
+
+def field(text: str) -> str:
+    """An address field's value: also `\\`, space, `,`, `<` and `>` escaped, so it cannot end
+    its field or pass for an escape."""
+    return _escaped(text, "\\ ,<>")
+
+
 def delivery_line(to: str, sender: "str | None", size: int, delay: float, dsn: str, word: str, why: str) -> str:
     shown = "" if sender is None else sender
     return (
-        f"to=<{to}>, sender=<{shown}>, size={size}, delay={delay:.3f}, dsn={dsn}, status={word} ({why})"
+        f"to=<{field(to)}>, sender=<{field(shown)}>, size={size}, delay={delay:.3f}, dsn={dsn}, "
+        f"status={word} ({escape(why)})"
     )

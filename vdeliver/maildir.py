@@ -3,7 +3,11 @@
 1. write tmp/<name> (O_EXCL), fsync it;
 2. link() it to new/<name> (a clash picks a new name), fsync new/ so the entry
    survives a power cut (mpop#8), unlink the tmp file.
-Any failure removes the tmp file.  Names follow Dovecot:
+Any failure removes the tmp file.  Every step after the first open is relative to
+directory descriptors of the Maildir, tmp/ and new/ (opened O_NOFOLLOW): the
+vmail user owns these directories, and a path checked once could name another
+place by the time of the link().  Once new/ is synced, nothing (quota
+bookkeeping, tmp/ cleaning) can turn the delivery into a failure.  Names follow Dovecot:
 `<secs>.M<usecs>P<pid>R<random>.<host>,S=<size>,W=<size with CRLF>`.
 
 Maildir++ quota: `maildirsize` holds `<bytes>S,<count>C` on its first line and one
@@ -66,26 +70,48 @@ def create(path: str) -> None:
         raise _fail("cannot create mailbox", f"{path}: {exc.strerror}") from None
 
 
-def _check_dir(path: str) -> None:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_dir(path: str) -> int:
+    """The Maildir itself, opened without following a link; every later step is relative to
+    this descriptor (or to tmp/'s and new/'s), so a directory swapped for a symbolic link
+    after the checks cannot redirect the message."""
     try:
-        st = os.lstat(path)
+        fd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
         raise _fail("user unknown", f"no mailbox {path}", "5.1.1") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _fail("mailbox is a symbolic link", path) from None
+        if exc.errno == errno.ENOTDIR:
+            raise _fail("mailbox is not a Maildir", f"{path} is not a directory") from None
         raise _fail("cannot open mailbox", f"{path}: {exc.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise _fail("mailbox is a symbolic link", path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise _fail("mailbox is not a Maildir", f"{path} is not a directory")
-    for sub in ("tmp", "new"):
-        try:
-            sst = os.lstat(os.path.join(path, sub))
-        except OSError as exc:
-            raise _fail("mailbox is not a Maildir", f"{path}/{sub}: {exc.strerror}") from None
-        if not stat.S_ISDIR(sst.st_mode):
-            raise _fail("mailbox is not a Maildir", f"{path}/{sub} is not a directory")
+    st = os.fstat(fd)
     if st.st_uid != os.geteuid():
+        os.close(fd)
         raise _fail("mailbox has the wrong owner", f"{path}: uid {st.st_uid}, we are {os.geteuid()}")
+    return fd
+
+
+def _open_sub(dirfd: int, sub: str, path: str) -> int:
+    try:
+        return os.open(sub, _DIR_FLAGS, dir_fd=dirfd)
+    except OSError as exc:
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else (
+            "is not a directory" if exc.errno == errno.ENOTDIR else exc.strerror)
+        raise _fail("mailbox is not a Maildir", f"{path}/{sub}: {why}") from None
+
+
+def _check_dir(path: str) -> None:
+    """Raise unless path is a Maildir (tmp/ and new/) owned by us."""
+    fd = _open_dir(path)
+    try:
+        for sub in ("tmp", "new"):
+            os.close(_open_sub(fd, sub, path))
+    finally:
+        os.close(fd)
 
 
 # -- Maildir++ quota -------------------------------------------------------------
@@ -108,15 +134,45 @@ def parse_quota_definition(line: str) -> "tuple[int, int]":
     return limit_bytes, limit_count
 
 
-def read_quota(path: str) -> "tuple[int, int, int, int, int] | None":
-    """(limit_bytes, limit_count, used_bytes, used_count, file_size), or None."""
+def _read_quota_file(path: str, dirfd: "int | None") -> "bytes | None":
+    """maildirsize's bytes, or None when there is none.  Opened O_NONBLOCK|O_NOFOLLOW and
+    checked to be a regular file: a FIFO or device planted there must not hang delivery."""
     try:
-        with open(os.path.join(path, QUOTA_FILE), "rb") as f:
-            data = f.read(1 << 20)
+        if dirfd is None:
+            fd = os.open(os.path.join(path, QUOTA_FILE), os.O_RDONLY | _FILE_FLAGS)
+        else:
+            fd = os.open(QUOTA_FILE, os.O_RDONLY | _FILE_FLAGS, dir_fd=dirfd)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _fail("cannot read quota", f"{path}/{QUOTA_FILE}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _fail("quota file is not a regular file", f"{path}/{QUOTA_FILE}")
+        chunks = []
+        total = 0
+        while total < (1 << 20):
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+            total += len(data)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise _fail("cannot read quota", f"{path}/{QUOTA_FILE}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_quota(path: str, dirfd: "int | None" = None) -> "tuple[int, int, int, int, int] | None":
+    """(limit_bytes, limit_count, used_bytes, used_count, file_size), or None."""
+    data = _read_quota_file(path, dirfd)
+    if data is None:
+        return None
+    return _parse_quota(data)
+
+
+def _parse_quota(data: bytes) -> "tuple[int, int, int, int, int]":
     lines = data.decode("ascii", "replace").split("\n")
     limit_bytes, limit_count = parse_quota_definition(lines[0])
     used_bytes = used_count = 0
@@ -138,7 +194,7 @@ def _size_from_name(name: str) -> "int | None":
     return None
 
 
-def recalculate(path: str, definition: str) -> "tuple[int, int]":
+def recalculate(path: str, definition: str, dirfd: "int | None" = None) -> "tuple[int, int]":
     """Rebuild maildirsize from the messages in new/ and cur/ of every folder."""
     used_bytes = used_count = 0
     folders = [path] + [
@@ -161,30 +217,41 @@ def recalculate(path: str, definition: str) -> "tuple[int, int]":
                         continue
                 used_bytes += size
                 used_count += 1
-    tmp = os.path.join(path, "tmp", f"{QUOTA_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+    tmp = f"tmp/{QUOTA_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
     content = f"{definition.strip()}\n{used_bytes} {used_count}\n".encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    own = dirfd is None
+    mfd: int = _open_dir(path) if dirfd is None else dirfd
     try:
-        _write_all(fd, content)
-        os.fsync(fd)
+        tfd = _open_sub(mfd, "tmp", path)
+        try:
+            name = os.path.basename(tmp)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=tfd)
+            try:
+                _write_all(fd, content)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(name, QUOTA_FILE, src_dir_fd=tfd, dst_dir_fd=mfd)
+        finally:
+            os.close(tfd)
     finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(path, QUOTA_FILE))
+        if own:
+            os.close(mfd)
     return used_bytes, used_count
 
 
-def check_quota(path: str, size: int, over_quota_bounce: bool) -> bool:
+def check_quota(path: str, size: int, over_quota_bounce: bool, dirfd: "int | None" = None) -> bool:
     """Refuse a message over quota; True when maildirsize exists and must be updated."""
-    quota = read_quota(path)
-    if quota is None:
+    data = _read_quota_file(path, dirfd)
+    if data is None:
         return False
-    limit_bytes, limit_count, used_bytes, used_count, file_size = quota
+    limit_bytes, limit_count, used_bytes, used_count, file_size = _parse_quota(data)
     if file_size >= QUOTA_REBUILD_AT:
-        with open(os.path.join(path, QUOTA_FILE), "rb") as f:
-            definition = f.readline().decode("ascii", "replace")
+        definition = data.split(b"\n", 1)[0].decode("ascii", "replace")
         try:
-            used_bytes, used_count = recalculate(path, definition)
-        except OSError:
+            used_bytes, used_count = recalculate(path, definition, dirfd)
+        except (OSError, DeliveryError):
             pass
     if (limit_bytes and used_bytes + size > limit_bytes) or (limit_count and used_count + 1 > limit_count):
         dsn = "5.2.2" if over_quota_bounce else "4.2.2"
@@ -196,13 +263,16 @@ def check_quota(path: str, size: int, over_quota_bounce: bool) -> bool:
     return True
 
 
-def _add_to_quota(path: str, size: int) -> None:
+def _add_to_quota(dirfd: int, size: int) -> None:
+    """Bookkeeping after the message is in new/: it may fail, never raise (the message is
+    delivered; a lost line is corrected by the next recalculation)."""
     try:
-        fd = os.open(os.path.join(path, QUOTA_FILE), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(QUOTA_FILE, os.O_WRONLY | os.O_APPEND | _FILE_FLAGS, dir_fd=dirfd)
     except OSError:
         return
     try:
-        os.write(fd, f"{size} 1\n".encode())
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.write(fd, f"{size} 1\n".encode())
     except OSError:
         pass
     finally:
@@ -222,27 +292,44 @@ def deliver(
     """Store msg in the Maildir at path; returns the new file's name."""
     if create_missing and not os.path.lexists(path):
         create(path)
-    _check_dir(path)
-    tmpdir = os.path.join(path, "tmp")
-    newdir = os.path.join(path, "new")
-    leftover = _linked_leftover(tmpdir, msg)
-    if leftover is not None:
-        # sendmail's retry of a delivery killed between link() and unlink(): the message
-        # is already in the Maildir.  Finish that delivery instead of storing a copy.
-        _remove(leftover)
-        if os.path.exists(os.path.join(path, QUOTA_FILE)):
-            _add_to_quota(path, msg.length)
-        return os.path.basename(leftover)
-    update_quota = check_quota(path, msg.length, over_quota_bounce)
+    mfd = _open_dir(path)
+    tfd = nfd = -1
+    try:
+        tfd = _open_sub(mfd, "tmp", path)
+        nfd = _open_sub(mfd, "new", path)
+        leftover = _linked_leftover(tfd, msg)
+        if leftover is not None:
+            # sendmail's retry of a delivery killed between link() and unlink(): the message
+            # is already in the Maildir.  Finish that delivery instead of storing a copy.
+            _after_link(mfd, tfd, leftover, msg.length, True, 0)
+            return leftover
+        update_quota = check_quota(path, msg.length, over_quota_bounce, mfd)
+        name = _store(path, msg, tfd, nfd, host, over_quota_bounce, before_link)
+        # The commit point: the file is in new/ and new/ is synced.  What follows is
+        # housekeeping and never turns the delivery into a failure.
+        _after_link(mfd, tfd, name, msg.length, update_quota, tmp_max_age)
+        return name
+    finally:
+        for fd in (nfd, tfd, mfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_bounce: bool,
+           before_link: "object") -> str:
+    """tmp/NAME written and synced, linked to new/NAME, new/ synced; tmp/NAME still there."""
     for _attempt in range(10):
         name = unique_name(host, msg.length, msg.rfc822_size)
-        tmp = os.path.join(tmpdir, name)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=tfd)
         except FileExistsError:
             continue
         except OSError as exc:
-            raise _fail("cannot write mailbox", f"{tmpdir}: {exc.strerror}") from None
+            raise _fail("cannot write mailbox", f"{path}/tmp: {exc.strerror}") from None
         try:
             try:
                 for chunk in msg.spool.chunks():
@@ -252,33 +339,38 @@ def deliver(
                 os.close(fd)
             if before_link is not None:
                 before_link()  # type: ignore[operator]
-            final = os.path.join(newdir, name)
             try:
-                os.link(tmp, final)
+                os.link(name, name, src_dir_fd=tfd, dst_dir_fd=nfd, follow_symlinks=False)
             except FileExistsError:
-                os.unlink(tmp)
+                _remove(name, tfd)
                 continue
             try:
-                _fsync_dir(newdir)
+                os.fsync(nfd)
             except OSError:
-                _remove(final)  # not acknowledged: sendmail will try again
+                _remove(name, nfd)  # not acknowledged: sendmail will try again
                 raise
         except OSError as exc:
-            _remove(tmp)
+            _remove(name, tfd)
             raise MaildirError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
         except BaseException:
-            _remove(tmp)
+            _remove(name, tfd)
             raise
-        _remove(tmp)
-        if update_quota:
-            _add_to_quota(path, msg.length)
-        if tmp_max_age > 0 and os.urandom(1)[0] < CLEAN_ODDS:
-            clean_tmp(tmpdir, tmp_max_age)
         return name
-    raise _fail("cannot write mailbox", f"{newdir}: no unique name after 10 tries")
+    raise _fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
 
 
-def clean_tmp(tmpdir: str, max_age: int, now: "float | None" = None) -> int:
+def _after_link(mfd: int, tfd: int, name: str, size: int, update_quota: bool, tmp_max_age: int) -> None:
+    try:
+        _remove(name, tfd)
+        if update_quota:
+            _add_to_quota(mfd, size)
+        if tmp_max_age > 0 and os.urandom(1)[0] < CLEAN_ODDS:
+            clean_tmp(tfd, tmp_max_age)
+    except Exception:  # noqa: BLE001 - delivered is delivered
+        pass
+
+
+def clean_tmp(tmpdir: "str | int", max_age: int, now: "float | None" = None) -> int:
     """Remove files older than max_age from tmp/ (left by killed deliveries).
 
     The Maildir convention: a tmp/ file neither written nor read for 36 hours is
@@ -288,26 +380,32 @@ def clean_tmp(tmpdir: str, max_age: int, now: "float | None" = None) -> int:
     """
     cutoff = (time.time() if now is None else now) - max_age
     removed = 0
+    own = isinstance(tmpdir, str)
     try:
-        entries = os.scandir(tmpdir)
+        dirfd = os.open(tmpdir, _DIR_FLAGS) if isinstance(tmpdir, str) else tmpdir
     except OSError:
         return 0
-    with entries:
-        for entry in entries:
+    try:
+        for name in os.listdir(dirfd):
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode) and max(st.st_mtime, st.st_atime) < cutoff:
                 try:
-                    os.unlink(entry.path)
+                    os.unlink(name, dir_fd=dirfd)
                     removed += 1
                 except OSError:
                     pass
+    except OSError:
+        pass
+    finally:
+        if own:
+            os.close(dirfd)
     return removed
 
 
-def _linked_leftover(tmpdir: str, msg: Prepared) -> "str | None":
+def _linked_leftover(tfd: int, msg: Prepared) -> "str | None":
     """A tmp/ file with a second link (in new/ or cur/) holding exactly this record.
 
     Only a delivery killed after link() and before unlink() leaves one; tmp/ is
@@ -315,28 +413,27 @@ def _linked_leftover(tmpdir: str, msg: Prepared) -> "str | None":
     filters the candidates before any byte is compared.
     """
     try:
-        names = os.listdir(tmpdir)
+        names = os.listdir(tfd)
     except OSError:
         return None
     marker = f",S={msg.length},"
     for name in names:
         if marker not in name:
             continue
-        candidate = os.path.join(tmpdir, name)
         try:
-            st = os.lstat(candidate)
+            st = os.stat(name, dir_fd=tfd, follow_symlinks=False)
         except OSError:
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2 or st.st_size != msg.length:
             continue
-        if _same_bytes(candidate, msg):
-            return candidate
+        if _same_bytes(name, tfd, msg):
+            return name
     return None
 
 
-def _same_bytes(path: str, msg: Prepared) -> bool:
+def _same_bytes(name: str, tfd: int, msg: Prepared) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | _FILE_FLAGS, dir_fd=tfd)
     except OSError:
         return False
     try:
@@ -352,16 +449,8 @@ def _same_bytes(path: str, msg: Prepared) -> bool:
         os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _remove(name: str, dirfd: int) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass

@@ -129,7 +129,10 @@ def deliver(
                 locking.fcntl_unlock(fd)
             # Close before the dotlock goes: fcntl locks belong to the process, so in a
             # threaded caller (the LMTP server) a later close would drop a sibling's lock.
-            os.close(fd)
+            try:
+                os.close(fd)  # after a successful fsync nothing here may turn success into failure
+            except OSError:
+                pass
             lock.release()
     raise _fail("mailbox keeps changing", f"{path} was replaced three times while locking")
 
@@ -152,6 +155,10 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
             _write_all(fd, chunk)
             lock.refresh()
         os.fsync(fd)
+        if journal is not None:
+            # The commit point is the journal's removal: a journal left beside a whole record
+            # would make the next delivery cut it.  If it cannot go, undo the append instead.
+            journal.end()
     except BaseException as exc:
         _rollback(fd, path, size)
         if journal is not None:
@@ -159,8 +166,6 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
         if isinstance(exc, OSError):
             raise MboxError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
         raise
-    if journal is not None:
-        journal.end()
 
 
 def _rollback(fd: int, path: str, size: int) -> None:

@@ -34,6 +34,7 @@ Design notes and the fault table: docs/crash-safety.md.  Only `os` at import
 time: this module is on the delivery path.
 """
 
+import errno
 import os
 
 from vdeliver.errors import DeliveryError, Status
@@ -42,6 +43,7 @@ from vdeliver.message import Prepared
 
 SUFFIX = ".vdeliver-journal"
 UNRESOLVED = ".unresolved"
+UNTRUSTED_SUFFIX = ".untrusted"
 MAGIC = "vdeliver-journal"
 VERSION = "2"  # version 1 journals (no boot id, durable removal) are still read
 HEAD = 96  # bytes of the record kept in the journal to recognise it again
@@ -54,6 +56,7 @@ NOTHING = "nothing written"  # journal found, mailbox already at its original si
 DROPPED = "dropped"  # journal stale (file replaced, rewritten or shrunk): nothing cut
 UNRESOLVED_STATE = "unresolved"  # our partial record is followed by another program's data
 KEPT = "kept"  # a complete record under a journal from before a reboot: not cut
+UNTRUSTED = "untrusted"  # a journal we cannot have written: moved aside, mailbox untouched
 
 
 class JournalError(DeliveryError):
@@ -149,21 +152,52 @@ def parse(data: bytes) -> "Record | None":
     return Record(dev, ino, orig, end, pid, head, boot)
 
 
-def _read_journal(jpath: str) -> "bytes | None":
-    try:
-        jfd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise _fail("cannot read mailbox journal", f"{jpath}: {exc.strerror}") from None
-    try:
-        import stat
+def _read_journal(jpath: str) -> "tuple[bytes | None, str]":
+    """(bytes, "") for a journal we can have written; (None, why) for one we cannot;
+    (None, "") when there is none.
 
-        if not stat.S_ISREG(os.fstat(jfd).st_mode):
-            raise _fail("mailbox journal is not a regular file", jpath)
-        return os.read(jfd, 4096)
+    The directory belongs to the vmail user (or worse), so a journal is acted upon only
+    when it is a regular file (not a symlink, FIFO or device: opened O_NOFOLLOW |
+    O_NONBLOCK), owned by the uid that delivers, with one link (a hard link could make
+    us act on, or later truncate, another file).  Anything else may be forged to cut
+    acknowledged mail."""
+    import errno
+    import stat
+
+    try:
+        jfd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, "it is a symbolic link"
+        return None, f"it cannot be opened ({exc.strerror})"
+    try:
+        st = os.fstat(jfd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "it is not a regular file"
+        if st.st_uid != os.geteuid():
+            return None, f"it is owned by uid {st.st_uid}, not by the delivering uid {os.geteuid()}"
+        if st.st_nlink != 1:
+            return None, f"it has {st.st_nlink} links"
+        return os.read(jfd, 4096), ""
+    except OSError as exc:
+        return None, f"it cannot be read ({exc.strerror})"
     finally:
         os.close(jfd)
+
+
+def _untrusted(jpath: str, path: str, why: str, log: "object", outcome: str = UNTRUSTED) -> "tuple[str, str]":
+    """Move a journal we cannot trust out of the way (never following it) and go on: it must
+    neither cut the mailbox nor block delivery."""
+    aside = f"{jpath}{UNTRUSTED_SUFFIX}"
+    try:
+        os.rename(jpath, aside)
+        moved = f"moved to {aside}"
+    except OSError as exc:
+        moved = f"could not move it aside ({exc.strerror})"
+    level = "error" if outcome == UNTRUSTED else "warning"
+    return _say(log, level, outcome, f"{path}: ignored the journal {jpath}: {why}; mailbox untouched, {moved}")
 
 
 def _remove(jpath: str) -> None:
@@ -236,7 +270,9 @@ def recover(fd: int, path: str, st: os.stat_result, log: "object" = None) -> "tu
     the journal cannot be read or removed (the delivery defers).
     """
     jpath = journal_path(path)
-    data = _read_journal(jpath)
+    data, why = _read_journal(jpath)
+    if why:
+        return _untrusted(jpath, path, why, log)
     if data is None:
         return CLEAN, ""
     rec = parse(data)
@@ -248,17 +284,16 @@ def recover(fd: int, path: str, st: os.stat_result, log: "object" = None) -> "tu
     size = st.st_size
     who = f"pid {rec.pid}"
     if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
-        _remove(jpath)
-        return _say(log, "warning", DROPPED,
-                    f"{path}: journal of {who} is for another file (the mailbox was replaced); nothing cut")
+        return _untrusted(jpath, path, f"it names another file (device {rec.dev}, inode {rec.ino}:"
+                          " the mailbox was replaced, or the journal forged)", log, DROPPED)
+    if not rec.orig <= rec.end or rec.end - rec.orig < len(rec.head):
+        return _untrusted(jpath, path, f"its cut point {rec.orig} and end {rec.end} do not describe a record", log)
     if size == rec.orig:
         _remove(jpath)
         return _say(log, "info", NOTHING, f"{path}: interrupted delivery of {who} had written nothing at {rec.orig}")
     if size < rec.orig:
-        _remove(jpath)
-        return _say(log, "warning", DROPPED,
-                    f"{path}: shrank from {rec.orig} to {size} bytes after the interrupted delivery of {who}"
-                    " (rewritten by another program); nothing cut")
+        return _untrusted(jpath, path, f"its cut point {rec.orig} is past the end of the mailbox ({size} bytes):"
+                          " rewritten by another program, or the journal forged", log, DROPPED)
     n = min(len(rec.head), size - rec.orig)
     found = os.pread(fd, n, rec.orig)
     if found != rec.head[:n]:
@@ -350,7 +385,9 @@ class MboxJournal(Journal):
         head = head_of(sep, msg.spool)
         line = Record(st.st_dev, st.st_ino, size, end, os.getpid(), head).line()
         try:
-            jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            # O_EXCL: recover() has removed or moved aside any journal; whatever is there now
+            # was planted, and is neither followed nor truncated.
+            jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 if os.write(jfd, line) != len(line):
                     raise OSError(28, "short write")
@@ -361,10 +398,11 @@ class MboxJournal(Journal):
         except OSError as exc:
             from vdeliver.errors import status_for_errno
 
-            try:
-                os.unlink(jpath)  # nothing was appended: leave no clutter (a torn one is harmless)
-            except OSError:
-                pass
+            if exc.errno != errno.EEXIST:
+                try:
+                    os.unlink(jpath)  # nothing was appended: leave no clutter (a torn one is harmless)
+                except OSError:
+                    pass
             raise JournalError(status_for_errno(exc.errno or 5, jpath)) from None
         self.jpath = jpath
 
