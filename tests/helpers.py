@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,3 +264,51 @@ def run_vdeliver(
         cwd="/",
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+class DevLog:
+    """Receive what programs send to /dev/log, when the machine has no syslog daemon there
+    (the tests bind it themselves; with a daemon, `lines()` is empty and only the program's
+    side - that logging through syslog(3) works - is tested)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock: socket.socket | None = None
+        if os.path.exists("/dev/log"):
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind("/dev/log")
+            os.chmod("/dev/log", 0o666)
+        except OSError:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.sock = sock
+
+    def lines(self, wait_for: str = "", timeout: float = 10) -> list[str]:
+        """Every datagram so far (as text, bytes >= 0x80 kept as \\x escapes); with wait_for,
+        wait up to timeout for a line that contains it."""
+        import select
+
+        found: list[str] = []
+        if self.sock is None:
+            return found
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = select.select([self.sock], [], [], 0 if not wait_for else max(0.0, deadline - time.monotonic()))
+            if ready[0]:
+                found.append(self.sock.recv(65536).decode("ascii", "backslashreplace"))
+                continue
+            if not wait_for or any(wait_for in line for line in found) or time.monotonic() >= deadline:
+                return found
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink("/dev/log")
+            except OSError:
+                pass

@@ -1,0 +1,165 @@
+"""Issue 14 on the delivery command: what a hostile envelope, closed standard streams and a
+hostile mail tree must never achieve.  Every test runs the installed vdeliver as the vmail
+user, as sendmail does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DevLog, MailRoot, install_vdeliver, mbox_messages, run_vdeliver
+
+MSG = b"Subject: test\n\nHello\n"
+
+
+@pytest.fixture
+def devlog() -> Iterator[DevLog]:
+    log = DevLog()
+    try:
+        yield log
+    finally:
+        log.close()
+
+
+def _printable_lines(text: str) -> None:
+    for line in text.splitlines():
+        assert line.isascii() and line.isprintable(), repr(line)
+
+
+@pytest.mark.parametrize("how", ["-f", "From_"])
+def test_delivered_message_with_8bit_sender_exits_0_once(mailroot: MailRoot, devlog: DevLog, how: str) -> None:
+    """An 8-bit envelope sender made syslog(3) raise after the fsync: exit 75, and a new copy
+    on every queue run.  Now: exit 0, one copy, and the line shows the bytes as \\xNN."""
+    box = mailroot.add_mbox("away.com", "fred")
+    mailroot.write_config(log="syslog")
+    sender = "j\udce9r\udcf4me\x1b@exa\udcffmple.org"  # bytes e9 f4 1b ff: not UTF-8, one ESC
+    if how == "-f":
+        args, msg = ["-f", sender, "-a", "away.com", "-a", "fred"], MSG
+    else:
+        args, msg = ["-a", "away.com", "-a", "fred"], b"From " + os.fsencode(sender) + b" Wed Nov 25 02:56:49 2026\n" + MSG
+    for _ in range(3):  # what three queue runs did
+        done = run_vdeliver(args, msg, config=mailroot.config, as_user=mailroot.owner)
+        assert done.returncode == 0, done.stderr
+        if len(mbox_messages(box)) == 1:
+            break
+    assert len(mbox_messages(box)) == 1
+    lines = devlog.lines(wait_for="to=<fred@away.com>")
+    if devlog.sock is not None:
+        (line,) = [x for x in lines if "to=<fred@away.com>" in x]
+        assert "status=sent" in line and "\\xe9" in line and "\\xff" in line and "\x1b" not in line
+        _printable_lines(line)
+
+
+def test_log_fields_cannot_be_forged(mailroot: MailRoot) -> None:
+    """On the error path the raw -f value was logged: `a>, status=sent (x` forged a field."""
+    mailroot.add_domain("away.com")
+    mailroot.write_config(log="stderr")
+    forged = "evil>, status=sent (delivered)\x1b[2K"
+    done = run_vdeliver(["-f", forged, "-a", "away.com", "-a", "nobody"], MSG, config=mailroot.config,
+                        as_user=mailroot.owner)
+    assert done.returncode == 67
+    text = done.stderr.decode("ascii")
+    _printable_lines(text)
+    (line,) = [x for x in text.splitlines() if "to=<" in x]
+    fields = line.split(": ", 1)[1].split(", ")
+    assert [f.split("=", 1)[0] for f in fields] == ["to", "sender", "size", "delay", "dsn", "status"], fields
+    assert fields[-1].startswith("status=bounced ")
+
+
+@pytest.mark.parametrize("closed", [(0,), (1,), (2,), (1, 2), (0, 1, 2)])
+@pytest.mark.parametrize("log", ["syslog", "stderr"])
+def test_every_run_ends_with_standard_streams_closed(mailroot: MailRoot, devlog: DevLog, closed: tuple[int, ...],
+                                                     log: str) -> None:
+    """sendmail may run a mailer with a standard stream closed: no AttributeError (exit 1,
+    a bounce), no drain of the syslog socket taking fd 0 (a hang).  Without stdin there is
+    no message: 75; otherwise the message is delivered once: 0."""
+    box = mailroot.add_mbox("away.com", "fred")
+    mailroot.write_config(log=log)
+    launcher = install_vdeliver() / "bin" / "vdeliver"
+    argv = [str(launcher), "-c", str(mailroot.config), "-f", "a@b.org", "-a", "away.com", "-a", "fred"]
+
+    def close_them() -> None:
+        for fd in closed:
+            os.close(fd)
+
+    proc = subprocess.run(argv, input=MSG, capture_output=True, timeout=30, preexec_fn=close_them, cwd="/",
+                          env={"PATH": "/usr/bin:/bin"}, user=mailroot.owner.uid, group=mailroot.owner.gid,
+                          extra_groups=[])
+    if 0 in closed:
+        assert proc.returncode == 75, proc
+        assert mbox_messages(box) == []
+    else:
+        assert proc.returncode == 0, proc
+        assert len(mbox_messages(box)) == 1
+    if 2 not in closed:
+        _printable_lines(proc.stderr.decode("ascii"))
+
+
+def test_maildir_new_swapped_for_a_symlink_never_redirects(tmp_path: Path) -> None:
+    """Between the checks and link(), vmail swaps new/ for a symlink: the file still lands in
+    the Maildir it was checked in (directory descriptors), never where the link points."""
+    from vdeliver import maildir, message
+
+    md = tmp_path / "Maildir"
+    for sub in ("", "tmp", "new", "cur"):
+        (md / sub).mkdir(mode=0o700)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    r, w = os.pipe()
+    os.write(w, MSG)
+    os.close(w)
+    prepared = message.prepare(r, sender="a@b.org", recipient="fred@away.com", mbox=False, spool_dir=str(tmp_path))
+    os.close(r)
+
+    def swap() -> None:
+        (md / "new").rename(md / "new.real")
+        (md / "new").symlink_to(outside)
+
+    name = maildir.deliver(str(md), prepared, host="test", before_link=swap)
+    assert os.listdir(outside) == []
+    assert os.listdir(md / "new.real") == [name]
+    assert os.listdir(md / "tmp") == []
+
+
+@pytest.mark.parametrize("planted", ["mbox.lock", "maildirsize", "journal"])
+def test_a_fifo_planted_in_the_mail_tree_never_hangs_delivery(mailroot: MailRoot, planted: str) -> None:
+    """A FIFO as the dotlock, as maildirsize or as the crash journal blocked open() for ever.
+    Now every run ends: the lock wait times out (75), the quota file and the journal are
+    refused or set aside."""
+    mailroot.write_config(lock_timeout=2, stale_lock_age=3600)
+    if planted == "maildirsize":
+        md = mailroot.add_maildir("away.com", "fred")
+        fifo = md / "maildirsize"
+    else:
+        box = mailroot.add_mbox("away.com", "fred")
+        fifo = box.with_name("fred.lock") if planted == "mbox.lock" else box.with_name(".fred.vdeliver-journal")
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, mailroot.owner.uid, mailroot.owner.gid)
+    done = run_vdeliver(["-f", "a@b.org", "-a", "away.com", "-a", "fred"], MSG, config=mailroot.config,
+                        as_user=mailroot.owner, timeout=30)
+    if planted == "journal":
+        assert done.returncode == 0, done.stderr  # an untrusted journal never blocks delivery
+        assert b"not a regular file" in done.stderr
+    else:
+        assert done.returncode == 75, done.stderr
+        assert len(done.stderr.decode("ascii").strip().splitlines()) <= 2
+
+
+def test_a_stale_lock_that_cannot_be_removed_still_times_out(mailroot: MailRoot) -> None:
+    """A stale dotlock that unlink() cannot remove (here: a non-empty directory) made the wait
+    loop skip its deadline and spin for ever.  Now it gives up after lock_timeout: 75."""
+    box = mailroot.add_mbox("away.com", "fred")
+    mailroot.write_config(lock_timeout=2, stale_lock_age=1)
+    lock = box.with_name("fred.lock")
+    lock.mkdir()
+    (lock / "x").write_text("x")
+    os.utime(lock, (1, 1))
+    os.utime(box, (1, 1))
+    done = run_vdeliver(["-f", "a@b.org", "-a", "away.com", "-a", "fred"], MSG, config=mailroot.config,
+                        as_user=mailroot.owner, timeout=30)
+    assert done.returncode == 75, done.stderr
+    assert b"mailbox is locked" in done.stderr
