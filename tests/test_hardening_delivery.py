@@ -163,3 +163,64 @@ def test_a_stale_lock_that_cannot_be_removed_still_times_out(mailroot: MailRoot)
                         as_user=mailroot.owner, timeout=30)
     assert done.returncode == 75, done.stderr
     assert b"mailbox is locked" in done.stderr
+
+
+# -- item 3: a crash journal is trusted only if we wrote it ------------------------------------
+
+OLD = (b"From a@b  Wed Nov 25 02:56:49 2026\nSubject: one\n\nfirst\n\n"
+       b"From a@b  Wed Nov 25 02:57:49 2026\nSubject: two\n\nacknowledged\n\n")
+
+
+def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
+    """A journal that, if trusted, would cut the second (acknowledged) message."""
+    from vdeliver import recovery
+
+    st = os.stat(box)
+    orig = OLD.index(b"From a@b  Wed Nov 25 02:57")
+    head = OLD[orig:orig + recovery.HEAD]
+    dev, ino, end = st.st_dev, st.st_ino, len(OLD)
+    if how == "wrong-inode":
+        ino += 1
+    if how == "cut-outside":
+        orig, end = len(OLD) + 10, len(OLD) + 200
+    line = recovery.Record(dev, ino, orig, end, 12345, head).line()
+    jpath = Path(recovery.journal_path(str(box)))
+    if how == "symlink":
+        target = box.parent / "elsewhere"
+        target.write_bytes(line)
+        os.chown(target, *owner)
+        jpath.symlink_to(target)
+        os.lchown(jpath, *owner)
+        return jpath
+    jpath.write_bytes(line)
+    os.chown(jpath, *((0, 0) if how == "other-owner" else owner))
+    if how == "hard-link":
+        os.link(jpath, box.parent / "second-link")
+    return jpath
+
+
+@pytest.mark.parametrize("how", ["other-owner", "hard-link", "symlink", "wrong-inode", "cut-outside"])
+def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, how: str) -> None:
+    box = mailroot.add_mbox("away.com", "fred", OLD)
+    jpath = _forge_journal(box, how, (mailroot.owner.uid, mailroot.owner.gid))
+    for _ in range(2):  # and every later delivery goes through too
+        done = run_vdeliver(["-f", "x@y.org", "-a", "away.com", "-a", "fred"], MSG, config=mailroot.config,
+                            as_user=mailroot.owner)
+        assert done.returncode == 0, done.stderr
+    data = box.read_bytes()
+    assert data.startswith(OLD), "acknowledged mail was cut"
+    assert len(mbox_messages(box)) == 4
+    assert not os.path.lexists(jpath)
+    assert os.path.lexists(str(jpath) + ".untrusted")
+
+
+def test_repair_as_root_never_cuts_with_a_journal_it_did_not_write(mailroot: MailRoot) -> None:
+    """--repair switches to the configured user before it looks at a journal, and a journal
+    owned by anyone else is set aside, not acted upon."""
+    box = mailroot.add_mbox("away.com", "fred", OLD)
+    jpath = _forge_journal(box, "other-owner", (mailroot.owner.uid, mailroot.owner.gid))
+    done = run_vdeliver(["--repair", str(box)], config=mailroot.config)  # started as root
+    assert box.read_bytes() == OLD
+    assert done.returncode == 0, done.stderr
+    assert b"untrusted" in done.stdout
+    assert os.path.lexists(str(jpath) + ".untrusted")
