@@ -224,3 +224,34 @@ def test_repair_as_root_never_cuts_with_a_journal_it_did_not_write(mailroot: Mai
     assert done.returncode == 0, done.stderr
     assert b"untrusted" in done.stdout
     assert os.path.lexists(str(jpath) + ".untrusted")
+
+
+# -- item 4: a mailbox can never be mistaken for a lock -----------------------------------------
+
+RESERVED = ["fred.lock", "FRED.LOCK", "x.vdeliver-journal", "dovecot.index", "dovecot.index.log",
+            "dovecot-uidlist", "dovecot-keywords", "maildirsize", "fred.lock.unresolved"]
+
+
+@pytest.mark.parametrize("name", RESERVED)
+def test_reserved_user_names_are_refused_at_delivery(mailroot: MailRoot, name: str) -> None:
+    """`fred.lock`'s mbox is fred's dotlock: delivering to it (or breaking it as stale) loses mail."""
+    fred = mailroot.add_mbox("away.com", "fred", OLD)
+    mailroot.write_config(create_mailbox=True)
+    done = run_vdeliver(["-f", "a@b.org", "-a", "away.com", "-a", name], MSG, config=mailroot.config,
+                        as_user=mailroot.owner)
+    assert done.returncode == 75, done.stderr
+    lines = done.stderr.decode().strip().splitlines()
+    assert any("reserved" in line for line in lines), lines
+    assert fred.read_bytes() == OLD
+    assert sorted(os.listdir(fred.parent)) == ["fred"]
+
+
+@pytest.mark.parametrize("name", RESERVED)
+def test_reserved_user_names_are_refused_by_vmailctl(name: str) -> None:
+    from vdeliver.accounts import names
+    from vdeliver.accounts.errors import InvalidName
+
+    with pytest.raises(InvalidName, match="reserved"):
+        names.user(name)
+    with pytest.raises(InvalidName, match="reserved"):
+        names.address(f"{name}@away.com")

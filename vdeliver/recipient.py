@@ -24,6 +24,28 @@ _ATEXT = frozenset(
 )
 
 
+# Files vdeliver and Dovecot keep beside (or inside) a mailbox.  A user or domain named like
+# one would make its mailbox another mailbox's lock or index: `fred.lock` is fred's dotlock,
+# and would be deleted as a stale lock, mail and all.  Shared with vmailctl (accounts/names.py).
+RESERVED_SUFFIXES = (".lock", ".vdeliver-journal", ".unresolved", ".untrusted")
+RESERVED_PREFIXES = ("dovecot.", "dovecot-")
+RESERVED_NAMES = frozenset(("maildirsize", "maildirfolder"))
+
+
+def reserved(name: str) -> str:
+    """Why name may not be a mailbox or domain directory name ("" if it may)."""
+    low = name.lower()
+    if low in RESERVED_NAMES:
+        return f"{name!r} is reserved: the name of a file Dovecot keeps beside mailboxes"
+    for suffix in RESERVED_SUFFIXES:
+        if low.endswith(suffix):
+            return f"names ending in {suffix!r} are reserved (a mailbox named so would be another one's {suffix[1:]})"
+    for prefix in RESERVED_PREFIXES:
+        if low.startswith(prefix):
+            return f"names starting with {prefix!r} are reserved for Dovecot's index files"
+    return ""
+
+
 class RecipientError(DeliveryError):
     """A domain or user argument that cannot name a mailbox."""
 
@@ -87,6 +109,9 @@ def normalize_domain(raw: str) -> str:
             raise RecipientError("bad domain argument", f"label longer than {MAX_LABEL}")
         if not _LDH.issuperset(label.encode()) or label[0] == "-" or label[-1] == "-":
             raise RecipientError("bad domain argument", f"invalid character in domain {shown!r}")
+    why = reserved(d)
+    if why:
+        raise RecipientError("bad domain argument", why)
     return d
 
 
@@ -109,6 +134,9 @@ def _check_name(name: str, what: str, limit: int, shown: str) -> None:
         raise RecipientError(f"bad {what} argument", f"invalid character in {what} {shown!r}")
     if name[0] == "." or ".." in name:
         raise RecipientError(f"bad {what} argument", f"{what} may not start with '.' or hold '..'")
+    why = reserved(name)
+    if why and what == "user":
+        raise RecipientError(f"bad {what} argument", why)
 
 
 def split_user(raw: str) -> "tuple[str, str]":

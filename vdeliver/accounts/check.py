@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from vdeliver.accounts import mailboxes, maps
+from vdeliver.accounts.errors import BadRow
 from vdeliver.accounts.settings import Settings
 from vdeliver.accounts.store import Snapshot
 from vdeliver.config import Config
@@ -52,8 +53,28 @@ def problems(cfg: Config, settings: Settings, snap: Snapshot) -> list[str]:
             if (fmt, user, dom) not in known:
                 path = mailboxes.mailbox_path(cfg, fmt, user, dom)
                 found.append(f"{user}@{dom}: mailbox without a user ({path})")
+    found += reserved_names(snap)
     found += dangling(snap)
     found += _maps(cfg, settings, snap)
+    return found
+
+
+def reserved_names(snap: Snapshot) -> list[str]:
+    """Accounts stored before vmailctl refused names like `fred.lock` (another mailbox's
+    dotlock) or `dovecot.index`: delivery to them defers; rename them."""
+    from vdeliver.recipient import reserved
+
+    found: list[str] = []
+    for d in snap.domains:
+        why = reserved(str(d["name"]))
+        if why:
+            found.append(f"domain {d['name']}: {why}; mail to it defers until it is renamed")
+    addresses = [f"{m['username']}@{m['domain']}" for m in snap.mailboxes] + sorted(snap.aliases)
+    for addr in addresses:
+        local = addr.rpartition("@")[0]
+        why = reserved(local)
+        if why:
+            found.append(f"{addr}: {why}; mail to it defers until it is renamed")
     return found
 
 
@@ -98,7 +119,10 @@ def _maps(cfg: Config, settings: Settings, snap: Snapshot) -> list[str]:
     if built < snap.serial:
         found.append(f"maps are older than the database (built from change {built}, database at {snap.serial}): "
                      "run `vmailctl maps build`")
-    texts = maps.render(snap, settings, cfg.host())
+    try:
+        texts = maps.render(snap, settings, cfg.host())
+    except BadRow as exc:
+        return found + [str(exc)]
     makemap = settings.makemap if settings.makemap and os.access(settings.makemap, os.X_OK) else ""
     for name in maps.TEXT_MAPS:
         path = os.path.join(directory, name)

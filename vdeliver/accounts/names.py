@@ -11,7 +11,7 @@ of aliases and forwards are plain addresses: never `|program`, `/file` or
 from __future__ import annotations
 
 from vdeliver.accounts.errors import InvalidName
-from vdeliver.recipient import MAX_USER, RecipientError, normalize_domain
+from vdeliver.recipient import MAX_USER, RecipientError, normalize_domain, reserved
 
 _USER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-=")
 # atext minus the characters sendmail maps or aliases give a meaning to.
@@ -49,6 +49,9 @@ def user(raw: str) -> str:
         raise InvalidName(f"invalid character {bad!r} in user name {raw[:80]!r} (allowed: a-z 0-9 . _ - =)")
     if name[0] in ".-" or name[-1] == "." or ".." in name:
         raise InvalidName(f"invalid user name {raw[:80]!r}: no leading '.' or '-', trailing '.', or '..'")
+    why = reserved(name)
+    if why:
+        raise InvalidName(f"invalid user name {raw[:80]!r}: {why}")
     return name
 
 
