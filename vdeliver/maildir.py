@@ -194,7 +194,8 @@ def _size_from_name(name: str) -> "int | None":
     return None
 
 
-def recalculate(path: str, definition: str, dirfd: "int | None" = None) -> "tuple[int, int]":
+def recalculate(path: str, definition: str, dirfd: "int | None" = None,
+                owner: "tuple[int, int] | None" = None) -> "tuple[int, int]":
     """Rebuild maildirsize from the messages in new/ and cur/ of every folder."""
     used_bytes = used_count = 0
     folders = [path] + [
@@ -228,6 +229,8 @@ def recalculate(path: str, definition: str, dirfd: "int | None" = None) -> "tupl
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=tfd)
             try:
+                if owner is not None:
+                    os.fchown(fd, *owner)  # on the descriptor: root never chowns a path vmail controls
                 _write_all(fd, content)
                 os.fsync(fd)
             finally:

@@ -64,9 +64,15 @@ def user_root(cfg: Config, fmt: str, user: str, domain: str) -> str:
 
 
 def _mkdir(path: str, who: Owner) -> None:
+    """mkdir, then chown/chmod through a descriptor opened O_NOFOLLOW: the parent may belong
+    to vmail, who could swap the new directory for a symlink before a path-based chown."""
     os.mkdir(path, 0o700)
-    os.chown(path, who.uid, who.gid)
-    os.chmod(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, who.uid, who.gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def _makedirs(path: str, who: Owner) -> None:
@@ -130,9 +136,8 @@ def set_quota(cfg: Config, settings: Settings, fmt: str, user: str, domain: str,
     from vdeliver.maildir import recalculate
 
     who = owner(settings)
-    recalculate(path, f"{quota}S")  # counts the mail already there; tmp file + rename
-    os.chown(size_file, who.uid, who.gid)
-    os.chmod(size_file, 0o600)
+    # Counts the mail already there; a tmp file (0600, fchown'ed to vmail) renamed into place.
+    recalculate(path, f"{quota}S", owner=(who.uid, who.gid))
     return size_file
 
 
