@@ -25,7 +25,7 @@ pytestmark = pytest.mark.peers
 
 PASSWORDS = {
     "fred@away.com": "away-secret", "fred@home.com": "home-secret", "busy@away.com": "busy-secret",
-    "prop@away.com": "prop-secret", "prop@home.com": "prop-secret",
+    "prop@away.com": "prop-secret", "prop@home.com": "prop-secret", "hdr@away.com": "hdr-secret",
 }
 MAILDIR_USERS = {"fred@home.com", "prop@home.com"}
 
@@ -393,3 +393,47 @@ def test_concurrent_imap_session_and_deliveries_on_one_mbox(site: Site) -> None:
     assert content.count(b"\n>From the load test") == len(final)
     assert not Path(str(site.mbox(address)) + ".lock").exists()
     assert not bad_log_lines(site.dovecot.log_text())
+
+
+def _header_block(size: int, line_end: bytes) -> bytes:
+    filler = b"X-Filler: " + b"a" * 989 + line_end  # 1000 bytes stored (LF), 1001 with CRLF
+    block = filler * (size // 1000)
+    tail = (b"Status: RO", b"X-Status: DF", b"X-Keywords: $Junk", b"X-UID: 7", b"X-IMAPbase: 1 99",
+            b"Content-Length: 1", b"Message-ID: <hdr@t>", b"Subject: big header")
+    return block + b"".join(t + line_end for t in tail) + line_end + b"body" + line_end
+
+
+def test_mailbox_control_headers_never_survive_whatever_the_header_size(site: Site) -> None:
+    """Past the old 1 MiB header limit, `Status:`, `X-IMAPbase:`... passed into the mbox as
+    body, and Dovecot showed the message \\Seen \\Deleted \\Flagged or hid it.  A header block
+    under the limit (measured as stored: CRLF input counts as LF) is stripped of them; one over
+    the limit is refused with 5.3.4 (exit 69) and the mbox is left as it was."""
+    from vdeliver.message import MAX_HEADER
+
+    address = "hdr@away.com"
+    under = _header_block(1_048_000, b"\r\n")  # over the limit as sent, under it as stored
+    assert len(under) > MAX_HEADER
+    site.deliver(address, under)
+    before = site.mbox(address).read_bytes()
+    assert b"\nStatus:" not in before and b"\nX-IMAPbase:" not in before and b"\nX-UID:" not in before
+    user, domain = address.split("@")
+    over = _header_block(MAX_HEADER + 8000, b"\n")
+    r = run_vdeliver(["-a", domain, "-a", user, "-f", "s@example.org"], over, config=site.root.config,
+                     as_user=site.vmail)
+    assert r.returncode == 69, r.stderr
+    assert b"5.3.4 message header too big" in r.stderr
+    assert site.mbox(address).read_bytes() == before
+    imap = site.dovecot.login(address, PASSWORDS[address])
+    try:
+        typ, data = imap.select("INBOX")
+        assert typ == "OK" and int(data[0]) == 1
+        got = fetch_all(imap)
+    finally:
+        imap.logout()
+    assert len(got) == 1
+    flags = got[0]["flags"]
+    assert isinstance(flags, set)
+    for flag in ("\\Seen", "\\Deleted", "\\Flagged", "\\Draft", "$Junk"):
+        assert flag not in flags, flags
+    body = got[0]["body"]
+    assert isinstance(body, bytes) and b"Subject: big header" in body and b"Status: RO" not in body

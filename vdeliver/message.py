@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 CHUNK = 1 << 16
-MAX_HEADER = 1 << 20  # a header block longer than this is treated as body
+MAX_HEADER = 1 << 20  # a longer header block is refused (5.3.4): see prepare()
 MAX_SENDER = 512
 
 # Headers an mbox reader keeps its own state in (Dovecot, mutt, Pine, UW-IMAP).
@@ -318,16 +318,24 @@ def prepare(
     recipient is `user@domain` for Delivered-To and the loop check.
     """
     reader = _Reader(fd, max_size)
-    # 1. Collect the first line and the header block (CRLF normalised).
+    # 1. Collect the first line and the header block (CRLF normalised).  The header block is
+    #    measured as stored (LF line ends, after sendmail's From_ line), whatever the read
+    #    sizes or line ends: more than MAX_HEADER bytes without the empty line that ends it
+    #    is refused.  Treating the rest as body would let `Status:` or `X-IMAPbase:` lines
+    #    past the limit reach the mbox, where Dovecot would read them as its own state.
     head = bytearray()
     while True:
         data = reader.read()
         if data:
             head += data
-        if not data or len(head) > MAX_HEADER:
-            break
         probe = head.replace(b"\r\n", b"\n") if b"\r" in head else head
-        if probe.startswith(b"\n") or b"\n\n" in probe:
+        skip = 0
+        if probe.startswith(b"From "):
+            nl = probe.find(b"\n")
+            skip = nl + 1 if nl >= 0 else len(probe)
+        if not data or probe.startswith(b"\n", skip) or probe.find(b"\n\n", skip) >= 0:
+            break
+        if len(probe) - skip > MAX_HEADER + 1:
             break
     text = bytes(head)
     pending_cr = text.endswith(b"\r")  # its LF may be in the next read (or be missing at EOF)
@@ -357,11 +365,14 @@ def prepare(
         idx = text.find(b"\n\n")
         header_end = idx + 1 if idx >= 0 else -1
     if header_end < 0:
-        if reader.eof or len(text) > MAX_HEADER:
-            # No empty line: headers run to the last complete line (all of it at EOF).
-            header_end = len(text) if reader.eof else text.rfind(b"\n") + 1
-        else:
-            header_end = 0
+        # No empty line: at EOF the headers run to the end; otherwise the block is too big.
+        header_end = len(text) if reader.eof else MAX_HEADER + 1
+    if header_end > MAX_HEADER:
+        while reader.read():  # drain, so sendmail is not left writing into a closed pipe
+            pass
+        raise MessageError(
+            Status("5.3.4", "message header too big", f"header block over {MAX_HEADER} bytes")
+        )
     block, body = text[:header_end], text[header_end:]
     strip: frozenset[bytes] = MBOX_STRIP if mbox else frozenset()
     if return_path:
