@@ -103,6 +103,10 @@ def install_vdeliver() -> Path:
     base = world_tmpdir("vdeliver-install-")
     lib = base / "lib"
     shutil.copytree(PACKAGE, lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
+    # What a real install has beside it in site-packages (the launcher puts that first on sys.path).
+    import idna
+
+    shutil.copytree(Path(idna.__file__).parent, lib / "idna", ignore=shutil.ignore_patterns("__pycache__"))
     bindir = base / "bin"
     bindir.mkdir()
     # vdeliver in the production form (vdeliver/launcher.py: -IS, no site); the servers keep

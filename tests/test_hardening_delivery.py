@@ -40,7 +40,8 @@ def test_delivered_message_with_8bit_sender_exits_0_once(mailroot: MailRoot, dev
     if how == "-f":
         args, msg = ["-f", sender, "-a", "away.com", "-a", "fred"], MSG
     else:
-        args, msg = ["-a", "away.com", "-a", "fred"], b"From " + os.fsencode(sender) + b" Wed Nov 25 02:56:49 2026\n" + MSG
+        from_line = b"From " + os.fsencode(sender) + b" Wed Nov 25 02:56:49 2026\n"
+        args, msg = ["-a", "away.com", "-a", "fred"], from_line + MSG
     for _ in range(3):  # what three queue runs did
         done = run_vdeliver(args, msg, config=mailroot.config, as_user=mailroot.owner)
         assert done.returncode == 0, done.stderr
@@ -255,3 +256,14 @@ def test_reserved_user_names_are_refused_by_vmailctl(name: str) -> None:
         names.user(name)
     with pytest.raises(InvalidName, match="reserved"):
         names.address(f"{name}@away.com")
+
+
+def test_idn_domain_delivers_to_its_idna2008_directory(mailroot: MailRoot) -> None:
+    """straße.de is xn--strae-oqa.de (IDNA 2008, UTS 46 non-transitional); IDNA 2003 made it
+    strasse.de, somebody else's domain.  Run as sendmail runs it (-IS launcher, as vmail)."""
+    mine = mailroot.add_mbox("xn--strae-oqa.de", "fred")
+    other = mailroot.add_mbox("strasse.de", "fred")
+    done = run_vdeliver(["-f", "a@b.org", "-a", "straße.de", "-a", "fred"], MSG, config=mailroot.config,
+                        as_user=mailroot.owner)
+    assert done.returncode == 0, done.stderr
+    assert len(mbox_messages(mine)) == 1 and other.read_bytes() == b""

@@ -103,3 +103,26 @@ def test_any_input_gives_a_safe_name_or_a_temporary_error(domain: str, user: str
         assert not name.startswith(".") and ".." not in name
         assert name.isascii() and name.isprintable()
     assert r.domain and r.user
+
+
+@pytest.mark.parametrize(("raw", "ascii_name"), [
+    ("straße.de", "xn--strae-oqa.de"),            # IDNA 2003 folded it to strasse.de: another domain
+    ("STRASSE.de", "strasse.de"),
+    ("faß.de", "xn--fa-hia.de"),
+    ("Bücher.example", "xn--bcher-kva.example"),
+])
+def test_idn_domains_follow_idna2008_uts46_nontransitional(raw: str, ascii_name: str) -> None:
+    assert normalize_domain(raw) == ascii_name
+    from vdeliver.accounts import names
+
+    assert names.domain(raw) == ascii_name  # vmailctl agrees
+
+
+@pytest.mark.parametrize("raw", ["a\u200db.de", "-bücher.de", "bü--cher.de".replace("ü", "\u0301"), "x\u2488y.de"])
+def test_invalid_idn_labels_get_one_clear_line(raw: str) -> None:
+    from vdeliver.recipient import RecipientError
+
+    with pytest.raises(RecipientError) as err:
+        normalize_domain(raw)
+    text = err.value.status.text()
+    assert "\n" not in text and ("invalid IDN domain" in text or "invalid character" in text)

@@ -116,13 +116,18 @@ def normalize_domain(raw: str) -> str:
 
 
 def _to_ascii(domain: str, shown: str) -> str:
-    # Imported only for non-ASCII domains: the codec pulls in stringprep and unicodedata.
+    """IDNA 2008 with UTS 46 non-transitional mapping, as browsers and registries do:
+    `straße.de` is xn--strae-oqa.de, not strasse.de (Python's own codec is IDNA 2003,
+    which folds ß to ss: another domain).  The `idna` package is imported only here,
+    for non-ASCII domains; ASCII ones never pay for it."""
     try:
-        import encodings.idna  # noqa: F401
-
-        return domain.encode("idna").decode("ascii")
-    except (UnicodeError, ValueError) as exc:
-        raise RecipientError("bad domain argument", f"not an IDN domain {shown!r}: {exc}") from None
+        import idna
+    except ImportError:
+        raise RecipientError("IDN support missing", f"{shown!r} needs the idna package (pip install idna)") from None
+    try:
+        return str(idna.encode(domain, uts46=True, transitional=False).decode("ascii"))
+    except (idna.IDNAError, UnicodeError, ValueError) as exc:
+        raise RecipientError("bad domain argument", f"invalid IDN domain {shown!r}: {exc}") from None
 
 
 def _check_name(name: str, what: str, limit: int, shown: str) -> None:
