@@ -267,3 +267,40 @@ def test_idn_domain_delivers_to_its_idna2008_directory(mailroot: MailRoot) -> No
                         as_user=mailroot.owner)
     assert done.returncode == 0, done.stderr
     assert len(mbox_messages(mine)) == 1 and other.read_bytes() == b""
+
+
+# -- item 16: a sender cannot file mail into special-use folders ---------------------------------
+
+
+def _folder(md: Path, name: str, mailroot: MailRoot) -> Path:
+    folder = md / f".{name}"
+    for sub in ("", "tmp", "new", "cur"):
+        (folder / sub).mkdir(mode=0o700, exist_ok=True)
+        os.chown(folder / sub, mailroot.owner.uid, mailroot.owner.gid)
+    return folder
+
+
+@pytest.mark.parametrize("detail", ["Trash", "sent", "Drafts", "Junk", "Spam", "Sent Messages", "Trash.old"])
+def test_detail_never_files_into_special_use_folders(mailroot: MailRoot, detail: str) -> None:
+    md = mailroot.add_maildir("away.com", "fred")
+    special = _folder(md, detail, mailroot)
+    mailroot.write_config(detail_folders=True)
+    done = run_vdeliver(["-f", "a@b.org", "-a", "away.com", "-a", f"fred+{detail}"], MSG, config=mailroot.config,
+                        as_user=mailroot.owner)
+    if done.returncode == 75:  # a detail with a space is refused as an argument: never filed either
+        assert b"invalid character" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(special / "new") == [] and len(os.listdir(md / "new")) == 1
+
+
+def test_detail_folders_allow_list(mailroot: MailRoot) -> None:
+    md = mailroot.add_maildir("away.com", "fred")
+    lists, shop = _folder(md, "lists", mailroot), _folder(md, "shop", mailroot)
+    mailroot.write_config(detail_folders=True, detail_folders_allow="lists")
+    for detail in ("lists", "shop"):
+        done = run_vdeliver(["-f", "a@b.org", "-a", "away.com", "-a", f"fred+{detail}"], MSG,
+                            config=mailroot.config, as_user=mailroot.owner)
+        assert done.returncode == 0, done.stderr
+    assert len(os.listdir(lists / "new")) == 1
+    assert os.listdir(shop / "new") == [] and len(os.listdir(md / "new")) == 1

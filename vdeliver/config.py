@@ -38,6 +38,7 @@ SCHEMA: "dict[str, tuple[object, str, tuple[str, ...] | None]]" = {
     "keep_user_case": (False, "bool", None),
     "recipient_delimiter": ("+", "str", None),
     "detail_folders": (False, "bool", None),
+    "detail_folders_allow": ("", "str", None),
     "over_quota": ("defer", "str", ("defer", "bounce")),
     "user": ("", "str", None),
     "group": ("", "str", None),
@@ -79,6 +80,7 @@ class Config:
     keep_user_case: bool
     recipient_delimiter: str
     detail_folders: bool
+    detail_folders_allow: str
     over_quota: str
     user: str
     group: str

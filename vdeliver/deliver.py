@@ -82,12 +82,34 @@ def resolve(cfg: Config, rcpt: Recipient) -> Target:
     return Target(default, paths[default], create=True)
 
 
+# Folders a sender must never file into by choosing a +detail: what the user keeps there
+# (sent mail, drafts, deleted mail) or what a spam filter reads.  Compared case-insensitively,
+# with Maildir++ subfolders (`.Trash.old`) by their first name.
+SPECIAL_USE = frozenset((
+    "inbox", "trash", "deleted", "deleted items", "deleted messages", "sent", "sent items", "sent messages",
+    "sent mail", "drafts", "draft", "junk", "junk e-mail", "junk email", "spam", "archive", "archives",
+    "all mail", "templates", "outbox", "virtual",
+))
+
+
+def detail_folder_allowed(cfg: Config, detail: str) -> bool:
+    """May `user+detail` be filed into the folder `.detail`?  With detail_folders_allow set,
+    only the folders it names (comma or space separated); otherwise any existing folder that
+    is not special-use."""
+    if detail.startswith(".") or ".." in detail or "/" in detail or not detail.isprintable():
+        return False
+    allow = cfg.detail_folders_allow.replace(",", " ").split()
+    if allow:
+        return detail.lower() in {a.lower() for a in allow}
+    return detail.split(".", 1)[0].lower() not in SPECIAL_USE
+
+
 def _with_detail(cfg: Config, rcpt: Recipient, target: Target) -> Target:
-    if cfg.detail_folders and rcpt.detail and target.format == "maildir":
+    if cfg.detail_folders and rcpt.detail and target.format == "maildir" and detail_folder_allowed(cfg, rcpt.detail):
         from vdeliver.maildir import is_maildir
 
         folder = os.path.join(target.path, "." + rcpt.detail)
-        if is_maildir(folder):
+        if is_maildir(folder) and not os.path.islink(folder):
             return Target("maildir", folder)
     return target
 
