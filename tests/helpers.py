@@ -301,7 +301,8 @@ class DevLog:
             return found
         deadline = time.monotonic() + timeout
         while True:
-            ready = select.select([self.sock], [], [], 0 if not wait_for else max(0.0, deadline - time.monotonic()))
+            done = not wait_for or any(wait_for in line for line in found)
+            ready = select.select([self.sock], [], [], 0 if done else max(0.0, deadline - time.monotonic()))
             if ready[0]:
                 found.append(self.sock.recv(65536).decode("ascii", "backslashreplace"))
                 continue
