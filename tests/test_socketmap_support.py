@@ -22,6 +22,10 @@ from vdeliver.socketmap import protocol as p
 
 def write_config(base: Path, accounts: str, socketmap: str = "", maps_dir: Path | None = None) -> Path:
     """A vdeliver.toml with [accounts], [maps] and [socketmap] for a test."""
+    if os.geteuid() == 0:
+        from tests.helpers import ensure_vmail
+
+        ensure_vmail()  # the server serves as vmail (it refuses root)
     maps_dir = maps_dir or base / "maps"
     maps_dir.mkdir(exist_ok=True)
     path = base / "vdeliver.toml"
@@ -29,7 +33,8 @@ def write_config(base: Path, accounts: str, socketmap: str = "", maps_dir: Path 
         "log = \"stderr\"\n"
         f"[accounts]\n{accounts}\nargon2_time_cost = 1\nargon2_memory_cost = 64\nargon2_parallelism = 1\n"
         f"[maps]\ndirectory = \"{maps_dir}\"\nmakemap = \"/usr/sbin/makemap\"\n"
-        f"[socketmap]\nsocket_in = \"{base}/in.sock\"\nsocket_out = \"{base}/out.sock\"\n{socketmap}\n"
+        f"[socketmap]\nsocket_in = \"{base}/in.sock\"\nsocket_out = \"{base}/out.sock\"\n"
+        + ("user = \"vmail\"\n" if os.geteuid() == 0 and "user =" not in socketmap else "") + f"{socketmap}\n"
     )
     os.chmod(path, 0o644)
     return path

@@ -10,9 +10,13 @@ RFC 2033's one reply per recipient, which aiosmtpd gets wrong in its issue #517)
 The message arrives as `Data` events, already dot-unstuffed and with CRLF turned
 into LF, in pieces of whatever size the client sent: the server streams them to a
 spool file, never holding the message whole.  Rules enforced here (RFC 5321):
-command lines of at most 512 octets, text lines of at most 1000, lines ending in
-CRLF (a bare LF is refused: only CRLF.CRLF ends the data, so nothing can be
-smuggled), the SIZE limit both as declared and as sent.
+command lines of at most 512 octets and the SIZE limit, both as declared and as
+sent.  What peers accept is accepted, as Dovecot and Postfix do, because sendmail
+would bounce a message refused for a framing quirk: a bare LF ends a command line
+or a text line like CRLF does, and a text line may be longer than RFC 5321's 1000
+octets (it is streamed, never held whole; the size limit bounds it).  Only
+CRLF.CRLF ends the data, so a bare-LF `.` line is data (its dot unstuffed) and
+nothing can be smuggled after it.
 
 Whose fault: a client's mistake is a reply (5xx) and never an exception;
 `LocalProtocolError` means the server called this module wrongly.
@@ -23,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
-MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6, including CRLF
+MAX_TEXT_LINE = 1000  # RFC 5321 4.5.3.1.6: longer text lines are accepted all the same (see above)
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3
 MAX_ERRORS = 10  # then 421 and close: pipelined garbage cannot keep a thread busy
 _PARTIAL = 1 << 16  # hand over a partial text line once this much of it is buffered
@@ -155,11 +159,10 @@ class Connection:
     """One LMTP session, server side."""
 
     def __init__(self, hostname: str, *, max_size: int = 0, max_recipients: int = 1000,
-                 max_line: int = MAX_TEXT_LINE, max_errors: int = MAX_ERRORS) -> None:
+                 max_errors: int = MAX_ERRORS) -> None:
         self.hostname = hostname
         self.max_size = max_size
         self.max_recipients = max_recipients
-        self.max_line = max_line
         self.max_errors = max_errors
         self.state = INIT
         self.stopping = False
@@ -182,8 +185,6 @@ class Connection:
         self._line_len = 0
         self._size = 0
         self._too_big = False
-        self._bare_lf = False
-        self._long_line = False
 
     # -- I/O boundary ---------------------------------------------------------------
 
@@ -277,10 +278,9 @@ class Connection:
             return self._reject("", Reply(500, "5.5.2", "line too long (limit 512 octets)"))
         if len(raw) > MAX_COMMAND_LINE:
             return self._reject("", Reply(500, "5.5.2", "line too long (limit 512 octets)"))
-        if not raw.endswith(b"\r\n"):
-            return self._reject("", Reply(500, "5.5.2", "bare LF: lines must end in CRLF"))
+        body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]  # a bare LF ends a line too
         try:
-            line = raw[:-2].decode("ascii")
+            line = body.decode("ascii")
         except UnicodeDecodeError:
             return self._reject("", Reply(500, "5.5.2", "8-bit characters in a command"))
         if not all(" " <= ch < "\x7f" or ch == "\t" for ch in line):
@@ -425,7 +425,7 @@ class Connection:
                 # A partial line: hand it over once it is long, keeping a trailing CR back
                 # so that CRLF is always seen whole.
                 end = n - 1 if buf[n - 1] == 0x0D else n
-                if end - pos >= _PARTIAL or (end > pos and self._line_len + end - pos > self.max_line):
+                if end - pos >= _PARTIAL:
                     self._take(out, bytes(buf[pos:end]))
                     self._bol = False
                     pos = end
@@ -433,8 +433,7 @@ class Connection:
             if lf > pos and buf[lf - 1] == 0x0D:
                 self._take(out, bytes(buf[pos : lf - 1]) + b"\n", crlf=True)
             else:
-                self._bare_lf = True
-                self._take(out, bytes(buf[pos : lf + 1]))
+                self._take(out, bytes(buf[pos : lf + 1]))  # a bare LF: the same line end, normalised
             self._bol = True
             self._line_len = 0
             pos = lf + 1
@@ -453,11 +452,9 @@ class Connection:
         length = len(piece) + (1 if crlf else 0)
         self._line_len += length
         self._size += length
-        if self._line_len > self.max_line:
-            self._long_line = True
         if self.max_size and self._size > self.max_size:
             self._too_big = True
-        if not (self._too_big or self._long_line or self._bare_lf):
+        if not self._too_big:
             out.append(piece)
 
     def _end_of_data(self, out: list[bytes]) -> Event:
@@ -469,10 +466,6 @@ class Connection:
         error = None
         if self._too_big:
             error = Reply(552, "5.3.4", f"message too big (limit {self.max_size} bytes)")
-        elif self._bare_lf:
-            error = Reply(554, "5.6.0", "bare LF in message: lines must end in CRLF")
-        elif self._long_line:
-            error = Reply(554, "5.6.0", f"message has a line longer than {self.max_line} octets")
         recipients = tuple(self.recipients)
         if error is not None:
             for _ in recipients:

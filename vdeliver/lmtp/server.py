@@ -205,25 +205,19 @@ class Server:
         self._pool: ThreadPoolExecutor | None = None
         self._ids = 0
         self._socket_ino = -1
+        self.run_user: object = None  # daemon.RunUser, set by _run() before listen()
 
     # -- listening --------------------------------------------------------------------
 
     def listen(self) -> None:
         """Bind the unix socket (and TCP); raises OSError or ConfigError."""
-        path = self.opts.socket
-        _remove_stale_socket(path)
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # no window in which the socket is more open than asked
-        try:
-            unix.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, self.opts.socket_mode)
-        self._socket_ino = os.lstat(path).st_ino
+        from vdeliver import daemon
+
+        owner = self.run_user if isinstance(self.run_user, daemon.RunUser) else daemon.RunUser()
+        socket_owner = None
         if self.opts.socket_owner:
-            uid, gid = _owner(self.opts.socket_owner, self.cfg.where("lmtp", "socket_owner"))
-            os.chown(path, uid, gid)
-        unix.listen(64)
+            socket_owner = _owner(self.opts.socket_owner, self.cfg.where("lmtp", "socket_owner"))
+        unix, self._socket_ino = daemon.bind_unix(self.opts.socket, self.opts.socket_mode, owner, socket_owner)
         self.listeners.append(unix)
         if self.opts.tcp is not None:
             host, port = self.opts.tcp
@@ -241,12 +235,10 @@ class Server:
             except OSError:
                 pass
         self.listeners = []
-        try:
-            # Only our own socket file: a successor may already have bound a new one there.
-            if os.lstat(self.opts.socket).st_ino == self._socket_ino:
-                os.unlink(self.opts.socket)
-        except OSError:
-            pass
+        from vdeliver import daemon
+
+        # Only our own socket file: a successor may already have bound a new one there.
+        daemon.remove_socket(self.opts.socket, self._socket_ino)
 
     def serve(self, wakeup: socket.socket | None = None, on_wake: object = None) -> None:
         """Accept until stop(); then let connections finish.  Runs in one thread."""
@@ -636,51 +628,6 @@ def _owner(spec: str, where: str) -> tuple[int, int]:
     return pw.pw_uid, gid
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead server; refuse to steal a live one."""
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(17, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: stale
-        return
-    finally:
-        probe.close()
-    raise OSError(98, f"{path}: another server is listening")
-
-
-def _write_pid_file(path: str, uid: int, gid: int) -> None:
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    if uid >= 0:
-        os.chown(tmp, uid, gid)  # so that we can still empty it after giving up root
-    os.rename(tmp, path)
-
-
-def _remove_pid_file(path: str) -> None:
-    try:
-        with open(path) as f:
-            if f.read().strip() != str(os.getpid()):
-                return  # not ours any more
-        os.unlink(path)
-    except OSError:
-        try:
-            with open(path, "w"):
-                pass  # no right to remove it (root's directory): leave it empty
-        except OSError:
-            pass
-
-
 def _say(text: str) -> None:
     try:
         sys.stderr.write(f"vdeliver-lmtpd: {text}\n")
@@ -760,13 +707,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int:
     import signal
 
+    from vdeliver import daemon
+
     user = opts.user
-    uid = gid = -1
+    owner = daemon.RunUser()
     if os.geteuid() == 0:
         if not user:
             raise ConfigError(cfg.where("lmtp", "user"), "refusing to deliver as root: set [lmtp] user or user")
-        spec = f"{user}:{opts.group}" if opts.group else user
-        uid, gid = _owner(spec, cfg.where("lmtp", "user"))
+        try:
+            owner = daemon.RunUser(user, opts.group)
+        except daemon.DaemonError as exc:
+            raise ConfigError(cfg.where("lmtp", "user"), exc.strerror or str(exc)) from None
     # A write past RLIMIT_FSIZE must fail with EFBIG (and be rolled back), not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Import now what deliveries import lazily: after giving up root the code's directory
@@ -777,15 +728,13 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     from vdeliver import locking, maildir, mbox, message  # noqa: F401
 
     server = Server(cfg, opts, logger)
+    server.run_user = owner
     server.listen()
-    pid_file = opts.pid_file
+    pid_file = daemon.PidFile(opts.pid_file, owner) if opts.pid_file else None
     try:
-        if pid_file:
-            _write_pid_file(pid_file, uid, gid)
-        if uid >= 0:
-            from vdeliver.cli import _switch_user
-
-            _switch_user(user, opts.group)
+        if pid_file is not None:
+            pid_file.write()
+        daemon.drop_privileges(owner)
     except BaseException:
         server.close_listeners()
         raise
@@ -832,8 +781,8 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
-        if pid_file:
-            _remove_pid_file(pid_file)
+        if pid_file is not None:
+            pid_file.remove()
     logger.info("stopped")
     return EX_OK
 

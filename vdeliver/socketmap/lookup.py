@@ -112,6 +112,16 @@ class Backend:
         self._down_until = 0.0
         self._down_reason = ""
         self.kind = "postgresql" if settings.dsn else "sqlite"
+        self._shared: Any = None  # SQLite: one connection opened before root is given up
+        self._shared_lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Called as root, before the server drops privileges: open the SQLite database now,
+        so that it may stay 0600 root (it holds password hashes) and still be read after the
+        server has become its run user.  One connection, used under a lock (lookups are
+        short).  PostgreSQL connects later, as the run user (a read-only role)."""
+        if self.kind == "sqlite" and self._shared is None:
+            self._shared = self._connect()
 
     # -- connections -----------------------------------------------------------------
     def _connect(self) -> Any:
@@ -161,6 +171,12 @@ class Backend:
                 pass
 
     def close(self) -> None:
+        if self._shared is not None:
+            shared, self._shared = self._shared, None
+            try:
+                shared.close()
+            except Exception:  # noqa: BLE001
+                pass
         with self._lock:
             conns, self._all = self._all, []
         for conn in conns:
@@ -171,6 +187,9 @@ class Backend:
 
     def _run(self, work: Any, probe: bool = False) -> Any:
         """work(query) in one read-only transaction; one retry on a fresh connection."""
+        if self._shared is not None:
+            with self._shared_lock:
+                return self._transaction(self._shared, work)
         for attempt in (1, 2):
             conn = self._conn(probe)
             try:

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import ipaddress
 import os
 import signal
-import socket
-import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +64,9 @@ class Settings:
     max_key: int = p.MAX_KEY
     cache_size: int = 100_000
     aliases_names: str = "Alias1"
+    user: str = ""  # "" = the top-level `user`
+    group: str = ""
+    allow_root: bool = False
     # derived
     mode: int = 0o660
     tcp_host: str = ""
@@ -89,7 +89,7 @@ _KEYS: dict[str, type] = {
     "socket_in": str, "socket_out": str, "socket_mode": str, "tcp": str, "tcp_access": str,
     "ttl": int, "negative_ttl": int, "stale_max_age": int, "db_timeout": float, "client_timeout": float,
     "idle_timeout": int, "poll_interval": float, "workers": int, "max_connections": int, "max_key": int,
-    "cache_size": int, "aliases_names": str,
+    "cache_size": int, "aliases_names": str, "user": str, "group": str, "allow_root": bool,
 }
 
 
@@ -101,7 +101,10 @@ def load_settings(cfg: Config) -> Settings:
         kind = _KEYS.get(key)
         if kind is None:
             raise ConfigError(where, "unknown key")
-        if kind is str:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(where, "must be true or false")
+        elif kind is str:
             if not isinstance(value, str):
                 raise ConfigError(where, "must be a string")
         elif isinstance(value, bool) or not isinstance(value, kind if kind is int else int | float):
@@ -155,6 +158,11 @@ def load_settings(cfg: Config) -> Settings:
         s.listeners.append(Listener("tcp", s.tcp_host, s.tcp_port, s.tcp_access))
     if not s.listeners:
         raise ConfigError(w("socket_in"), "no listener: set socket_in, socket_out or tcp")
+    if not s.user:
+        s.user, s.group = cfg.user, s.group or cfg.group
+    if os.geteuid() == 0 and not s.user and not s.allow_root:
+        raise ConfigError(w("user"), "refusing to serve as root: set [socketmap] user (or user), "
+                          "or allow_root = true")
     return s
 
 
@@ -171,10 +179,12 @@ class Server:
             stale_max_age=settings.stale_max_age, db_timeout=settings.db_timeout, max_entries=settings.cache_size,
         )
         self.connections = 0
+        self.run_user: object = None  # daemon.RunUser: main() sets it; start() drops to it
         self.max_connections, self.backlog, self.fd_note = connection_cap(settings)
         self._refusals = RateLimited(log, 10.0)
         self._accept_errors = RateLimited(log, 10.0)
         self._servers: list[asyncio.AbstractServer] = []
+        self._socket_inodes: dict[str, int] = {}
         self._stopping: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = False
@@ -189,32 +199,34 @@ class Server:
         if self.fd_note:
             self.log.warning(self.fd_note)
         asyncio.get_running_loop().set_exception_handler(self._loop_exception)
+        from vdeliver import daemon
+
+        owner = self.run_user if isinstance(self.run_user, daemon.RunUser) else daemon.RunUser()
         for listener in self.settings.listeners:
             handler = self._handler(listener)
             if listener.kind == "unix":
-                _clear_stale_socket(listener.address)
-                old = os.umask(0o777 & ~self.settings.mode)  # the socket is born with its mode
-                try:
-                    server = await asyncio.start_unix_server(handler, path=listener.address, backlog=backlog)
-                finally:
-                    os.umask(old)
-                os.chmod(listener.address, self.settings.mode)
+                sock, ino = daemon.bind_unix(listener.address, self.settings.mode, owner, backlog=backlog)
+                self._socket_inodes[listener.address] = ino
+                server = await asyncio.start_unix_server(handler, sock=sock, backlog=backlog)
             else:
                 server = await asyncio.start_server(handler, host=listener.address, port=listener.port,
                                                     reuse_address=True, backlog=backlog)
             self._servers.append(server)
             self.log.info(f"listening on {listener.describe()} (access = {listener.access})")
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is not None and os.geteuid() == 0:
+            await asyncio.get_running_loop().run_in_executor(self.executor, prepare)
+        # Everything that needed root is done: serve as the run user, for good.
+        daemon.drop_privileges(owner)
         self.ready = True
 
     async def close(self) -> None:
         for server in self._servers:
             server.close()
-        for listener in self.settings.listeners:
-            if listener.kind == "unix":
-                try:
-                    os.unlink(listener.address)
-                except OSError:
-                    pass
+        from vdeliver import daemon
+
+        for path, ino in self._socket_inodes.items():
+            daemon.remove_socket(path, ino)  # only our own: a successor may have bound a new one
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -460,27 +472,6 @@ class FallbackChain:
         self.failed = (map_name, domain, frozenset(later))
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead server; refuse to steal a live one's."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1)
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listening: a leftover
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vdeliver-socketmapd", description="sendmail socket map server for vdeliver")
     ap.add_argument("-c", "--config", help="configuration file (default $VDELIVER_CONFIG or /etc/vdeliver.toml)")
@@ -517,8 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             return 75
         print("vdeliver-socketmapd: configuration and database OK")
         return EX_OK
+    from vdeliver import daemon
+
     server = Server(settings, backend, log)
     try:
+        server.run_user = daemon.RunUser(settings.user, settings.group) if os.geteuid() == 0 and settings.user \
+            else daemon.RunUser()
         asyncio.run(server.run())
     except OSError as exc:
         print(f"vdeliver-socketmapd: cannot listen: {exc.strerror or exc}", file=sys.stderr)
