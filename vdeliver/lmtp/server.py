@@ -76,6 +76,10 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "group": (None, "str"),
     "timeout": (300, "count"),
     "data_timeout": (600, "count"),
+    "command_time_limit": (300, "count"),
+    "transaction_time_limit": (3600, "count"),
+    "max_connections_per_peer": (10, "count"),
+    "shutdown_grace": (60, "count"),
 }
 
 
@@ -95,6 +99,10 @@ class Settings:
     group: str
     timeout: int
     data_timeout: int
+    command_time_limit: int
+    transaction_time_limit: int
+    max_connections_per_peer: int
+    shutdown_grace: int
 
     def restart_keys(self) -> tuple[object, ...]:
         return (self.socket, self.socket_mode, self.socket_owner, self.tcp, self.user, self.group, self.pid_file,
@@ -204,6 +212,10 @@ class Server:
         self._mailbox_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._ids = 0
+        self._peers: dict[object, int] = {}  # uid (unix socket) or address (TCP) -> open connections
+        self.abandoned = 0  # sessions still running when shutdown_grace ran out
+        self._refusals = 0
+        self._refusal_logged = float("-inf")
         self._socket_ino = -1
         self.run_user: object = None  # daemon.RunUser, set by _run() before listen()
 
@@ -285,18 +297,59 @@ class Server:
         self.cfg, self.opts = cfg, opts
 
     def _drain(self) -> None:
+        """Let connections finish their message, for shutdown_grace seconds at most: a delivery
+        stuck on a mailbox lock must not make the server unstoppable.  What is still running
+        then is abandoned unanswered (the client retries; an append cut short is undone by
+        the crash journal)."""
+        deadline = time.monotonic() + (self.opts.shutdown_grace if self.stopping.is_set() else 1e9)
         while True:
             with self._threads_lock:
                 threads = list(self.threads)
             if not threads:
                 break
-            for t in threads:
-                t.join()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.abandoned = len(threads)
+                self.log.warning(f"shutdown_grace ({self.opts.shutdown_grace}s) over: abandoning {len(threads)} "
+                                 "connection(s) without an answer; their clients will retry")
+                break
+            threads[0].join(min(left, POLL))
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=self.abandoned == 0, cancel_futures=True)
+
+    def _peer(self, client: socket.socket) -> object:
+        """Who is on the other end: the uid for the unix socket (root, i.e. sendmail, is never
+        capped), the address for TCP."""
+        if client.family == socket.AF_UNIX:
+            import struct
+
+            try:
+                creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                uid = struct.unpack("3i", creds)[1]
+            except OSError:
+                return None
+            return None if uid == 0 else f"uid {uid}"
+        try:
+            return str(client.getpeername()[0])
+        except OSError:
+            return None
 
     def _start(self, client: socket.socket) -> None:
         client.setblocking(True)
+        peer = self._peer(client)
+        if peer is not None and self._peers.get(peer, 0) >= self.opts.max_connections_per_peer:
+            try:
+                client.sendall(bytes(p.Reply(421, "4.4.2", "too many connections from you, try again later")))
+            except OSError:
+                pass
+            client.close()
+            self._refusals += 1
+            now = time.monotonic()
+            if now - self._refusal_logged >= 10:
+                self.log.warning(f"refused {self._refusals} connection(s) from {peer}: "
+                                 f"max_connections_per_peer={self.opts.max_connections_per_peer} reached")
+                self._refusal_logged, self._refusals = now, 0
+            return
         if not self._slots.acquire(blocking=False):
             try:
                 client.sendall(bytes(p.Reply(421, "4.3.2", "too many connections, try again later")))
@@ -307,7 +360,10 @@ class Server:
             return
         self._ids += 1
         name = f"L{os.getpid():x}{self._ids:05X}"
-        t = threading.Thread(target=self._session, args=(client, name), name=name, daemon=True)
+        if peer is not None:
+            with self._threads_lock:
+                self._peers[peer] = self._peers.get(peer, 0) + 1
+        t = threading.Thread(target=self._session, args=(client, name, peer), name=name, daemon=True)
         with self._threads_lock:
             self.threads.add(t)
         try:
@@ -315,6 +371,7 @@ class Server:
         except RuntimeError as exc:  # out of threads: refuse this one, keep serving the others
             with self._threads_lock:
                 self.threads.discard(t)
+            self._forget_peer(peer)
             self._slots.release()
             self.log.error(f"cannot start a session thread: {exc}")
             try:
@@ -325,7 +382,17 @@ class Server:
 
     # -- one connection ---------------------------------------------------------------
 
-    def _session(self, client: socket.socket, name: str) -> None:
+    def _forget_peer(self, peer: object) -> None:
+        if peer is None:
+            return
+        with self._threads_lock:
+            left = self._peers.get(peer, 0) - 1
+            if left > 0:
+                self._peers[peer] = left
+            else:
+                self._peers.pop(peer, None)
+
+    def _session(self, client: socket.socket, name: str, peer: object = None) -> None:
         try:
             Session(self, client, name).run()
         except Exception as exc:  # noqa: BLE001 - a bug ends this connection, never the server
@@ -339,6 +406,7 @@ class Server:
                 client.close()
             except OSError:
                 pass
+            self._forget_peer(peer)
             self._slots.release()
             with self._threads_lock:
                 self.threads.discard(threading.current_thread())
@@ -368,6 +436,11 @@ class Session:
         cfg, opts = server.cfg, server.opts
         self.conn = p.Connection(cfg.host(), max_size=opts.max_message_size, max_recipients=opts.max_recipients)
         self.txn: _Txn | None = None
+        # Silence is not the only way to hold a slot: a client sending a byte a second is
+        # never silent.  So a command must be complete within command_time_limit of the
+        # previous answer, and a message within transaction_time_limit of DATA.
+        self.command_started = time.monotonic()
+        self.data_started = 0.0
 
     def run(self) -> None:
         conn = self.conn
@@ -387,6 +460,9 @@ class Session:
                         self.server.log.warning(f"{self.name}: lost connection in DATA, message discarded")
                     break
                 self._handle(event)
+                self.command_started = time.monotonic()
+                if isinstance(event, p.DataStart):
+                    self.data_started = self.command_started
                 if conn.closed:
                     break
             self._send()
@@ -416,6 +492,19 @@ class Session:
             if server.stopping.is_set() and not conn.busy:
                 # Between commands: whatever the client sends next would be new work.
                 conn.close_with(p.Reply(421, "4.3.2", f"{conn.hostname} shutting down, try again later"))
+                self._send()
+                return False
+            now = time.monotonic()
+            opts = server.opts
+            if conn.state == p.DATA:
+                over = now - self.data_started > opts.transaction_time_limit
+                what = f"message not complete after {opts.transaction_time_limit}s"
+            else:
+                over = now - self.command_started > opts.command_time_limit
+                what = f"command not complete after {opts.command_time_limit}s"
+            if over:
+                server.log.warning(f"{self.name}: {what}, closing connection")
+                conn.close_with(p.Reply(421, "4.4.2", f"{what}, closing connection"))
                 self._send()
                 return False
             try:
@@ -568,11 +657,19 @@ class Session:
             return reply_for(status, given)
         finally:
             if own:
-                os.close(fd)
-        for note in result.notes:
-            self.server.log.warning(f"{self.name}: to=<{address}>, broke stale lock {note}")
-        why = f"{result.target.format} {result.target.path}"
-        self._log(address, Status("2.0.0", "delivered"), result.size, why, result.sender)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        # Durable: the answer is 250 whatever happens to the log lines (a 4xx would make the
+        # client send it again).
+        try:
+            for note in result.notes:
+                self.server.log.warning(f"{self.name}: to=<{address}>, broke stale lock {note}")
+            why = f"{result.target.format} {result.target.path}"
+            self._log(address, Status("2.0.0", "delivered"), result.size, why, result.sender)
+        except Exception:  # noqa: BLE001
+            pass
         return reply_for(Status("2.0.0", "delivered"), given)
 
     def _log(self, address: str, status: Status, size: int, why: str, sender: str | None = None) -> None:
@@ -784,6 +881,15 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         if pid_file is not None:
             pid_file.remove()
     logger.info("stopped")
+    if server.abandoned:
+        # Delivery threads still waiting on a lock would hold interpreter shutdown (it joins
+        # the pool's threads): leave now, as promised by shutdown_grace.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(EX_OK)
     return EX_OK
 
 
