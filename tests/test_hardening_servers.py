@@ -42,6 +42,13 @@ def test_pid_file_symlink_planted_by_vmail_is_never_followed(mailroot: MailRoot)
     server = Lmtpd(mailroot)
     server.pid_file.symlink_to(victim)
     os.lchown(server.pid_file, mailroot.owner.uid, mailroot.owner.gid)
+    # The old code wrote `<pid_file>.<pid>` and chowned it, following links: plant one for
+    # every pid the server may get.
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    for pid in range(last + 1, last + 400):
+        tmp = Path(f"{server.pid_file}.{pid}")
+        tmp.symlink_to(victim)
+        os.lchown(tmp, mailroot.owner.uid, mailroot.owner.gid)
     try:
         server.start()
         assert not server.pid_file.is_symlink()
