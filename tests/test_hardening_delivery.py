@@ -304,3 +304,69 @@ def test_detail_folders_allow_list(mailroot: MailRoot) -> None:
         assert done.returncode == 0, done.stderr
     assert len(os.listdir(lists / "new")) == 1
     assert os.listdir(shop / "new") == [] and len(os.listdir(md / "new")) == 1
+
+
+# -- the fuzz test: hostile envelopes and header blocks --------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_BYTES = st.binary(min_size=0, max_size=40)
+_TEXTISH = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=30),
+    _BYTES.map(lambda b: os.fsdecode(b.replace(b"\x00", b""))),  # undecodable bytes as surrogates
+    st.sampled_from(["<>", "MAILER-DAEMON", "a>, status=sent (x", "\x1b[31mred", "x" * 600, "@", "<a@b>"]),
+)
+_HEADER_LINE = st.one_of(
+    st.sampled_from([b"Status: RO", b"X-Status: DF", b"X-IMAPbase: 1 2", b"X-UID: 9", b"Content-Length: 1",
+                     b"Delivered-To: fred@away.com", b"Subject: hi", b" folded", b"From x", b""]),
+    _BYTES.map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"")),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(
+    sender=_TEXTISH,
+    via=st.sampled_from(["-f", "From_", "none"]),
+    user=st.one_of(st.sampled_from(["fred", "fred+x", "Fred", "nobody", "fred.lock", "dovecot.index"]), _TEXTISH),
+    lines=st.lists(_HEADER_LINE, max_size=8),
+    huge=st.sampled_from([0, 0, 0, 300_000, 1_100_000]),
+    crlf=st.booleans(),
+)
+def test_fuzz_hostile_envelopes_and_headers(mailroot: MailRoot, sender: str, via: str, user: str,
+                                           lines: list[bytes], huge: int, crlf: bool) -> None:
+    """Whatever a remote sender chooses: a defined exit code, one copy per success and none on
+    a failure, and every log line one printable line."""
+    box = mailroot.vbox / "away.com" / "fred"
+    if not box.exists():
+        mailroot.add_mbox("away.com", "fred")
+        mailroot.write_config(log="stderr", max_message_size=4_000_000)
+    before = len(mbox_messages(box))
+    end = b"\r\n" if crlf else b"\n"
+    head = end.join(lines) + end
+    if huge:
+        head += (b"X-Pad: " + b"p" * 990 + end) * (huge // 1000) + b"Status: RO" + end
+    msg = head + end + b"body" + end
+    args = ["-a", "away.com", "-a", user]
+    if via == "-f":
+        args = ["-f", sender, *args]
+    elif via == "From_":
+        envelope = os.fsencode(sender).replace(b"\n", b"").replace(b"\x00", b"")
+        msg = b"From " + envelope + b" Wed Nov 25 02:56:49 2026\n" + msg
+    if "\x00" in user:
+        return  # argv cannot carry NUL
+    done = run_vdeliver(args, msg, config=mailroot.config, as_user=mailroot.owner, timeout=60)
+    assert done.returncode in (0, 67, 69, 73, 75), done
+    after = len(mbox_messages(box))
+    if done.returncode == 0:
+        assert after - before <= 1
+    else:
+        assert after == before
+    text = done.stderr.decode("ascii")  # printable ASCII only: a non-ASCII byte fails here
+    for line in text.splitlines():
+        assert line.isprintable(), repr(line)
+    for stored in mbox_messages(box):  # no mailbox control header in any header block
+        block = stored.split(b"\n\n", 1)[0].lower()
+        for name in (b"status:", b"x-status:", b"x-imapbase:", b"x-uid:", b"content-length:", b"x-keywords:"):
+            assert not block.startswith(name) and b"\n" + name not in block

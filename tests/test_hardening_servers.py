@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import smtplib
 import socket
 import subprocess
 import sys
@@ -116,7 +115,6 @@ def _socketmap_config(base: Path, extra: str) -> Path:
 def test_socketmap_serves_as_its_user_and_refuses_root(mailroot: MailRoot) -> None:
     require_root("the server starts as root")
     from tests.test_socketmap_support import Client, running_server
-    from vdeliver.socketmap import protocol as p
 
     base = mailroot.base
     config = _socketmap_config(base, "")

@@ -177,7 +177,8 @@ def test_spool_dir_that_does_not_exist_is_temporary() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\n", b"From \r", b"From x\r\n\r", b"no header line\n", b"Subject: only headers", b"From x\n", b"\r\n\r\nbody", b"From x Wed\n\nbody",
+    [b"", b"\n", b"From \r", b"From x\r\n\r", b"no header line\n", b"Subject: only headers", b"From x\n",
+     b"\r\n\r\nbody", b"From x Wed\n\nbody",
      b"Subject: a\r", b"\x00\x01\xff\n\nbin\x00ary\n" * 3, b"Subject: x\n\n" + b"L" * 200000 + b"\n"],
 )
 def test_edge_messages_read_back_as_one(data: bytes, tmp_path: Path) -> None:
