@@ -90,3 +90,12 @@ def test_forged_row_gets_temp_from_the_socketmap(config: Path) -> None:
     log = server_log(config)
     assert "refusing database row forwards.target" in log
     assert "Traceback" not in log
+
+
+def test_check_reports_stored_reserved_names(config: Path) -> None:
+    """A `fred.lock` stored before vmailctl refused such names: `check` names it."""
+    _raw(config, "INSERT INTO mailboxes (username, domain, format, created_at) VALUES (?, 'away.com', 'mbox', 'x')",
+         "fred.lock")
+    out = vmailctl(config, "check")
+    assert out.returncode == 1
+    assert "fred.lock@away.com: names ending in '.lock' are reserved" in out.stdout, out.stdout
