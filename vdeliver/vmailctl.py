@@ -178,6 +178,12 @@ def build_parser() -> _Parser:
 
     js(sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch"))
 
+    sp = sub(top, "doctor", "check the installation as sendmail, vdeliver and Dovecot see it; exit 1 on problems")
+    sp.add_argument("--cf", action="append", metavar="FILE", help="a sendmail .cf (default: /etc/mail/sendmail_out.cf"
+                    " and sendmail_in.cf)")
+    sp.add_argument("--dovecot-dir", default="/etc/dovecot", metavar="DIR", help="Dovecot's configuration directory")
+    js(sp)
+
     i = verbs("import", "import a site running the paper's set-up")
     sp = sub(i, "users", "the paper's users table (username, password, userpart, domain, forward, alias_for)")
     src = sp.add_mutually_exclusive_group(required=True)
@@ -585,10 +591,19 @@ def cmd_dovecot(ctx: Context) -> int:
     return int(result or 0)
 
 
+def cmd_doctor(ctx: Context) -> int:
+    from vdeliver import doctor
+
+    report = doctor.run(ctx.cfg, ctx.settings, ctx.args.cf, ctx.args.dovecot_dir)
+    _emit(ctx.args, {"ok": not report.problems, "problems": report.problems, "checked": report.checked},
+          lambda _d: doctor.text(report))
+    return EXIT_ERROR if report.problems else EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "domain": cmd_domain, "user": cmd_user, "alias": cmd_alias, "forward": cmd_forward,
     "catchall": cmd_catchall, "maps": cmd_maps, "check": cmd_check, "import": cmd_import,
-    "dovecot-config": cmd_dovecot,
+    "dovecot-config": cmd_dovecot, "doctor": cmd_doctor,
 }
 
 
