@@ -349,6 +349,10 @@ def check_dovecot(cfg: Any, directory: str, report: Report) -> None:
     except Exception as exc:  # noqa: BLE001 - reported, not raised: the other checks still count
         report.bad("Dovecot", f"cannot generate its configuration: {exc}", "fix the [accounts]/[dovecot] settings")
         return
+    if not os.path.exists(os.path.join(directory, "conf.d", "90-vdeliver.conf")):
+        # Not set up yet (sendmail first, Dovecot later): a note, not a problem.
+        report.ok(f"Dovecot in {directory}: not configured for vdeliver yet (vmailctl dovecot-config -o {directory})")
+        return
     for name, text in files.items():
         path = os.path.join(directory, name)
         try:
