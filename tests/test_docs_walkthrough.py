@@ -52,6 +52,7 @@ WALK = [
     ("docs/sendmail.md", "first-mail"),
     ("docs/dovecot.md", "dovecot-generate"),
     ("docs/dovecot.md", "dovecot-start"),
+    ("docs/lmtp.md", "lmtp-switch"),
 ]
 TIMEOUT = 240
 
@@ -197,3 +198,4 @@ def test_documented_setup_delivers_by_sendmail_and_smtp_and_reads_over_imap(tmp_
                                          f"{r.stdout[-6000:]}\n{r.stderr[-3000:]}")
     assert result["mbox_fred_away"] and result["imap_fred_away"], result
     assert result["imap_fred_home"] and result["imap_wilma_home"], result
+    assert result["lmtp_used"] and result["out_alive_after_hup"] and result["imap_fred_away_lmtp"], result

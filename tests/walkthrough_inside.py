@@ -135,7 +135,38 @@ def _after(env: dict[str, str], log: list[str]) -> dict[str, object]:
     result["imap_fred_away"] = b"hello fred" in _imap_read("fred@away.com", "fred-secret")
     result["imap_fred_home"] = b"hello over smtp" in _imap_read("fred@home.com", "fred-secret")
     result["imap_wilma_home"] = b"hello over smtp" in _imap_read("wilma@home.com", "wilma-secret")
+    # The last block switched the outgoing sendmail to LMTP (docs/lmtp.md): one more message.
+    result["lmtp_used"] = "vdlmtp" in Path("/etc/mail/sendmail_out.cf").read_text()
+    result["out_alive_after_hup"] = _outgoing_alive()
+    with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
+        smtp.sendmail("postmaster@mail.example.net", ["fred@away.com"], b"Subject: lmtp\r\n\r\nhello over lmtp\r\n")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        log.append(r.stdout + r.stderr)
+        if b"hello over lmtp" in Path("/var/spool/vbox/away.com/fred").read_bytes():
+            break
+        time.sleep(1)
+    result["imap_fred_away_lmtp"] = b"hello over lmtp" in _imap_read("fred@away.com", "fred-secret")
     return result
+
+
+def _outgoing_alive() -> bool:
+    """On SIGHUP the outgoing sendmail restarts itself (by its full path); is one running again?"""
+    import time
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            pid = Path("/run/sendmail/mta/sendmail_out.pid").read_text().split()[0]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                return True
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def _inside() -> int:
