@@ -53,6 +53,7 @@ WALK = [
     ("docs/dovecot.md", "dovecot-generate"),
     ("docs/dovecot.md", "dovecot-start"),
     ("docs/lmtp.md", "lmtp-switch"),
+    ("docs/socketmap.md", "socketmap-switch"),
 ]
 TIMEOUT = 240
 
@@ -177,7 +178,7 @@ def test_documented_setup_delivers_by_sendmail_and_smtp_and_reads_over_imap(tmp_
     from tests.helpers import require, require_root
 
     require_root("the walk-through installs and starts sendmail and Dovecot (in private namespaces)")
-    require("unshare", "sendmail", "m4", "makemap", "dovecot", "git")
+    require("unshare", "ip", "sendmail", "m4", "makemap", "dovecot", "git", "dpkg-query")
     house = _wheelhouse()
     plan = [{"file": b.file, "line": b.line, "id": b.what, "text": b.text}
             for b in (marked_blocks()[k] for k in WALK)]
@@ -199,3 +200,4 @@ def test_documented_setup_delivers_by_sendmail_and_smtp_and_reads_over_imap(tmp_
     assert result["mbox_fred_away"] and result["imap_fred_away"], result
     assert result["imap_fred_home"] and result["imap_wilma_home"], result
     assert result["lmtp_used"] and result["out_alive_after_hup"] and result["imap_fred_away_lmtp"], result
+    assert result["socketmap_used"] and result["imap_barney_socketmap"], result

@@ -152,6 +152,31 @@ def _after(env: dict[str, str], log: list[str]) -> dict[str, object]:
     return result
 
 
+def _after_socketmap(env: dict[str, str], log: list[str]) -> dict[str, object]:
+    """After docs/socketmap.md's switch: a user added with vmailctl and no `maps build` gets mail."""
+    import smtplib
+    import time
+
+    result: dict[str, object] = {}
+    result["socketmap_used"] = "socketmap-out.sock" in Path("/etc/mail/sendmail_out.cf").read_text()
+    subprocess.run(["vmailctl", "user", "add", "--password-stdin", "barney@home.com"], input="barney-secret\n",
+                   env=env, check=True, capture_output=True, text=True, timeout=60)
+    _outgoing_alive()
+    with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
+        smtp.sendmail("postmaster@mail.example.net", ["barney@home.com"], b"Subject: sm\r\n\r\nhello socketmap\r\n")
+    barney = Path("/var/spool/vbox/home.com/barney")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        log.append(r.stdout + r.stderr)
+        if b"hello socketmap" in barney.read_bytes():
+            break
+        time.sleep(1)
+    result["imap_barney_socketmap"] = b"hello socketmap" in _imap_read("barney@home.com", "barney-secret")
+    return result
+
+
 def _outgoing_alive() -> bool:
     """On SIGHUP the outgoing sendmail restarts itself (by its full path); is one running again?"""
     import time
@@ -179,9 +204,12 @@ def _inside() -> int:
            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     try:
         clone = _isolate(job)
-        for block in job["plan"]:
+        plan = job["plan"]
+        for block in plan[:-1]:
             _run_block(block, clone, env, log)
         result.update(_after(env, log))
+        _run_block(plan[-1], clone, env, log)  # docs/socketmap.md's switch
+        result.update(_after_socketmap(env, log))
     except Exception as exc:  # noqa: BLE001 - reported to the test with the log
         result["error"] = f"{type(exc).__name__}: {exc}"
     if result["error"] or not all(v for k, v in result.items() if k != "error"):
