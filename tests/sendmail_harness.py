@@ -91,8 +91,8 @@ IN_MC = EXAMPLES / "sendmail_in.mc"
 OUT_MC = EXAMPLES / "sendmail_out.mc"
 MAILSCANNER_MC = EXAMPLES / "sendmail_in-mailscanner.mc"
 # The production mailer lines of sendmail_out.mc that tests rewrite.
-PRODUCTION_PYTHON = "/opt/vdeliver/bin/python"
-PRODUCTION_ARGS = "python -I -m vdeliver -t -Y -a $h -a $u"
+PRODUCTION_PYTHON = "/usr/local/libexec/vdeliver"
+PRODUCTION_ARGS = "vdeliver -t -Y -a $h -a $u"
 # Not under /tmp: sendmail ignores map and class files below a world-writable
 # directory ("World writable directory /tmp"), sticky or not.
 SITE_PARENT = Path("/run/vdeliver-sendmail-tests")

@@ -79,12 +79,13 @@ def test_out_mailer_runs_vdeliver_as_vmail_one_recipient_per_run() -> None:
     cf = _compiled(OUT_MC)
     start = cf.index("\nMprocmail,")
     mailer = cf[start : cf.index("A=", start)]
-    assert "P=/opt/vdeliver/bin/python, U=vmail:vmail," in mailer
+    # The launcher: absolute interpreter inside, no environment needed (issue 15).
+    assert "P=/usr/local/libexec/vdeliver, U=vmail:vmail," in mailer
     flags = re.search(r"F=(\w+)", mailer)
     assert flags is not None and flags.group(1) == "DFMl0"
     assert "m" not in flags.group(1), "the m flag folds several recipients into one run"
     args = cf[cf.index("A=", start) :].split("\n", 1)[0]
-    assert args == "A=python -I -m vdeliver -t -Y -a $h -a $u"
+    assert args == "A=vdeliver -t -Y -a $h -a $u"
     # local_procmail keeps the real procmail for the machine's own accounts.
     local = cf[cf.index("\nMlocal,") :].split("\n\n", 1)[0]
     assert "P=/usr/bin/procmail" in local and "A=procmail -t -Y -a $h -d $u" in local
@@ -328,3 +329,11 @@ def test_compile_mc_reports_m4_errors(tmp_path: Path) -> None:
     bad.write_text("include(`/usr/share/sendmail/cf/m4/cf.m4')dnl\nFEATURE(`no_such_feature')dnl\n")
     with pytest.raises(RuntimeError, match="no_such_feature"):
         compile_mc(bad)
+
+
+@pytest.mark.parametrize("mc", MC_FILES, ids=[p.name for p in MC_FILES])
+def test_every_mc_trusts_debians_smmta_owned_maps(mc: Path) -> None:
+    # Debian's /etc/mail is smmta:smmsp and its makemap chowns each .db to smmta: without
+    # TrustedUser=smmta sendmail calls every map "unsafe" (-bi exits 70, hosted mail leaves by SMTP).
+    cf = _compiled(mc)
+    assert "\nO TrustedUser=smmta\n" in cf

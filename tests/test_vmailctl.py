@@ -539,3 +539,36 @@ def test_console_script_and_hot_path() -> None:
     assert r.stdout.strip() == "[]", r.stderr  # commands import what they need when they run
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=60)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+def test_maps_build_says_to_restart_sendmail_when_a_start_up_class_changed(acct: Acct) -> None:
+    # issue 15: a new domain's virtuserdomains is read only at start-up; the next message bounced.
+    acct.ok("domain", "add", "away.com")
+    r = acct.ok("maps", "build")
+    assert "virtuserdomains" in r.out.splitlines()[1] and "sendmail reads these only at start-up" in r.out
+    assert "kill -HUP $(head -1 /run/sendmail/mta/sendmail_out.pid)" in r.out
+    acct.ok("user", "add", "fred@away.com", "--no-password", "--no-mailbox")
+    r = acct.ok("maps", "build", "--json")
+    assert r.json()["restart_needed"] == []
+    acct.ok("domain", "add", "home.com")
+    assert "virtuserdomains" in acct.ok("maps", "build", "--json").json()["restart_needed"]
+
+
+def test_maps_build_reload_without_a_running_sendmail_defers(acct: Acct) -> None:
+    acct.ok("domain", "add", "away.com")
+    r = acct.run("maps", "build", "--reload")
+    assert r.rc == 75 and "cannot reload sendmail" in r.err
+
+
+def test_alias_add_of_a_new_alias_says_added_then_updated(acct: Acct) -> None:
+    acct.ok("domain", "add", "away.com")
+    assert acct.ok("alias", "add", "info@away.com", "x@else.example").out.strip() == "alias info@away.com added"
+    assert acct.ok("alias", "add", "info@away.com", "y@else.example").out.strip() == "alias info@away.com updated"
+
+
+def test_user_list_shows_keep_copy(acct: Acct) -> None:
+    acct.ok("domain", "add", "away.com")
+    acct.ok("user", "add", "fred@away.com", "--no-password", "--no-mailbox")
+    acct.ok("forward", "set", "--keep-copy", "fred@away.com", "x@else.example")
+    out = acct.ok("user", "list").out
+    assert "KEEP_COPY" in out.splitlines()[0] and out.splitlines()[1].rstrip().endswith("True")

@@ -13,7 +13,15 @@ launcher skips `site` altogether.  The mailer line then becomes
     define(`PROCMAIL_MAILER_PATH', `/usr/local/libexec/vdeliver, U=vmail:vmail')dnl
     define(`PROCMAIL_MAILER_ARGS', `vdeliver -t -Y -a $h -a $u')dnl
 
-Run it again after upgrading the interpreter or moving the installation.
+Both paths in it are absolute and it reads no environment: sendmail runs a mailer with an
+empty environment and argv[0] as written in the mailer line, which is why the plain
+`python -m vdeliver` line with argv[0] `python` cannot find its venv.  The one failure
+that happens before vdeliver's own error handling runs, the import itself (a venv removed,
+a half-finished upgrade), exits 75 so that sendmail keeps the mail instead of bouncing it
+with "unknown mailer error 1".
+
+Run it again after upgrading the interpreter or moving the installation
+(`vmailctl doctor` checks that the launcher still starts).
 """
 
 from __future__ import annotations
@@ -25,7 +33,12 @@ TEMPLATE = """#!{python} -IS
 # vdeliver launcher, written by `python -m vdeliver.launcher`; see vdeliver/launcher.py.
 import sys
 sys.path.insert(0, {libdir!r})
-from vdeliver.cli import run
+try:
+    from vdeliver.cli import run
+except BaseException as exc:  # anything before vdeliver runs must defer (75), never bounce
+    sys.stderr.write("vdeliver: 4.3.0 cannot load vdeliver from " + {libdir!r} + ": " + repr(exc) + "\\n")
+    import os
+    os._exit(75)
 run()
 """
 
@@ -56,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("usage: python -m vdeliver.launcher PATH\n"
                          "  writes an executable that starts vdeliver as fast as this machine can\n")
         return 2
+    parent = os.path.dirname(os.path.abspath(args[0]))
+    if not os.path.isdir(parent):
+        sys.stderr.write(f"vdeliver.launcher: directory {parent} does not exist"
+                         f" (create it first: mkdir -p {parent})\n")
+        return 1
     try:
         write(args[0])
     except OSError as exc:

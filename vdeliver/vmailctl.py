@@ -171,7 +171,10 @@ def build_parser() -> _Parser:
     sp.add_argument("domain")
 
     m = verbs("maps", "sendmail maps")
-    js(sub(m, "build", "write the maps that changed and compile them with makemap"))
+    sp = sub(m, "build", "write the maps that changed and compile them with makemap")
+    sp.add_argument("--reload", action="store_true",
+                    help="SIGHUP the outgoing sendmail when a map it reads only at start-up changed")
+    js(sp)
 
     js(sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch"))
 
@@ -180,6 +183,12 @@ def build_parser() -> _Parser:
              "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)")
     sp.add_argument("roles", nargs="+", metavar="ROLE")
     sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+
+    sp = sub(top, "doctor", "check the installation as sendmail, vdeliver and Dovecot see it; exit 1 on problems")
+    sp.add_argument("--cf", action="append", metavar="FILE", help="a sendmail .cf (default: /etc/mail/sendmail_out.cf"
+                    " and sendmail_in.cf)")
+    sp.add_argument("--dovecot-dir", default="/etc/dovecot", metavar="DIR", help="Dovecot's configuration directory")
+    js(sp)
 
     i = verbs("import", "import a site running the paper's set-up")
     sp = sub(i, "users", "the paper's users table (username, password, userpart, domain, forward, alias_for)")
@@ -359,7 +368,8 @@ def cmd_user(ctx: Context) -> int:
         dom = _dom(a.domain) if a.domain else None
         with s.transaction(write=False):
             rows = [_public_user(r) for r in s.user_list(dom)]
-        _emit(a, rows, lambda r: _table(r, ["username", "domain", "format", "status", "quota_bytes", "forwards"]))
+        _emit(a, rows, lambda r: _table(r, ["username", "domain", "format", "status", "quota_bytes", "forwards",
+                                            "keep_copy"]))
         return EXIT_OK
     user, dom = _addr(a.address)
     addr = f"{user}@{dom}"
@@ -433,10 +443,13 @@ def cmd_alias(ctx: Context) -> int:
     user, dom = _addr(a.address)
     with s.transaction():
         if a.verb == "add":
+            new = f"{user}@{dom}" not in {x["address"] for x in s.alias_list(dom)}
             s.alias_add(user, dom, a.targets)
         else:
+            new = False
             s.alias_remove(user, dom, a.targets or None)
-    print(f"alias {user}@{dom} {'updated' if a.verb == 'add' else 'removed' if not a.targets else 'updated'}")
+    done = "added" if new else "updated" if a.verb == "add" or a.targets else "removed"
+    print(f"alias {user}@{dom} {done}")
     return EXIT_OK
 
 
@@ -468,14 +481,24 @@ def cmd_maps(ctx: Context) -> int:
     from vdeliver.accounts import maps
 
     result = maps.build_from(ctx.store, ctx.settings, ctx.cfg.host())
+    restart = maps.needs_restart(result.written)
+    reloaded = maps.reload_sendmail() if restart and ctx.args.reload else None
     data = {"directory": result.directory, "serial": result.serial, "written": result.written,
-            "compiled": result.compiled, "unchanged": result.unchanged}
+            "compiled": result.compiled, "unchanged": result.unchanged, "restart_needed": restart,
+            "reloaded_pid": reloaded}
 
     def text(d: dict[str, Any]) -> str:
         if not d["written"] and not d["compiled"]:
             return f"maps in {d['directory']} are up to date"
-        return (f"maps in {d['directory']}: wrote {', '.join(d['written']) or 'nothing'}; "
+        line = (f"maps in {d['directory']}: wrote {', '.join(d['written']) or 'nothing'}; "
                 f"compiled {', '.join(d['compiled']) or 'nothing'}")
+        if d["reloaded_pid"]:
+            return line + f"\nsent SIGHUP to the outgoing sendmail (pid {d['reloaded_pid']})"
+        if d["restart_needed"]:
+            return line + (f"\n{', '.join(d['restart_needed'])} changed; sendmail reads these only at start-up:"
+                           f" restart the outgoing sendmail (kill -HUP $(head -1 {maps.OUT_PID_FILE}),"
+                           " or vmailctl maps build --reload)")
+        return line
 
     _emit(ctx.args, data, text)
     return EXIT_OK
@@ -599,10 +622,19 @@ def cmd_dovecot(ctx: Context) -> int:
     return int(result or 0)
 
 
+def cmd_doctor(ctx: Context) -> int:
+    from vdeliver import doctor
+
+    report = doctor.run(ctx.cfg, ctx.settings, ctx.args.cf, ctx.args.dovecot_dir)
+    _emit(ctx.args, {"ok": not report.problems, "problems": report.problems, "checked": report.checked},
+          lambda _d: doctor.text(report))
+    return EXIT_ERROR if report.problems else EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "domain": cmd_domain, "user": cmd_user, "alias": cmd_alias, "forward": cmd_forward,
     "catchall": cmd_catchall, "maps": cmd_maps, "check": cmd_check, "import": cmd_import,
-    "dovecot-config": cmd_dovecot, "db": cmd_db,
+    "dovecot-config": cmd_dovecot, "db": cmd_db, "doctor": cmd_doctor,
 }
 
 

@@ -49,6 +49,10 @@ TEXT_MAPS = ("virtusertable", "virtuserdomains", "local-host-names", ALIASES, "a
              "access_out")
 HASH_MAPS = {"virtusertable": [], "access.in": [], "access_out": [], ALIASES: ["-N"]}
 STAMP = ".maps-serial"
+# Class files sendmail reads once, at start-up: a change needs the outgoing process restarted
+# (SIGHUP makes it re-execute itself, when it was started by its full path).
+START_UP_MAPS = ("virtuserdomains", "local-host-names", "relay-domains")
+OUT_PID_FILE = "/run/sendmail/mta/sendmail_out.pid"
 LOCK = ".maps.lock"
 
 UNKNOWN = "error:nouser 550 5.1.1 User unknown"
@@ -354,3 +358,23 @@ def built_serial(directory: str) -> int | None:
         return int(json.loads(text)["serial"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def needs_restart(written: list[str]) -> list[str]:
+    """The written maps that a running sendmail sees only after a restart (or SIGHUP)."""
+    return [name for name in written if name in START_UP_MAPS]
+
+
+def reload_sendmail(pid_file: str = OUT_PID_FILE) -> int:
+    """SIGHUP the sendmail whose pid file is given (its first line); return the pid."""
+    import signal
+
+    text = _read(pid_file)
+    first = text.split("\n", 1)[0].strip() if text else ""
+    if not first.isdigit() or int(first) <= 1:
+        raise TemporaryError(f"cannot reload sendmail: no pid in {pid_file}")
+    try:
+        os.kill(int(first), signal.SIGHUP)
+    except OSError as exc:
+        raise TemporaryError(f"cannot reload sendmail (pid {first} from {pid_file}): {exc.strerror}") from None
+    return int(first)

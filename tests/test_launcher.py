@@ -1,0 +1,56 @@
+"""The launcher sendmail's mailer line runs (issue 15, items 1 and 7).
+
+sendmail starts a mailer with argv[0] exactly as the mailer line writes it and an empty
+environment.  The launcher must work under those conditions, and the one failure that
+happens before vdeliver's own exit-code table applies (the import) must defer (75).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.helpers import PACKAGE, SYSTEM_PYTHON, world_tmpdir
+from vdeliver import launcher
+
+
+def _write(tmp: Path, libdir: Path) -> Path:
+    path = tmp / "vdeliver"
+    launcher.write(str(path), python=SYSTEM_PYTHON, libdir=str(libdir))
+    return path
+
+
+def test_launcher_runs_with_empty_environment_and_bare_argv0(tmp_path: Path) -> None:
+    lib = world_tmpdir("vdeliver-launcher-")
+    shutil.copytree(PACKAGE, lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
+    path = _write(tmp_path, lib)
+    result = subprocess.run(["vdeliver", "--version"], executable=str(path), env={}, capture_output=True,
+                            timeout=30, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert b"vdeliver" in result.stdout + result.stderr
+
+
+def test_launcher_exits_75_not_1_when_vdeliver_cannot_be_imported(tmp_path: Path) -> None:
+    path = _write(tmp_path, tmp_path / "no-such-venv")
+    result = subprocess.run(["vdeliver", "-a", "away.com", "-a", "fred"], executable=str(path), env={},
+                            input=b"From a@b Sat Dec  5 09:00:00 2026\n\nx\n", capture_output=True, timeout=30)
+    assert result.returncode == 75, result
+    assert result.stderr.startswith(b"vdeliver: 4.3.0 cannot load vdeliver from "), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_launcher_interpreter_path_is_absolute() -> None:
+    first = launcher.render().splitlines()[0]
+    assert first.startswith("#!/") and first.endswith(" -IS")
+
+
+def test_launcher_names_the_missing_directory(tmp_path: Path, capsys: object) -> None:
+    target = tmp_path / "libexec" / "vdeliver"
+    assert launcher.main([str(target)]) == 1
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert f"directory {tmp_path / 'libexec'} does not exist" in err
+    assert f"mkdir -p {tmp_path / 'libexec'}" in err
+    (tmp_path / "libexec").mkdir()
+    assert launcher.main([str(target)]) == 0
+    assert target.stat().st_mode & 0o777 == 0o755
