@@ -109,10 +109,12 @@ def install_vdeliver() -> Path:
     shutil.copytree(Path(idna.__file__).parent, lib / "idna", ignore=shutil.ignore_patterns("__pycache__"))
     bindir = base / "bin"
     bindir.mkdir()
-    # vdeliver in the production form (vdeliver/launcher.py: -IS, no site); the servers keep
-    # site-packages (the socketmap server may need psycopg).
+    # The servers keep site-packages (the socketmap server may need psycopg).
+    # vdeliver: the launcher exactly as `python -m vdeliver.launcher` writes it in production.
+    from vdeliver import launcher as production_launcher
+
+    production_launcher.write(str(bindir / "vdeliver"), python=SYSTEM_PYTHON, libdir=str(lib))
     for name, module, func, call, flags in (
-        ("vdeliver", "vdeliver.cli", "run", "run()", "-IS"),
         ("vdeliver-lmtpd", "vdeliver.lmtp.server", "main", "raise SystemExit(main())", "-I"),
         ("vdeliver-socketmapd", "vdeliver.socketmap.server", "main", "raise SystemExit(main())", "-I"),
     ):

@@ -100,7 +100,7 @@ def test_launcher_runs_vdeliver_without_site(tmp_path: "object") -> None:
     path = Path(str(tmp_path)) / "vdeliver"
     assert launcher.main([str(path)]) == 0
     text = path.read_text()
-    assert text.startswith("#!/") and text.splitlines()[0].endswith(" -IS")
+    assert text.startswith("#!/bin/sh\n") and " -IS -c " in text
     assert os.stat(path).st_mode & 0o777 == 0o755
     done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30, env={})
     assert done.returncode == 0 and done.stdout.startswith("vdeliver ")

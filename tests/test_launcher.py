@@ -41,8 +41,22 @@ def test_launcher_exits_75_not_1_when_vdeliver_cannot_be_imported(tmp_path: Path
 
 
 def test_launcher_interpreter_path_is_absolute() -> None:
-    first = launcher.render().splitlines()[0]
-    assert first.startswith("#!/") and first.endswith(" -IS")
+    text = launcher.render()
+    assert text.startswith("#!/bin/sh\n")
+    (py_line,) = [line for line in text.splitlines() if line.startswith("PY=")]
+    assert py_line.startswith("PY='/") and ' -IS -c ' in text
+
+
+def test_launcher_exits_75_when_its_interpreter_has_gone(tmp_path: Path) -> None:
+    """A Python upgrade removes the interpreter: a `#!python` script then fails in execve()
+    and sendmail bounces; the launcher defers instead."""
+    path = tmp_path / "vdeliver"
+    launcher.write(str(path), python="/usr/bin/python3.9-removed-by-an-upgrade", libdir=str(tmp_path))
+    result = subprocess.run(["vdeliver", "-a", "away.com", "-a", "fred"], executable=str(path), env={},
+                            input=b"x\n", capture_output=True, timeout=30)
+    assert result.returncode == 75, result
+    assert b"interpreter /usr/bin/python3.9-removed-by-an-upgrade is missing" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_launcher_names_the_missing_directory(tmp_path: Path, capsys: object) -> None:

@@ -512,9 +512,35 @@ def test_usage_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert server.main(["--bogus"]) == server.EX_USAGE
     assert server.main(["--version"]) == 0
     config = tmp_path / "v.toml"
-    config.write_text(f'[lmtp]\nsocket = "{tmp_path}/s"\ntcp = "127.0.0.1:2424"\n')
+    user = ""
+    if IS_ROOT:
+        from tests.helpers import ensure_vmail
+
+        user = f'user = "{ensure_vmail().name}"\n'
+    config.write_text(f'[lmtp]\nsocket = "{tmp_path}/s"\ntcp = "127.0.0.1:2424"\n{user}')
     assert server.main(["-c", str(config), "--check"]) == 0
     assert "[lmtp] ok" in capsys.readouterr().out
+
+
+def test_check_refuses_what_start_would_refuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--check` said ok, then the server refused to start as root without a user."""
+    if not IS_ROOT:
+        pytest.skip("needs root")
+    from vdeliver.lmtp import server
+
+    config = tmp_path / "v.toml"
+    config.write_text(f'log = "none"\n[lmtp]\nsocket = "{tmp_path}/s"\n')
+    assert server.main(["-c", str(config), "--check"]) == server.EX_CONFIG
+    assert "refusing to deliver as root: set [lmtp] user" in capsys.readouterr().err
+    config.write_text(f'log = "none"\n[lmtp]\nsocket = "{tmp_path}/s"\nuser = "no-such-user-here"\n')
+    assert server.main(["-c", str(config), "--check"]) == server.EX_CONFIG
+    assert "no such user" in capsys.readouterr().err
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    config.write_text(f'log = "none"\n[lmtp]\nsocket = "{shared}/s"\nuser = "vmail"\n')
+    assert server.main(["-c", str(config), "--check"]) == server.EX_CONFIG
+    assert "may be changed by others" in capsys.readouterr().err
 
 
 def test_refuses_root_without_user(tmp_path: Path) -> None:

@@ -13,12 +13,13 @@ launcher skips `site` altogether.  The mailer line then becomes
     define(`PROCMAIL_MAILER_PATH', `/usr/local/libexec/vdeliver, U=vmail:vmail')dnl
     define(`PROCMAIL_MAILER_ARGS', `vdeliver -t -Y -a $h -a $u')dnl
 
-Both paths in it are absolute and it reads no environment: sendmail runs a mailer with an
+It is a /bin/sh script that checks its interpreter is still there, then execs it with
+`-IS -c`.  Both paths in it are absolute and it reads no environment: sendmail runs a mailer with an
 empty environment and argv[0] as written in the mailer line, which is why the plain
 `python -m vdeliver` line with argv[0] `python` cannot find its venv.  The one failure
-that happens before vdeliver's own error handling runs, the import itself (a venv removed,
-a half-finished upgrade), exits 75 so that sendmail keeps the mail instead of bouncing it
-with "unknown mailer error 1".
+that can happen before vdeliver's own error handling runs, a missing interpreter (a Python
+upgrade) or a failed import (a venv removed, a half-finished upgrade), exits 75 so that
+sendmail keeps the mail instead of bouncing it.
 
 Run it again after upgrading the interpreter or moving the installation
 (`vmailctl doctor` checks that the launcher still starts).
@@ -29,24 +30,44 @@ from __future__ import annotations
 import os
 import sys
 
-TEMPLATE = """#!{python} -IS
+# A /bin/sh script, not a `#!python` one: if the interpreter it names is gone (a Python
+# upgrade removed /usr/bin/python3.11), execve() of a `#!` script fails with ENOENT inside
+# sendmail, which then bounces every message; here the shell notices and defers (75).  The
+# shell costs about half a millisecond per message.
+TEMPLATE = """#!/bin/sh
 # vdeliver launcher, written by `python -m vdeliver.launcher`; see vdeliver/launcher.py.
+# sendmail bounces on every exit code but 75, 74 and 71: whatever fails here defers.
+PY={python}
+if [ ! -x "$PY" ]; then
+    echo "vdeliver: 4.3.0 interpreter $PY is missing: run python -m vdeliver.launcher again" >&2
+    exit 75
+fi
+exec "$PY" -IS -c '
 import sys
-sys.path.insert(0, {libdir!r})
+sys.path.insert(0, {libdir})
 try:
     from vdeliver.cli import run
-except BaseException as exc:  # anything before vdeliver runs must defer (75), never bounce
-    sys.stderr.write("vdeliver: 4.3.0 cannot load vdeliver from " + {libdir!r} + ": " + repr(exc) + "\\n")
-    import os
-    os._exit(75)
+except BaseException as exc:
+    sys.stderr.write("vdeliver: 4.3.0 cannot load vdeliver from %s: %r\\n" % (sys.path[0], exc))
+    raise SystemExit(75)
 run()
+' "$@"
+exit 75
 """
+
+
+def _sh_word(text: str) -> str:
+    """One shell word, single-quoted."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def render(python: str | None = None, libdir: str | None = None) -> str:
     base = python or os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
     here = libdir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return TEMPLATE.format(python=base, libdir=here)
+    if any(ch in path for path in (here, base) for ch in "'\"\\\n"):
+        raise ValueError("the interpreter and library paths may not contain quotes, backslashes or newlines")
+    # libdir goes inside the single-quoted Python program: a Python string literal without quotes.
+    return TEMPLATE.format(python=_sh_word(base), libdir=repr(here).replace("'", '"'))
 
 
 def write(path: str, python: str | None = None, libdir: str | None = None) -> None:
@@ -76,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         write(args[0])
-    except OSError as exc:
-        sys.stderr.write(f"vdeliver.launcher: {args[0]}: {exc.strerror}\n")
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        sys.stderr.write(f"vdeliver.launcher: {args[0]}: {why}\n")
         return 1
-    sys.stdout.write(f"wrote {args[0]}: {render().splitlines()[0]}\n")
+    python = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+    sys.stdout.write(f"wrote {args[0]}: runs {python} -IS\n")
     return 0
 
 

@@ -786,7 +786,12 @@ def main(argv: list[str] | None = None) -> int:
         _say(exc.status.detail or exc.status.reason)
         return EX_CONFIG
     if action == "check":
-        sys.stdout.write(f"{cfg.path}: [lmtp] ok, socket {opts.socket}\n")
+        # Everything start-up would refuse, refused here too: the run user, the directories.
+        problem = _check_start(cfg, opts)
+        if problem:
+            _say(problem)
+            return EX_CONFIG
+        sys.stdout.write(f"{cfg.path}: [lmtp] ok, socket {opts.socket}, serving as {opts.user or 'the caller'}\n")
         return EX_OK
     logger = Logger("vdeliver-lmtpd", cfg.syslog_facility, cfg.log)
     try:
@@ -799,6 +804,29 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"cannot listen: {exc.strerror or exc}")
         logger.error(f"cannot listen: {exc.strerror or exc}")
         return EX_OSERR
+
+
+def _check_start(cfg: Config, opts: Settings) -> str:
+    """What would stop the server from starting, as one line ("" if nothing)."""
+    from vdeliver import daemon
+
+    if os.geteuid() == 0 and not opts.user:
+        return f"{cfg.where('lmtp', 'user')}: refusing to deliver as root: set [lmtp] user or user"
+    try:
+        owner = daemon.RunUser(opts.user, opts.group) if os.geteuid() == 0 else daemon.RunUser()
+    except daemon.DaemonError as exc:
+        return f"{cfg.where('lmtp', 'user')}: {exc.strerror}"
+    for path in [opts.socket] + ([opts.pid_file] if opts.pid_file else []):
+        directory = os.path.dirname(path) or "/"
+        if not os.path.isdir(directory):
+            if os.path.isdir(os.path.dirname(directory.rstrip("/")) or "/"):
+                continue  # created at start (owned by the run user), as after a reboot
+            return f"{path}: directory {directory} does not exist"
+        try:
+            daemon.Place(directory, owner, create=False).close()
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}"
+    return ""
 
 
 def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int:
