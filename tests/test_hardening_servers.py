@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, DevLog, MailRoot, mbox_messages, require_root
-from tests.test_lmtp_server import Lmtpd, transaction
+from tests.test_lmtp_server import Lmtpd, raw_until_data, transaction
 
 pytestmark = pytest.mark.peers
 
@@ -202,13 +202,7 @@ def test_shutdown_ends_within_its_grace_time(mailroot: MailRoot) -> None:
     fd = os.open(box, os.O_RDWR)
     fcntl.lockf(fd, fcntl.LOCK_EX)
     try:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(10)
-        s.connect(str(server.socket))
-        s.sendall(b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
-        got = b""
-        while b"354" not in got:
-            got += s.recv(4096)
+        s, _got = raw_until_data(server, b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
         s.sendall(b"Subject: stuck\r\n\r\nbody\r\n.\r\n")
         time.sleep(1)  # the delivery is now waiting for the lock
         started = time.monotonic()

@@ -121,6 +121,21 @@ def start(mailroot: MailRoot) -> Iterator[object]:
             server.stop()
 
 
+def raw_until_data(server: Lmtpd, commands: bytes) -> tuple[socket.socket, bytes]:
+    """A raw client on the unix socket that sent commands (LHLO .. DATA), and the replies up to
+    the 354."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(server.socket))
+    s.sendall(commands)
+    got = b""
+    while b"354" not in got:
+        data = s.recv(4096)
+        assert data, got
+        got += data
+    return s, got
+
+
 def transaction(c: smtplib.LMTP, sender: str, rcpts: list[str], msg: bytes = MSG) -> dict[str, tuple[int, bytes]]:
     """MAIL, RCPT each, DATA: every recipient's final reply (RCPT refusal or its own DATA reply)."""
     code, text = c.mail(sender)
@@ -219,13 +234,9 @@ def test_disconnect_in_data_writes_nothing(start: object, mailroot: MailRoot) ->
     box = mailroot.add_mbox("away.com", "fred")
     md = mailroot.add_maildir("home.com", "fred")
     server = start()  # type: ignore[operator]
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(server.socket))
-        s.sendall(b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nRCPT TO:<fred@home.com>\r\nDATA\r\n")
-        got = b""
-        while b"354" not in got:
-            got += s.recv(4096)
+    two = b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nRCPT TO:<fred@home.com>\r\nDATA\r\n"
+    s, _got = raw_until_data(server, two)
+    with s:
         s.sendall(b"Subject: half\r\n\r\n" + b"line\r\n" * 5000)  # and no final dot
     with server.client() as c:
         assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
@@ -269,13 +280,8 @@ def test_garbage_order_and_bare_lf(start: object, mailroot: MailRoot) -> None:
     assert codes[-1] == b"421" and b"421 4.7.0 too many errors" in got
     # Bare LF inside a message: a line end (as Postfix and Dovecot take it); `.<LF>` does not end
     # the data, so the `MAIL FROM` after it is message text, never a smuggled command.
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(server.socket))
-        s.sendall(b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
-        got = b""
-        while b"354" not in got:
-            got += s.recv(4096)
+    s, got = raw_until_data(server, b"LHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
+    with s:
         s.sendall(b"Subject: x\r\n\r\nsmuggled\n.\nMAIL FROM:<evil@x>\r\n.\r\nQUIT\r\n")
         while b"221" not in got:
             got += s.recv(4096)
@@ -427,13 +433,8 @@ def test_sigterm_finishes_the_message_in_flight(start: object, mailroot: MailRoo
     server = start()  # type: ignore[operator]
     assert server.pid_file.read_text().strip() == str(server.proc.pid)
     idle = server.client()
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(server.socket))
-        s.sendall(b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
-        got = b""
-        while b"354" not in got:
-            got += s.recv(4096)
+    s, got = raw_until_data(server, b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
+    with s:
         s.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
         time.sleep(0.2)
         server.signal(signal.SIGTERM)
