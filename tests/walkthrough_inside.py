@@ -177,6 +177,29 @@ def _after_socketmap(env: dict[str, str], log: list[str]) -> dict[str, object]:
     return result
 
 
+def _after_by_hand(env: dict[str, str], log: list[str]) -> dict[str, object]:
+    """The example maps: fred@away.com got the first message (an mbox); one over SMTP to
+    fred@home.com (the Maildir made by hand)."""
+    import smtplib
+    import time
+
+    result: dict[str, object] = {}
+    result["mbox_fred_away"] = b"hello fred" in Path("/var/spool/vbox/away.com/fred").read_bytes()
+    with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
+        smtp.sendmail("postmaster@mail.example.net", ["fred@home.com"], b"Subject: hand\r\n\r\nhello by hand\r\n")
+    new = Path("/home/vmail-users/home.com/fred/Maildir/new")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        log.append(r.stdout + r.stderr)
+        if any(b"hello by hand" in f.read_bytes() for f in new.iterdir()):
+            break
+        time.sleep(1)
+    result["maildir_fred_home"] = any(b"hello by hand" in f.read_bytes() for f in new.iterdir())
+    return result
+
+
 def _outgoing_alive() -> bool:
     """On SIGHUP the outgoing sendmail restarts itself (by its full path); is one running again?"""
     import time
@@ -205,11 +228,16 @@ def _inside() -> int:
     try:
         clone = _isolate(job)
         plan = job["plan"]
-        for block in plan[:-1]:
-            _run_block(block, clone, env, log)
-        result.update(_after(env, log))
-        _run_block(plan[-1], clone, env, log)  # docs/socketmap.md's switch
-        result.update(_after_socketmap(env, log))
+        if job["mode"] == "by-hand":
+            for block in plan:
+                _run_block(block, clone, env, log)
+            result.update(_after_by_hand(env, log))
+        else:
+            for block in plan[:-1]:
+                _run_block(block, clone, env, log)
+            result.update(_after(env, log))
+            _run_block(plan[-1], clone, env, log)  # docs/socketmap.md's switch
+            result.update(_after_socketmap(env, log))
     except Exception as exc:  # noqa: BLE001 - reported to the test with the log
         result["error"] = f"{type(exc).__name__}: {exc}"
     if result["error"] or not all(v for k, v in result.items() if k != "error"):
