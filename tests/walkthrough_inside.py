@@ -244,8 +244,11 @@ def _inside() -> int:
         for cmd in (["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-bp"],
                     ["/usr/sbin/sendmail", "-bp", "-Ac"],
                     ["ls", "-lR", "/var/spool/vbox", "/home/vmail-users"], ["ps", "axf"]):
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            log.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+            try:  # diagnostics only: they must never hide the error they are there to explain
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+                log.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.append(f"$ {' '.join(cmd)}\n({exc})")
     full_log.write("\n".join(log))
     full_log.close()
     print("\n".join(log)[-20000:])
