@@ -26,6 +26,14 @@ def _sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 def _isolate(job: dict[str, object]) -> str:
     """Mount the private world; return the clone's copy."""
     _sh(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", SCRATCH])
+    # Copy the clone first: it may live below /tmp or /run (CI's clone may), which the
+    # tmpfs mounts below hide.
+    clone = f"{SCRATCH}/vdeliver"
+    root = str(job["root"])
+    for rel in job["files"]:  # type: ignore[attr-defined]
+        dest = os.path.join(clone, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copy2(os.path.join(root, rel), dest)
     for d in OVERLAID:
         upper, work = f"{SCRATCH}/upper/{d}", f"{SCRATCH}/work/{d}"
         os.makedirs(upper)
@@ -35,12 +43,6 @@ def _isolate(job: dict[str, object]) -> str:
     _sh(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"])
     _sh(["ip", "link", "set", "lo", "up"])
     _start_dns()
-    clone = f"{SCRATCH}/vdeliver"
-    root = str(job["root"])
-    for rel in job["files"]:  # type: ignore[attr-defined]
-        dest = os.path.join(clone, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copy2(os.path.join(root, rel), dest)
     return clone
 
 
