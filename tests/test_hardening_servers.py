@@ -70,8 +70,11 @@ def test_pid_file_below_a_symlinked_directory_is_refused(mailroot: MailRoot) -> 
     from tests.test_lmtp_server import write_config
 
     write_config(mailroot, **server.settings)
-    with pytest.raises(RuntimeError, match="exited 71.*symbolic link owned by uid"):
-        server.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited 71.*symbolic link owned by uid"):
+            server.start()
+    finally:
+        server.stop()  # only if it started after all
     assert os.listdir(victim.parent) == ["victim"]
     _unchanged(victim)
 
@@ -90,8 +93,11 @@ def test_socket_path_taken_by_something_else_is_refused(mailroot: MailRoot, plan
         s.bind(str(server.socket))
         s.close()
         os.chown(server.socket, 65534, 65534)  # nobody's, not ours
-    with pytest.raises(RuntimeError, match="exited 71"):
-        server.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited 71"):
+            server.start()
+    finally:
+        server.stop()
     assert os.path.lexists(server.socket)
     _unchanged(victim)
 
@@ -100,8 +106,11 @@ def test_run_directory_writable_by_others_is_refused(mailroot: MailRoot) -> None
     require_root("the server starts as root")
     server = Lmtpd(mailroot)
     server.rundir.chmod(0o777)
-    with pytest.raises(RuntimeError, match="exited 71.*may be changed by others"):
-        server.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited 71.*may be changed by others"):
+            server.start()
+    finally:
+        server.stop()
 
 
 def _socketmap_config(base: Path, extra: str) -> Path:
