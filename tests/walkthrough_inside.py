@@ -117,23 +117,15 @@ def _imap_read(user: str, password: str) -> bytes:
 
 def _after(env: dict[str, str], log: list[str]) -> dict[str, object]:
     import smtplib
-    import time
 
     result: dict[str, object] = {}
     result["mbox_fred_away"] = b"hello fred" in Path("/var/spool/vbox/away.com/fred").read_bytes()
     with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
         smtp.sendmail("postmaster@mail.example.net", ["fred@home.com", "info@away.com"],
                       b"Subject: over SMTP\r\n\r\nhello over smtp\r\n")
-    deadline = time.monotonic() + 60
     fred_home = Path("/home/vmail-users/home.com/fred/Maildir/new")
     wilma = Path("/var/spool/vbox/home.com/wilma")
-    while time.monotonic() < deadline:
-        r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
-                           capture_output=True, text=True, timeout=60)
-        log.append(r.stdout + r.stderr)
-        if any(fred_home.iterdir()) and b"hello over smtp" in wilma.read_bytes():
-            break
-        time.sleep(1)
+    _run_queue_until(env, log, lambda: any(fred_home.iterdir()) and b"hello over smtp" in wilma.read_bytes())
     result["imap_fred_away"] = b"hello fred" in _imap_read("fred@away.com", "fred-secret")
     result["imap_fred_home"] = b"hello over smtp" in _imap_read("fred@home.com", "fred-secret")
     result["imap_wilma_home"] = b"hello over smtp" in _imap_read("wilma@home.com", "wilma-secret")
@@ -142,14 +134,7 @@ def _after(env: dict[str, str], log: list[str]) -> dict[str, object]:
     result["out_alive_after_hup"] = _outgoing_alive()
     with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
         smtp.sendmail("postmaster@mail.example.net", ["fred@away.com"], b"Subject: lmtp\r\n\r\nhello over lmtp\r\n")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
-                           capture_output=True, text=True, timeout=60)
-        log.append(r.stdout + r.stderr)
-        if b"hello over lmtp" in Path("/var/spool/vbox/away.com/fred").read_bytes():
-            break
-        time.sleep(1)
+    _run_queue_until(env, log, lambda: b"hello over lmtp" in Path("/var/spool/vbox/away.com/fred").read_bytes())
     result["imap_fred_away_lmtp"] = b"hello over lmtp" in _imap_read("fred@away.com", "fred-secret")
     return result
 
@@ -157,7 +142,6 @@ def _after(env: dict[str, str], log: list[str]) -> dict[str, object]:
 def _after_socketmap(env: dict[str, str], log: list[str]) -> dict[str, object]:
     """After docs/socketmap.md's switch: a user added with vmailctl and no `maps build` gets mail."""
     import smtplib
-    import time
 
     result: dict[str, object] = {}
     result["socketmap_used"] = "socketmap-out.sock" in Path("/etc/mail/sendmail_out.cf").read_text()
@@ -167,37 +151,37 @@ def _after_socketmap(env: dict[str, str], log: list[str]) -> dict[str, object]:
     with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
         smtp.sendmail("postmaster@mail.example.net", ["barney@home.com"], b"Subject: sm\r\n\r\nhello socketmap\r\n")
     barney = Path("/var/spool/vbox/home.com/barney")
-    deadline = time.monotonic() + 60
+    _run_queue_until(env, log, lambda: b"hello socketmap" in barney.read_bytes())
+    result["imap_barney_socketmap"] = b"hello socketmap" in _imap_read("barney@home.com", "barney-secret")
+    return result
+
+
+def _run_queue_until(env: dict[str, str], log: list[str], arrived: "object", seconds: float = 60) -> None:
+    """Run the outgoing queue (as the admin would, `sendmail -qf`) until arrived() says the
+    message is there, for at most `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
                            capture_output=True, text=True, timeout=60)
         log.append(r.stdout + r.stderr)
-        if b"hello socketmap" in barney.read_bytes():
-            break
+        if arrived():  # type: ignore[operator]
+            return
         time.sleep(1)
-    result["imap_barney_socketmap"] = b"hello socketmap" in _imap_read("barney@home.com", "barney-secret")
-    return result
 
 
 def _after_by_hand(env: dict[str, str], log: list[str]) -> dict[str, object]:
     """The example maps: fred@away.com got the first message (an mbox); one over SMTP to
     fred@home.com (the Maildir made by hand)."""
     import smtplib
-    import time
 
     result: dict[str, object] = {}
     result["mbox_fred_away"] = b"hello fred" in Path("/var/spool/vbox/away.com/fred").read_bytes()
     with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
         smtp.sendmail("postmaster@mail.example.net", ["fred@home.com"], b"Subject: hand\r\n\r\nhello by hand\r\n")
     new = Path("/home/vmail-users/home.com/fred/Maildir/new")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        r = subprocess.run(["/usr/sbin/sendmail", "-C", "/etc/mail/sendmail_out.cf", "-qf"], env=env,
-                           capture_output=True, text=True, timeout=60)
-        log.append(r.stdout + r.stderr)
-        if any(b"hello by hand" in f.read_bytes() for f in new.iterdir()):
-            break
-        time.sleep(1)
+    _run_queue_until(env, log, lambda: any(b"hello by hand" in f.read_bytes() for f in new.iterdir()))
     result["maildir_fred_home"] = any(b"hello by hand" in f.read_bytes() for f in new.iterdir())
     return result
 
