@@ -18,7 +18,7 @@ from tests.test_socketmap_support import Client, populate, running_server, serve
 from vdeliver.accounts.maps import local_mailbox
 from vdeliver.config import ConfigError, build
 from vdeliver.socketmap import protocol as p
-from vdeliver.socketmap.server import load_settings
+from vdeliver.socketmap.settings import load_settings
 
 
 @pytest.fixture

@@ -311,7 +311,7 @@ def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None =
     except Exception as exc:  # its ConfigurationError names file, line and key
         raise BackendConfigError(str(exc)) from None
     if statement_timeout is None:
-        from vdeliver.socketmap.server import load_settings
+        from vdeliver.socketmap.settings import load_settings
 
         statement_timeout = load_settings(cfg).db_timeout
     if settings.dsn:
