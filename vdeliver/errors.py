@@ -10,14 +10,10 @@ This module is imported on every delivery: it imports nothing.
 """
 
 EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
-EX_NOPERM = 77
 
 # The only place a status becomes an exit code.  Keys are enhanced status codes;
 # a code that is not listed falls back on its class: 2 -> 0, 5 -> 69, else 75.
@@ -90,14 +86,6 @@ class DeliveryError(Exception):
     def __init__(self, status: Status) -> None:
         super().__init__(status.text())
         self.status = status
-
-
-def temp(reason: str, detail: str = "", dsn: str = "4.3.0") -> DeliveryError:
-    return DeliveryError(Status(dsn, reason, detail))
-
-
-def perm(dsn: str, reason: str, detail: str = "") -> DeliveryError:
-    return DeliveryError(Status(dsn, reason, detail))
 
 
 # errno -> (temporary dsn, permanent dsn or None).  Used after a failed write:

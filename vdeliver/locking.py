@@ -161,12 +161,6 @@ class DotLock:
             except OSError:
                 pass
 
-    def still_ours(self) -> bool:
-        try:
-            return os.lstat(self.lockpath).st_ino == self.ino
-        except OSError:
-            return False
-
     def release(self) -> None:
         if not self.held:
             return

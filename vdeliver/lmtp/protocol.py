@@ -209,10 +209,6 @@ class Connection:
         return self.state == CLOSED
 
     @property
-    def in_transaction(self) -> bool:
-        return self.state in (MAIL, WAIT_RCPT, DATA, WAIT_DATA)
-
-    @property
     def busy(self) -> bool:
         """Receiving or answering a message: a shutdown lets it finish."""
         return self.state in (WAIT_RCPT, DATA, WAIT_DATA)
