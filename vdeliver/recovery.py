@@ -38,6 +38,7 @@ import errno
 import os
 
 from vdeliver.errors import DeliveryError, Status
+from vdeliver.fileio import fsync_dir
 from vdeliver.mbox import Journal
 from vdeliver.message import Prepared
 
@@ -70,14 +71,6 @@ def _fail(reason: str, detail: str) -> JournalError:
 def journal_path(mbox_path: str) -> str:
     directory, base = os.path.split(mbox_path)
     return os.path.join(directory or ".", f".{base}{SUFFIX}")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def head_of(sep: bytes, spool: "object") -> bytes:
@@ -208,7 +201,7 @@ def _remove(jpath: str) -> None:
     except OSError as exc:
         raise _fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
     try:
-        _fsync_dir(jpath)
+        fsync_dir(os.path.dirname(jpath))
     except OSError as exc:
         raise _fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
 
@@ -226,7 +219,7 @@ def _discard(jpath: str) -> None:
 def _set_aside(jpath: str) -> None:
     try:
         os.rename(jpath, jpath + UNRESOLVED)
-        _fsync_dir(jpath)
+        fsync_dir(os.path.dirname(jpath))
     except OSError as exc:
         raise _fail("cannot set mailbox journal aside", f"{jpath}: {exc.strerror}") from None
 
@@ -394,7 +387,7 @@ class MboxJournal(Journal):
                 os.fsync(jfd)
             finally:
                 os.close(jfd)
-            _fsync_dir(jpath)
+            fsync_dir(os.path.dirname(jpath))
         except OSError as exc:
             from vdeliver.errors import status_for_errno
 

@@ -43,6 +43,7 @@ from vdeliver.accounts import names
 from vdeliver.accounts.errors import AccountsError, BadRow, TemporaryError
 from vdeliver.accounts.settings import Settings
 from vdeliver.accounts.store import Snapshot, Store
+from vdeliver.fileio import fsync_dir
 
 ALIASES = "vdeliver-aliases"
 TEXT_MAPS = ("virtusertable", "virtuserdomains", "local-host-names", ALIASES, "access.in", "relay-domains",
@@ -265,14 +266,6 @@ def _makemap(makemap: str, flags: list[str], db_base: str, source: str) -> None:
                             f"{proc.stderr.decode(errors='replace').strip()[:300]}")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _locked(directory: str, lock_timeout: float) -> Iterator[None]:
     from filelock import FileLock, Timeout
@@ -338,7 +331,7 @@ def _build_locked(snap: Snapshot, settings: Settings, hostname: str, directory: 
             tmp = stamp + tag
             _write_tmp(tmp, record)
             os.rename(tmp, stamp)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         raise TemporaryError(f"cannot write maps in {directory}: {exc.strerror or exc}") from None
     finally:
