@@ -387,6 +387,20 @@ def _escaped_body(lines: list[bytes]) -> bytes:
     return b"".join(out)
 
 
+def test_a_foreign_message_right_after_a_cut_ending_in_gt_is_never_cut(tmp_path: Path) -> None:
+    """Found by hypothesis: our partial record ends with '>' and another program's From_ line
+    follows without a newline; the lookbehind took it for one of our escaped body lines and
+    recovery cut the other program's message with ours."""
+    record = (b"From alice@example.org  Wed Nov 25 03:53:52 2026\nSubject: s\n\n" + b"w" * 120
+              + b"\n2026>From x\n" + b"z" * 400 + b"\n\n")  # longer than what follows the cut
+    k = record.index(b">From x") + 1  # the cut lands just after the '>'
+    content = record[:k] + FOREIGN
+    mbox, fd = _setup(tmp_path, content, 0, len(record), record[: recovery.HEAD])
+    outcome, _text, _log = _recover(mbox, fd)
+    assert mbox.read_bytes() == content
+    assert outcome in (recovery.DROPPED, recovery.UNRESOLVED_STATE)
+
+
 @given(
     old_lines=st.lists(_LINE, max_size=5),
     body_lines=st.lists(_LINE, min_size=1, max_size=40),
@@ -413,7 +427,7 @@ def test_recovery_cuts_only_its_own_partial_record(tmp_path_factory: pytest.Temp
         if outcome == recovery.UNRESOLVED_STATE:
             # The safe-side false alarm: our own body holds a From_-shaped string mid-line.
             assert after == content
-            assert re.search(rb"[^>\n]From \S+ +(Mon|Tue|Wed|Thu|Fri|Sat|Sun) ", record[:k])
+            assert re.search(rb"[^>\n]>*From \S+ +(Mon|Tue|Wed|Thu|Fri|Sat|Sun) ", record[:k] + foreign)
         else:
             assert after == old
             assert outcome == (recovery.CUT if k else recovery.NOTHING)

@@ -230,26 +230,38 @@ def _foreign_from_line(fd: int, start: int, stop: int) -> int:
     Our record never holds `\\nFrom ` after its own From_ line (the body is
     escaped), so any such line is someone else's.  A writer that appended right
     after our cut-off record without a newline leaves its From_ line mid-line:
-    that is recognised by the shape `From <sender> <weekday> <month> ...`, not
-    after a '>' (our escaped body lines).
+    that is recognised by the shape `From <sender> <weekday> <month> ...`.  The only
+    From_-shaped text of ours is an escaped body line, `>From ...` with nothing but
+    '>'s between it and a line start; any other one (also right after a '>' that our
+    record happened to end with) is someone else's, or too close to tell: not cut.
     """
     import re
 
     shape = re.compile(
-        rb"(?<!>)From \S+ +(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+        rb"From \S+ +(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
         rb" [ \d]?\d \d\d:\d\d"
     )
+    lookback = 200  # enough bytes before the region to see where a run of '>' begins
     overlap = 200
     pos = start
     while pos < stop:
-        # Read one byte before pos: a newline or '>' just before the region counts.
-        base = max(pos - 1, 0)
-        data = os.pread(fd, min(SCAN_CHUNK + overlap, stop - base), base)
-        if len(data) <= pos - base:
+        base = max(pos - lookback, 0)
+        off = pos - base
+        data = os.pread(fd, min(SCAN_CHUNK + overlap + off, stop - base), base)
+        if len(data) <= off:
             break
-        nl = data.find(b"\nFrom ")
-        m = shape.search(data, pos - base)
-        hits = [x for x in (nl + 1 if nl >= 0 else -1, m.start() if m else -1) if x >= 0]
+        hits = []
+        nl = data.find(b"\nFrom ", max(off - 1, 0))
+        if nl >= 0:
+            hits.append(nl + 1)
+        for m in shape.finditer(data, off):
+            i = j = m.start()
+            while j > 0 and data[j - 1] == 62:  # '>'
+                j -= 1
+            if j < i and (j == 0 or data[j - 1] == 10):
+                continue  # `>From ` at a line start: one of our escaped body lines
+            hits.append(i)
+            break
         if hits:
             return base + min(hits)
         pos += SCAN_CHUNK
