@@ -51,6 +51,8 @@ OPTIONS
                     delivery left (see CRASH SAFETY) and tidy temporary lock
                     files of dead processes; exit 0 when there was
                     nothing to do or it was repaired, 75 when one needs a look
+                    (an unresolved journal, or one vdeliver did not write,
+                    which is moved aside as .untrusted and never acted upon)
     -t -Y -p -o     accepted for procmail compatibility; no effect
     --version       print the version
     --help          print this text
@@ -333,7 +335,7 @@ def _repair(args: Args) -> int:
             )
         except DeliveryError as exc:
             outcome, text = "error", f"{path}: {exc.status.reason}: {exc.status.detail}"
-        if outcome in ("error", recovery.UNRESOLVED_STATE):
+        if outcome in ("error", recovery.UNRESOLVED_STATE, recovery.UNTRUSTED):  # a forged journal needs a look
             code = EX_TEMPFAIL
         sys.stdout.write(f"{outcome}: {text}\n")
     sys.stdout.flush()
