@@ -61,6 +61,23 @@ class RunUser:
         return self.uid if self.uid >= 0 else os.geteuid()
 
 
+@contextmanager
+def as_user(uid: int, gid: int) -> Iterator[None]:
+    """As root, run the block with another user's effective ids (and none of root's groups'
+    rights on the way back in: only the ids change), so that file operations in that user's
+    directories cannot be turned against root.  Not root, or uid < 0: nothing changes."""
+    if os.geteuid() != 0 or uid < 0:
+        yield
+        return
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
 def open_dir(path: str) -> int:
     """A descriptor of directory `path`, reached without following anyone else's links."""
     if not path.startswith("/"):
@@ -150,13 +167,8 @@ class Place:
         if not self.as_user:
             yield
             return
-        os.setegid(self.owner.gid)
-        os.seteuid(self.owner.uid)
-        try:
+        with as_user(self.owner.uid, self.owner.gid):
             yield
-        finally:
-            os.seteuid(0)
-            os.setegid(0)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -74,7 +74,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _open_dir(path: str, check_owner: bool = True) -> int:
+def _open_dir(path: str) -> int:
     """The Maildir itself, opened without following a link; every later step is relative to
     this descriptor (or to tmp/'s and new/'s), so a directory swapped for a symbolic link
     after the checks cannot redirect the message."""
@@ -89,7 +89,7 @@ def _open_dir(path: str, check_owner: bool = True) -> int:
             raise _fail("mailbox is not a Maildir", f"{path} is not a directory") from None
         raise _fail("cannot open mailbox", f"{path}: {exc.strerror}") from None
     st = os.fstat(fd)
-    if check_owner and st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid():
         os.close(fd)
         raise _fail("mailbox has the wrong owner", f"{path}: uid {st.st_uid}, we are {os.geteuid()}")
     return fd
@@ -194,8 +194,7 @@ def _size_from_name(name: str) -> "int | None":
     return None
 
 
-def recalculate(path: str, definition: str, dirfd: "int | None" = None,
-                owner: "tuple[int, int] | None" = None) -> "tuple[int, int]":
+def recalculate(path: str, definition: str, dirfd: "int | None" = None) -> "tuple[int, int]":
     """Rebuild maildirsize from the messages in new/ and cur/ of every folder."""
     used_bytes = used_count = 0
     folders = [path] + [
@@ -221,7 +220,7 @@ def recalculate(path: str, definition: str, dirfd: "int | None" = None,
     tmp = f"tmp/{QUOTA_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
     content = f"{definition.strip()}\n{used_bytes} {used_count}\n".encode()
     own = dirfd is None
-    mfd: int = _open_dir(path, check_owner=False) if dirfd is None else dirfd  # vmailctl runs it as root
+    mfd: int = _open_dir(path) if dirfd is None else dirfd
     try:
         tfd = _open_sub(mfd, "tmp", path)
         try:
@@ -229,8 +228,6 @@ def recalculate(path: str, definition: str, dirfd: "int | None" = None,
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=tfd)
             try:
-                if owner is not None:
-                    os.fchown(fd, *owner)  # on the descriptor: root never chowns a path vmail controls
                 _write_all(fd, content)
                 os.fsync(fd)
             finally:

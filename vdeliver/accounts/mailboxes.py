@@ -125,19 +125,21 @@ def set_quota(cfg: Config, settings: Settings, fmt: str, user: str, domain: str,
         return None
     path = mailbox_path(cfg, fmt, user, domain)
     size_file = os.path.join(path, "maildirsize")
-    if not os.path.isdir(os.path.join(path, "tmp")):
-        return None
-    if quota <= 0:
-        try:
-            os.unlink(size_file)
-        except FileNotFoundError:
-            pass
-        return None
+    from vdeliver.daemon import as_user
     from vdeliver.maildir import recalculate
 
     who = owner(settings)
-    # Counts the mail already there; a tmp file (0600, fchown'ed to vmail) renamed into place.
-    recalculate(path, f"{quota}S", owner=(who.uid, who.gid))
+    # With vmail's ids, not root's: vmail owns every directory on this path and could swap one.
+    with as_user(who.uid, who.gid):
+        if not os.path.isdir(os.path.join(path, "tmp")):
+            return None
+        if quota <= 0:
+            try:
+                os.unlink(size_file)
+            except FileNotFoundError:
+                pass
+            return None
+        recalculate(path, f"{quota}S")  # counts the mail already there; a tmp file renamed into place
     return size_file
 
 
