@@ -142,7 +142,7 @@ def start_vdeliver(tree: Tree, clients: int) -> Server:
                 + f'\n[lmtp]\nsocket = "{sock}"\nmax_connections = {max(20, clients + 2)}\n')
     os.chmod(conf, 0o644)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(["/usr/bin/python3", "-m", "vdeliver.lmtp.server", "-c", conf],
+    proc = subprocess.Popen(["/usr/bin/python3", "-m", "vdeliver.lmtp.daemon", "-c", conf],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd="/", env=env, start_new_session=True)
     server = Server(proc, sock)

@@ -101,7 +101,7 @@ def main() -> int:
     try:
         config = make_database(base)
         sock = str(base / "in.sock")
-        proc = subprocess.Popen([sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(config), "--log", "none"],
+        proc = subprocess.Popen([sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--log", "none"],
                                 cwd=str(ROOT), start_new_session=True)
         deadline = time.monotonic() + 20
         while not os.path.exists(sock):

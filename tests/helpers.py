@@ -115,8 +115,8 @@ def install_vdeliver() -> Path:
 
     production_launcher.write(str(bindir / "vdeliver"), python=SYSTEM_PYTHON, libdir=str(lib))
     for name, module, func, call, flags in (
-        ("vdeliver-lmtpd", "vdeliver.lmtp.server", "main", "raise SystemExit(main())", "-I"),
-        ("vdeliver-socketmapd", "vdeliver.socketmap.server", "main", "raise SystemExit(main())", "-I"),
+        ("vdeliver-lmtpd", "vdeliver.lmtp.daemon", "main", "raise SystemExit(main())", "-I"),
+        ("vdeliver-socketmapd", "vdeliver.socketmap.daemon", "main", "raise SystemExit(main())", "-I"),
     ):
         launcher = bindir / name
         launcher.write_text(

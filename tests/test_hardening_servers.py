@@ -137,7 +137,7 @@ def test_socketmap_serves_as_its_user_and_refuses_root(mailroot: MailRoot) -> No
         c.close()
     text = config.read_text().replace('user = "vmail"\n', "")
     config.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(config), "--check"],
+    out = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--check"],
                          capture_output=True, text=True, cwd=str(ROOT), timeout=60)
     assert out.returncode == 78 and "refusing to serve as root" in out.stderr, out
 

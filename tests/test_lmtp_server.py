@@ -496,11 +496,11 @@ def test_sighup_reloads_and_keeps_a_good_config(start: object, mailroot: MailRoo
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, table: str, message: str) -> None:
-    from vdeliver.lmtp import server
+    from vdeliver.lmtp import daemon as server
 
     config = tmp_path / "v.toml"
     config.write_text(f'log = "stderr"\n\n[lmtp]\n{table}\n')
-    done = subprocess.run([sys.executable, "-m", "vdeliver.lmtp.server", "-c", str(config), "--check"],
+    done = subprocess.run([sys.executable, "-m", "vdeliver.lmtp.daemon", "-c", str(config), "--check"],
                           capture_output=True, timeout=30, cwd=Path(__file__).parent.parent)
     assert done.returncode == server.EX_CONFIG
     assert done.stderr.decode().startswith(f"vdeliver-lmtpd: {config}:4: {message}")
@@ -508,7 +508,7 @@ def test_config_errors_name_the_key(tmp_path: Path, table: str, message: str) ->
 
 
 def test_usage_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vdeliver.lmtp import server
+    from vdeliver.lmtp import daemon as server
 
     assert server.main(["--bogus"]) == server.EX_USAGE
     assert server.main(["--version"]) == 0
@@ -527,7 +527,7 @@ def test_check_refuses_what_start_would_refuse(tmp_path: Path, capsys: pytest.Ca
     """`--check` said ok, then the server refused to start as root without a user."""
     if not IS_ROOT:
         pytest.skip("needs root")
-    from vdeliver.lmtp import server
+    from vdeliver.lmtp import daemon as server
 
     config = tmp_path / "v.toml"
     config.write_text(f'log = "none"\n[lmtp]\nsocket = "{tmp_path}/s"\n')
@@ -547,7 +547,7 @@ def test_check_refuses_what_start_would_refuse(tmp_path: Path, capsys: pytest.Ca
 def test_refuses_root_without_user(tmp_path: Path) -> None:
     if not IS_ROOT:
         pytest.skip("needs root")
-    from vdeliver.lmtp import server
+    from vdeliver.lmtp import daemon as server
 
     config = tmp_path / "v.toml"
     config.write_text(f'log = "none"\n[lmtp]\nsocket = "{tmp_path}/s"\n')

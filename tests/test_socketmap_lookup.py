@@ -140,11 +140,11 @@ def test_server_check_mode(base: Path) -> None:
     import sys
 
     from tests.helpers import ROOT
-    ok = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(config), "--check"],
+    ok = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--check"],
                         cwd=str(ROOT), capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     config.write_text(config.read_text().replace("[socketmap]\n", "[socketmap]\nttl = \"x\"\n"))
-    bad = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(config), "--check"],
+    bad = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--check"],
                          cwd=str(ROOT), capture_output=True, text=True)
     assert bad.returncode == 78
     assert "[socketmap] ttl: must be a whole number" in bad.stderr

@@ -167,7 +167,7 @@ def test_second_server_on_the_same_socket_refuses(base: Path, sqlite_config: Pat
     from tests.helpers import ROOT
 
     with running_server(sqlite_config):
-        second = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(sqlite_config),
+        second = subprocess.run([sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(sqlite_config),
                                  "--log", "none"], cwd=str(ROOT), capture_output=True, text=True, timeout=30)
         assert second.returncode == 71
         assert "another server is listening" in second.stderr
@@ -177,7 +177,7 @@ def test_second_server_on_the_same_socket_refuses(base: Path, sqlite_config: Pat
 
 
 def test_fallback_chain_fails_the_rest_of_a_failed_address_only() -> None:
-    from vdeliver.socketmap.server import FallbackChain
+    from vdeliver.socketmap.session import FallbackChain
 
     chain = FallbackChain()
     assert chain.check("virtuser", "fred+x@d") is None

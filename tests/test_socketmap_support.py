@@ -115,13 +115,13 @@ class Client:
 @contextmanager
 def running_server(config: Path, *extra: str, python: str | None = None,
                    open_files: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """The real daemon (`python -m vdeliver.socketmap.server -c config`), stopped with SIGTERM;
+    """The real daemon (`python -m vdeliver.socketmap.daemon -c config`), stopped with SIGTERM;
     open_files sets its RLIMIT_NOFILE."""
     text = config.read_text()
     sockets = [line.split('"')[1] for line in text.splitlines() if line.startswith(("socket_in", "socket_out"))]
     log = open(config.parent / "socketmapd.log", "ab")
     proc = subprocess.Popen(
-        [python or sys.executable, "-m", "vdeliver.socketmap.server", "-c", str(config), "--log", "stderr", *extra],
+        [python or sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--log", "stderr", *extra],
         cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         preexec_fn=None if open_files is None else (lambda: _limit_files(open_files)),
     )

@@ -493,7 +493,7 @@ def test_import_sendmail_files(acct: Acct, tmp_path: object) -> None:
 
 
 def test_serve_and_dovecot_dispatch(sqlite_acct: Acct, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "vdeliver.socketmap.server", None)
+    monkeypatch.setitem(sys.modules, "vdeliver.socketmap.daemon", None)
     r = sqlite_acct.run("serve", "socketmap", "--check")
     assert r.rc == 1 and "socketmap server is not installed" in r.err
     monkeypatch.setitem(sys.modules, "vdeliver.accounts.dovecot", None)
@@ -509,7 +509,7 @@ def test_serve_and_dovecot_dispatch(sqlite_acct: Acct, monkeypatch: pytest.Monke
             seen.append(argv)
             return 0
 
-    monkeypatch.setitem(sys.modules, "vdeliver.lmtp.server", Fake)
+    monkeypatch.setitem(sys.modules, "vdeliver.lmtp.daemon", Fake)
     assert sqlite_acct.run("serve", "lmtp", "--foreground", "-x").rc == 0
     assert seen == [["-c", str(sqlite_acct.config), "--foreground", "-x"]]
     rendered: list[object] = []

@@ -18,6 +18,7 @@ cannot be written is dropped (a delivered message must not become a failure).
 
 import os
 import sys
+import time
 
 _FACILITIES = {
     "mail": 2 << 3,
@@ -99,3 +100,32 @@ def delivery_line(to: str, sender: "str | None", size: int, delay: float, dsn: s
         f"to=<{field(to)}>, sender=<{field(shown)}>, size={size}, delay={delay:.3f}, dsn={dsn}, "
         f"status={word} ({escape(why)})"
     )
+
+
+class RateLimited:
+    """A log line that may repeat fast (a flood of refused connections): the first one at
+    once, then at most one per `interval` seconds, saying how many were left out."""
+
+    def __init__(self, log: Logger, interval: float) -> None:
+        self.log = log
+        self.interval = interval
+        self.last = float("-inf")
+        self.dropped = 0
+
+    def _emit(self, level: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.dropped += 1
+            return
+        if self.dropped:
+            text += f" ({self.dropped} more like it in the last {now - self.last:.0f}s)"
+        self.last = now
+        self.dropped = 0
+        getattr(self.log, level)(text)
+
+    def warning(self, text: str) -> None:
+        self._emit("warning", text)
+
+    def error(self, text: str) -> None:
+        self._emit("error", text)
+

@@ -591,7 +591,7 @@ def cmd_serve(argv: list[str], config: str | None) -> int:
     import importlib
 
     server, rest = argv[0], argv[1:]
-    module = {"lmtp": "vdeliver.lmtp.server", "socketmap": "vdeliver.socketmap.server"}.get(server)
+    module = {"lmtp": "vdeliver.lmtp.daemon", "socketmap": "vdeliver.socketmap.daemon"}.get(server)
     if module is None:
         raise UsageError(f"vmailctl serve: unknown server {server!r} (choose lmtp or socketmap)")
     try:

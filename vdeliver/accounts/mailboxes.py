@@ -125,8 +125,8 @@ def set_quota(cfg: Config, settings: Settings, fmt: str, user: str, domain: str,
         return None
     path = mailbox_path(cfg, fmt, user, domain)
     size_file = os.path.join(path, "maildirsize")
-    from vdeliver.daemon import as_user
     from vdeliver.maildir import recalculate
+    from vdeliver.unixd import as_user
 
     who = owner(settings)
     # With vmail's ids, not root's: vmail owns every directory on this path and could swap one.

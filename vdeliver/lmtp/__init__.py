@@ -1,6 +1,7 @@
-"""LMTP (RFC 2033) for vdeliver: a protocol state machine with no I/O, and the server around it.
+"""LMTP (RFC 2033) for vdeliver: `vdeliver-lmtpd`.
 
-protocol.py is fed bytes and answers with events and reply bytes (h11's shape), so every
-rule of the protocol is unit-tested without a socket; server.py is the thin threaded loop
-that owns sockets, the spool file and the calls into the delivery core.
+    protocol.py  the protocol as a state machine: bytes in, events and reply bytes out (no I/O)
+    settings.py  the [lmtp] table, validated
+    session.py   one connection: socket, deadlines, spool file, calls into the delivery core
+    daemon.py    listeners, connection threads, signals, start-up and the drop of root
 """

@@ -1,7 +1,9 @@
-"""sendmail socket maps answered from the vdeliver accounts database.
+"""sendmail socket maps answered from the vdeliver accounts database: `vdeliver-socketmapd`.
 
     protocol.py  netstring framing, request parsing, reply encoding (no I/O)
+    settings.py  the [socketmap] table, validated
+    session.py   one connection: requests under deadlines, the virtuser fallback guard
     cache.py     positive/negative TTL cache that serves stale answers on trouble
     lookup.py    the answers themselves, from the accounts database
-    server.py    the asyncio daemon (`vdeliver-socketmapd`, `vmailctl serve socketmap`)
+    daemon.py    listeners, connection cap, signals, start-up and the drop of root
 """

@@ -3,6 +3,10 @@
     vdeliver-socketmapd [-c /etc/vdeliver.toml] [--log stderr] [--check]
     vmailctl serve socketmap [...]           (the same entry point)
 
+Shape: protocol.py frames and parses (no I/O), settings.py validates [socketmap],
+session.py serves one connection, cache.py and lookup.py answer; this module listens,
+counts connections, handles signals and drops root.
+
 One asyncio loop serves every connection (sendmail keeps one per process, so
 hundreds may be open); database lookups run in a thread pool under a timeout
 (cache.py), so one slow lookup holds up only the connection waiting for it.
@@ -29,12 +33,15 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from vdeliver import unixd
 from vdeliver.config import ConfigError
-from vdeliver.log import Logger
+from vdeliver.log import Logger, RateLimited
 from vdeliver.socketmap import protocol as p
 from vdeliver.socketmap.cache import Backend, Resolver
+from vdeliver.socketmap.session import Session
 from vdeliver.socketmap.settings import Listener, Settings, load_settings
 
 EX_OK = 0
@@ -54,7 +61,7 @@ class Server:
             stale_max_age=settings.stale_max_age, db_timeout=settings.db_timeout, max_entries=settings.cache_size,
         )
         self.connections = 0
-        self.run_user: object = None  # daemon.RunUser: main() sets it; start() drops to it
+        self.run_user: object = None  # unixd.RunUser: main() sets it; start() drops to it
         self.max_connections, self.backlog, self.fd_note = connection_cap(settings)
         self._refusals = RateLimited(log, 10.0)
         self._accept_errors = RateLimited(log, 10.0)
@@ -74,13 +81,11 @@ class Server:
         if self.fd_note:
             self.log.warning(self.fd_note)
         asyncio.get_running_loop().set_exception_handler(self._loop_exception)
-        from vdeliver import daemon
-
-        owner = self.run_user if isinstance(self.run_user, daemon.RunUser) else daemon.RunUser()
+        owner = self.run_user if isinstance(self.run_user, unixd.RunUser) else unixd.RunUser()
         for listener in self.settings.listeners:
             handler = self._handler(listener)
             if listener.kind == "unix":
-                sock, ino = daemon.bind_unix(listener.address, self.settings.mode, owner, backlog=backlog)
+                sock, ino = unixd.bind_unix(listener.address, self.settings.mode, owner, backlog=backlog)
                 self._socket_inodes[listener.address] = ino
                 server = await asyncio.start_unix_server(handler, sock=sock, backlog=backlog)
             else:
@@ -92,16 +97,14 @@ class Server:
         if prepare is not None and os.geteuid() == 0:
             await asyncio.get_running_loop().run_in_executor(self.executor, prepare)
         # Everything that needed root is done: serve as the run user, for good.
-        daemon.drop_privileges(owner)
+        unixd.drop_privileges(owner)
         self.ready = True
 
     async def close(self) -> None:
         for server in self._servers:
             server.close()
-        from vdeliver import daemon
-
         for path, ino in self._socket_inodes.items():
-            daemon.remove_socket(path, ino)  # only our own: a successor may have bound a new one
+            unixd.remove_socket(path, ino)  # only our own: a successor may have bound a new one
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -111,18 +114,25 @@ class Server:
         if close is not None:
             close()
 
-    def _handler(self, listener: Listener):  # type: ignore[no-untyped-def]
-        aliases = {"access": f"access_{listener.access}"}
-        # sendmail names the maps of its AliasFile list Alias0, Alias1, ...: the one that is
-        # this socket answers the generated aliases.
-        aliases.update({name: "aliases" for name in self.settings.aliases_names.split()})
+    def _handler(self, listener: Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                        Awaitable[None]]:
+        session = Session(self.settings, self.resolver, self.log, listener)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._tasks.add(task)
             try:
-                await self._serve(reader, writer, aliases, listener)
+                if self.connections >= self.max_connections:
+                    self._refusals.warning(f"{listener.describe()}: connection refused: {self.connections} already "
+                                           f"open (max_connections {self.max_connections})")
+                    writer.write(p.temp("too many connections").encode())
+                    return
+                self.connections += 1
+                try:
+                    await session.run(reader, writer)
+                finally:
+                    self.connections -= 1
             except (ConnectionError, asyncio.CancelledError):
                 pass
             except Exception as exc:  # a bug must cost one connection, never the server
@@ -132,58 +142,6 @@ class Server:
                 writer.close()
 
         return handle
-
-    # -- one connection --------------------------------------------------------
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     aliases: dict[str, str], listener: Listener) -> None:
-        s = self.settings
-        if self.connections >= self.max_connections:
-            self._refusals.warning(f"{listener.describe()}: connection refused: {self.connections} already open "
-                                   f"(max_connections {self.max_connections})")
-            writer.write(p.temp("too many connections").encode())
-            return
-        self.connections += 1
-        conn = p.Connection(s.max_key)
-        chain = FallbackChain()
-        try:
-            while True:
-                event = conn.next_event()
-                if event is p.NEED_DATA:
-                    limit = s.client_timeout if conn.pending else (s.idle_timeout or None)
-                    try:
-                        data = await asyncio.wait_for(reader.read(65536), limit)
-                    except TimeoutError:
-                        why = "stalled in the middle of a request" if conn.pending else "idle"
-                        self.log.warning(f"{listener.describe()}: closing connection: client {why} for {limit:g}s")
-                        return
-                    conn.receive_data(data)
-                    continue
-                if event is p.CLOSED:
-                    return
-                if isinstance(event, p.ProtocolError):
-                    self.log.warning(f"{listener.describe()}: closing connection: {event.reason}")
-                    writer.write(p.perm(event.reason).encode())
-                    await writer.drain()
-                    return
-                if isinstance(event, p.BadRequest):
-                    self.log.warning(f"{listener.describe()}: bad request: {event.reason}")
-                    reply = p.perm(event.reason)
-                else:
-                    assert isinstance(event, p.Request)
-                    name = aliases.get(event.map, event.map)
-                    refused = chain.check(name, event.key)
-                    if refused is None:
-                        reply = await self.resolver.resolve(name, event.key)
-                        chain.record(name, event.key, reply)
-                    else:
-                        reply = refused
-                    if reply.status == "PERM":
-                        self.log.warning(f"{listener.describe()}: map={event.map} key=<{event.key}>: {reply.text}")
-                writer.write(reply.encode())
-                await writer.drain()
-        finally:
-            self.connections -= 1
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         """asyncio's own errors (an accept() that fails with EMFILE retries every second for
@@ -277,75 +235,6 @@ def connection_cap(settings: Settings) -> tuple[int, int, str]:
                         f"database and connections being accepted (raise it with `ulimit -n` or LimitNOFILE=)")
 
 
-class RateLimited:
-    """A log line that may repeat fast (a flood of refused connections): the first one at
-    once, then at most one per `interval` seconds, saying how many were left out."""
-
-    def __init__(self, log: Logger, interval: float) -> None:
-        self.log = log
-        self.interval = interval
-        self.last = float("-inf")
-        self.dropped = 0
-
-    def _emit(self, level: str, text: str) -> None:
-        import time
-
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.dropped += 1
-            return
-        if self.dropped:
-            text += f" ({self.dropped} more like it in the last {now - self.last:.0f}s)"
-        self.last = now
-        self.dropped = 0
-        getattr(self.log, level)(text)
-
-    def warning(self, text: str) -> None:
-        self._emit("warning", text)
-
-    def error(self, text: str) -> None:
-        self._emit("error", text)
-
-
-class FallbackChain:
-    """Keep sendmail's virtuser fallbacks from routing around a failed lookup.
-
-    For `user+detail@d` sendmail asks `user+detail@d`, `user++@d`, `user+*@d`,
-    `user@d`, `++@d`, `+*@d`, `@d` in turn on one connection (for `user@d`:
-    `user@d`, `@d`), and a temporary failure of one key does NOT stop it from
-    using the answer to a later one (measured: with `fred@home.com` failing and
-    `@home.com` cached, the mail went to the catch-all).  A cached `@d
-    error:nouser` would then bounce mail for a user who exists.  So once a key
-    fails, the keys that can only be its later fallbacks fail too, on that
-    connection; any other key (including the failed one again) starts afresh.
-    """
-
-    MAPS = frozenset({"virtuser"})
-
-    def __init__(self) -> None:
-        self.failed: tuple[str, str, frozenset[str]] | None = None  # (map, domain, later local parts)
-
-    def check(self, map_name: str, key: str) -> p.Reply | None:
-        if self.failed is None or map_name not in self.MAPS:
-            return None
-        fmap, fdomain, later = self.failed
-        local, _, domain = key.rpartition("@")
-        if map_name == fmap and domain == fdomain and local in later:
-            return p.temp("an earlier lookup for this address failed")
-        self.failed = None  # another address: a new chain
-        return None
-
-    def record(self, map_name: str, key: str, reply: p.Reply) -> None:
-        if map_name not in self.MAPS or reply.status not in ("TEMP", "TIMEOUT"):
-            return
-        local, _, domain = key.rpartition("@")
-        later = {""}
-        if "+" in local:
-            user = local.split("+", 1)[0]
-            later |= {f"{user}++", f"{user}+*", user, "++", "+*"}
-        later.discard(local)
-        self.failed = (map_name, domain, frozenset(later))
-
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vdeliver-socketmapd", description="sendmail socket map server for vdeliver")
@@ -383,12 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             return 75
         print("vdeliver-socketmapd: configuration and database OK")
         return EX_OK
-    from vdeliver import daemon
-
     server = Server(settings, backend, log)
     try:
-        server.run_user = daemon.RunUser(settings.user, settings.group) if os.geteuid() == 0 and settings.user \
-            else daemon.RunUser()
+        server.run_user = unixd.RunUser(settings.user, settings.group) if os.geteuid() == 0 and settings.user \
+            else unixd.RunUser()
         asyncio.run(server.run())
     except OSError as exc:
         print(f"vdeliver-socketmapd: cannot listen: {exc.strerror or exc}", file=sys.stderr)

@@ -1,0 +1,361 @@
+"""One LMTP connection: the protocol machine fed from a socket, each recipient delivered.
+
+The rules of the protocol are protocol.py's (no I/O); a Session owns the socket, the
+deadlines, the transaction's spool file and the calls into the delivery core:
+deliver.resolve() at RCPT time (an unknown user is refused before the data) and
+deliver.deliver() after DATA, one reply per recipient in RCPT order.  Once deliver()
+returned, the answer is 250 whatever happens next: a 4xx would make the client send the
+message again.
+
+The message is streamed to an unnamed spool file (fileio.anonymous_spool): a client that
+disconnects mid-DATA leaves nothing behind, and nothing is delivered.
+
+What a Session needs from the server that runs it is the `Host` protocol below, so this
+module never imports the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from vdeliver.config import Config
+from vdeliver.deliver import Target, deliver, resolve
+from vdeliver.errors import DeliveryError, Status
+from vdeliver.lmtp import protocol as p
+from vdeliver.lmtp.settings import Settings
+from vdeliver.log import Logger, delivery_line
+from vdeliver.recipient import Recipient, parse
+
+POLL = 0.5  # how often a waiting connection looks at the stop flag
+RECV = 1 << 16
+
+
+class Host(Protocol):
+    """What a session uses of the server running it (the daemon's Server)."""
+
+    cfg: Config
+    opts: Settings
+    log: Logger
+    stopping: threading.Event
+
+    def mailbox_lock(self, path: str) -> threading.Lock: ...
+
+    def pool(self) -> ThreadPoolExecutor: ...
+
+
+# -- status -> LMTP reply ---------------------------------------------------------------
+
+_BASIC = {"4.2.2": 452, "4.3.1": 452, "5.2.2": 552, "5.3.4": 552, "5.4.6": 554}
+
+
+def reply_for(status: Status, address: str) -> p.Reply:
+    """The one place a delivery Status becomes an LMTP reply (sendmail acts on the class)."""
+    if status.ok:
+        return p.Reply(250, status.dsn, f"<{address}> delivered")
+    code = _BASIC.get(status.dsn) or (550 if status.permanent else 451)
+    return p.Reply(code, status.dsn, f"<{address}> {status.reason}")
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+class _Txn:
+    """What a transaction has learnt so far: the resolved recipients, the spool."""
+
+    def __init__(self, cfg: Config, sender: str) -> None:
+        self.cfg = cfg  # a SIGHUP mid-transaction does not change this message
+        self.sender = sender
+        self.started = time.time()
+        self.targets: list[tuple[str, Recipient, Target]] = []  # (as given, parsed, mailbox) per accepted RCPT
+        self.spool = -1
+        self.size = 0
+
+    def close(self) -> None:
+        if self.spool >= 0:
+            os.close(self.spool)
+            self.spool = -1
+
+
+class Session:
+    def __init__(self, server: Host, sock: socket.socket, name: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.name = name
+        cfg, opts = server.cfg, server.opts
+        self.conn = p.Connection(cfg.host(), max_size=opts.max_message_size, max_recipients=opts.max_recipients)
+        self.txn: _Txn | None = None
+        # Silence is not the only way to hold a slot: a client sending a byte a second is
+        # never silent.  So a command must be complete within command_time_limit of the
+        # previous answer, and a message within transaction_time_limit of DATA.
+        self.command_started = time.monotonic()
+        self.data_started = 0.0
+
+    def run(self) -> None:
+        conn = self.conn
+        conn.greeting()
+        self.sock.settimeout(POLL)
+        try:
+            while True:
+                if self.server.stopping.is_set():
+                    conn.stopping = True  # pipelined commands still buffered get 421
+                event = conn.next_event()
+                if event is p.NEED_DATA:
+                    if not self._send() or not self._receive():
+                        break
+                    continue
+                if isinstance(event, p.ConnectionClosed):
+                    if event.mid_data:
+                        self.server.log.warning(f"{self.name}: lost connection in DATA, message discarded")
+                    break
+                self._handle(event)
+                self.command_started = time.monotonic()
+                if isinstance(event, p.DataStart):
+                    self.data_started = self.command_started
+                if conn.closed:
+                    break
+            self._send()
+        finally:
+            if self.txn is not None:
+                self.txn.close()
+
+    def _send(self) -> bool:
+        out = self.conn.data_to_send()
+        if not out:
+            return True
+        try:
+            # A client may be slow to read (it pipelines): give it the command timeout, not POLL.
+            self.sock.settimeout(self.server.opts.timeout)
+            self.sock.sendall(out)
+            return True
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(POLL)
+
+    def _receive(self) -> bool:
+        """Feed the protocol; False when the connection is over."""
+        server, conn = self.server, self.conn
+        waited = 0.0
+        while True:
+            if server.stopping.is_set() and not conn.busy:
+                # Between commands: whatever the client sends next would be new work.
+                conn.close_with(p.Reply(421, "4.3.2", f"{conn.hostname} shutting down, try again later"))
+                self._send()
+                return False
+            now = time.monotonic()
+            opts = server.opts
+            if conn.state == p.DATA:
+                over = now - self.data_started > opts.transaction_time_limit
+                what = f"message not complete after {opts.transaction_time_limit}s"
+            else:
+                over = now - self.command_started > opts.command_time_limit
+                what = f"command not complete after {opts.command_time_limit}s"
+            if over:
+                server.log.warning(f"{self.name}: {what}, closing connection")
+                conn.close_with(p.Reply(421, "4.4.2", f"{what}, closing connection"))
+                self._send()
+                return False
+            try:
+                data = self.sock.recv(RECV)
+            except TimeoutError:
+                waited += POLL
+                limit = server.opts.data_timeout if conn.state == p.DATA else server.opts.timeout
+                if waited >= limit:
+                    if conn.state == p.DATA:
+                        server.log.warning(f"{self.name}: timeout in DATA, message discarded")
+                    conn.close_with(p.Reply(421, "4.4.2", "timeout, closing connection"))
+                    self._send()
+                    return False
+                continue
+            except OSError:
+                data = b""
+            conn.receive_data(data)
+            return True
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, p.MailFrom):
+            self._reset()
+            self.txn = _Txn(self.server.cfg, event.sender)
+        elif isinstance(event, p.RcptTo):
+            self.conn.answer_rcpt(self._rcpt(event.address))
+        elif isinstance(event, p.DataStart):
+            self._open_spool()
+        elif isinstance(event, p.Data):
+            self._spool(event.data)
+        elif isinstance(event, p.EndOfData):
+            if event.error is not None:
+                self._log_refused(event)
+                self._reset()
+            else:
+                self._deliver_all()
+        elif isinstance(event, (p.Reset, p.Hello)):
+            self._reset()
+
+    def _reset(self) -> None:
+        if self.txn is not None:
+            self.txn.close()
+            self.txn = None
+
+    # -- RCPT: resolve now, so that an unknown user is refused before the data --------
+
+    def _rcpt(self, address: str) -> p.Reply:
+        txn = self.txn
+        assert txn is not None
+        cfg = txn.cfg
+        try:
+            rcpt = parse(None, address, keep_case=cfg.keep_user_case, delimiter=cfg.recipient_delimiter)
+            target = resolve(cfg, rcpt)
+        except DeliveryError as exc:
+            status = exc.status
+            self._log(address, status, 0, status.reason + (f": {status.detail}" if status.detail else ""))
+            return reply_for(status, address)
+        except Exception as exc:  # noqa: BLE001
+            status = Status("4.3.0", "internal error", f"{type(exc).__name__}: {exc}{where(exc)}")
+            self._log(address, status, 0, f"{status.reason}: {status.detail}")
+            return reply_for(status, address)
+        txn.targets.append((address, rcpt, target))
+        return p.Reply(250, "2.1.5", f"<{address}> recipient ok")
+
+    # -- DATA ------------------------------------------------------------------------------
+
+    def _open_spool(self) -> None:
+        txn = self.txn
+        assert txn is not None
+        spool_dir = txn.cfg.spool_dir
+        try:
+            txn.spool = os.open(spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:
+            import tempfile
+
+            try:
+                fd, tmpname = tempfile.mkstemp(prefix="lmtp.", dir=spool_dir)
+                os.unlink(tmpname)
+                txn.spool = fd
+            except OSError as exc:
+                self.server.log.error(f"{self.name}: cannot spool in {spool_dir}: {exc.strerror}")
+                txn.spool = -2  # remembered: every recipient gets 451 after the data
+
+    def _spool(self, data: bytes) -> None:
+        txn = self.txn
+        if txn is None or txn.spool < 0:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(txn.spool, view)
+                view = view[n:]
+            txn.size += len(data)
+        except OSError as exc:
+            self.server.log.error(f"{self.name}: cannot spool: {exc.strerror}")
+            os.close(txn.spool)
+            txn.spool = -2
+
+    def _deliver_all(self) -> None:
+        txn = self.txn
+        assert txn is not None
+        targets = txn.targets
+        if txn.spool < 0:
+            for address, rcpt, _target in targets:
+                status = Status("4.3.0", "cannot spool message", txn.cfg.spool_dir)
+                self._log(rcpt.address, status, txn.size, f"{status.reason}: {status.detail}")
+                self.conn.answer_data(reply_for(status, address))
+            self._reset()
+            return
+        readers = [_reopen(txn.spool) for _ in targets] if len(targets) > 1 else []
+        if len(targets) > 1 and all(fd >= 0 for fd in readers):
+            # Several recipients: deliver in parallel, answer in RCPT order as each is ready.
+            pool = self.server.pool()
+            futures = [
+                pool.submit(self._deliver_one, txn, address, rcpt, target, fd)
+                for (address, rcpt, target), fd in zip(targets, readers, strict=True)
+            ]
+            for fut in futures:
+                self.conn.answer_data(fut.result())
+                self._send()
+        else:
+            for fd in readers:
+                if fd >= 0:
+                    os.close(fd)
+            for address, rcpt, target in targets:
+                os.lseek(txn.spool, 0, os.SEEK_SET)
+                self.conn.answer_data(self._deliver_one(txn, address, rcpt, target, txn.spool, own=False))
+                self._send()
+        self._reset()
+
+    def _deliver_one(self, txn: _Txn, given: str, rcpt: Recipient, target: Target, fd: int,
+                     own: bool = True) -> p.Reply:
+        """Deliver one copy; the reply names the address as the client gave it, the log as resolved."""
+        address = rcpt.address
+        try:
+            lock = self.server.mailbox_lock(target.path)
+            if not lock.acquire(timeout=txn.cfg.lock_timeout):
+                raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
+            try:
+                result = deliver(txn.cfg, rcpt, fd, txn.sender, target)
+            finally:
+                lock.release()
+        except DeliveryError as exc:
+            status = exc.status
+            self._log(address, status, txn.size, status.reason + (f": {status.detail}" if status.detail else ""))
+            return reply_for(status, given)
+        except Exception as exc:  # noqa: BLE001 - a bug defers this recipient, never crashes the server
+            status = Status("4.3.0", "internal error", f"{type(exc).__name__}: {exc}{where(exc)}")
+            self.server.log.error(f"{self.name}: to=<{address}>: {status.detail}")
+            self._log(address, status, txn.size, f"{status.reason}: {status.detail}")
+            return reply_for(status, given)
+        finally:
+            if own:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        # Durable: the answer is 250 whatever happens to the log lines (a 4xx would make the
+        # client send it again).
+        try:
+            for note in result.notes:
+                self.server.log.warning(f"{self.name}: to=<{address}>, broke stale lock {note}")
+            why = f"{result.target.format} {result.target.path}"
+            self._log(address, Status("2.0.0", "delivered"), result.size, why, result.sender)
+        except Exception:  # noqa: BLE001
+            pass
+        return reply_for(Status("2.0.0", "delivered"), given)
+
+    def _log(self, address: str, status: Status, size: int, why: str, sender: str | None = None) -> None:
+        txn = self.txn
+        if sender is None:
+            sender = txn.sender if txn is not None else ""
+        delay = time.time() - txn.started if txn is not None else 0.0
+        line = delivery_line(address, sender, size, delay, status.dsn, status.word, why)
+        self.server.log.info(f"{self.name}: {line}")
+
+    def _log_refused(self, event: p.EndOfData) -> None:
+        assert event.error is not None
+        for address in event.recipients:
+            status = Status(event.error.dsn, event.error.text)
+            self._log(address, status, self.txn.size if self.txn else 0, event.error.text)
+
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _reopen(fd: int) -> int:
+    """A second open file description of the spool, with its own offset (-1 if impossible)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def where(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
