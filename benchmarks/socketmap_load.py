@@ -38,7 +38,7 @@ USERS = 2000
 
 def make_database(base: Path) -> Path:
     from vdeliver.accounts.settings import load as load_accounts
-    from vdeliver.accounts.store import open_store
+    from vdeliver.accounts.engines import open_store
     from vdeliver.config import load as load_config
 
     config = base / "vdeliver.toml"

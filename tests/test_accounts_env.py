@@ -2,7 +2,7 @@
 
 `acct` is parametrised over both stores: every test that uses it runs twice, once
 on an SQLite file and once on a fresh database of the private PostgreSQL cluster
-(tests/pg.py).  Commands run in-process through vdeliver.vmailctl.main(), which is
+(tests/pg.py).  Commands run in-process through vdeliver.accounts.vmailctl.main(), which is
 what the console script calls; passwords are hashed with cheap argon2 parameters
 (the documented [accounts] argon2_* knobs) to keep the suite fast.
 """
@@ -77,7 +77,7 @@ class Acct:
         return self.root.config
 
     def run(self, *args: str, stdin: str = "") -> Result:
-        from vdeliver import vmailctl
+        from vdeliver.accounts import vmailctl
 
         out, err = io.StringIO(), io.StringIO()
         old_stdin = sys.stdin
@@ -101,7 +101,7 @@ class Acct:
         return settings.load(config.load(str(self.config)))
 
     def store(self) -> Any:
-        from vdeliver.accounts.store import open_store
+        from vdeliver.accounts.engines import open_store
 
         return open_store(self.settings())
 

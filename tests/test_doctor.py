@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SYSTEM_PYTHON, ensure_vmail, install_vdeliver, require, require_root
-from vdeliver import launcher, vmailctl
+from vdeliver import launcher
+from vdeliver.accounts import vmailctl
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PARENT = Path("/run/vdeliver-doctor-tests")

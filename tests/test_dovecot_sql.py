@@ -49,7 +49,7 @@ class Accounts:
 
     def vmailctl(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
-            [sys.executable, "-m", "vdeliver.vmailctl", "-c", str(self.cfg_path), *args],
+            [sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(self.cfg_path), *args],
             input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT,
         )
         assert r.returncode == 0, f"vmailctl {' '.join(args)}: {r.stderr}"

@@ -29,7 +29,7 @@ def base() -> Iterator[Path]:
 
 
 def vmailctl(config: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vdeliver.vmailctl", "-c", str(config), *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(config), *args], input=stdin,
                           capture_output=True, text=True, cwd=str(ROOT), timeout=60)
 
 

@@ -15,8 +15,8 @@ import pytest
 from tests.helpers import ROOT, world_tmpdir
 from tests.pg import Cluster, pg_cluster  # noqa: F401 - fixture
 from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from vdeliver.accounts.engines import open_store
 from vdeliver.accounts.settings import load as load_settings
-from vdeliver.accounts.store import open_store
 from vdeliver.config import load as load_config
 
 pytestmark = pytest.mark.peers
@@ -61,7 +61,7 @@ def _raw(config: Path, sql: str, value: str) -> None:
 
 
 def vmailctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vdeliver.vmailctl", "-c", str(config), *args],
+    return subprocess.run([sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(config), *args],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=60)
 
 

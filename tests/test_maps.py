@@ -237,8 +237,9 @@ def test_concurrent_builds_are_serialised(sqlite_acct: Acct) -> None:
     acct = sqlite_acct
     populate(acct)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-m", "vdeliver.vmailctl", "-c", str(acct.config), "maps", "build"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/") for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(acct.config), "maps",
+                               "build"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/")
+             for _ in range(4)]
     results = [(p.wait(60), p.stderr.read() if p.stderr else b"") for p in procs]
     for p in procs:
         for stream in (p.stdout, p.stderr):

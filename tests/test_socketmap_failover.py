@@ -96,8 +96,8 @@ def test_account_created_before_an_outage_is_deferred_not_bounced(base: Path, pg
         with running_server(config):
             c = Client(str(base / "in.sock"))
             assert c.ask("virtuser", "newbie@away.com") == p.NOTFOUND
+            from vdeliver.accounts.engines import open_store
             from vdeliver.accounts.settings import load as load_settings
-            from vdeliver.accounts.store import open_store
             from vdeliver.config import load as load_config
 
             with open_store(load_settings(load_config(str(config)))) as store:

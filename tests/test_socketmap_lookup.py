@@ -15,9 +15,9 @@ import pytest
 from tests.helpers import require, world_tmpdir
 from tests.pg import pg_cluster, pg_conninfo  # noqa: F401
 from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from vdeliver.accounts.engines import open_store
 from vdeliver.accounts.maps import ALIASES, DISABLED, build, local_mailbox
 from vdeliver.accounts.settings import load as load_accounts_settings
-from vdeliver.accounts.store import open_store
 from vdeliver.config import load as load_config
 from vdeliver.socketmap import protocol as p
 
@@ -149,6 +149,6 @@ def test_server_check_mode(base: Path) -> None:
     assert bad.returncode == 78
     assert "[socketmap] ttl: must be a whole number" in bad.stderr
     config.write_text(config.read_text().replace("ttl = \"x\"\n", ""))
-    via_vmailctl = subprocess.run([sys.executable, "-m", "vdeliver.vmailctl", "-c", str(config), "serve", "socketmap",
-                                   "--check"], cwd=str(ROOT), capture_output=True, text=True)
+    via_vmailctl = subprocess.run([sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(config), "serve",
+                                   "socketmap", "--check"], cwd=str(ROOT), capture_output=True, text=True)
     assert via_vmailctl.returncode == 0, via_vmailctl.stderr

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.helpers import ROOT
+from vdeliver.accounts.engines import open_store
 from vdeliver.accounts.settings import load as load_accounts_settings
-from vdeliver.accounts.store import open_store
 from vdeliver.config import load as load_config
 from vdeliver.socketmap import protocol as p
 

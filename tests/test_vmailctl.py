@@ -528,11 +528,11 @@ def test_serve_and_dovecot_dispatch(sqlite_acct: Acct, monkeypatch: pytest.Monke
 
 def test_console_script_and_hot_path() -> None:
     env = {"PATH": "/usr/bin:/bin", "LANG": "C"}
-    r = subprocess.run([sys.executable, "-m", "vdeliver.vmailctl", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "vdeliver.accounts.vmailctl", "--help"], capture_output=True, text=True,
                        cwd=str(ROOT), env=env, timeout=60)
     assert r.returncode == 0 and "vmailctl" in r.stdout
     code = "import sys, vdeliver.cli; print(sorted(m for m in sys.modules if m.startswith('vdeliver.accounts')))"
-    r = subprocess.run([sys.executable, "-c", "import sys, vdeliver.vmailctl as v; v.build_parser(); "
+    r = subprocess.run([sys.executable, "-c", "import sys, vdeliver.accounts.vmailctl as v; v.build_parser(); "
                         "print(sorted(m for m in sys.modules if m.startswith('vdeliver.accounts.') and "
                         "m.rsplit('.', 1)[1] in ('dovecot', 'store', 'maps')))"],
                        capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=60)

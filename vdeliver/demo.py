@@ -36,7 +36,7 @@ def heading(text: str) -> None:
 def vmailctl(cfg: Path, *args: str, stdin: str | None = None, show: bool = True) -> str:
     if show:
         say(f"$ vmailctl {' '.join(args)}")
-    done = subprocess.run([sys.executable, "-m", "vdeliver.vmailctl", "-c", str(cfg), *args], input=stdin,
+    done = subprocess.run([sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(cfg), *args], input=stdin,
                           capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         say(done.stdout + done.stderr)

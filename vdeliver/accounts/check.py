@@ -13,7 +13,7 @@ import os
 from vdeliver.accounts import mailboxes, maps
 from vdeliver.accounts.errors import BadRow
 from vdeliver.accounts.settings import Settings
-from vdeliver.accounts.store import Snapshot
+from vdeliver.accounts.snapshot import Snapshot
 from vdeliver.config import Config
 
 
@@ -82,7 +82,7 @@ def dangling(snap: Snapshot) -> list[str]:
     """Aliases, forwards and catch-alls that point at an address of a hosted domain that does
     not exist: mail sent there bounces as unknown."""
     from vdeliver.accounts import names
-    from vdeliver.accounts.store import next_hops
+    from vdeliver.accounts.routing import next_hops
 
     domains = {d["name"]: d for d in snap.domains}
     boxes = {(m["username"], m["domain"]) for m in snap.mailboxes}

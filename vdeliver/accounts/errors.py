@@ -11,6 +11,10 @@ EXIT_USAGE = 2
 EXIT_TEMPFAIL = 75
 
 
+class UsageError(Exception):
+    """A command line vmailctl cannot run (unknown command, bad option).  Exit 2."""
+
+
 class AccountsError(Exception):
     """A refused request: bad input, a missing or duplicate object.  Exit 1."""
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from vdeliver.accounts import names
 from vdeliver.accounts.errors import AccountsError, BadRow, TemporaryError
 from vdeliver.accounts.settings import Settings
-from vdeliver.accounts.store import Snapshot, Store
+from vdeliver.accounts.snapshot import Snapshot
+from vdeliver.accounts.store import Store
 from vdeliver.fileio import fsync_dir
 
 ALIASES = "vdeliver-aliases"

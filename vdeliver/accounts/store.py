@@ -1,8 +1,10 @@
 """The account store: one behaviour over SQLite (stdlib) and PostgreSQL (psycopg 3).
 
 `Store` holds every operation and its checks, written against a DB-API cursor
-with `?` placeholders; the two subclasses only connect, translate placeholders
-and classify their engine's errors.  Each vmailctl command runs in one
+with `?` placeholders; the two engines (engines.py) only connect, translate
+placeholders and classify their driver's errors.  It reads through snapshot.py
+and checks routing with routing.py.  Kept as one class of ~450 lines on purpose:
+every operation must run inside the same transaction and see the same checks.  Each vmailctl command runs in one
 transaction (`with store.transaction():`): a refused or failed command leaves the
 database exactly as it was.  Invariants that SQL cannot state portably (an alias
 name must not shadow a mailbox, no alias or forward loops) are checked on the
@@ -14,24 +16,23 @@ serial it built from, which is how `check` sees maps older than the database.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vdeliver.accounts import names
+from vdeliver.accounts import names, snapshot
 from vdeliver.accounts.errors import (
     AccountsError,
-    ConfigurationError,
     Conflict,
     InvalidName,
     NotFound,
     TemporaryError,
 )
+from vdeliver.accounts.routing import find_loop, strip_detail
 from vdeliver.accounts.schema import CREATE_MIGRATIONS_TABLE, LATEST, MIGRATIONS
 from vdeliver.accounts.settings import Settings
+from vdeliver.accounts.snapshot import Snapshot
 
 STATUSES = ("active", "disabled", "suspended")
 FORMATS = ("maildir", "mbox")
@@ -40,21 +41,6 @@ MAX_QUOTA = (1 << 62)
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-@dataclass
-class Snapshot:
-    """Everything the maps and `check` need, read in one transaction."""
-
-    serial: int
-    changed_at: str
-    domains: list[dict[str, Any]]
-    mailboxes: list[dict[str, Any]]
-    aliases: dict[str, list[str]] = field(default_factory=dict)   # address -> targets
-    forwards: dict[str, list[str]] = field(default_factory=dict)  # address -> targets
-
-    def hosted(self) -> set[str]:
-        return {d["name"] for d in self.domains}
 
 
 class Store:
@@ -380,10 +366,7 @@ class Store:
             f"SELECT target FROM {table} WHERE username = ? AND domain = ? ORDER BY target", (username, domain))]
 
     def _all_targets(self, table: str) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for r in self.rows(f"SELECT username, domain, target FROM {table} ORDER BY domain, username, target"):
-            out.setdefault(f"{r['username']}@{r['domain']}", []).append(r["target"])
-        return out
+        return snapshot.targets(self.rows, table)
 
     def alias_add(self, username: str, domain: str, targets: list[str]) -> None:
         self._real_domain(domain)
@@ -435,7 +418,7 @@ class Store:
         clean: list[str] = []
         for raw in targets:
             t = self._target(raw)
-            if _strip_detail(t) == f"{username}@{domain}":
+            if strip_detail(t) == f"{username}@{domain}":
                 raise Conflict(f"{username}@{domain} cannot forward to itself (use --keep-copy to keep a copy)")
             if t not in clean:
                 clean.append(t)
@@ -458,163 +441,9 @@ class Store:
     def snapshot(self) -> Snapshot:
         with self.transaction(write=False):
             serial, changed = self.meta()
-            return Snapshot(
-                serial=serial,
-                changed_at=changed,
-                domains=self.rows("SELECT name, alias_of, catchall, created_at FROM domains ORDER BY name"),
-                mailboxes=self.rows(f"SELECT {self._USER_COLS} FROM mailboxes ORDER BY domain, username"),
-                aliases=self._all_targets("aliases"),
-                forwards=self._all_targets("forwards"),
-            )
+            return snapshot.whole(self.rows, serial, changed)
 
     def _check_invariants(self) -> None:
-        serial, changed = self.meta()
-        snap = Snapshot(
-            serial, changed,
-            self.rows("SELECT name, alias_of, catchall, created_at FROM domains"),
-            self.rows("SELECT username, domain, status, keep_copy FROM mailboxes"),
-            self._all_targets("aliases"), self._all_targets("forwards"),
-        )
-        loop = find_loop(snap)
+        loop = find_loop(snapshot.whole(self.rows))
         if loop:
             raise Conflict("mail loop: " + " -> ".join(loop))
-
-
-def _strip_detail(addr: str) -> str:
-    local, dom = names.split(addr)
-    return f"{local.split('+', 1)[0]}@{dom}"
-
-
-def next_hops(snap: Snapshot, addr: str) -> list[str]:
-    """Where mail for a hosted address goes next, as sendmail's virtusertable would send it."""
-    domains = {d["name"]: d for d in snap.domains}
-    addr = _strip_detail(addr)
-    local, dom = names.split(addr)
-    d = domains.get(dom)
-    if d is None:
-        return []  # off-site: leaves this host
-    if d["alias_of"]:
-        return [f"{local}@{d['alias_of']}"]
-    if addr in snap.forwards:
-        return list(snap.forwards[addr])  # keep_copy adds a terminal local delivery
-    if any(m["username"] == local and m["domain"] == dom for m in snap.mailboxes):
-        return []
-    if addr in snap.aliases:
-        return list(snap.aliases[addr])
-    if d["catchall"]:
-        return [d["catchall"]]
-    return []
-
-
-def find_loop(snap: Snapshot) -> list[str]:
-    """A cycle of addresses through aliases, forwards, catch-alls and alias domains, or []."""
-    sources = list(snap.aliases) + list(snap.forwards)
-    sources += [f"{d['name']}-catchall@{d['name']}" for d in snap.domains if d["catchall"]]
-    sources += [d["catchall"] for d in snap.domains if d["catchall"]]
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-
-    def visit(addr: str, path: list[str]) -> list[str]:
-        key = _strip_detail(addr)
-        if state.get(key) == 2:
-            return []
-        if state.get(key) == 1:
-            return path[path.index(key):] + [key]
-        state[key] = 1
-        path.append(key)
-        for nxt in next_hops(snap, key):
-            found = visit(nxt, path)
-            if found:
-                return found
-        path.pop()
-        state[key] = 2
-        return []
-
-    for src in sources:
-        found = visit(src, [])
-        if found:
-            return found
-    return []
-
-
-# -- the two engines --------------------------------------------------------------------------
-
-
-class SQLiteStore(Store):
-    backend = "sqlite"
-    write_begin = "BEGIN IMMEDIATE"  # take the write lock now, so a busy database fails before any change
-
-    def _connect(self) -> Any:
-        import sqlite3
-
-        path = self.settings.database
-        parent = os.path.dirname(path) or "."
-        if not os.path.isdir(parent):
-            raise ConfigurationError(f"[accounts] database: directory {parent} does not exist")
-        old = os.umask(0o077)  # the database holds password hashes
-        try:
-            conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None)
-        finally:
-            os.umask(old)
-        conn.execute("PRAGMA foreign_keys = ON")
-        return conn
-
-    def _has_table(self, name: str) -> bool:
-        return self.one("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
-
-    def _classify(self, exc: BaseException) -> AccountsError | None:
-        import sqlite3
-
-        if isinstance(exc, sqlite3.IntegrityError):
-            return Conflict(f"refused by the database: {exc}")
-        if isinstance(exc, sqlite3.OperationalError):
-            text = str(exc)
-            if "locked" in text or "busy" in text:
-                return TemporaryError(f"database {self.settings.database} is locked: try again later")
-            return TemporaryError(f"database {self.settings.database}: {text}")
-        if isinstance(exc, sqlite3.DatabaseError):
-            return TemporaryError(f"database {self.settings.database}: {exc}")
-        return None
-
-
-class PostgresStore(Store):
-    backend = "postgresql"
-
-    def _connect(self) -> Any:
-        try:
-            import psycopg
-        except ImportError:
-            raise TemporaryError("PostgreSQL needs psycopg 3: pip install 'vdeliver[postgres]'") from None
-        dsn, extra = self.settings.connect_args()
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=self.settings.connect_timeout, **extra)
-        timeout = max(1, self.settings.busy_timeout) * 1000
-        conn.execute(f"SET lock_timeout = {int(timeout)}")
-        conn.execute("SET client_min_messages = warning")
-        return conn
-
-    def _sql(self, statement: str) -> str:
-        return statement.replace("?", "%s")
-
-    def _has_table(self, name: str) -> bool:
-        row = self.one("SELECT to_regclass(?) IS NOT NULL AS present", (name,))
-        return bool(row and row["present"])
-
-    def _lock_for_migration(self) -> None:
-        # Two first runs at once must not both create the tables.
-        self.execute("SELECT pg_advisory_xact_lock(7305164)")
-
-    def _classify(self, exc: BaseException) -> AccountsError | None:
-        import psycopg
-
-        if isinstance(exc, psycopg.errors.IntegrityError):
-            return Conflict(f"refused by the database: {str(exc).splitlines()[0]}")
-        if isinstance(exc, psycopg.errors.LockNotAvailable):
-            return TemporaryError("database is locked: try again later")
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return TemporaryError(f"database unreachable: {first}")
-        return None
-
-
-def open_store(settings: Settings) -> Store:
-    store: Store = PostgresStore(settings) if settings.dsn else SQLiteStore(settings)
-    return store.open()

@@ -46,9 +46,6 @@ MAPS = {
     "VirtHost": "virtuserdomains",
 }
 
-_DOMAIN_COLS = "name, alias_of, catchall, created_at"
-_MAILBOX_COLS = "username, domain, format, quota_bytes, status, reason, keep_copy, created_at"
-
 
 class BackendConfigError(Exception):
     """The [accounts] table cannot be used; the message names the key."""
@@ -252,9 +249,9 @@ class Backend:
             # configuration, and `From:`, `Spam:`, ... are never in the generated map.  Answer
             # them without a query, so a database outage does not turn every sender check into
             # TEMP (cached NOTFOUNDs are never served stale: cache.py).
-            from vdeliver.accounts.store import Snapshot
+            from vdeliver.accounts import snapshot
 
-            snap = Snapshot(serial=0, changed_at="", domains=[], mailboxes=[])
+            snap = snapshot.empty()
         else:
             domain, local = key_parts(map_name, key)
             snap = self._run(lambda q: self._slice(q, domain, local))
@@ -266,38 +263,14 @@ class Backend:
         return render(snap, self.settings, self.hostname)[file_name]
 
     def _slice(self, q: Any, domain: str, local: str) -> Any:
-        """The rows the key's line can depend on: its domain (and the domain an alias domain
-        points to), and only the mailbox, aliases and forwards of its local part - every line
-        of a domain depends on its own user's rows and the domain row only."""
-        from vdeliver.accounts.store import Snapshot
+        from vdeliver.accounts import snapshot
 
-        domains = q(f"SELECT {_DOMAIN_COLS} FROM domains WHERE name = ?", (domain,)) if domain else []
-        if domains and domains[0]["alias_of"]:
-            domains += q(f"SELECT {_DOMAIN_COLS} FROM domains WHERE name = ?", (domains[0]["alias_of"],))
-        snap = Snapshot(serial=0, changed_at="", domains=domains, mailboxes=[])
-        for d in domains:
-            if d["alias_of"]:
-                continue
-            if not local:
-                continue  # `@d`, `To:d`: the domain row decides
-            snap.mailboxes += q(f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE domain = ? AND username = ?",
-                                (d["name"], local))
-            for table, into in (("aliases", snap.aliases), ("forwards", snap.forwards)):
-                for r in q(f"SELECT username, domain, target FROM {table} WHERE domain = ? AND username = ? "
-                           "ORDER BY target", (d["name"], local)):
-                    into.setdefault(f"{r['username']}@{r['domain']}", []).append(r["target"])
-        return snap
+        return snapshot.slice(q, domain, local)
 
     def _whole(self, q: Any) -> Any:
-        from vdeliver.accounts.store import Snapshot
+        from vdeliver.accounts import snapshot
 
-        snap = Snapshot(serial=0, changed_at="",
-                        domains=q(f"SELECT {_DOMAIN_COLS} FROM domains ORDER BY name"),
-                        mailboxes=q(f"SELECT {_MAILBOX_COLS} FROM mailboxes ORDER BY domain, username"))
-        for table, into in (("aliases", snap.aliases), ("forwards", snap.forwards)):
-            for r in q(f"SELECT username, domain, target FROM {table} ORDER BY domain, username, target"):
-                into.setdefault(f"{r['username']}@{r['domain']}", []).append(r["target"])
-        return snap
+        return snapshot.whole(q)
 
 
 def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None = None) -> Backend:

@@ -1,0 +1,293 @@
+"""vmailctl: manage domains, mailboxes, aliases and forwards, and build the sendmail maps.
+
+One tool over one database replaces the paper's five hand-edited files and its
+`makemap` runs.  Each command is one database transaction: a refused or failed
+command leaves the database as it was.  vmailctl is not on the delivery path, so it
+may use argparse; but argparse's own exit is intercepted so that every failure
+prints one clear line and exits with a documented code.
+
+Also the front door of the resident servers (`vmailctl serve lmtp|socketmap ...`)
+and of the Dovecot configuration generator (`vmailctl dovecot-config ...`), each
+imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, NoReturn
+
+from vdeliver.accounts import commands
+from vdeliver.accounts.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    AccountsError,
+    UsageError,
+)
+
+EXIT_SOFTWARE = 70
+
+EXIT_CODES = """exit codes:
+  0   success (check: no mismatch found)
+  1   refused: invalid name, not found, duplicate, loop, bad configuration,
+      or (check) mismatches found
+  2   usage error (unknown command or option, missing argument)
+  70  internal error (a bug: please report it)
+  75  temporary failure: the database is locked or unreachable, a map
+      build is already running; try again later
+
+configuration: -c FILE, else $VDELIVER_CONFIG, else /etc/vdeliver.toml
+([accounts] and [maps] tables; see docs/accounts.md)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() owns every exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(status)
+
+
+def _size(text: str) -> int:
+    """`0`, `1048576`, `500K`, `100M`, `2G` -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    mult = 1
+    if t and t[-1] in units:
+        mult, t = units[t[-1]], t[:-1]
+    if not t.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes, or a number with K, M, G or T)")
+    return int(t) * mult
+
+
+def build_parser() -> _Parser:
+    p = _Parser(
+        prog="vmailctl",
+        description="Manage the vdeliver accounts database and the sendmail maps built from it.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="vdeliver configuration file")
+    top = p.add_subparsers(dest="noun", metavar="COMMAND", parser_class=_Parser)
+    top.required = True
+
+    def sub(parent: Any, name: str, help_text: str) -> _Parser:
+        sp: _Parser = parent.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sp
+
+    def verbs(name: str, help_text: str) -> Any:
+        sp = sub(top, name, help_text)
+        v = sp.add_subparsers(dest="verb", metavar="ACTION", parser_class=_Parser)
+        v.required = True
+        return v
+
+    def js(sp: _Parser) -> None:
+        sp.add_argument("--json", action="store_true", help="print JSON")
+
+    d = verbs("domain", "hosted domains")
+    sp = sub(d, "add", "add a hosted domain")
+    sp.add_argument("domain")
+    sp.add_argument("--alias-of", metavar="DOMAIN", help="make it an alias domain: user@it goes to user@DOMAIN")
+    sp = sub(d, "remove", "remove a domain")
+    sp.add_argument("domain")
+    sp.add_argument("--force", action="store_true", help="also remove its mailboxes and aliases (mail stays on disk)")
+    js(sub(d, "list", "list domains"))
+    sp = sub(d, "show", "show one domain")
+    sp.add_argument("domain")
+    js(sp)
+
+    u = verbs("user", "mailboxes")
+    sp = sub(u, "add", "add a mailbox and create it on disk")
+    sp.add_argument("address")
+    sp.add_argument("--format", choices=("maildir", "mbox"), help="mailbox format (default: the config's format)")
+    sp.add_argument("--quota", type=_size, help="quota in bytes (K, M, G suffixes); Maildir++ for Maildir users")
+    _password_options(sp, allow_none=True)
+    sp.add_argument("--no-mailbox", action="store_true", help="do not create the mailbox on disk")
+    sp = sub(u, "remove", "remove a mailbox (its mail stays on disk unless --remove-mail)")
+    sp.add_argument("address")
+    sp.add_argument("--remove-mail", action="store_true",
+                    help="move the mail aside to .removed-USER-TIME in its domain directory")
+    sp.add_argument("--unlink", action="store_true", help="with --remove-mail: delete the mail instead")
+    sp = sub(u, "list", "list mailboxes")
+    sp.add_argument("domain", nargs="?")
+    js(sp)
+    sp = sub(u, "show", "show one mailbox")
+    sp.add_argument("address")
+    js(sp)
+    sp = sub(u, "passwd", "set a mailbox's password")
+    sp.add_argument("address")
+    _password_options(sp, allow_none=False)
+    for verb, text in (("disable", "refuse mail for the mailbox (at RCPT time) and its logins"),
+                       ("suspend", "keep mail arriving but refuse reading it (Dovecot shows the reason)")):
+        sp = sub(u, verb, text)
+        sp.add_argument("address")
+        sp.add_argument("--reason", default="", help="one line shown to the user or sender")
+    for verb, text in (("enable", "undo disable"), ("unsuspend", "undo suspend")):
+        sp = sub(u, verb, text)
+        sp.add_argument("address")
+    sp = sub(u, "quota", "set a mailbox's quota (0 = none)")
+    sp.add_argument("address")
+    sp.add_argument("size", type=_size)
+
+    a = verbs("alias", "addresses that deliver to other addresses")
+    sp = sub(a, "add", "add an alias (or more targets to one)")
+    sp.add_argument("address")
+    sp.add_argument("targets", nargs="+", metavar="TARGET")
+    sp = sub(a, "remove", "remove an alias, or some of its targets")
+    sp.add_argument("address")
+    sp.add_argument("targets", nargs="*", metavar="TARGET")
+    sp = sub(a, "list", "list aliases")
+    sp.add_argument("domain", nargs="?")
+    js(sp)
+
+    f = verbs("forward", "forward a mailbox's mail")
+    sp = sub(f, "set", "forward a mailbox to one or more addresses (replaces any forward)")
+    sp.add_argument("address")
+    sp.add_argument("targets", nargs="+", metavar="TARGET")
+    sp.add_argument("--keep-copy", action="store_true", help="also deliver into the mailbox")
+    sp = sub(f, "clear", "stop forwarding")
+    sp.add_argument("address")
+
+    c = verbs("catchall", "what a domain does with unknown addresses")
+    sp = sub(c, "set", "send unknown addresses of DOMAIN to TARGET")
+    sp.add_argument("domain")
+    sp.add_argument("target")
+    sp = sub(c, "clear", "refuse unknown addresses of DOMAIN again")
+    sp.add_argument("domain")
+
+    m = verbs("maps", "sendmail maps")
+    sp = sub(m, "build", "write the maps that changed and compile them with makemap")
+    sp.add_argument("--reload", action="store_true",
+                    help="SIGHUP the outgoing sendmail when a map it reads only at start-up changed")
+    js(sp)
+
+    js(sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch"))
+
+    db = verbs("db", "the accounts database itself")
+    sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
+             "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)")
+    sp.add_argument("roles", nargs="+", metavar="ROLE")
+    sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+
+    sp = sub(top, "doctor", "check the installation as sendmail, vdeliver and Dovecot see it; exit 1 on problems")
+    sp.add_argument("--cf", action="append", metavar="FILE", help="a sendmail .cf (default: /etc/mail/sendmail_out.cf"
+                    " and sendmail_in.cf)")
+    sp.add_argument("--dovecot-dir", default="/etc/dovecot", metavar="DIR", help="Dovecot's configuration directory")
+    js(sp)
+
+    i = verbs("import", "import a site running the paper's set-up")
+    sp = sub(i, "users", "the paper's users table (username, password, userpart, domain, forward, alias_for)")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", metavar="FILE", help="a CSV file with a header line")
+    src.add_argument("--sqlite", metavar="FILE", help="a SQLite database")
+    src.add_argument("--dsn", metavar="CONNINFO", help="a PostgreSQL connection string")
+    sp.add_argument("--table", default="users", help="table name for --sqlite/--dsn (default users)")
+    sp.add_argument("--plain-passwords", action="store_true", help="hash passwords that are plain text")
+    for kind in ("virtusertable", "access"):
+        sp = sub(i, kind, f"a hand-written {kind} file")
+        sp.add_argument("file")
+    for sp in i.choices.values():
+        sp.add_argument("--format", choices=("maildir", "mbox"), help="format of imported mailboxes")
+        sp.add_argument("--no-mailbox", action="store_true", help="do not create missing mailboxes on disk")
+        sp.add_argument("--dry-run", action="store_true", help="report only; change nothing")
+        js(sp)
+
+    sp = sub(top, "serve", "run a resident server: serve lmtp|socketmap [ARGS...]")
+    sp.add_argument("server", choices=("lmtp", "socketmap"))
+    sp.add_argument("args", nargs=argparse.REMAINDER)
+    # Its options (--output DIR, --file NAME, ...) belong to vdeliver.accounts.dovecot, imported only
+    # when the command runs: main() hands it every word after `dovecot-config` untouched.
+    sub(top, "dovecot-config", "print (or write with --output DIR) the Dovecot configuration for this set-up; "
+        "`vmailctl dovecot-config --help` lists its options")
+    return p
+
+
+def _password_options(sp: _Parser, allow_none: bool) -> None:
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    if allow_none:
+        g.add_argument("--no-password", action="store_true", help="no password: no login until `user passwd`")
+    sp.add_argument("--scheme", choices=("ARGON2ID", "BLF-CRYPT"), help="password scheme (default from config)")
+
+
+def cmd_serve(argv: list[str], config: str | None) -> int:
+    import importlib
+
+    server, rest = argv[0], argv[1:]
+    module = {"lmtp": "vdeliver.lmtp.daemon", "socketmap": "vdeliver.socketmap.daemon"}.get(server)
+    if module is None:
+        raise UsageError(f"vmailctl serve: unknown server {server!r} (choose lmtp or socketmap)")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if not exc.name or module.startswith(exc.name):
+            raise AccountsError(f"the {server} server is not installed ({module} is missing)") from None
+        raise
+    if config and "-c" not in rest and "--config" not in rest:
+        rest = ["-c", config, *rest]
+    return int(mod.main(rest) or 0)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"vmailctl: {message}\n")
+    return code
+
+
+def _passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split `[-c FILE] dovecot-config WORDS...` so that WORDS reach the command untouched."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in ("-c", "--config"):
+            i += 2
+        elif word.startswith("--config=") or (word.startswith("-c") and len(word) > 2):
+            i += 1
+        else:
+            break
+    if i < len(argv) and argv[i] == "dovecot-config":
+        return argv[: i + 1], argv[i + 1 :]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ctx: commands.Context | None = None
+    try:
+        head, rest = _passthrough(argv)
+        try:
+            args = build_parser().parse_args(head)
+        except SystemExit as exc:  # --help / --version: argparse printed it
+            return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_OK
+        if args.noun == "dovecot-config":
+            args.args = rest
+        if args.noun == "serve":
+            return cmd_serve([args.server, *args.args], args.config)
+        ctx = commands.Context(args)
+        return commands.COMMANDS[args.noun](ctx)
+    except UsageError as exc:
+        return _fail(f"usage error: {exc}\n(try `vmailctl --help`)", EXIT_USAGE)
+    except AccountsError as exc:
+        return _fail(f"error: {exc}", exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_TEMPFAIL)
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback for the operator
+        if os.environ.get("VMAILCTL_DEBUG"):
+            raise
+        return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_SOFTWARE)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
