@@ -239,7 +239,7 @@ def kill_at_record_byte(k: int, module: str = "mbox") -> Callable[[], None]:
         import importlib
 
         target = importlib.import_module(f"vdeliver.{module}")
-        real = target._write_all
+        real = target.write_all
         state = {"left": k}
 
         def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -250,7 +250,7 @@ def kill_at_record_byte(k: int, module: str = "mbox") -> Callable[[], None]:
             state["left"] -= len(view)
             real(fd, view)
 
-        target._write_all = write_all
+        target.write_all = write_all
 
     return patch
 

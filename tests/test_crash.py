@@ -190,7 +190,7 @@ def test_journal_written_by_begin_parses(tmp_path: Path) -> None:
     msg = Prepared(spool, "alice@example.org", len(RECORD), RECORD.count(b"\n"), len(RECORD), False)
     fd = os.open(mbox, os.O_RDWR | os.O_APPEND)
     try:
-        j = recovery.MboxJournal(mode="none")
+        j = recovery.MboxJournal()
         j.begin(fd, str(mbox), len(OLD), os.fstat(fd), b"", msg)
         rec = recovery.parse(_journal(mbox).read_bytes())
         assert rec is not None

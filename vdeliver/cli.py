@@ -388,7 +388,7 @@ def _main(argv: "list[str]", started: float) -> int:
             return EX_OK
         if _STDIN_CLOSED:
             raise DeliveryError(Status("4.3.0", "no message", "standard input is closed"))
-        result = deliver(cfg, rcpt, 0, sender, target)
+        result = deliver(cfg, rcpt, 0, sender, target, logger)
     except DeliveryError as exc:
         status = exc.status
         _say(status)

@@ -11,8 +11,12 @@ import os
 import stat
 
 from vdeliver.config import Config
-from vdeliver.errors import DeliveryError, Status
+from vdeliver.errors import fail
 from vdeliver.recipient import Recipient
+
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.log import Log
 
 
 class Target:
@@ -40,9 +44,6 @@ def domain_dir(template: str, rcpt: Recipient) -> str:
     return os.path.dirname(expand(template, rcpt))
 
 
-def _fail(reason: str, detail: str, dsn: str = "4.3.0") -> DeliveryError:
-    return DeliveryError(Status(dsn, reason, detail))
-
 
 def _probe(fmt: str, path: str) -> "Target | None":
     try:
@@ -50,18 +51,18 @@ def _probe(fmt: str, path: str) -> "Target | None":
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise _fail("mailbox path is broken", f"a parent of {path} is not a directory") from None
+        raise fail("mailbox path is broken", f"a parent of {path} is not a directory") from None
     except OSError as exc:
-        raise _fail("cannot look up mailbox", f"{path}: {exc.strerror}") from None
+        raise fail("cannot look up mailbox", f"{path}: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise _fail("mailbox is a symbolic link", path)
+        raise fail("mailbox is a symbolic link", path)
     if stat.S_ISDIR(st.st_mode):
         return Target("maildir", path)  # maildir.deliver() checks tmp/ and new/
     if fmt == "mbox" and stat.S_ISREG(st.st_mode):
         return Target("mbox", path)
     if fmt == "maildir":
-        raise _fail("mailbox is not a Maildir", f"{path} is not a directory")
-    raise _fail("mailbox is not a regular file", path)
+        raise fail("mailbox is not a Maildir", f"{path} is not a directory")
+    raise fail("mailbox is not a regular file", path)
 
 
 def resolve(cfg: Config, rcpt: Recipient) -> Target:
@@ -76,9 +77,9 @@ def resolve(cfg: Config, rcpt: Recipient) -> Target:
     ddir = domain_dir(template, rcpt)
     other = domain_dir(cfg.mbox_path if default == "maildir" else cfg.maildir_path, rcpt)
     if not os.path.isdir(ddir) and not os.path.isdir(other):
-        raise _fail("domain unknown", f"no domain directory {ddir}", "5.1.2")
+        raise fail("domain unknown", f"no domain directory {ddir}", "5.1.2")
     if not cfg.create_mailbox or not os.path.isdir(ddir):
-        raise _fail("user unknown", f"no mailbox for {rcpt.address} in {ddir}", "5.1.1")
+        raise fail("user unknown", f"no mailbox for {rcpt.address} in {ddir}", "5.1.1")
     return Target(default, paths[default], create=True)
 
 
@@ -115,18 +116,22 @@ def _with_detail(cfg: Config, rcpt: Recipient, target: Target) -> Target:
 
 
 class Result:
-    __slots__ = ("target", "size", "sender", "notes", "name")
+    """What was stored where, for the log line: the mailbox, the size read, the envelope
+    sender used, and notes (stale locks broken on the way)."""
 
-    def __init__(self, target: Target, size: int, sender: str, notes: "list[str]", name: str = "") -> None:
+    __slots__ = ("target", "size", "sender", "notes")
+
+    def __init__(self, target: Target, size: int, sender: str, notes: "list[str]") -> None:
         self.target = target
         self.size = size
         self.sender = sender
         self.notes = notes
-        self.name = name
 
 
-def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None) -> Result:
-    """Read the message from fd and store it for rcpt.  Raises DeliveryError."""
+def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None,
+            log: "Log | None" = None) -> Result:
+    """Read the message from fd and store it for rcpt.  Raises DeliveryError.  `log` hears
+    what crash recovery did to the mailbox (the caller's logger)."""
     from vdeliver import message
 
     if target is None:
@@ -158,16 +163,16 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 lock_timeout=cfg.lock_timeout,
                 stale_age=cfg.stale_lock_age,
                 over_quota_bounce=bounce,
-                journal=MboxJournal(cfg.syslog_facility, cfg.log, record=cfg.mbox_journal),
+                journal=MboxJournal(log, record=cfg.mbox_journal),
             )
             return Result(target, msg.input_size, msg.sender, notes)
         from vdeliver import maildir
 
-        name = maildir.deliver(
+        maildir.deliver(
             target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
             tmp_max_age=cfg.maildir_tmp_max_age,
         )
-        return Result(target, msg.input_size, msg.sender, [], name)
+        return Result(target, msg.input_size, msg.sender, [])
     finally:
         try:
             msg.close()

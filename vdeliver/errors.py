@@ -88,6 +88,13 @@ class DeliveryError(Exception):
         self.status = status
 
 
+def fail(reason: str, detail: str = "", dsn: str = "4.3.0") -> DeliveryError:
+    """The one way delivery code makes a failure: `raise fail("cannot open mailbox", path)`.
+    Temporary (4.3.0) unless told otherwise: only what is known to be the recipient's or
+    the message's fault may be permanent."""
+    return DeliveryError(Status(dsn, reason, detail))
+
+
 # errno -> (temporary dsn, permanent dsn or None).  Used after a failed write:
 # a full disk always defers; a quota or file-size limit may bounce when the
 # administrator asked for it (over_quota = "bounce").

@@ -72,16 +72,9 @@ def render(python: str | None = None, libdir: str | None = None) -> str:
 
 def write(path: str, python: str | None = None, libdir: str | None = None) -> None:
     """Write the launcher atomically, mode 0755."""
-    text = render(python, libdir)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o755)
-    os.rename(tmp, path)
+    from vdeliver import fileio
+
+    fileio.replace(path, render(python, libdir).encode(), 0o755)
 
 
 def main(argv: list[str] | None = None) -> int:

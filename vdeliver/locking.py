@@ -21,12 +21,9 @@ from vdeliver.errors import DeliveryError, Status
 REFRESH_EVERY = 15.0
 
 
-class LockError(DeliveryError):
-    pass
 
-
-def _timeout(what: str, path: str, waited: float) -> LockError:
-    return LockError(Status("4.2.0", "mailbox is locked", f"{what} {path}: gave up after {waited:.0f}s"))
+def _timeout(what: str, path: str, waited: float) -> DeliveryError:
+    return DeliveryError(Status("4.2.0", "mailbox is locked", f"{what} {path}: gave up after {waited:.0f}s"))
 
 
 def _sleep_step(attempt: int) -> float:
@@ -65,7 +62,7 @@ class DotLock:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise LockError(
+            raise DeliveryError(
                 Status("4.3.0", "cannot create lock file", f"{directory}: {exc.strerror}")
             ) from None
         try:
@@ -85,7 +82,7 @@ class DotLock:
                 except OSError:
                     ok = False
                 if not ok and exc.errno != errno.EEXIST:
-                    raise LockError(
+                    raise DeliveryError(
                         Status("4.3.0", "cannot create lock file", f"{self.lockpath}: {exc.strerror}")
                     ) from None
         finally:
@@ -204,7 +201,7 @@ def fcntl_lock(fd: int, path: str, timeout: float, write: bool = True) -> None:
             return
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EINTR):
-                raise LockError(
+                raise DeliveryError(
                     Status("4.3.0", "cannot lock mailbox", f"fcntl {path}: {exc.strerror}")
                 ) from None
         waited = time.monotonic() - start

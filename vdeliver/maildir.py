@@ -21,8 +21,9 @@ import os
 import stat
 import time
 
-from vdeliver.errors import DeliveryError, Status, status_for_errno
-from vdeliver.message import Prepared, _write_all
+from vdeliver.errors import DeliveryError, fail, status_for_errno
+from vdeliver.fileio import write_all, write_new
+from vdeliver.message import Prepared
 
 SUBDIRS = ("tmp", "new", "cur")
 QUOTA_FILE = "maildirsize"
@@ -30,12 +31,6 @@ QUOTA_REBUILD_AT = 5120
 CLEAN_ODDS = 8  # out of 256: tmp/ is swept for old files on about 1 delivery in 32
 
 
-class MaildirError(DeliveryError):
-    pass
-
-
-def _fail(reason: str, detail: str, dsn: str = "4.3.0") -> MaildirError:
-    return MaildirError(Status(dsn, reason, detail))
 
 
 def escape_host(host: str) -> str:
@@ -67,7 +62,7 @@ def create(path: str) -> None:
             except FileExistsError:
                 pass
     except OSError as exc:
-        raise _fail("cannot create mailbox", f"{path}: {exc.strerror}") from None
+        raise fail("cannot create mailbox", f"{path}: {exc.strerror}") from None
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -81,17 +76,17 @@ def _open_dir(path: str) -> int:
     try:
         fd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
-        raise _fail("user unknown", f"no mailbox {path}", "5.1.1") from None
+        raise fail("user unknown", f"no mailbox {path}", "5.1.1") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise _fail("mailbox is a symbolic link", path) from None
+            raise fail("mailbox is a symbolic link", path) from None
         if exc.errno == errno.ENOTDIR:
-            raise _fail("mailbox is not a Maildir", f"{path} is not a directory") from None
-        raise _fail("cannot open mailbox", f"{path}: {exc.strerror}") from None
+            raise fail("mailbox is not a Maildir", f"{path} is not a directory") from None
+        raise fail("cannot open mailbox", f"{path}: {exc.strerror}") from None
     st = os.fstat(fd)
     if st.st_uid != os.geteuid():
         os.close(fd)
-        raise _fail("mailbox has the wrong owner", f"{path}: uid {st.st_uid}, we are {os.geteuid()}")
+        raise fail("mailbox has the wrong owner", f"{path}: uid {st.st_uid}, we are {os.geteuid()}")
     return fd
 
 
@@ -101,7 +96,7 @@ def _open_sub(dirfd: int, sub: str, path: str) -> int:
     except OSError as exc:
         why = "is a symbolic link" if exc.errno == errno.ELOOP else (
             "is not a directory" if exc.errno == errno.ENOTDIR else exc.strerror)
-        raise _fail("mailbox is not a Maildir", f"{path}/{sub}: {why}") from None
+        raise fail("mailbox is not a Maildir", f"{path}/{sub}: {why}") from None
 
 
 def _check_dir(path: str) -> None:
@@ -145,10 +140,10 @@ def _read_quota_file(path: str, dirfd: "int | None") -> "bytes | None":
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise _fail("cannot read quota", f"{path}/{QUOTA_FILE}: {exc.strerror}") from None
+        raise fail("cannot read quota", f"{path}/{QUOTA_FILE}: {exc.strerror}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _fail("quota file is not a regular file", f"{path}/{QUOTA_FILE}")
+            raise fail("quota file is not a regular file", f"{path}/{QUOTA_FILE}")
         chunks = []
         total = 0
         while total < (1 << 20):
@@ -159,7 +154,7 @@ def _read_quota_file(path: str, dirfd: "int | None") -> "bytes | None":
             total += len(data)
         return b"".join(chunks)
     except OSError as exc:
-        raise _fail("cannot read quota", f"{path}/{QUOTA_FILE}: {exc.strerror}") from None
+        raise fail("cannot read quota", f"{path}/{QUOTA_FILE}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -225,13 +220,7 @@ def recalculate(path: str, definition: str, dirfd: "int | None" = None) -> "tupl
         tfd = _open_sub(mfd, "tmp", path)
         try:
             name = os.path.basename(tmp)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=tfd)
-            try:
-                _write_all(fd, content)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_new(name, content, 0o600, dir_fd=tfd)
             os.rename(name, QUOTA_FILE, src_dir_fd=tfd, dst_dir_fd=mfd)
         finally:
             os.close(tfd)
@@ -255,7 +244,7 @@ def check_quota(path: str, size: int, over_quota_bounce: bool, dirfd: "int | Non
             pass
     if (limit_bytes and used_bytes + size > limit_bytes) or (limit_count and used_count + 1 > limit_count):
         dsn = "5.2.2" if over_quota_bounce else "4.2.2"
-        raise _fail(
+        raise fail(
             "mailbox full",
             f"{path}: quota {limit_bytes}S,{limit_count}C, used {used_bytes}S,{used_count}C, message {size}",
             dsn,
@@ -329,11 +318,11 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
         except FileExistsError:
             continue
         except OSError as exc:
-            raise _fail("cannot write mailbox", f"{path}/tmp: {exc.strerror}") from None
+            raise fail("cannot write mailbox", f"{path}/tmp: {exc.strerror}") from None
         try:
             try:
                 for chunk in msg.spool.chunks():
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -351,12 +340,12 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
                 raise
         except OSError as exc:
             _remove(name, tfd)
-            raise MaildirError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
+            raise DeliveryError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
         except BaseException:
             _remove(name, tfd)
             raise
         return name
-    raise _fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
+    raise fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
 
 
 def _after_link(mfd: int, tfd: int, name: str, size: int, update_quota: bool, tmp_max_age: int) -> None:

@@ -16,16 +16,9 @@ import os
 import stat
 
 from vdeliver import locking
-from vdeliver.errors import DeliveryError, Status, status_for_errno
-from vdeliver.message import Prepared, _write_all
-
-
-class MboxError(DeliveryError):
-    pass
-
-
-def _fail(reason: str, detail: str, dsn: str = "4.3.0") -> MboxError:
-    return MboxError(Status(dsn, reason, detail))
+from vdeliver.errors import DeliveryError, Status, fail, status_for_errno
+from vdeliver.fileio import write_all
+from vdeliver.message import Prepared
 
 
 def open_mbox(path: str, create: bool) -> int:
@@ -36,25 +29,25 @@ def open_mbox(path: str, create: bool) -> int:
         fd = os.open(path, flags)
     except FileNotFoundError:
         if not create:
-            raise _fail("user unknown", f"no mailbox {path}", "5.1.1") from None
+            raise fail("user unknown", f"no mailbox {path}", "5.1.1") from None
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return open_mbox(path, False)
         except OSError as exc:
-            raise _fail("cannot create mailbox", f"{path}: {exc.strerror}") from None
+            raise fail("cannot create mailbox", f"{path}: {exc.strerror}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise _fail("mailbox is a symbolic link", path) from None
-        raise _fail("cannot open mailbox", f"{path}: {exc.strerror}") from None
+            raise fail("mailbox is a symbolic link", path) from None
+        raise fail("cannot open mailbox", f"{path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _fail("mailbox is not a regular file", path)
+            raise fail("mailbox is not a regular file", path)
         if st.st_nlink != 1:
-            raise _fail("mailbox has more than one link", f"{path}: {st.st_nlink} links")
+            raise fail("mailbox has more than one link", f"{path}: {st.st_nlink} links")
         if st.st_uid != os.geteuid():
-            raise _fail("mailbox has the wrong owner", f"{path}: uid {st.st_uid}, we are {os.geteuid()}")
+            raise fail("mailbox has the wrong owner", f"{path}: uid {st.st_uid}, we are {os.geteuid()}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -73,21 +66,96 @@ def _separator_needed(fd: int, size: int) -> bytes:
 
 
 class Journal:
-    """Hook for crash recovery (see recovery.py): undoes an interrupted append found
-    under the locks, and records an append before it starts."""
+    """The crash-recovery hook (recovery.MboxJournal is the one in use): undoes an
+    interrupted append found under the locks, and records an append before it starts.
+    This base does nothing, so mbox.py never depends on recovery.py."""
 
-    def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:  # pragma: no cover
+    def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:
         return st
 
-    def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes,
-              msg: Prepared) -> None:  # pragma: no cover
+    def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
         pass
 
-    def end(self) -> None:  # pragma: no cover
+    def end(self) -> None:
         pass
 
-    def abandon(self) -> None:  # pragma: no cover
+    def abandon(self) -> None:
         pass
+
+
+class MailboxLock:
+    """The lock sequence of every mbox writer (delivery, `vdeliver --repair`), as a pair like
+    Postfix's mbox_open()/mbox_release(): open the file, take the dotlock, then the fcntl
+    lock, and check that the path still names the file we locked (else start again with
+    the new one); released in the reverse order, whatever happened in between.
+
+        with MailboxLock(path, host=..., create=False) as box:
+            ... box.fd, box.st (fstat under the locks), box.dotlock ...
+    """
+
+    __slots__ = ("path", "host", "create", "timeout", "stale_age", "fd", "st", "dotlock", "_fcntl")
+
+    def __init__(self, path: str, *, host: str, create: bool = False, lock_timeout: float = 60.0,
+                 stale_age: float = 300.0) -> None:
+        self.path = path
+        self.host = host
+        self.create = create
+        self.timeout = lock_timeout
+        self.stale_age = stale_age
+        self.fd = -1
+        self.st: "os.stat_result | None" = None
+        self.dotlock: "locking.DotLock | None" = None
+        self._fcntl = False
+
+    def __enter__(self) -> "MailboxLock":
+        path = self.path
+        for _attempt in range(3):
+            self.fd = open_mbox(path, self.create)
+            self.dotlock = locking.DotLock(path, self.host, self.timeout, self.stale_age)
+            try:
+                self.dotlock.acquire()
+                locking.fcntl_lock(self.fd, path, self.timeout)
+                self._fcntl = True
+                st = os.fstat(self.fd)
+                try:
+                    now = os.lstat(path)
+                except OSError:
+                    now = None
+                if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    if st.st_nlink != 1:
+                        raise fail("mailbox has more than one link", f"{path}: {st.st_nlink} links")
+                    self.st = st
+                    return self
+            except BaseException:
+                self.release()
+                raise
+            self.release()  # replaced while we waited: start again with the new file
+        raise fail("mailbox keeps changing", f"{path} was replaced three times while locking")
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def broke(self) -> "list[str]":
+        """The stale locks broken on the way in, for the log."""
+        return self.dotlock.broke if self.dotlock is not None else []
+
+    def release(self) -> None:
+        """fcntl first, then the dotlock; never raises (after a successful fsync nothing
+        here may turn success into failure)."""
+        if self._fcntl:
+            self._fcntl = False
+            locking.fcntl_unlock(self.fd)
+        if self.fd >= 0:
+            # Closed before the dotlock goes: fcntl locks belong to the process, so in a
+            # threaded caller (the LMTP server) a later close would drop a sibling's lock.
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        if self.dotlock is not None:
+            self.dotlock.release()
 
 
 def deliver(
@@ -100,71 +168,39 @@ def deliver(
     stale_age: float = 300.0,
     over_quota_bounce: bool = False,
     journal: "Journal | None" = None,
-    before_write: "object" = None,
 ) -> "list[str]":
     """Append msg to the mbox at path.  Returns notes for the log (broken locks)."""
-    for _attempt in range(3):
-        fd = open_mbox(path, create)
-        lock = locking.DotLock(path, host, lock_timeout, stale_age)
-        fcntl_held = False
-        try:
-            lock.acquire()
-            locking.fcntl_lock(fd, path, lock_timeout)
-            fcntl_held = True
-            st = os.fstat(fd)
-            try:
-                now = os.lstat(path)
-            except OSError:
-                now = None
-            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                continue  # replaced while we waited: start again with the new file
-            if st.st_nlink != 1:
-                raise _fail("mailbox has more than one link", f"{path}: {st.st_nlink} links")
-            if journal is not None:
-                st = journal.recover(fd, path, st)  # cut back what a killed delivery left
-            _append(fd, path, st, msg, lock, over_quota_bounce, journal, before_write)
-            return lock.broke
-        finally:
-            if fcntl_held:
-                locking.fcntl_unlock(fd)
-            # Close before the dotlock goes: fcntl locks belong to the process, so in a
-            # threaded caller (the LMTP server) a later close would drop a sibling's lock.
-            try:
-                os.close(fd)  # after a successful fsync nothing here may turn success into failure
-            except OSError:
-                pass
-            lock.release()
-    raise _fail("mailbox keeps changing", f"{path} was replaced three times while locking")
+    journal = journal if journal is not None else Journal()
+    with MailboxLock(path, host=host, create=create, lock_timeout=lock_timeout, stale_age=stale_age) as box:
+        assert box.st is not None and box.dotlock is not None
+        st = journal.recover(box.fd, path, box.st)  # cut back what a killed delivery left
+        _append(box.fd, path, st, msg, box.dotlock, over_quota_bounce, journal)
+        return box.broke
 
 
 def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking.DotLock,
-            over_quota_bounce: bool, journal: "Journal | None", before_write: "object") -> None:
+            over_quota_bounce: bool, journal: Journal) -> None:
     size = st.st_size
     try:
         sep = _separator_needed(fd, size)
     except OSError as exc:
-        raise MboxError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
-    if journal is not None:
-        journal.begin(fd, path, size, st, sep, msg)
+        raise DeliveryError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
+    journal.begin(fd, path, size, st, sep, msg)
     try:
-        if before_write is not None:
-            before_write()  # type: ignore[operator]
         if sep:
-            _write_all(fd, sep)
+            write_all(fd, sep)
         for chunk in msg.spool.chunks():
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
             lock.refresh()
         os.fsync(fd)
-        if journal is not None:
-            # The commit point is the journal's removal: a journal left beside a whole record
-            # would make the next delivery cut it.  If it cannot go, undo the append instead.
-            journal.end()
+        # The commit point is the journal's removal: a journal left beside a whole record
+        # would make the next delivery cut it.  If it cannot go, undo the append instead.
+        journal.end()
     except BaseException as exc:
         _rollback(fd, path, size)
-        if journal is not None:
-            journal.abandon()
+        journal.abandon()
         if isinstance(exc, OSError):
-            raise MboxError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
+            raise DeliveryError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
         raise
 
 
@@ -174,6 +210,6 @@ def _rollback(fd: int, path: str, size: int) -> None:
         os.fsync(fd)
     except OSError as exc:
         # Nothing more can be done here; the log line says the mailbox needs a look.
-        raise MboxError(
+        raise DeliveryError(
             Status("4.3.0", "cannot write mailbox", f"{path}: rollback to {size} failed: {exc.strerror}")
         ) from None

@@ -18,7 +18,8 @@ not sit in memory.  Nothing here imports more than os and time.
 
 import os
 
-from vdeliver.errors import DeliveryError, Status
+from vdeliver.errors import DeliveryError, Status, fail
+from vdeliver.fileio import anonymous_spool, write_all
 
 TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
 if TYPE_CHECKING:
@@ -33,9 +34,6 @@ MBOX_STRIP = frozenset(
     (b"content-length", b"status", b"x-status", b"x-keywords", b"x-uid", b"x-imap", b"x-imapbase")
 )
 
-
-class MessageError(DeliveryError):
-    pass
 
 
 def sanitize_sender(sender: str) -> str:
@@ -175,25 +173,22 @@ class Spool:
             self.buf += data
             if len(self.buf) > self.threshold:
                 self._open_file()
-                _write_all(self.fd, self.buf)
+                write_all(self.fd, self.buf)
                 self.buf = bytearray()
             return
-        _write_all(self.fd, data)
+        write_all(self.fd, data)
 
     def _open_file(self) -> None:
         try:
-            self.fd = os.open(self.spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except (OSError, AttributeError):
-            import tempfile
+            self.fd = anonymous_spool(self.spool_dir, "vdeliver.")
+        except OSError as exc:
+            raise fail("cannot spool message", f"{self.spool_dir}: {exc.strerror}") from None
 
-            try:
-                fd, name = tempfile.mkstemp(prefix="vdeliver.", dir=self.spool_dir)
-                os.unlink(name)
-            except OSError as exc:
-                raise MessageError(
-                    Status("4.3.0", "cannot spool message", f"{self.spool_dir}: {exc.strerror}")
-                ) from None
-            self.fd = fd
+    def head(self, n: int) -> bytes:
+        """The first n bytes collected (fewer if there are fewer)."""
+        if self.fd < 0:
+            return bytes(self.buf[:n])
+        return os.pread(self.fd, n, 0)
 
     def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
         """Yield the collected bytes from the start (memory or file)."""
@@ -213,13 +208,6 @@ class Spool:
             os.close(self.fd)
             self.fd = -1
         self.buf = bytearray()
-
-
-def _write_all(fd: int, data: "bytes | bytearray | memoryview") -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class Prepared:
@@ -260,13 +248,13 @@ class _Reader:
         try:
             data = os.read(self.fd, CHUNK)
         except OSError as exc:
-            raise MessageError(Status("4.3.0", "cannot read message", exc.strerror or "")) from None
+            raise DeliveryError(Status("4.3.0", "cannot read message", exc.strerror or "")) from None
         if not data:
             self.eof = True
             return b""
         self.total += len(data)
         if self.max_size and self.total > self.max_size:
-            raise MessageError(
+            raise DeliveryError(
                 Status("5.3.4", "message too big", f"more than {self.max_size} bytes")
             )
         return data
@@ -370,7 +358,7 @@ def prepare(
     if header_end > MAX_HEADER:
         while reader.read():  # drain, so sendmail is not left writing into a closed pipe
             pass
-        raise MessageError(
+        raise DeliveryError(
             Status("5.3.4", "message header too big", f"header block over {MAX_HEADER} bytes")
         )
     block, body = text[:header_end], text[header_end:]
@@ -383,7 +371,7 @@ def prepare(
         # Drain the rest so sendmail is not left writing into a closed pipe.
         while reader.read():
             pass
-        raise MessageError(
+        raise DeliveryError(
             Status("5.4.6", "mail forwarding loop", f"Delivered-To: {recipient} already present")
         )
 
@@ -413,7 +401,7 @@ def prepare(
         return Prepared(spool, clean, spool.length, lf, reader.total, had_from)
     except OSError as exc:
         spool.close()
-        raise MessageError(Status("4.3.0", "cannot spool message", exc.strerror or str(exc))) from None
+        raise DeliveryError(Status("4.3.0", "cannot spool message", exc.strerror or str(exc))) from None
     except BaseException:
         spool.close()
         raise

@@ -37,10 +37,14 @@ time: this module is on the delivery path.
 import errno
 import os
 
-from vdeliver.errors import DeliveryError, Status
+from vdeliver.errors import DeliveryError, fail
 from vdeliver.fileio import fsync_dir
 from vdeliver.mbox import Journal
 from vdeliver.message import Prepared
+
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.log import Log
 
 SUFFIX = ".vdeliver-journal"
 UNRESOLVED = ".unresolved"
@@ -60,12 +64,6 @@ KEPT = "kept"  # a complete record under a journal from before a reboot: not cut
 UNTRUSTED = "untrusted"  # a journal we cannot have written: moved aside, mailbox untouched
 
 
-class JournalError(DeliveryError):
-    pass
-
-
-def _fail(reason: str, detail: str) -> JournalError:
-    return JournalError(Status("4.3.0", reason, detail))
 
 
 def journal_path(mbox_path: str) -> str:
@@ -73,16 +71,9 @@ def journal_path(mbox_path: str) -> str:
     return os.path.join(directory or ".", f".{base}{SUFFIX}")
 
 
-def head_of(sep: bytes, spool: "object") -> bytes:
+def head_of(sep: bytes, msg: Prepared) -> bytes:
     """The first HEAD bytes the append will write: separator, then the record."""
-    buf = getattr(spool, "buf", b"")
-    sfd = getattr(spool, "fd", -1)
-    want = HEAD - len(sep)
-    if sfd is not None and sfd >= 0:
-        first = os.pread(sfd, want, 0)
-    else:
-        first = bytes(buf[:want])
-    return sep + first
+    return sep + msg.spool.head(HEAD - len(sep))
 
 
 class Record:
@@ -180,7 +171,7 @@ def _read_journal(jpath: str) -> "tuple[bytes | None, str]":
         os.close(jfd)
 
 
-def _untrusted(jpath: str, path: str, why: str, log: "object", outcome: str = UNTRUSTED) -> "tuple[str, str]":
+def _untrusted(jpath: str, path: str, why: str, log: "Log | None", outcome: str = UNTRUSTED) -> "tuple[str, str]":
     """Move a journal we cannot trust out of the way (never following it) and go on: it must
     neither cut the mailbox nor block delivery."""
     aside = f"{jpath}{UNTRUSTED_SUFFIX}"
@@ -199,11 +190,11 @@ def _remove(jpath: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
+        raise fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
     try:
         fsync_dir(os.path.dirname(jpath))
     except OSError as exc:
-        raise _fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
+        raise fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
 
 
 def _discard(jpath: str) -> None:
@@ -213,7 +204,7 @@ def _discard(jpath: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
+        raise fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
 
 
 def _set_aside(jpath: str) -> None:
@@ -221,7 +212,7 @@ def _set_aside(jpath: str) -> None:
         os.rename(jpath, jpath + UNRESOLVED)
         fsync_dir(os.path.dirname(jpath))
     except OSError as exc:
-        raise _fail("cannot set mailbox journal aside", f"{jpath}: {exc.strerror}") from None
+        raise fail("cannot set mailbox journal aside", f"{jpath}: {exc.strerror}") from None
 
 
 def _foreign_from_line(fd: int, start: int, stop: int) -> int:
@@ -268,7 +259,7 @@ def _foreign_from_line(fd: int, start: int, stop: int) -> int:
     return -1
 
 
-def recover(fd: int, path: str, st: os.stat_result, log: "object" = None) -> "tuple[str, str]":
+def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None) -> "tuple[str, str]":
     """Undo an interrupted append to the mbox open on fd (both locks held).
 
     Returns (outcome, text for the log/administrator).  Raises JournalError when
@@ -337,14 +328,14 @@ def recover(fd: int, path: str, st: os.stat_result, log: "object" = None) -> "tu
         os.ftruncate(fd, rec.orig)
         os.fsync(fd)
     except OSError as exc:
-        raise _fail("cannot cut back mailbox", f"{path}: to {rec.orig}: {exc.strerror}") from None
+        raise fail("cannot cut back mailbox", f"{path}: to {rec.orig}: {exc.strerror}") from None
     _remove(jpath)
     return _say(log, "warning", CUT,
                 f"{path}: cut {size - rec.orig} bytes at offsets {rec.orig}..{size} left by the interrupted"
                 f" delivery of {who} (record of {rec.end - rec.orig} bytes)")
 
 
-def _say(log: "object", level: str, outcome: str, text: str) -> "tuple[str, str]":
+def _say(log: "Log | None", level: str, outcome: str, text: str) -> "tuple[str, str]":
     if log is not None:
         getattr(log, level)(f"mbox recovery: {text}")
     return outcome, text
@@ -353,22 +344,13 @@ def _say(log: "object", level: str, outcome: str, text: str) -> "tuple[str, str]
 class MboxJournal(Journal):
     """The journal hook mbox.deliver() calls: recover(), then begin() .. end()."""
 
-    __slots__ = ("facility", "mode", "_log", "jpath", "outcome", "record")
+    __slots__ = ("log", "jpath", "outcome", "record")
 
-    def __init__(self, facility: str = "mail", mode: str = "syslog", record: bool = True) -> None:
-        self.facility = facility
-        self.mode = mode
+    def __init__(self, log: "Log | None" = None, record: bool = True) -> None:
+        self.log = log  # where recovery says what it did (the caller's logger)
         self.record = record  # False (mbox_journal = false): recover old journals, write none
-        self._log: "object" = None
         self.jpath = ""
         self.outcome = CLEAN
-
-    def _logger(self) -> "object":
-        if self._log is None:
-            from vdeliver.log import Logger
-
-            self._log = Logger("vdeliver", self.facility, self.mode)
-        return self._log
 
     def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:
         jpath = journal_path(path)
@@ -378,7 +360,7 @@ class MboxJournal(Journal):
             return st  # the common case: one failed lstat
         except OSError:
             pass
-        self.outcome, _text = recover(fd, path, st, self._logger())
+        self.outcome, _text = recover(fd, path, st, self.log)
         return os.fstat(fd)
 
     def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
@@ -387,7 +369,7 @@ class MboxJournal(Journal):
             return
         jpath = journal_path(path)
         end = size + len(sep) + msg.length
-        head = head_of(sep, msg.spool)
+        head = head_of(sep, msg)
         line = Record(st.st_dev, st.st_ino, size, end, os.getpid(), head).line()
         try:
             # O_EXCL: recover() has removed or moved aside any journal; whatever is there now
@@ -408,7 +390,7 @@ class MboxJournal(Journal):
                     os.unlink(jpath)  # nothing was appended: leave no clutter (a torn one is harmless)
                 except OSError:
                     pass
-            raise JournalError(status_for_errno(exc.errno or 5, jpath)) from None
+            raise DeliveryError(status_for_errno(exc.errno or 5, jpath)) from None
         self.jpath = jpath
 
     def end(self) -> None:
@@ -455,35 +437,21 @@ def _sweep_lock_temps(path: str, host: str) -> int:
 
 
 def repair(path: str, *, host: str, lock_timeout: float = 60.0, stale_age: float = 300.0,
-           log: "object" = None) -> "tuple[str, str]":
+           log: "Log | None" = None) -> "tuple[str, str]":
     """`vdeliver --repair MBOX`: take the locks like a delivery and recover."""
-    from vdeliver import locking, mbox
+    from vdeliver.mbox import MailboxLock
 
-    fd = mbox.open_mbox(path, False)
-    lock = locking.DotLock(path, host, lock_timeout, stale_age)
-    fcntl_held = False
-    try:
-        lock.acquire()
-        for note in lock.broke:
+    with MailboxLock(path, host=host, lock_timeout=lock_timeout, stale_age=stale_age) as box:
+        assert box.st is not None
+        for note in box.broke:
             if log is not None:
-                log.warning(f"mbox recovery: broke stale lock {note}")  # type: ignore[attr-defined]
-        locking.fcntl_lock(fd, path, lock_timeout)
-        fcntl_held = True
-        st = os.fstat(fd)
-        now = os.lstat(path)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            raise _fail("mailbox changed while locking", path)
-        outcome, text = recover(fd, path, st, log)
+                log.warning(f"mbox recovery: broke stale lock {note}")
+        outcome, text = recover(box.fd, path, box.st, log)
         swept = _sweep_lock_temps(path, host)
         if swept:
             text = (text or f"{path}: clean") + f"; removed {swept} temporary lock file(s) of dead processes"
             if log is not None:
-                log.info(f"mbox recovery: {text}")  # type: ignore[attr-defined]
-    finally:
-        if fcntl_held:
-            locking.fcntl_unlock(fd)
-        lock.release()
-        os.close(fd)
+                log.info(f"mbox recovery: {text}")
     if os.path.lexists(journal_path(path) + UNRESOLVED):
         return UNRESOLVED_STATE, text or f"{path}: an unresolved journal {journal_path(path)}{UNRESOLVED} needs a look"
     return outcome, text or f"{path}: clean"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+from vdeliver import fileio
 from vdeliver.accounts.errors import ConfigurationError
 
 DEFAULT_REASON = "Account suspended: please contact the postmaster"
@@ -415,21 +416,10 @@ def write_files(directory: str, files: dict[str, str]) -> list[str]:
         except OSError as exc:
             raise DovecotConfigError(f"{path}: {exc.strerror}") from None
         mode = 0o600 if os.path.basename(name) in SECRET_FILES else 0o644
-        tmp = f"{path}.tmp.{os.getpid()}"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
+            fileio.replace(path, data, mode)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise DovecotConfigError(f"{path}: {exc.strerror}") from None
         written.append(name)
     return written

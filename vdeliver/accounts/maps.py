@@ -39,12 +39,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vdeliver import fileio
 from vdeliver.accounts import names
 from vdeliver.accounts.errors import AccountsError, BadRow, TemporaryError
 from vdeliver.accounts.settings import Settings
 from vdeliver.accounts.snapshot import Snapshot
 from vdeliver.accounts.store import Store
-from vdeliver.fileio import fsync_dir
 
 ALIASES = "vdeliver-aliases"
 TEXT_MAPS = ("virtusertable", "virtuserdomains", "local-host-names", ALIASES, "access.in", "relay-domains",
@@ -230,18 +230,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _write_tmp(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        data = text.encode("utf-8")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def makemap_input(name: str, text: str) -> str:
     """What makemap reads: `key value` lines; aliases `name: a, b` become `name a, b` plus `@ @`."""
     if name != ALIASES:
@@ -314,7 +302,7 @@ def _build_locked(snap: Snapshot, settings: Settings, hostname: str, directory: 
                 result.unchanged.append(name)
                 continue
             tmp = os.path.join(directory, f".{name}{tag}")
-            _write_tmp(tmp, texts[name])
+            fileio.write_new(tmp, texts[name].encode("utf-8"), 0o644)
             staged.append((tmp, final))
             if changed:
                 result.written.append(name)
@@ -330,9 +318,9 @@ def _build_locked(snap: Snapshot, settings: Settings, hostname: str, directory: 
         record = json.dumps({"serial": snap.serial, "changed_at": snap.changed_at}) + "\n"
         if _read(stamp) != record:
             tmp = stamp + tag
-            _write_tmp(tmp, record)
+            fileio.write_new(tmp, record.encode("utf-8"), 0o644)
             os.rename(tmp, stamp)
-        fsync_dir(directory)
+        fileio.fsync_dir(directory)
     except OSError as exc:
         raise TemporaryError(f"cannot write maps in {directory}: {exc.strerror or exc}") from None
     finally:

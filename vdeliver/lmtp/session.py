@@ -26,6 +26,7 @@ from typing import Protocol
 from vdeliver.config import Config
 from vdeliver.deliver import Target, deliver, resolve
 from vdeliver.errors import DeliveryError, Status
+from vdeliver.fileio import anonymous_spool, write_all
 from vdeliver.lmtp import protocol as p
 from vdeliver.lmtp.settings import Settings
 from vdeliver.log import Logger, delivery_line
@@ -228,27 +229,17 @@ class Session:
         assert txn is not None
         spool_dir = txn.cfg.spool_dir
         try:
-            txn.spool = os.open(spool_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        except OSError:
-            import tempfile
-
-            try:
-                fd, tmpname = tempfile.mkstemp(prefix="lmtp.", dir=spool_dir)
-                os.unlink(tmpname)
-                txn.spool = fd
-            except OSError as exc:
-                self.server.log.error(f"{self.name}: cannot spool in {spool_dir}: {exc.strerror}")
-                txn.spool = -2  # remembered: every recipient gets 451 after the data
+            txn.spool = anonymous_spool(spool_dir, "lmtp.")
+        except OSError as exc:
+            self.server.log.error(f"{self.name}: cannot spool in {spool_dir}: {exc.strerror}")
+            txn.spool = -2  # remembered: every recipient gets 451 after the data
 
     def _spool(self, data: bytes) -> None:
         txn = self.txn
         if txn is None or txn.spool < 0:
             return
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(txn.spool, view)
-                view = view[n:]
+            write_all(txn.spool, data)
             txn.size += len(data)
         except OSError as exc:
             self.server.log.error(f"{self.name}: cannot spool: {exc.strerror}")
@@ -296,7 +287,7 @@ class Session:
             if not lock.acquire(timeout=txn.cfg.lock_timeout):
                 raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
             try:
-                result = deliver(txn.cfg, rcpt, fd, txn.sender, target)
+                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log)
             finally:
                 lock.release()
         except DeliveryError as exc:

@@ -25,9 +25,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vdeliver.socketmap import protocol as p
+
+if TYPE_CHECKING:
+    from vdeliver.log import Log
 
 
 class Backend(Protocol):
@@ -36,12 +39,6 @@ class Backend(Protocol):
     maps: frozenset[str]
 
     def lookup(self, map_name: str, key: str) -> str | None: ...
-
-
-class Log(Protocol):
-    def info(self, text: str) -> None: ...
-    def warning(self, text: str) -> None: ...
-    def error(self, text: str) -> None: ...
 
 
 class _Entry:
