@@ -232,20 +232,47 @@ def read_file(path: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]
     return data, _locate(text)
 
 
+_MESSAGES = {"bool": "must be true or false", "int": "must be a whole number", "float": "must be a number",
+             "str": "must be a string"}
+
+
+def typed(where: str, value: object, kind: str) -> object:
+    """The one type check of a configuration value, for every table: kind "bool", "int" (a
+    whole number, not negative), "float" (a number, not negative; returned as float) or
+    "str".  Raises ConfigError(where, ...)."""
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    else:
+        ok = not isinstance(value, bool) and isinstance(value, int if kind == "int" else (int, float))
+    if not ok:
+        raise ConfigError(where, _MESSAGES[kind])
+    if kind in ("int", "float"):
+        if value < 0:  # type: ignore[operator]
+            raise ConfigError(where, "must not be negative")
+        if kind == "float":
+            return float(value)  # type: ignore[arg-type]
+    return value
+
+
+def read_table(cfg: Config, table: str, kinds: "dict[str, str]") -> "dict[str, object]":
+    """The keys set in [table], each checked by typed(); a key not in `kinds` is refused.
+    What the values mean (ranges, paths, defaults) stays with the table's owner."""
+    values: dict[str, object] = {}
+    for key, value in cfg.table(table).items():
+        kind = kinds.get(key)
+        if kind is None:
+            raise ConfigError(cfg.where(table, key), "unknown key")
+        values[key] = typed(cfg.where(table, key), value, kind)
+    return values
+
+
 def _check(cfg: Config, key: str, value: object) -> object:
     default, kind, allowed = SCHEMA[key]
     where = cfg.where("", key)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(where, "must be true or false")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(where, "must be a whole number")
-        if value < 0:
-            raise ConfigError(where, "must not be negative")
-    else:
-        if not isinstance(value, str):
-            raise ConfigError(where, "must be a string")
+    value = typed(where, value, kind if kind in ("bool", "int") else "str")
+    if isinstance(value, str):
         if allowed is not None and value not in allowed:
             raise ConfigError(where, f"must be one of {', '.join(allowed)} (got {value!r})")
         if kind in ("path", "template") and not value.startswith("/"):

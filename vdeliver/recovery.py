@@ -184,27 +184,21 @@ def _untrusted(jpath: str, path: str, why: str, log: "Log | None", outcome: str 
     return _say(log, level, outcome, f"{path}: ignored the journal {jpath}: {why}; mailbox untouched, {moved}")
 
 
-def _remove(jpath: str) -> None:
+def _remove(jpath: str, durable: bool = True) -> None:
+    """Remove a journal.  After recovery the removal is made durable (fsync of the
+    directory); the journal of a finished append is not (see the module's docstring)."""
     try:
         os.unlink(jpath)
     except FileNotFoundError:
         return
     except OSError as exc:
         raise fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
+    if not durable:
+        return
     try:
         fsync_dir(os.path.dirname(jpath))
     except OSError as exc:
         raise fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
-
-
-def _discard(jpath: str) -> None:
-    """Remove the journal of a finished append; not fsynced (see the module's docstring)."""
-    try:
-        os.unlink(jpath)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
 
 
 def _set_aside(jpath: str) -> None:
@@ -397,7 +391,7 @@ class MboxJournal(Journal):
         """The append is durable (or rolled back): forget it before we say so."""
         if self.jpath:
             jpath, self.jpath = self.jpath, ""
-            _discard(jpath)
+            _remove(jpath, durable=False)
 
     def abandon(self) -> None:
         """After a rollback: the mailbox is back at its size; a left journal is harmless."""

@@ -28,6 +28,7 @@ import os
 
 from vdeliver import fileio
 from vdeliver.accounts.errors import ConfigurationError
+from vdeliver.config import Config, ConfigError, read_table
 
 DEFAULT_REASON = "Account suspended: please contact the postmaster"
 QUOTA_ROOT = "User quota"
@@ -54,25 +55,19 @@ class DovecotConfigError(ConfigurationError):
 class Settings:
     """The values the generated files are made of, checked once."""
 
-    def __init__(self, cfg: object, lookup_uid: bool = True) -> None:
+    def __init__(self, cfg: Config, lookup_uid: bool = True) -> None:
         self.lookup_uid = lookup_uid
-        self.format: str = getattr(cfg, "format", "mbox")
-        table = dict(_table(cfg, "dovecot"))
-        path = getattr(cfg, "path", "") or "<defaults>"
-        for key in table:
-            if key not in KEYS:
-                raise DovecotConfigError(f"{path}: [dovecot] {key}: unknown key")
-        values: dict[str, object] = {}
-        for key, (default, kind) in KEYS.items():
-            value = table.get(key, default)
-            if kind == "bool" and not isinstance(value, bool):
-                raise DovecotConfigError(f"{path}: [dovecot] {key}: must be true or false")
-            if kind != "bool" and not isinstance(value, str):
-                raise DovecotConfigError(f"{path}: [dovecot] {key}: must be a string")
-            values[key] = value
+        self.format: str = cfg.format
+        path = cfg.path or "<defaults>"
+        try:
+            given = read_table(cfg, "dovecot", {key: "bool" if kind == "bool" else "str"
+                                                for key, (_default, kind) in KEYS.items()})
+        except ConfigError as exc:
+            raise DovecotConfigError(f"{exc.where}: {exc.message}") from None
+        values: dict[str, object] = {key: given.get(key, default) for key, (default, _kind) in KEYS.items()}
         self.source = path
-        self.mbox_path: str = getattr(cfg, "mbox_path", "/var/spool/vbox/{domain}/{user}")
-        self.maildir_path: str = getattr(cfg, "maildir_path", "/home/vmail-users/{domain}/{user}/Maildir")
+        self.mbox_path: str = cfg.mbox_path
+        self.maildir_path: str = cfg.maildir_path
         self.home: str = str(values["home"]) or _home_from_maildir(self.maildir_path)
         for name, template in (("home", self.home),):
             if not template.startswith("/") or "{user}" not in template:
@@ -89,20 +84,11 @@ class Settings:
         self.config_dir = str(values["config_dir"]).rstrip("/") or "/"
         if not self.config_dir.startswith("/") or "\n" in self.config_dir:
             raise DovecotConfigError(f"{path}: [dovecot] config_dir: must be an absolute path")
-        accounts = _table(cfg, "accounts")
+        accounts = cfg.table("accounts")
         # The owner of the mailboxes: vmailctl's vmail_user, else the user vdeliver runs as.
-        self.user = str(accounts.get("vmail_user", "") or getattr(cfg, "user", "") or "vmail")
-        self.group = str(accounts.get("vmail_group", "") or getattr(cfg, "group", "") or "")
+        self.user = str(accounts.get("vmail_user", "") or cfg.user or "vmail")
+        self.group = str(accounts.get("vmail_group", "") or cfg.group or "")
         self.driver, self.connect = _database(cfg, str(values["driver"]), str(values["connect"]), path)
-
-
-def _table(cfg: object, name: str) -> dict[str, object]:
-    table = getattr(cfg, "table", None)
-    if callable(table):
-        found = table(name)
-        if isinstance(found, dict):
-            return found
-    return {}
 
 
 def _home_from_maildir(maildir: str) -> str:
@@ -113,9 +99,9 @@ def _home_from_maildir(maildir: str) -> str:
     return head
 
 
-def _database(cfg: object, driver: str, connect: str, where: str) -> tuple[str, str]:
+def _database(cfg: Config, driver: str, connect: str, where: str) -> tuple[str, str]:
     """Dovecot's SQL driver and connect string, from [dovecot] or else from [accounts]."""
-    accounts = _table(cfg, "accounts")
+    accounts = cfg.table("accounts")
     # Dovecot only reads: the read-only role's dsn when there is one (`vmailctl db grant-readonly`).
     readonly = str(accounts.get("readonly_dsn", "") or "")
     url = readonly or str(accounts.get("dsn", "") or "")
@@ -332,7 +318,7 @@ def sql_conf(s: Settings, driver: str | None = None, connect: str | None = None)
     )
 
 
-def render_files(cfg: object, driver: str | None = None, connect: str | None = None,
+def render_files(cfg: Config, driver: str | None = None, connect: str | None = None,
                  lookup_uid: bool = True) -> dict[str, str]:
     """Every generated file, by its name relative to Dovecot's configuration directory."""
     s = Settings(cfg, lookup_uid)
@@ -375,7 +361,7 @@ def parse_args(argv: list[str]) -> object:
     return args
 
 
-def render(cfg: object, args: object = None) -> str | int:
+def render(cfg: Config, args: object = None) -> str | int:
     """What `vmailctl dovecot-config [ARGS]` prints: every file with a header line, one
     file (--file), or with --output DIR the list of files written.  args: the words after
     `dovecot-config`, or an argparse namespace.  Raises DovecotConfigError."""

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vdeliver.accounts.errors import ConfigurationError
-from vdeliver.config import Config
+from vdeliver.config import Config, ConfigError, read_table
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT")
 
@@ -86,46 +86,29 @@ class Settings:
         return dsn, extra
 
 
-_ACCOUNTS: dict[str, type] = {
-    "database": str, "dsn": str, "vmail_user": str, "vmail_group": str, "password_scheme": str,
-    "argon2_time_cost": int, "argon2_memory_cost": int, "argon2_parallelism": int, "bcrypt_rounds": int,
-    "busy_timeout": int, "connect_timeout": int, "default_quota": int,
-    "password_file": str, "readonly_dsn": str, "readonly_password_file": str,
+_ACCOUNTS = {
+    "database": "str", "dsn": "str", "vmail_user": "str", "vmail_group": "str", "password_scheme": "str",
+    "argon2_time_cost": "int", "argon2_memory_cost": "int", "argon2_parallelism": "int", "bcrypt_rounds": "int",
+    "busy_timeout": "int", "connect_timeout": "int", "default_quota": "int",
+    "password_file": "str", "readonly_dsn": "str", "readonly_password_file": "str",
 }
-_MAPS: dict[str, tuple[str, type]] = {
-    "directory": ("maps_directory", str), "makemap": ("makemap", str), "reject_unknown": ("reject_unknown", bool),
-    "local_host_names": ("local_host_names", str), "relay_clients": ("relay_clients", str),
-}
-
-
-def _typed(cfg: Config, table: str, key: str, value: object, kind: type) -> object:
-    where = cfg.where(table, key)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigurationError(f"{where}: must be true or false")
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigurationError(f"{where}: must be a whole number")
-        if value < 0:
-            raise ConfigurationError(f"{where}: must not be negative")
-    elif not isinstance(value, str):
-        raise ConfigurationError(f"{where}: must be a string")
-    return value
+_MAPS = {"directory": "str", "makemap": "str", "reject_unknown": "bool", "local_host_names": "str",
+         "relay_clients": "str"}
+_MAPS_ATTR = {"directory": "maps_directory"}  # [maps] key -> Settings attribute, where they differ
 
 
 def load(cfg: Config) -> Settings:
     s = Settings()
-    explicit: set[str] = set()
-    for key, value in cfg.table("accounts").items():
-        if key not in _ACCOUNTS:
-            raise ConfigurationError(f"{cfg.where('accounts', key)}: unknown key")
-        setattr(s, key, _typed(cfg, "accounts", key, value, _ACCOUNTS[key]))
-        explicit.add(key)
-    for key, value in cfg.table("maps").items():
-        if key not in _MAPS:
-            raise ConfigurationError(f"{cfg.where('maps', key)}: unknown key")
-        attr, kind = _MAPS[key]
-        setattr(s, attr, _typed(cfg, "maps", key, value, kind))
+    try:
+        accounts = read_table(cfg, "accounts", _ACCOUNTS)
+        maps = read_table(cfg, "maps", _MAPS)
+    except ConfigError as exc:
+        raise ConfigurationError(f"{exc.where}: {exc.message}") from None
+    for key, value in accounts.items():
+        setattr(s, key, value)
+    for key, value in maps.items():
+        setattr(s, _MAPS_ATTR.get(key, key), value)
+    explicit = set(accounts)
     if "database" in explicit and "dsn" in explicit and s.dsn:
         raise ConfigurationError(f"{cfg.where('accounts', 'dsn')}: give either database or dsn, not both")
     if not s.dsn and not os.path.isabs(s.database):

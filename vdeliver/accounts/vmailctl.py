@@ -78,9 +78,17 @@ def build_parser() -> _Parser:
     top = p.add_subparsers(dest="noun", metavar="COMMAND", parser_class=_Parser)
     top.required = True
 
-    def sub(parent: Any, name: str, help_text: str) -> _Parser:
+    def sub(parent: Any, name: str, help_text: str, *positionals: str, json: bool = False) -> _Parser:
+        """A subcommand with its positional arguments, written `name`, `name?`, `name+=METAVAR`
+        or `name*=METAVAR`, and --json when scripts read its output."""
         sp: _Parser = parent.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        for spec in positionals:
+            spec, _, metavar = spec.partition("=")
+            nargs = spec[-1] if spec[-1] in "?+*" else None
+            sp.add_argument(spec.rstrip("?+*"), nargs=nargs, metavar=metavar or None)
+        if json:
+            js(sp)
         return sp
 
     def verbs(name: str, help_text: str) -> Any:
@@ -93,95 +101,67 @@ def build_parser() -> _Parser:
         sp.add_argument("--json", action="store_true", help="print JSON")
 
     d = verbs("domain", "hosted domains")
-    sp = sub(d, "add", "add a hosted domain")
-    sp.add_argument("domain")
+    sp = sub(d, "add", "add a hosted domain", "domain")
     sp.add_argument("--alias-of", metavar="DOMAIN", help="make it an alias domain: user@it goes to user@DOMAIN")
-    sp = sub(d, "remove", "remove a domain")
-    sp.add_argument("domain")
+    sp = sub(d, "remove", "remove a domain", "domain")
     sp.add_argument("--force", action="store_true", help="also remove its mailboxes and aliases (mail stays on disk)")
-    js(sub(d, "list", "list domains"))
-    sp = sub(d, "show", "show one domain")
-    sp.add_argument("domain")
-    js(sp)
+    sub(d, "list", "list domains", json=True)
+    sub(d, "show", "show one domain", "domain", json=True)
 
     u = verbs("user", "mailboxes")
-    sp = sub(u, "add", "add a mailbox and create it on disk")
-    sp.add_argument("address")
+    sp = sub(u, "add", "add a mailbox and create it on disk", "address")
     sp.add_argument("--format", choices=("maildir", "mbox"), help="mailbox format (default: the config's format)")
     sp.add_argument("--quota", type=_size, help="quota in bytes (K, M, G suffixes); Maildir++ for Maildir users")
     _password_options(sp, allow_none=True)
     sp.add_argument("--no-mailbox", action="store_true", help="do not create the mailbox on disk")
-    sp = sub(u, "remove", "remove a mailbox (its mail stays on disk unless --remove-mail)")
-    sp.add_argument("address")
+    sp = sub(u, "remove", "remove a mailbox (its mail stays on disk unless --remove-mail)", "address")
     sp.add_argument("--remove-mail", action="store_true",
                     help="move the mail aside to .removed-USER-TIME in its domain directory")
     sp.add_argument("--unlink", action="store_true", help="with --remove-mail: delete the mail instead")
-    sp = sub(u, "list", "list mailboxes")
-    sp.add_argument("domain", nargs="?")
-    js(sp)
-    sp = sub(u, "show", "show one mailbox")
-    sp.add_argument("address")
-    js(sp)
-    sp = sub(u, "passwd", "set a mailbox's password")
-    sp.add_argument("address")
-    _password_options(sp, allow_none=False)
+    sub(u, "list", "list mailboxes", "domain?", json=True)
+    sub(u, "show", "show one mailbox", "address", json=True)
+    _password_options(sub(u, "passwd", "set a mailbox's password", "address"), allow_none=False)
     for verb, text in (("disable", "refuse mail for the mailbox (at RCPT time) and its logins"),
                        ("suspend", "keep mail arriving but refuse reading it (Dovecot shows the reason)")):
-        sp = sub(u, verb, text)
-        sp.add_argument("address")
+        sp = sub(u, verb, text, "address")
         sp.add_argument("--reason", default="", help="one line shown to the user or sender")
     for verb, text in (("enable", "undo disable"), ("unsuspend", "undo suspend")):
-        sp = sub(u, verb, text)
-        sp.add_argument("address")
-    sp = sub(u, "quota", "set a mailbox's quota (0 = none)")
-    sp.add_argument("address")
+        sub(u, verb, text, "address")
+    sp = sub(u, "quota", "set a mailbox's quota (0 = none)", "address")
     sp.add_argument("size", type=_size)
 
     a = verbs("alias", "addresses that deliver to other addresses")
-    sp = sub(a, "add", "add an alias (or more targets to one)")
-    sp.add_argument("address")
-    sp.add_argument("targets", nargs="+", metavar="TARGET")
-    sp = sub(a, "remove", "remove an alias, or some of its targets")
-    sp.add_argument("address")
-    sp.add_argument("targets", nargs="*", metavar="TARGET")
-    sp = sub(a, "list", "list aliases")
-    sp.add_argument("domain", nargs="?")
-    js(sp)
+    sub(a, "add", "add an alias (or more targets to one)", "address", "targets+=TARGET")
+    sub(a, "remove", "remove an alias, or some of its targets", "address", "targets*=TARGET")
+    sub(a, "list", "list aliases", "domain?", json=True)
 
     f = verbs("forward", "forward a mailbox's mail")
-    sp = sub(f, "set", "forward a mailbox to one or more addresses (replaces any forward)")
-    sp.add_argument("address")
-    sp.add_argument("targets", nargs="+", metavar="TARGET")
+    sp = sub(f, "set", "forward a mailbox to one or more addresses (replaces any forward)", "address",
+             "targets+=TARGET")
     sp.add_argument("--keep-copy", action="store_true", help="also deliver into the mailbox")
-    sp = sub(f, "clear", "stop forwarding")
-    sp.add_argument("address")
+    sub(f, "clear", "stop forwarding", "address")
 
     c = verbs("catchall", "what a domain does with unknown addresses")
-    sp = sub(c, "set", "send unknown addresses of DOMAIN to TARGET")
-    sp.add_argument("domain")
-    sp.add_argument("target")
-    sp = sub(c, "clear", "refuse unknown addresses of DOMAIN again")
-    sp.add_argument("domain")
+    sub(c, "set", "send unknown addresses of DOMAIN to TARGET", "domain", "target")
+    sub(c, "clear", "refuse unknown addresses of DOMAIN again", "domain")
 
     m = verbs("maps", "sendmail maps")
-    sp = sub(m, "build", "write the maps that changed and compile them with makemap")
+    sp = sub(m, "build", "write the maps that changed and compile them with makemap", json=True)
     sp.add_argument("--reload", action="store_true",
                     help="SIGHUP the outgoing sendmail when a map it reads only at start-up changed")
-    js(sp)
 
-    js(sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch"))
+    sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch", json=True)
 
     db = verbs("db", "the accounts database itself")
     sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
-             "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)")
-    sp.add_argument("roles", nargs="+", metavar="ROLE")
+             "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)", "roles+=ROLE")
     sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
 
-    sp = sub(top, "doctor", "check the installation as sendmail, vdeliver and Dovecot see it; exit 1 on problems")
+    sp = sub(top, "doctor", "check the installation as sendmail, vdeliver and Dovecot see it; exit 1 on problems",
+             json=True)
     sp.add_argument("--cf", action="append", metavar="FILE", help="a sendmail .cf (default: /etc/mail/sendmail_out.cf"
                     " and sendmail_in.cf)")
     sp.add_argument("--dovecot-dir", default="/etc/dovecot", metavar="DIR", help="Dovecot's configuration directory")
-    js(sp)
 
     i = verbs("import", "import a site running the paper's set-up")
     sp = sub(i, "users", "the paper's users table (username, password, userpart, domain, forward, alias_for)")
@@ -192,8 +172,7 @@ def build_parser() -> _Parser:
     sp.add_argument("--table", default="users", help="table name for --sqlite/--dsn (default users)")
     sp.add_argument("--plain-passwords", action="store_true", help="hash passwords that are plain text")
     for kind in ("virtusertable", "access"):
-        sp = sub(i, kind, f"a hand-written {kind} file")
-        sp.add_argument("file")
+        sub(i, kind, f"a hand-written {kind} file", "file")
     for sp in i.choices.values():
         sp.add_argument("--format", choices=("maildir", "mbox"), help="format of imported mailboxes")
         sp.add_argument("--no-mailbox", action="store_true", help="do not create missing mailboxes on disk")

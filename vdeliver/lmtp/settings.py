@@ -7,7 +7,7 @@ max_message_size), so one configuration serves the command line and the server.
 
 from __future__ import annotations
 
-from vdeliver.config import Config, ConfigError
+from vdeliver.config import Config, ConfigError, read_table
 
 # [lmtp] key -> (default, kind).  A default of None means "take the top-level key".
 LMTP_KEYS: dict[str, tuple[object, str]] = {
@@ -59,34 +59,28 @@ class Settings:
 
 def settings(cfg: Config) -> Settings:
     """Validate [lmtp]; a ConfigError names the file, line and key at fault."""
-    table = cfg.table("lmtp")
-    for key in table:
-        if key not in LMTP_KEYS:
-            raise ConfigError(cfg.where("lmtp", key), "unknown key")
+    given = read_table(cfg, "lmtp", {key: "int" if kind in ("count", "size") else "str"
+                                     for key, (_default, kind) in LMTP_KEYS.items()})
     s = Settings()
     for key, (default, kind) in LMTP_KEYS.items():
         where = cfg.where("lmtp", key)
-        value = table.get(key, default)
+        value = given.get(key, default)
         if value is None:
-            value = cfg.max_message_size if key == "max_message_size" else getattr(cfg, key)
-        if kind in ("count", "size"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(where, "must be a whole number")
-            if value < (1 if kind == "count" else 0):
-                raise ConfigError(where, "must be at least 1" if kind == "count" else "must not be negative")
-        elif not isinstance(value, str):
-            raise ConfigError(where, "must be a string")
-        elif kind == "path" and not value.startswith("/"):
+            value = getattr(cfg, key)  # the top-level key of the same name
+        if kind == "count" and value < 1:  # type: ignore[operator]
+            raise ConfigError(where, "must be at least 1")
+        elif kind == "path" and not str(value).startswith("/"):
             raise ConfigError(where, "must be an absolute path")
-        elif kind == "path?" and value and not value.startswith("/"):
+        elif kind == "path?" and value and not str(value).startswith("/"):
             raise ConfigError(where, "must be an absolute path or empty")
         elif kind == "mode":
-            if not value or len(value) > 4 or any(ch not in "01234567" for ch in value):
-                raise ConfigError(where, f"must be an octal mode like \"0660\" (got {value!r})")
-            value = int(value, 8)
+            text = str(value)
+            if not text or len(text) > 4 or any(ch not in "01234567" for ch in text):
+                raise ConfigError(where, f"must be an octal mode like \"0660\" (got {text!r})")
+            value = int(text, 8)
         elif kind == "address":
-            value = _tcp_address(value, where)
-        elif kind == "owner" and value and (value.count(":") > 1 or value.startswith(":")):
+            value = _tcp_address(str(value), where)
+        elif kind == "owner" and value and (str(value).count(":") > 1 or str(value).startswith(":")):
             raise ConfigError(where, "must be USER or USER:GROUP")
         setattr(s, key, value)
     if len(s.socket.encode()) > 107:

@@ -11,7 +11,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from vdeliver.config import Config, ConfigError
+from vdeliver.config import Config, ConfigError, read_table
 from vdeliver.socketmap import protocol as p
 
 FLAVOURS = ("in", "out")
@@ -57,33 +57,19 @@ class Listener:
         return self.address if self.kind == "unix" else f"{self.address}:{self.port}"
 
 
-_KEYS: dict[str, type] = {
-    "socket_in": str, "socket_out": str, "socket_mode": str, "tcp": str, "tcp_access": str,
-    "ttl": int, "negative_ttl": int, "stale_max_age": int, "db_timeout": float, "client_timeout": float,
-    "idle_timeout": int, "poll_interval": float, "workers": int, "max_connections": int, "max_key": int,
-    "cache_size": int, "aliases_names": str, "user": str, "group": str, "allow_root": bool,
+_KEYS = {
+    "socket_in": "str", "socket_out": "str", "socket_mode": "str", "tcp": "str", "tcp_access": "str",
+    "ttl": "int", "negative_ttl": "int", "stale_max_age": "int", "db_timeout": "float", "client_timeout": "float",
+    "idle_timeout": "int", "poll_interval": "float", "workers": "int", "max_connections": "int", "max_key": "int",
+    "cache_size": "int", "aliases_names": "str", "user": "str", "group": "str", "allow_root": "bool",
 }
 
 
 def load_settings(cfg: Config) -> Settings:
     """Validate the [socketmap] table; every error names file, line and key."""
     s = Settings()
-    for key, value in cfg.table("socketmap").items():
-        where = cfg.where("socketmap", key)
-        kind = _KEYS.get(key)
-        if kind is None:
-            raise ConfigError(where, "unknown key")
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(where, "must be true or false")
-        elif kind is str:
-            if not isinstance(value, str):
-                raise ConfigError(where, "must be a string")
-        elif isinstance(value, bool) or not isinstance(value, kind if kind is int else int | float):
-            raise ConfigError(where, "must be a number" if kind is float else "must be a whole number")
-        elif value < 0:
-            raise ConfigError(where, "must not be negative")
-        setattr(s, key, kind(value))
+    for key, value in read_table(cfg, "socketmap", _KEYS).items():
+        setattr(s, key, value)
 
     def w(key: str) -> str:
         return cfg.where("socketmap", key)
