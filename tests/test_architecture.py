@@ -1,5 +1,8 @@
-"""The package's import graph, computed from the source: no module may import itself back
-through others (an import circle), counting imports inside functions too."""
+"""The package's import graph, computed from the source, counting imports inside functions:
+no import circle, and no upward import (docs/architecture.md draws the layers).
+
+A module imports only from its own layer or from layers below it.  Every module must be
+placed in LAYERS: a new module is a deliberate decision about where it lives."""
 
 from __future__ import annotations
 
@@ -57,6 +60,56 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in state:
             visit(node)
     return found
+
+
+# Bottom to top.  A pattern ending in ".*" takes a whole package.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("vdeliver", "vdeliver.errors", "vdeliver.log", "vdeliver.fileio", "vdeliver.unixd")),
+    ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking")),
+    ("stores", ("vdeliver.mbox", "vdeliver.maildir")),
+    ("recovery", ("vdeliver.recovery",)),
+    ("delivery", ("vdeliver.deliver",)),
+    ("front doors of delivery", ("vdeliver.cli", "vdeliver.__main__", "vdeliver.launcher", "vdeliver.lmtp.*")),
+    ("accounts", ("vdeliver.accounts.*",)),
+    ("socketmap", ("vdeliver.socketmap.*",)),
+    ("demo", ("vdeliver.demo",)),
+]
+
+
+def layer_of(module: str) -> int:
+    for rank, (_name, patterns) in enumerate(LAYERS):
+        for pattern in patterns:
+            if module == pattern or (pattern.endswith(".*") and
+                                     (module + ".").startswith(pattern[:-1])):
+                return rank
+    raise KeyError(module)
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = []
+    for module in import_graph():
+        try:
+            layer_of(module)
+        except KeyError:
+            unplaced.append(module)
+    assert not unplaced, f"place these modules in LAYERS (and docs/architecture.md): {unplaced}"
+
+
+def test_no_upward_import() -> None:
+    upward = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for module, targets in sorted(import_graph().items())
+        for target in sorted(targets)
+        if layer_of(target) > layer_of(module)
+    ]
+    assert not upward, "upward imports: " + "; ".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    """The rule is not vacuous: the delivery core importing the accounts package is caught."""
+    assert layer_of("vdeliver.accounts.store") > layer_of("vdeliver.deliver")
+    assert layer_of("vdeliver.lmtp.session") > layer_of("vdeliver.deliver") > layer_of("vdeliver.mbox")
+    assert layer_of("vdeliver.socketmap.lookup") > layer_of("vdeliver.accounts.snapshot")
 
 
 def test_no_import_circle() -> None:

@@ -401,7 +401,7 @@ def cmd_dovecot(ctx: Context) -> int:
 
 
 def cmd_doctor(ctx: Context) -> int:
-    from vdeliver import doctor
+    from vdeliver.accounts import doctor
 
     report = doctor.run(ctx.cfg, ctx.settings, ctx.args.cf, ctx.args.dovecot_dir)
     _emit(ctx.args, {"ok": not report.problems, "problems": report.problems, "checked": report.checked},
