@@ -5,6 +5,10 @@ out of here goes through errors.exit_code(): a usage error, a configuration faul
 or a bug defers (75); only an unknown recipient, a loop or an over-size message
 bounces.  argv is parsed by hand, procmail-style, because argparse exits 2 on its
 own and costs more to import than a delivery takes.
+
+Over 400 lines on purpose: the procmail-compatible argument parser, the help text and the
+one place that turns a status into an exit code belong together; the rest of the core never
+exits.
 """
 
 import os

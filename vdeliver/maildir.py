@@ -14,6 +14,9 @@ Maildir++ quota: `maildirsize` holds `<bytes>S,<count>C` on its first line and o
 `<bytes> <count>` line per change.  A message that would exceed the quota is
 refused; after delivery a `<size> 1` line is appended.  A file that has grown past
 5120 bytes is recalculated from the directory, as the Maildir++ rules ask.
+
+Over 400 lines on purpose: delivery, the Maildir++ quota and the recognition of a delivery
+killed between link() and unlink() share the directory descriptors and naming rules.
 """
 
 import errno

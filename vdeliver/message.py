@@ -14,6 +14,9 @@ re-serialised, so signed headers keep their folding.  What changes:
 All of it is read before any lock is taken.  Above `spool_threshold` bytes the
 result goes to an unnamed temporary file (O_TMPFILE), so a 100 MB message does
 not sit in memory.  Nothing here imports more than os and time.
+
+Over 400 lines on purpose: the envelope, the From_ line, the added headers, escaping and the
+spool are one streaming pass over the message; apart they would each need the others' state.
 """
 
 import os

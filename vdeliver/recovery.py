@@ -32,6 +32,9 @@ the size already at orig (and drops it) or the journal gone.
 
 Design notes and the fault table: docs/crash-safety.md.  Only `os` at import
 time: this module is on the delivery path.
+
+Over 400 lines on purpose: every case of recover() is a decision about someone's mail, and
+they read best as one sequence next to the journal format.
 """
 
 import errno

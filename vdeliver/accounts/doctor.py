@@ -16,6 +16,9 @@ things a first set-up got wrong by hand (issue 15):
 
 Nothing is changed.  Exit 0 when every check passed, 1 with the list of problems.
 Not on the delivery path: it may import what it likes.
+
+Over 400 lines on purpose: one check per thing an administrator gets wrong on the first day,
+each short and independent; splitting them would scatter one checklist.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ processes are kept out by the core's dotlock + fcntl as usual.
 Signals: SIGTERM/SIGINT stop accepting, finish messages in flight, answer 421 to
 anything new; SIGHUP re-reads the configuration (socket, tcp and user need a
 restart).  Standard library only: this is a delivery path.
+
+Over 400 lines on purpose: the listeners, connection accounting and start-up/shutdown
+sequence share the Server's state; the protocol, settings and sessions are apart.
 """
 
 from __future__ import annotations
