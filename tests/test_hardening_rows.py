@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import ROOT, world_tmpdir
 from tests.pg import Cluster, pg_cluster  # noqa: F401 - fixture
-from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from tests.socketmap_harness import Client, populate, running_server, server_log, write_config
 from vdeliver.accounts.engines import open_store
 from vdeliver.accounts.settings import load as load_settings
 from vdeliver.config import load as load_config

@@ -114,7 +114,7 @@ def test_run_directory_writable_by_others_is_refused(mailroot: MailRoot) -> None
 
 
 def _socketmap_config(base: Path, extra: str) -> Path:
-    from tests.test_socketmap_support import populate, write_config
+    from tests.socketmap_harness import populate, write_config
 
     config = write_config(base, f'database = "{base}/accounts.sqlite"', extra)
     populate(config)
@@ -123,7 +123,7 @@ def _socketmap_config(base: Path, extra: str) -> Path:
 
 def test_socketmap_serves_as_its_user_and_refuses_root(mailroot: MailRoot) -> None:
     require_root("the server starts as root")
-    from tests.test_socketmap_support import Client, running_server
+    from tests.socketmap_harness import Client, running_server
 
     base = mailroot.base
     config = _socketmap_config(base, "")

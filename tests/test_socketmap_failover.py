@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import world_tmpdir
 from tests.pg import Cluster, pg_clusters  # noqa: F401
-from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from tests.socketmap_harness import Client, populate, running_server, server_log, write_config
 from vdeliver.accounts.maps import ACCESS_DISABLED, local_mailbox
 from vdeliver.socketmap import protocol as p
 

@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import Account, MailRoot
 from tests.pg import start_cluster
 from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, read_qf, vdeliver_mailer
-from tests.test_socketmap_support import Client, generated_maps, populate, running_server, server_log, write_config
+from tests.socketmap_harness import Client, generated_maps, populate, running_server, server_log, write_config
 
 pytestmark = pytest.mark.peers
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import free_port, world_tmpdir
 from tests.pg import pg_cluster, pg_conninfo  # noqa: F401
-from tests.test_socketmap_support import Client, populate, running_server, server_log, write_config
+from tests.socketmap_harness import Client, populate, running_server, server_log, write_config
 from vdeliver.accounts.maps import local_mailbox
 from vdeliver.config import ConfigError, build
 from vdeliver.socketmap import protocol as p

@@ -196,26 +196,6 @@ def _drain(fd: int = 0) -> None:
         pass
 
 
-def _switch_user(name: str, group: str) -> None:
-    import pwd
-
-    try:
-        pw = pwd.getpwnam(name)
-    except KeyError:
-        raise DeliveryError(Status("4.3.5", "configuration error", f"user {name!r} does not exist")) from None
-    gid = pw.pw_gid
-    if group:
-        import grp
-
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise DeliveryError(Status("4.3.5", "configuration error", f"group {group!r} does not exist")) from None
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(pw.pw_uid)
-
-
 def run() -> None:
     """Console entry point: deliver, then leave without interpreter shutdown.
 
@@ -243,7 +223,12 @@ def _drop_root(cfg: "object", doing: str) -> None:
         raise DeliveryError(
             Status("4.3.5", "configuration error", f"refusing to {doing} as root: set user in the configuration")
         )
-    _switch_user(user, getattr(cfg, "group", ""))
+    from vdeliver import unixd  # only as root: sendmail's U= normally starts us as the vmail user
+
+    try:
+        unixd.drop_privileges(unixd.RunUser(user, getattr(cfg, "group", "")))
+    except unixd.DaemonError as exc:
+        raise DeliveryError(Status("4.3.5", "configuration error", exc.strerror or str(exc))) from None
 
 
 _STDIN_CLOSED = False

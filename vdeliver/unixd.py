@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import stat
-from collections.abc import Iterator
 from contextlib import contextmanager
+
+TYPE_CHECKING = False  # vdeliver run as root imports this module to drop privileges: keep it light
+if TYPE_CHECKING:
+    import socket  # imported where a socket is made
+    from collections.abc import Iterator
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -239,6 +242,8 @@ def bind_unix(path: str, mode: int, owner: RunUser, socket_owner: tuple[int, int
     try:
         with place.cwd(), place.rights():
             _remove_stale(place, name, path)
+            import socket
+
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old = os.umask(0o777 & ~mode)  # the socket is born with its mode: no window, no chmod
             try:
@@ -271,6 +276,8 @@ def _remove_stale(place: Place, name: str, path: str) -> None:
         raise DaemonError(errno.EEXIST, f"{path} exists and is not a socket: remove it")
     if st.st_uid not in (os.geteuid(), place.owner.effective_uid):
         raise DaemonError(errno.EEXIST, f"{path} is a socket of uid {st.st_uid}, not ours: remove it by hand")
+    import socket
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:

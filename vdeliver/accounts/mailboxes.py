@@ -10,9 +10,7 @@ Mail is never unlinked by default: a removed mailbox is renamed to
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,16 +32,14 @@ class Owner:
 
 def owner(settings: Settings) -> Owner:
     """The vmail user and group; when not root, only ourselves can own what we create."""
+    from vdeliver.unixd import DaemonError, RunUser
+
     try:
-        uid = pwd.getpwnam(settings.vmail_user).pw_uid if settings.vmail_user else os.geteuid()
-        if settings.vmail_group:
-            gid = grp.getgrnam(settings.vmail_group).gr_gid
-        elif settings.vmail_user:
-            gid = pwd.getpwnam(settings.vmail_user).pw_gid
-        else:
-            gid = os.getegid()
-    except KeyError as exc:
-        raise ConfigurationError(f"[accounts] vmail_user/vmail_group: no such user or group {exc}") from None
+        run_user = RunUser(settings.vmail_user, settings.vmail_group)
+    except DaemonError as exc:
+        raise ConfigurationError(f"[accounts] vmail_user/vmail_group: {exc.strerror}") from None
+    uid = run_user.uid if settings.vmail_user else os.geteuid()
+    gid = run_user.gid if settings.vmail_user else os.getegid()
     if os.geteuid() != 0 and uid != os.geteuid():
         raise AccountsError(f"creating mailboxes owned by {settings.vmail_user} needs root")
     return Owner(uid, gid)
