@@ -48,9 +48,6 @@ KEYS: dict[str, tuple[object, str]] = {
 }
 
 
-class DovecotConfigError(ConfigurationError):
-    """A [dovecot] (or [accounts]) setting that cannot be turned into a Dovecot configuration."""
-
 
 # -- settings -------------------------------------------------------------------
 
@@ -66,7 +63,7 @@ class Settings:
             given = read_table(cfg, "dovecot", {key: "bool" if kind == "bool" else "str"
                                                 for key, (_default, kind) in KEYS.items()})
         except ConfigError as exc:
-            raise DovecotConfigError(f"{exc.where}: {exc.message}") from None
+            raise ConfigurationError(f"{exc.where}: {exc.message}") from None
         values: dict[str, object] = {key: given.get(key, default) for key, (default, _kind) in KEYS.items()}
         self.source = path
         self.mbox_path: str = cfg.mbox_path
@@ -74,19 +71,19 @@ class Settings:
         self.home: str = str(values["home"]) or _home_from_maildir(self.maildir_path)
         for name, template in (("home", self.home),):
             if not template.startswith("/") or "{user}" not in template:
-                raise DovecotConfigError(f"{path}: [dovecot] {name}: must be an absolute path containing {{user}}")
+                raise ConfigurationError(f"{path}: [dovecot] {name}: must be an absolute path containing {{user}}")
         folders = str(values["mbox_folders"]).strip("/")
         if not folders or ".." in folders.split("/") or "{" in folders or "%" in folders:
-            raise DovecotConfigError(f"{path}: [dovecot] mbox_folders: must be a plain relative directory")
+            raise ConfigurationError(f"{path}: [dovecot] mbox_folders: must be a plain relative directory")
         self.mbox_folders = folders
         reason = str(values["suspended_reason"])
         if not reason or any(ch < " " or ch == "\x7f" for ch in reason) or len(reason) > 200:
-            raise DovecotConfigError(f"{path}: [dovecot] suspended_reason: one line of text, at most 200 characters")
+            raise ConfigurationError(f"{path}: [dovecot] suspended_reason: one line of text, at most 200 characters")
         self.reason = reason
         self.quota = bool(values["quota"])
         self.config_dir = str(values["config_dir"]).rstrip("/") or "/"
         if not self.config_dir.startswith("/") or "\n" in self.config_dir:
-            raise DovecotConfigError(f"{path}: [dovecot] config_dir: must be an absolute path")
+            raise ConfigurationError(f"{path}: [dovecot] config_dir: must be an absolute path")
         accounts = cfg.table("accounts")
         # The owner of the mailboxes: vmailctl's vmail_user, else the user vdeliver runs as.
         self.user = str(accounts.get("vmail_user", "") or cfg.user or "vmail")
@@ -112,7 +109,7 @@ def _database(cfg: Config, driver: str, connect: str, where: str) -> tuple[str, 
     if not driver:
         driver = "pgsql" if url else "sqlite"
     if driver not in ("sqlite", "pgsql"):
-        raise DovecotConfigError(f"{where}: [dovecot] driver: must be sqlite or pgsql (got {driver!r})")
+        raise ConfigurationError(f"{where}: [dovecot] driver: must be sqlite or pgsql (got {driver!r})")
     if not connect and driver == "pgsql" and url:
         connect = _pg_connect(url)
         if secret:
@@ -121,15 +118,15 @@ def _database(cfg: Config, driver: str, connect: str, where: str) -> tuple[str, 
             try:
                 password = read_secret(secret)
             except Exception as exc:  # its ConfigurationError says which file and why
-                raise DovecotConfigError(f"{where}: [accounts] password file: {exc}") from None
+                raise ConfigurationError(f"{where}: [accounts] password file: {exc}") from None
             escaped = password.replace("\\", "\\\\").replace("'", "\\'")
             connect += f" password='{escaped}'"  # the generated file is 0600 (SECRET_FILES)
     if not connect and driver == "sqlite":
         connect = str(accounts.get("database", "") or "/var/lib/vdeliver/accounts.sqlite")
     if not connect:
-        raise DovecotConfigError(f"{where}: [dovecot] connect: needed with driver = {driver}")
+        raise ConfigurationError(f"{where}: [dovecot] connect: needed with driver = {driver}")
     if "\n" in connect:
-        raise DovecotConfigError(f"{where}: [dovecot] connect: must be one line")
+        raise ConfigurationError(f"{where}: [dovecot] connect: must be one line")
     return driver, connect
 
 
@@ -358,9 +355,9 @@ def parse_args(argv: list[str]) -> object:
     try:
         args, rest = parser.parse_known_args(argv)
     except argparse.ArgumentError as exc:
-        raise DovecotConfigError(f"dovecot-config: {exc}") from None
+        raise ConfigurationError(f"dovecot-config: {exc}") from None
     if rest:
-        raise DovecotConfigError(f"dovecot-config: unexpected argument {rest[0]!r}")
+        raise ConfigurationError(f"dovecot-config: unexpected argument {rest[0]!r}")
     return args
 
 
@@ -377,7 +374,7 @@ def render(cfg: Config, args: object = None) -> str | int:
     only = getattr(args, "file", None)
     if only:
         if only not in files:
-            raise DovecotConfigError(f"--file: no generated file {only!r} (one of {', '.join(files)})")
+            raise ConfigurationError(f"--file: no generated file {only!r} (one of {', '.join(files)})")
         files = {only: files[only]}
     output = getattr(args, "output", None)
     if output:
@@ -403,13 +400,13 @@ def write_files(directory: str, files: dict[str, str]) -> list[str]:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise DovecotConfigError(f"{path}: {exc.strerror}") from None
+            raise ConfigurationError(f"{path}: {exc.strerror}") from None
         mode = 0o600 if os.path.basename(name) in SECRET_FILES else 0o644
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fileio.replace(path, data, mode)
         except OSError as exc:
-            raise DovecotConfigError(f"{path}: {exc.strerror}") from None
+            raise ConfigurationError(f"{path}: {exc.strerror}") from None
         written.append(name)
     return written
 
