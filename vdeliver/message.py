@@ -220,11 +220,9 @@ class Prepared:
 
     def __init__(self, spool: Spool, sender: str, length: int, lf_count: int, input_size: int,
                  had_from_line: bool) -> None:
-        self.spool = spool
-        self.sender = sender
-        self.length = length
-        self.lf_count = lf_count
-        self.input_size = input_size
+        self.spool, self.sender = spool, sender
+        self.length, self.lf_count = length, lf_count  # the record as stored, and its line feeds
+        self.input_size = input_size  # as read from sendmail (the log's size=)
         self.had_from_line = had_from_line
 
     @property

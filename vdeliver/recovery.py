@@ -85,13 +85,10 @@ class Record:
     __slots__ = ("dev", "ino", "orig", "end", "pid", "head", "boot")
 
     def __init__(self, dev: int, ino: int, orig: int, end: int, pid: int, head: bytes, boot: str = "") -> None:
-        self.dev = dev
-        self.ino = ino
-        self.orig = orig
-        self.end = end
-        self.pid = pid
-        self.head = head
-        self.boot = boot  # "" for a version 1 journal
+        self.dev, self.ino = dev, ino  # the mailbox file
+        self.orig, self.end = orig, end  # its size before the append, and after it
+        self.pid, self.head = pid, head  # who appended, and the first bytes of the record
+        self.boot = boot  # the boot it happened in; "" for a version 1 journal
 
     def line(self) -> bytes:
         boot = self.boot or boot_id()

@@ -63,15 +63,11 @@ class Resolver:
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.backend = backend
-        self.executor = executor
-        self.log = log
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.stale_max_age = stale_max_age
-        self.db_timeout = db_timeout
-        self.max_entries = max_entries
-        self.clock = clock
+        self.backend, self.executor, self.log = backend, executor, log
+        # How long an answer is fresh (found / not found), and how long a found one may be
+        # served stale while the database is in trouble.
+        self.ttl, self.negative_ttl, self.stale_max_age = ttl, negative_ttl, stale_max_age
+        self.db_timeout, self.max_entries, self.clock = db_timeout, max_entries, clock
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[p.Reply]] = {}
         self.stats = {"hit": 0, "miss": 0, "stale": 0, "temp": 0}
