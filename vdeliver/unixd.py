@@ -318,5 +318,5 @@ def drop_privileges(owner: RunUser) -> None:
     os.setgroups([])
     os.setgid(owner.gid)
     os.setuid(owner.uid)
-    if os.geteuid() == 0 or os.getuid() == 0:  # pragma: no cover - setuid failed silently
+    if owner.uid != 0 and 0 in (os.geteuid(), os.getuid()):  # pragma: no cover - setuid failed silently
         raise DaemonError(errno.EPERM, f"could not become {owner.name}")
