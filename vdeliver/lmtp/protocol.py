@@ -24,6 +24,7 @@ Whose fault: a client's mistake is a reply (5xx) and never an exception;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
@@ -32,7 +33,11 @@ MAX_PATH = 256  # RFC 5321 4.5.3.1.3
 MAX_ERRORS = 10  # then 421 and close: pipelined garbage cannot keep a thread busy
 _PARTIAL = 1 << 16  # hand over a partial text line once this much of it is buffered
 
-# States.  Transitions live in _ALLOWED (which command may come when) and the handlers.
+# The states, and every transition between them in one table: (state, event) -> next state.
+# An event is a client's command once the protocol accepted it (a refused command changes
+# nothing), or one of the lower-case steps the server and the data drive.  Nothing else
+# changes the state: _to() reads this table, _close() ends the session from any state
+# (QUIT, end of file, timeout, shutdown, too many errors).
 INIT = "INIT"  # before LHLO
 READY = "READY"  # after LHLO, no transaction
 MAIL = "MAIL"  # after MAIL FROM, collecting recipients
@@ -41,16 +46,23 @@ DATA = "DATA"  # receiving the message
 WAIT_DATA = "WAIT_DATA"  # EndOfData handed out, waiting for answer_data() per recipient
 CLOSED = "CLOSED"
 
+TRANSITIONS: dict[tuple[str, str], str] = {
+    # state      event                  next state
+    (INIT, "LHLO"): READY,        (READY, "LHLO"): READY,      (MAIL, "LHLO"): READY,
+    (READY, "MAIL"): MAIL,
+    (MAIL, "RCPT"): WAIT_RCPT,    (WAIT_RCPT, "rcpt answered"): MAIL,
+    (MAIL, "DATA"): DATA,
+    (DATA, "end of data"): WAIT_DATA,   (WAIT_DATA, "all answered"): READY,
+    (DATA, "message refused"): READY,   # too big: refused for every recipient at once
+    (INIT, "RSET"): INIT,         (READY, "RSET"): READY,      (MAIL, "RSET"): READY,
+    (INIT, "NOOP"): INIT,         (READY, "NOOP"): READY,      (MAIL, "NOOP"): MAIL,
+    (INIT, "HELP"): INIT,         (READY, "HELP"): READY,      (MAIL, "HELP"): MAIL,
+    (INIT, "VRFY"): INIT,         (READY, "VRFY"): READY,      (MAIL, "VRFY"): MAIL,
+    (INIT, "QUIT"): CLOSED,       (READY, "QUIT"): CLOSED,     (MAIL, "QUIT"): CLOSED,
+}
+COMMANDS = frozenset(event for _state, event in TRANSITIONS if event.isupper())
 _ALLOWED: dict[str, frozenset[str]] = {
-    "LHLO": frozenset((INIT, READY, MAIL)),
-    "MAIL": frozenset((READY,)),
-    "RCPT": frozenset((MAIL,)),
-    "DATA": frozenset((MAIL,)),
-    "RSET": frozenset((INIT, READY, MAIL)),
-    "NOOP": frozenset((INIT, READY, MAIL)),
-    "QUIT": frozenset((INIT, READY, MAIL)),
-    "HELP": frozenset((INIT, READY, MAIL)),
-    "VRFY": frozenset((INIT, READY, MAIL)),
+    verb: frozenset(state for state, event in TRANSITIONS if event == verb) for verb in COMMANDS
 }
 _SEQUENCE_HINT = {
     "MAIL": {INIT: "send LHLO first", MAIL: "nested MAIL command"},
@@ -65,7 +77,7 @@ class LocalProtocolError(Exception):
     """The server used this module wrongly (a bug on our side, not the client's)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reply:
     code: int
     dsn: str
@@ -80,55 +92,55 @@ class Reply:
         return 200 <= self.code < 300
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hello:
     host: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MailFrom:
     sender: str  # "" for the null sender <>
     size: int | None
     body: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RcptTo:
     address: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DataStart:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Data:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndOfData:
     recipients: tuple[str, ...]
     error: Reply | None  # set when the message was refused whole; replies already queued
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reset:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Noop:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Quit:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """A command refused by the protocol itself; the reply is already queued."""
 
@@ -136,7 +148,7 @@ class Rejected:
     reply: Reply
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     mid_data: bool  # the client went away inside DATA: discard the partial message
 
@@ -164,7 +176,7 @@ class Connection:
         self.max_size = max_size
         self.max_recipients = max_recipients
         self.max_errors = max_errors
-        self.state = INIT
+        self.state = INIT  # changed only by _to() and _close()
         self.stopping = False
         self.errors = 0
         self._in = bytearray()
@@ -216,10 +228,20 @@ class Connection:
     def close_with(self, reply: Reply) -> None:
         """Say goodbye (timeout, shutdown) and close; the server then closes the socket."""
         self._queue(reply)
-        self.state = CLOSED
+        self._close()
 
     def _queue(self, reply: Reply) -> None:
         self._out += bytes(reply)
+
+    def _to(self, event: str) -> None:
+        """Take the transition of TRANSITIONS for `event` in the current state."""
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise LocalProtocolError(f"no transition for {event!r} in state {self.state}") from None
+
+    def _close(self) -> None:
+        self.state = CLOSED
 
     # -- answers from the server --------------------------------------------------
 
@@ -230,7 +252,7 @@ class Connection:
             self.recipients.append(self._pending_rcpt)
         self._pending_rcpt = None
         self._queue(reply)
-        self.state = MAIL
+        self._to("rcpt answered")
 
     def answer_data(self, reply: Reply) -> None:
         """One call per accepted recipient, in RCPT order."""
@@ -240,7 +262,7 @@ class Connection:
         self._replies_due -= 1
         if self._replies_due == 0:
             self._reset_transaction()
-            self.state = READY
+            self._to("all answered")
 
     # -- events -----------------------------------------------------------------------
 
@@ -264,7 +286,7 @@ class Connection:
                 self._in.clear()
                 self._skipping = True
             if self._eof:
-                self.state = CLOSED
+                self._close()
                 return ConnectionClosed(mid_data=False)
             return NEED_DATA
         raw = bytes(self._in[: lf + 1])
@@ -301,8 +323,7 @@ class Connection:
         if self.state not in allowed:
             hint = _SEQUENCE_HINT.get(verb, {}).get(self.state, "bad sequence of commands")
             return self._reject(verb, Reply(503, "5.5.1", hint))
-        handler = getattr(self, "_cmd_" + verb.lower())
-        return handler(arg.strip(" \t"))  # type: ignore[no-any-return]
+        return _HANDLERS[verb](self, arg.strip(" \t"))
 
     def _reject(self, command: str, reply: Reply) -> Event:
         self.errors += 1
@@ -317,7 +338,7 @@ class Connection:
         if not arg or " " in arg or not _printable(arg):
             return self._reject("LHLO", Reply(501, "5.5.4", "syntax: LHLO hostname"))
         self._reset_transaction()
-        self.state = READY
+        self._to("LHLO")
         lines = [self.hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME"]
         lines.append(f"SIZE {self.max_size}" if self.max_size else "SIZE")
         out = "".join(f"250-{text}\r\n" for text in lines[:-1]) + f"250 {lines[-1]}\r\n"
@@ -347,7 +368,7 @@ class Connection:
             return self._reject("MAIL", Reply(552, "5.3.4", f"message too big (limit {self.max_size} bytes)"))
         self._reset_transaction()
         self.sender = path
-        self.state = MAIL
+        self._to("MAIL")
         self._queue(Reply(250, "2.1.0", "sender ok"))
         return MailFrom(path, size, body)
 
@@ -365,7 +386,7 @@ class Connection:
             self._queue(Reply(452, "4.5.3", "too many recipients"))
             return Rejected("RCPT", Reply(452, "4.5.3", "too many recipients"))
         self._pending_rcpt = path
-        self.state = WAIT_RCPT
+        self._to("RCPT")
         return RcptTo(path)
 
     def _cmd_data(self, arg: str) -> Event:
@@ -373,32 +394,34 @@ class Connection:
             return self._reject("DATA", Reply(501, "5.5.4", "DATA takes no arguments"))
         if not self.recipients:
             return self._reject("DATA", Reply(503, "5.5.1", "no valid recipients"))
-        self.state = DATA
+        self._to("DATA")
         self._queue(Reply(354, "", "send the message, end with <CRLF>.<CRLF>"))
         return DataStart()
 
     def _cmd_rset(self, arg: str) -> Event:
         self._reset_transaction()
-        if self.state != INIT:
-            self.state = READY
+        self._to("RSET")
         self._queue(Reply(250, "2.0.0", "ok"))
         return Reset()
 
     def _cmd_noop(self, arg: str) -> Event:
+        self._to("NOOP")
         self._queue(Reply(250, "2.0.0", "ok"))
         return Noop()
 
     def _cmd_help(self, arg: str) -> Event:
+        self._to("HELP")
         self._queue(Reply(214, "2.0.0", "LHLO MAIL RCPT DATA RSET NOOP QUIT (RFC 2033)"))
         return Noop()
 
     def _cmd_vrfy(self, arg: str) -> Event:
+        self._to("VRFY")
         self._queue(Reply(252, "2.5.0", "cannot VRFY; send the message and see"))
         return Noop()
 
     def _cmd_quit(self, arg: str) -> Event:
         self._queue(Reply(221, "2.0.0", f"{self.hostname} closing connection"))
-        self.state = CLOSED
+        self._to("QUIT")
         return Quit()
 
     # -- the message ------------------------------------------------------------------
@@ -444,7 +467,7 @@ class Connection:
         if out:
             return Data(b"".join(out))
         if self._eof:
-            self.state = CLOSED
+            self._close()
             return ConnectionClosed(mid_data=True)
         return NEED_DATA
 
@@ -472,11 +495,20 @@ class Connection:
             for _ in recipients:
                 self._queue(error)
             self._reset_transaction()
-            self.state = READY
+            self._to("message refused")
             return EndOfData(recipients, error)
         self._replies_due = len(recipients)
-        self.state = WAIT_DATA
+        self._to("end of data")
         return EndOfData(recipients, None)
+
+
+# The command handlers, by verb: each checks its arguments and, when it accepts the
+# command, takes its transition.
+_HANDLERS: dict[str, Callable[[Connection, str], Event]] = {
+    "LHLO": Connection._cmd_lhlo, "MAIL": Connection._cmd_mail, "RCPT": Connection._cmd_rcpt,
+    "DATA": Connection._cmd_data, "RSET": Connection._cmd_rset, "NOOP": Connection._cmd_noop,
+    "HELP": Connection._cmd_help, "VRFY": Connection._cmd_vrfy, "QUIT": Connection._cmd_quit,
+}
 
 
 def _parse_path(arg: str, prefix: str) -> tuple[str, list[str], str]:
