@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_accounts_env import CHEAP_ARGON2, Acct, acct, pg_cluster, pg_schema_conninfo  # noqa: F401
+from tests.pg import pg_cluster, pg_schema_conninfo  # noqa: F401  (fixtures)
+from tests.test_accounts_env import CHEAP_ARGON2, Acct, acct  # noqa: F401
 from vdeliver.accounts import names, passwords, schema
 from vdeliver.accounts.errors import Conflict, InvalidName, TemporaryError
 from vdeliver.accounts.settings import Settings

@@ -35,7 +35,7 @@ def drive(data: bytes, *, bytewise: bool = False, **kwargs: object) -> tuple[lis
             if ev is p.NEED_DATA:
                 break
             if isinstance(ev, p.Data) and events and isinstance(events[-1], p.Data):
-                events[-1] = p.Data(events[-1].data + ev.data)  # type: ignore[attr-defined]
+                events[-1] = p.Data(events[-1].data + ev.data)
             else:
                 events.append(ev)
             if isinstance(ev, p.RcptTo):

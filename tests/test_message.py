@@ -84,7 +84,7 @@ def run_prepare(data: bytes, **kw: object) -> tuple[bytes, message.Prepared]:
         args.update(kw)
         prep = prepare(f.fileno(), **args)  # type: ignore[arg-type]
         try:
-            out = b"".join(prep.spool.chunks())  # type: ignore[attr-defined]
+            out = b"".join(prep.spool.chunks())
         finally:
             prep.close()
     return out, prep

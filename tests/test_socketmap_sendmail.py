@@ -112,7 +112,7 @@ def wait_until_answering(sock: Path, timeout: float = 20) -> None:
 
 
 def _queued(site: Site) -> list[str]:
-    return sorted(str(r).strip("<>") for qf in site.queue_files() for r in read_qf(qf)["recipients"])  # type: ignore[union-attr]
+    return sorted(str(r).strip("<>") for qf in site.queue_files() for r in read_qf(qf)["recipients"])
 
 
 @pytest.mark.slow
