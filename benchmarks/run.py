@@ -30,6 +30,7 @@ from benchmarks.agents import (
     Maildrop,
     Procmail,
     PythonFloor,
+    RunAs,
     VdeliverCli,
     VdeliverScript,
     VdeliverVenv,
@@ -102,11 +103,11 @@ def import_profile(ctx: Context, agent: VdeliverCli) -> list[str]:
     msg = Message("imports.probe", 4096).with_from_line()
 
     def modules(argv: list[str], data: bytes | None) -> dict[str, int]:
-        kwargs: dict[str, object] = {}
+        kwargs: RunAs = {}
         if ctx.creds is not None:
-            kwargs.update(user=ctx.creds[0], group=ctx.creds[1], extra_groups=[])
+            kwargs = {"user": ctx.creds[0], "group": ctx.creds[1], "extra_groups": []}
         out = subprocess.run(argv, input=data, capture_output=True, env={"PATH": "/usr/bin:/bin", "LANG": "C"},
-                             cwd="/", **kwargs)  # type: ignore[arg-type]
+                             cwd="/", **kwargs)
         found = {}
         for line in out.stderr.decode(errors="replace").splitlines():
             if line.startswith("import time:") and "|" in line:
@@ -143,7 +144,7 @@ def goal_lines(data: list[dict[str, object]]) -> list[str]:
                            f"({d['cpu_ms_per_msg'] / floor['cpu_ms_per_msg']:.2f}x, less sensitive to the "  # type: ignore[operator]
                            "machine's load)")
                 lines.append(
-                    f"- vdeliver CLI, {fmt}: {d['agent']}: {d['ms_per_msg']:.1f} ms/msg = "  # type: ignore[str-format]
+                    f"- vdeliver CLI, {fmt}: {d['agent']}: {d['ms_per_msg']:.1f} ms/msg = "
                     f"{d['x_python']:.2f}x `python -c pass` and {d['x_python_I']:.2f}x `python -I -c pass` from the "
                     f"same environment (goal: <= 1.5x), {d['x_procmail']:.1f}x procmail{cpu}."
                 )
@@ -169,10 +170,10 @@ def goal_lines(data: list[dict[str, object]]) -> list[str]:
             f"{d['x_fsync_floor'] or 0:.2f}x the fsync floor's time per message (goal: faster than every "
             "other agent, within 2x of the floor)."
         )
-    floor = {d["format"]: d for d in pick(agent="floor: system python -I -c pass")}
+    floors: dict[object, dict[str, object]] = {d["format"]: d for d in pick(agent="floor: system python -I -c pass")}
     for d in pick(size="10MB", writers=1):
         if str(d["agent"]).startswith("vdeliver (launcher") and d["rss_mb"]:
-            f = floor.get(d["format"]) or next(iter(floor.values()), None)
+            f = floors.get(d["format"]) or next(iter(floors.values()), None)
             base = f["rss_mb"] if f else None
             lines.append(f"- peak RSS, 10 MB message, {d['format']}: vdeliver {d['rss_mb']:.1f} MB (max "
                          f"{d['rss_max_mb']:.1f}); `python3 -I -c pass` {base or 0:.1f} MB "

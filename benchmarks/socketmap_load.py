@@ -37,8 +37,8 @@ USERS = 2000
 
 
 def make_database(base: Path) -> Path:
-    from vdeliver.accounts.settings import load as load_accounts
     from vdeliver.accounts.engines import open_store
+    from vdeliver.accounts.settings import load as load_accounts
     from vdeliver.config import load as load_config
 
     config = base / "vdeliver.toml"
@@ -58,7 +58,7 @@ def make_database(base: Path) -> Path:
     return config
 
 
-async def one_connection(sock: str, keys: itertools.count, stop_at: float, budget: list[int],
+async def one_connection(sock: str, keys: itertools.count[int], stop_at: float, budget: list[int],
                          latencies: list[float], prefix: str, cached: bool) -> None:
     reader, writer = await asyncio.open_unix_connection(sock)
     rr = p.ReplyReader()
