@@ -61,8 +61,7 @@ class Context:
             os.chown(path, *self.creds)
 
     def errlog(self, name: str) -> int:
-        fd = os.open(self.path("logs", f"{name}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        return fd
+        return os.open(self.path("logs", f"{name}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
 
 
 class RunAs(TypedDict, total=False):

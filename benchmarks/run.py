@@ -92,8 +92,8 @@ def versions() -> list[str]:
         f"procmail: {first_line(['procmail', '-v'])}",
         f"maildrop: {first_line(['maildrop', '-v'])}",
         f"dovecot: {first_line(['dovecot', '--version'])}",
-        f"system python: {first_line([SYSTEM_PYTHON, '--version'])}; "
-        f"venv python: {first_line([VENV_PYTHON, '--version'])}",
+        (f"system python: {first_line([SYSTEM_PYTHON, '--version'])}; "
+        f"venv python: {first_line([VENV_PYTHON, '--version'])}"),
     ]
 
 
@@ -272,15 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"# vdeliver benchmarks{' (--quick smoke run: tiny counts, not a measurement)' if args.quick else ''}",
         "",
-        f"- Date: {when:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min; command "
-        f"`python -m benchmarks.run{' --quick' if args.quick else ''}`.",
+        (f"- Date: {when:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min; command "
+        f"`python -m benchmarks.run{' --quick' if args.quick else ''}`."),
         f"- Machine: {report.machine()}.",
-        "- Shared machine: other jobs (test suites of other developers) ran at the same time, so absolute "
+        ("- Shared machine: other jobs (test suites of other developers) ran at the same time, so absolute "
         "figures are noisy; agents are interleaved message by message so that noise falls on all of them "
-        "alike, and ratios within a cell are the figures to read.",
+        "alike, and ratios within a cell are the figures to read."),
         *[f"- {v}" for v in versions()],
-        "- Every agent runs as the unprivileged vmail user, message on a pipe, as sendmail runs it; "
-        "resident LMTP servers get one connection per writer, reused for all its messages.",
+        ("- Every agent runs as the unprivileged vmail user, message on a pipe, as sendmail runs it; "
+        "resident LMTP servers get one connection per writer, reused for all its messages."),
         *[f"- Skipped agent: {s}" for s in skipped],
         *[f"- {n}" for n in notes],
         *[f"- Imports on vdeliver's delivery path (`python -X importtime`): {line}" for line in imports],

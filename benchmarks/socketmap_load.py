@@ -126,11 +126,11 @@ def main() -> int:
     lines = [
         "# vdeliver-socketmapd load test",
         "",
-        f"`benchmarks/socketmap_load.py --requests {args.requests} --seconds {args.seconds}` on "
+        (f"`benchmarks/socketmap_load.py --requests {args.requests} --seconds {args.seconds}` on "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"Python {platform.python_version()}; SQLite accounts database of {USERS} mailboxes; unix socket; "
         "client (asyncio) and server on the same machine. `cached`: keys answered from memory; "
-        "`uncached`: a new key on every request (one database read each).",
+        "`uncached`: a new key on every request (one database read each)."),
         "",
         "| connections | keys | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",

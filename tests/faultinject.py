@@ -80,8 +80,7 @@ def split_mbox(data: bytes) -> list[bytes]:
         return []
     assert data.startswith(b"From "), f"mbox does not start with a From_ line: {data[:60]!r}"
     pieces = data[5:].split(b"\nFrom ")
-    records = [b"From " + p + b"\n" for p in pieces[:-1]] + [b"From " + pieces[-1]]
-    return records
+    return [b"From " + p + b"\n" for p in pieces[:-1]] + [b"From " + pieces[-1]]
 
 
 def unstore(record: bytes) -> bytes:
@@ -111,8 +110,8 @@ def check_mbox(path: Path, expected: list[bytes]) -> None:
     got = [unstore(r) for r in split_mbox(data)]
     want_ids = [message_id(m) for m in expected]
     got_ids = [message_id(m) for m in got]
-    assert got_ids == want_ids, f"messages differ: missing {set(want_ids) - set(got_ids)}, " \
-        f"extra {set(got_ids) - set(want_ids)}, {len(got_ids)} vs {len(want_ids)}"
+    assert got_ids == want_ids, (f"messages differ: missing {set(want_ids) - set(got_ids)}, "
+                                 f"extra {set(got_ids) - set(want_ids)}, {len(got_ids)} vs {len(want_ids)}")
     for g, w in zip(got, expected, strict=True):
         assert g == w, f"message {message_id(w)} is not byte-correct"
     box = mailbox.mbox(str(path), create=False)

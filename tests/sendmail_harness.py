@@ -388,8 +388,7 @@ class Site:
         """Point the production paths of an .mc into this site."""
         text = text.replace("/etc/mail/", f"{self.etc}/")
         text = text.replace("/var/spool/mqueue.in", str(self.queue))
-        text = text.replace("/var/spool/mqueue", str(self.queue))
-        return text
+        return text.replace("/var/spool/mqueue", str(self.queue))
 
     def compile(
         self,

@@ -225,7 +225,7 @@ def test_procmail_and_vdeliver_at_the_same_time(root: MailRoot, vmail: Account) 
                                  **_as(vmail))
             procs.append((p, data))
     for p, data in procs:
-        out, err = p.communicate(data, timeout=120)
+        _out, err = p.communicate(data, timeout=120)
         assert p.returncode == 0, err
     got = _records(mbox)
     assert got == msgs

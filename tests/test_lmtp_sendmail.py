@@ -41,7 +41,7 @@ def test_mc_compiles_with_an_lmtp_mailer() -> None:
     assert {"z", "m", "X", "n"} <= set(flags)  # LMTP, many recipients, dot-stuffing, no From_ line
     assert "\nR$* < @ $* .virtuser. > $*\t$#vdlmtp $@ vdeliver $: $1 < @ $2 >\n" in cf
     assert "Mprocmail" not in cf
-    assert "r=1" not in [line for line in cf.splitlines() if line.startswith("Qmqueue")][0]
+    assert "r=1" not in next(line for line in cf.splitlines() if line.startswith("Qmqueue"))
 
 
 @pytest.fixture

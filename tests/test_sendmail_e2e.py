@@ -110,7 +110,7 @@ def _envelopes(site: Site) -> dict[str, str]:
 
 def test_one_envelope_to_every_kind_of_recipient(hub: Hub) -> None:
     accepted = ["fred@away.com", "fred@home.com", "info@away.com", "sales@away.com", "barney@home.com"]
-    refused = hub.send(accepted[:2] + ["dino@away.com"] + accepted[2:])
+    refused = hub.send([*accepted[:2], "dino@away.com", *accepted[2:]])
 
     # the disabled account is refused at RCPT time, the others accepted
     assert list(refused) == ["dino@away.com"]

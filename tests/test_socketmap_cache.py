@@ -187,7 +187,7 @@ def test_invalidate_asks_again_but_keeps_stale(pool: ThreadPoolExecutor) -> None
 
 
 def test_size_bound(pool: ThreadPoolExecutor) -> None:
-    r, b, _, _ = make(pool, max_entries=50)
+    r, _b, _, _ = make(pool, max_entries=50)
 
     async def go() -> None:
         for i in range(200):

@@ -136,7 +136,7 @@ def test_smtp_delivery_without_map_files_survives_a_database_outage(
                                                            **vdeliver_mailer(mailroot.config)}, defines=aliases)
         with running_server(config):
             site.newaliases(out_cf)
-            in_cf, port, _ = site.serve(SOCK_IN_MC, "in", replace={PROD_IN: str(base / "in.sock")})
+            _in_cf, port, _ = site.serve(SOCK_IN_MC, "in", replace={PROD_IN: str(base / "in.sock")})
             assert not [p.name for p in site.etc.iterdir()
                         if p.name.split(".")[0] in ("virtusertable", "virtuserdomains", "access", "access_out")]
 

@@ -139,7 +139,7 @@ def test_slow_database_holds_up_only_its_own_lookups(base: Path, pg_conninfo: st
 
 
 @pytest.mark.parametrize(
-    "table,message",
+    ("table", "message"),
     [
         ({"ttl": "x"}, "[socketmap] ttl: must be a whole number"),
         ({"db_timeout": -1}, "[socketmap] db_timeout: must not be negative"),

@@ -533,9 +533,9 @@ def test_console_script_and_hot_path() -> None:
                        cwd=str(ROOT), env=env, timeout=60)
     assert r.returncode == 0 and "vmailctl" in r.stdout
     code = "import sys, vdeliver.cli; print(sorted(m for m in sys.modules if m.startswith('vdeliver.accounts')))"
-    r = subprocess.run([sys.executable, "-c", "import sys, vdeliver.accounts.vmailctl as v; v.build_parser(); "
+    r = subprocess.run([sys.executable, "-c", ("import sys, vdeliver.accounts.vmailctl as v; v.build_parser(); "
                         "print(sorted(m for m in sys.modules if m.startswith('vdeliver.accounts.') and "
-                        "m.rsplit('.', 1)[1] in ('dovecot', 'store', 'maps')))"],
+                        "m.rsplit('.', 1)[1] in ('dovecot', 'store', 'maps')))")],
                        capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=60)
     assert r.stdout.strip() == "[]", r.stderr  # commands import what they need when they run
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=60)

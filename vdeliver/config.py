@@ -233,7 +233,7 @@ def read_file(path: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]
 
 
 def _check(cfg: Config, key: str, value: object) -> object:
-    default, kind, allowed = SCHEMA[key]
+    _default, kind, allowed = SCHEMA[key]
     where = cfg.where("", key)
     if kind == "bool":
         if not isinstance(value, bool):
