@@ -14,6 +14,10 @@ import time
 from vdeliver import __version__
 from vdeliver.errors import EX_OK, EX_TEMPFAIL, DeliveryError, Status
 
+TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.config import Config
+
 HELP = """\
 NAME
     vdeliver - local delivery agent for virtual mail domains on sendmail
@@ -230,7 +234,7 @@ def run() -> None:
     os._exit(code)
 
 
-def _drop_root(cfg: "object", doing: str) -> None:
+def _drop_root(cfg: "Config", doing: str) -> None:
     """As root, become the configured user; without one, refuse (a configuration fault)."""
     if os.geteuid() != 0:
         return

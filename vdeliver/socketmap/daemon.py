@@ -61,7 +61,7 @@ class Server:
             stale_max_age=settings.stale_max_age, db_timeout=settings.db_timeout, max_entries=settings.cache_size,
         )
         self.connections = 0
-        self.run_user: object = None  # unixd.RunUser: main() sets it; start() drops to it
+        self.run_user: unixd.RunUser | None = None  # main() sets it; start() drops to it
         self.max_connections, self.backlog, self.fd_note = connection_cap(settings)
         self._refusals = RateLimited(log, 10.0)
         self._accept_errors = RateLimited(log, 10.0)
@@ -81,7 +81,7 @@ class Server:
         if self.fd_note:
             self.log.warning(self.fd_note)
         asyncio.get_running_loop().set_exception_handler(self._loop_exception)
-        owner = self.run_user if isinstance(self.run_user, unixd.RunUser) else unixd.RunUser()
+        owner = self.run_user if self.run_user is not None else unixd.RunUser()
         for listener in self.settings.listeners:
             handler = self._handler(listener)
             if listener.kind == "unix":
