@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from benchmarks.workloads import SENDER, Box, Layout, Message
 
@@ -60,20 +61,27 @@ class Context:
             os.chown(path, *self.creds)
 
     def errlog(self, name: str) -> int:
-        fd = os.open(self.path("logs", f"{name}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        return fd
+        return os.open(self.path("logs", f"{name}.stderr"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+
+
+class RunAs(TypedDict, total=False):
+    """The subprocess.run()/Popen() keywords that start a child as another user."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
 
 
 def spawn(argv: list[str], data: bytes | None, env: dict[str, str], creds: tuple[int, int] | None,
           stderr_fd: int, cwd: str = "/") -> Sample:
     """Run one delivery process; wall time from fork to reap, its own rusage from wait4."""
-    kwargs: dict[str, object] = {}
+    kwargs: RunAs = {}
     if creds is not None:
-        kwargs.update(user=creds[0], group=creds[1], extra_groups=[])
+        kwargs = {"user": creds[0], "group": creds[1], "extra_groups": []}
     started = time.perf_counter()
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=stderr_fd, env=env, cwd=cwd, close_fds=True, **kwargs,  # type: ignore[arg-type]
+        stderr=stderr_fd, env=env, cwd=cwd, close_fds=True, **kwargs,
     )
     if data is not None:
         assert proc.stdin is not None
@@ -157,7 +165,7 @@ class Agent:
         """Per-process agents: one delivery under GNU time, for its peak RSS; None if not measurable."""
         if self.kind not in ("process", "floor") or not os.path.exists(TIME):
             return None
-        data = msg.with_from_line() if self.stdin_from_line else msg.bare()
+        data: bytes | None = msg.with_from_line() if self.stdin_from_line else msg.bare()
         argv = self.argv(box)
         if self.kind == "floor":
             data = None

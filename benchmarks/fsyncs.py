@@ -13,9 +13,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 from benchmarks.agents import Agent, Context, session_pids
-from benchmarks.workloads import Message
+from benchmarks.workloads import Box, Message
 
 SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "msync", "syncfs", "sync")
 
@@ -39,7 +40,7 @@ def _count(path: str) -> dict[str, int]:
 def _server_pids(agent: Agent, fmt: str) -> list[int]:
     proc = getattr(agent, "procs", {}).get(fmt) if hasattr(agent, "procs") else None
     if proc is None and hasattr(agent, "servers"):
-        server = agent.servers.get(fmt)  # type: ignore[attr-defined]
+        server = agent.servers.get(fmt)
         proc = getattr(server, "proc", None)
     return session_pids(proc.pid) if proc is not None else []
 
@@ -66,8 +67,11 @@ def audit(ctx: Context, agents: list[Agent], say) -> dict[tuple[str, str], str]:
                     log = ctx.path("logs", f"strace-{agent.key}-{fmt}")
                     if agent.kind == "process":
                         real_argv = agent.argv
-                        agent.argv = lambda b, _real=real_argv, _log=log: [  # type: ignore[method-assign]
-                            strace, "-f", "-qq", "-o", _log, "-e", "trace=" + ",".join(SYNC_CALLS), *_real(b)]
+
+                        def traced(b: Box, _real: Callable[[Box], list[str]] = real_argv, _log: str = log) -> list[str]:
+                            return [strace, "-f", "-qq", "-o", _log, "-e", "trace=" + ",".join(SYNC_CALLS), *_real(b)]
+
+                        agent.argv = traced  # type: ignore[assignment]  # per instance; the del below undoes it
                         try:
                             sample = agent.deliver(state, box, Message(f"{agent.key}.audit", 4096))
                         finally:

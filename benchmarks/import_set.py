@@ -43,7 +43,7 @@ def measure(source: str, fmt: str) -> list[str]:
             import pwd
 
             pw = pwd.getpwnam("vmail")
-            user = f'user = "vmail"\n'
+            user = 'user = "vmail"\n'
             root.chmod(0o755)
         config.write_text(
             f'format = "{fmt}"\ncreate_mailbox = true\nlog = "none"\n{user}'

@@ -119,8 +119,8 @@ def summary(data: list[dict[str, object]]) -> list[str]:
             agents.append(str(d["agent"]))
     if not agents:
         return []
-    lines = ["| agent | mbox ms/msg | Maildir ms/msg | x procmail (mbox / Maildir) | CPU ms | peak RSS MB "
-             "| sync calls per message (mbox / Maildir) |",
+    lines = [("| agent | mbox ms/msg | Maildir ms/msg | x procmail (mbox / Maildir) | CPU ms | peak RSS MB "
+             "| sync calls per message (mbox / Maildir) |"),
              "|---|---:|---:|---:|---:|---:|---|"]
     for a in agents:
         by = {str(d["format"]): d for d in basic if d["agent"] == a}
@@ -148,12 +148,12 @@ def write_markdown(path: str, data: list[dict[str, object]], header: list[str], 
     if goals:
         lines += ["## Goals, read against the figures", "", *goals, ""]
     lines += ["## Figures", "",
-              "msgs/s and ms/msg: median over repetitions (1 writer: per-message wall time from fork to reap; "
+              ("msgs/s and ms/msg: median over repetitions (1 writer: per-message wall time from fork to reap; "
               "N writers: wall time of the whole batch). p50/p90/p99: latency of single deliveries, all repetitions. "
               "CPU: user+system of the delivering process (resident servers: all their processes, from /proc). "
               "RSS: median peak RSS of one delivery process (resident servers: the largest server process). "
               "x procmail / x python / x floor: ms/msg divided by that of procmail / `python -c pass` from the "
-              "same environment / the in-process fsync floor, in the same cell of the same run.", ""]
+              "same environment / the in-process fsync floor, in the same cell of the same run."), ""]
     cells: list[str] = []
     for item in data:
         if item["cell"] not in cells:
@@ -164,8 +164,8 @@ def write_markdown(path: str, data: list[dict[str, object]], header: list[str], 
         title = (f"{first['format']}, {first['size']}, {first['mailbox']} mailbox, {first['writers']} writer(s)"
                  + ("" if first["writers"] == 1 else f" into {first['mailboxes']} mailbox(es)"))
         lines += [f"### {title}", "",
-                  "| agent | msgs/s | ms/msg | p50 | p90 | p99 | CPU ms | RSS MB | x procmail | x python (-I) "
-                  "| x floor | arrived | fsync |",
+                  ("| agent | msgs/s | ms/msg | p50 | p90 | p99 | CPU ms | RSS MB | x procmail | x python (-I) "
+                  "| x floor | arrived | fsync |"),
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for d in items:
             if d["msgs_per_s"] is None:

@@ -30,6 +30,7 @@ from benchmarks.agents import (
     Maildrop,
     Procmail,
     PythonFloor,
+    RunAs,
     VdeliverCli,
     VdeliverScript,
     VdeliverVenv,
@@ -91,8 +92,8 @@ def versions() -> list[str]:
         f"procmail: {first_line(['procmail', '-v'])}",
         f"maildrop: {first_line(['maildrop', '-v'])}",
         f"dovecot: {first_line(['dovecot', '--version'])}",
-        f"system python: {first_line([SYSTEM_PYTHON, '--version'])}; "
-        f"venv python: {first_line([VENV_PYTHON, '--version'])}",
+        (f"system python: {first_line([SYSTEM_PYTHON, '--version'])}; "
+        f"venv python: {first_line([VENV_PYTHON, '--version'])}"),
     ]
 
 
@@ -102,11 +103,11 @@ def import_profile(ctx: Context, agent: VdeliverCli) -> list[str]:
     msg = Message("imports.probe", 4096).with_from_line()
 
     def modules(argv: list[str], data: bytes | None) -> dict[str, int]:
-        kwargs: dict[str, object] = {}
+        kwargs: RunAs = {}
         if ctx.creds is not None:
-            kwargs.update(user=ctx.creds[0], group=ctx.creds[1], extra_groups=[])
+            kwargs = {"user": ctx.creds[0], "group": ctx.creds[1], "extra_groups": []}
         out = subprocess.run(argv, input=data, capture_output=True, env={"PATH": "/usr/bin:/bin", "LANG": "C"},
-                             cwd="/", **kwargs)  # type: ignore[arg-type]
+                             cwd="/", **kwargs)
         found = {}
         for line in out.stderr.decode(errors="replace").splitlines():
             if line.startswith("import time:") and "|" in line:
@@ -143,7 +144,7 @@ def goal_lines(data: list[dict[str, object]]) -> list[str]:
                            f"({d['cpu_ms_per_msg'] / floor['cpu_ms_per_msg']:.2f}x, less sensitive to the "  # type: ignore[operator]
                            "machine's load)")
                 lines.append(
-                    f"- vdeliver CLI, {fmt}: {d['agent']}: {d['ms_per_msg']:.1f} ms/msg = "  # type: ignore[str-format]
+                    f"- vdeliver CLI, {fmt}: {d['agent']}: {d['ms_per_msg']:.1f} ms/msg = "
                     f"{d['x_python']:.2f}x `python -c pass` and {d['x_python_I']:.2f}x `python -I -c pass` from the "
                     f"same environment (goal: <= 1.5x), {d['x_procmail']:.1f}x procmail{cpu}."
                 )
@@ -169,10 +170,10 @@ def goal_lines(data: list[dict[str, object]]) -> list[str]:
             f"{d['x_fsync_floor'] or 0:.2f}x the fsync floor's time per message (goal: faster than every "
             "other agent, within 2x of the floor)."
         )
-    floor = {d["format"]: d for d in pick(agent="floor: system python -I -c pass")}
+    floors: dict[object, dict[str, object]] = {d["format"]: d for d in pick(agent="floor: system python -I -c pass")}
     for d in pick(size="10MB", writers=1):
         if str(d["agent"]).startswith("vdeliver (launcher") and d["rss_mb"]:
-            f = floor.get(d["format"]) or next(iter(floor.values()), None)
+            f = floors.get(d["format"]) or next(iter(floors.values()), None)
             base = f["rss_mb"] if f else None
             lines.append(f"- peak RSS, 10 MB message, {d['format']}: vdeliver {d['rss_mb']:.1f} MB (max "
                          f"{d['rss_max_mb']:.1f}); `python3 -I -c pass` {base or 0:.1f} MB "
@@ -271,15 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"# vdeliver benchmarks{' (--quick smoke run: tiny counts, not a measurement)' if args.quick else ''}",
         "",
-        f"- Date: {when:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min; command "
-        f"`python -m benchmarks.run{' --quick' if args.quick else ''}`.",
+        (f"- Date: {when:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min; command "
+        f"`python -m benchmarks.run{' --quick' if args.quick else ''}`."),
         f"- Machine: {report.machine()}.",
-        "- Shared machine: other jobs (test suites of other developers) ran at the same time, so absolute "
+        ("- Shared machine: other jobs (test suites of other developers) ran at the same time, so absolute "
         "figures are noisy; agents are interleaved message by message so that noise falls on all of them "
-        "alike, and ratios within a cell are the figures to read.",
+        "alike, and ratios within a cell are the figures to read."),
         *[f"- {v}" for v in versions()],
-        "- Every agent runs as the unprivileged vmail user, message on a pipe, as sendmail runs it; "
-        "resident LMTP servers get one connection per writer, reused for all its messages.",
+        ("- Every agent runs as the unprivileged vmail user, message on a pipe, as sendmail runs it; "
+        "resident LMTP servers get one connection per writer, reused for all its messages."),
         *[f"- Skipped agent: {s}" for s in skipped],
         *[f"- {n}" for n in notes],
         *[f"- Imports on vdeliver's delivery path (`python -X importtime`): {line}" for line in imports],

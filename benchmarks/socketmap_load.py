@@ -37,8 +37,8 @@ USERS = 2000
 
 
 def make_database(base: Path) -> Path:
-    from vdeliver.accounts.settings import load as load_accounts
     from vdeliver.accounts.engines import open_store
+    from vdeliver.accounts.settings import load as load_accounts
     from vdeliver.config import load as load_config
 
     config = base / "vdeliver.toml"
@@ -58,7 +58,7 @@ def make_database(base: Path) -> Path:
     return config
 
 
-async def one_connection(sock: str, keys: itertools.count, stop_at: float, budget: list[int],
+async def one_connection(sock: str, keys: itertools.count[int], stop_at: float, budget: list[int],
                          latencies: list[float], prefix: str, cached: bool) -> None:
     reader, writer = await asyncio.open_unix_connection(sock)
     rr = p.ReplyReader()
@@ -126,11 +126,11 @@ def main() -> int:
     lines = [
         "# vdeliver-socketmapd load test",
         "",
-        f"`benchmarks/socketmap_load.py --requests {args.requests} --seconds {args.seconds}` on "
+        (f"`benchmarks/socketmap_load.py --requests {args.requests} --seconds {args.seconds}` on "
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs), "
         f"Python {platform.python_version()}; SQLite accounts database of {USERS} mailboxes; unix socket; "
         "client (asyncio) and server on the same machine. `cached`: keys answered from memory; "
-        "`uncached`: a new key on every request (one database read each).",
+        "`uncached`: a new key on every request (one database read each)."),
         "",
         "| connections | keys | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",

@@ -274,9 +274,8 @@ class Integrity:
         if self.ok:
             return f"{self.intact}/{self.expected} intact"
         parts = [f"{self.intact}/{self.expected} intact"]
-        for name in ("missing", "duplicated", "corrupt", "unexpected"):
-            if getattr(self, name):
-                parts.append(f"{getattr(self, name)} {name}")
+        parts.extend(f"{getattr(self, name)} {name}"
+                     for name in ("missing", "duplicated", "corrupt", "unexpected") if getattr(self, name))
         return ", ".join(parts)
 
 

@@ -23,11 +23,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from tests.helpers import Account, MailRoot, free_port, require, world_tmpdir
+from vdeliver.config import Config
 
 
-def vdeliver_config(root: MailRoot, **tables: dict[str, object]) -> object:
+def vdeliver_config(root: MailRoot, **tables: dict[str, object]) -> Config:
     """The vdeliver Config object matching the MailRoot (what vmailctl would read)."""
     from vdeliver import config as config_mod
 
@@ -54,7 +56,7 @@ def passwd_file_auth(path: Path) -> str:
 class Dovecot:
     """One private Dovecot master and its children."""
 
-    def __init__(self, root: MailRoot, vmail: Account, *, auth: str | None = None, cfg: object | None = None,
+    def __init__(self, root: MailRoot, vmail: Account, *, auth: str | None = None, cfg: Config | None = None,
                  extra: str = "", generated: Path | None = None) -> None:
         """auth: passdb/userdb text, or None for the generated SQL ones (the [accounts] database).
         generated: a directory `vmailctl dovecot-config --output` wrote; else the files are
@@ -81,7 +83,7 @@ class Dovecot:
         # config_dir pointing here so the auth snippet finds our dovecot-sql.conf.ext.
         confd = (self.generated or self.base) / "conf.d"
         if self.generated is None:
-            tables = getattr(self.cfg, "tables")  # noqa: B009
+            tables = self.cfg.tables
             tables["dovecot"] = {**tables.get("dovecot", {}), "config_dir": str(self.base)}
             dc.write_files(str(self.base), dc.render_files(self.cfg))
         auth_file = confd / "auth-vdeliver-sql.conf.ext"
@@ -204,7 +206,7 @@ class Dovecot:
         """(status, text) of a LOGIN: ('OK', ...) or ('NO', '[AUTHENTICATIONFAILED] ...')."""
         imap = self.connect()
         try:
-            typ, data = imap._simple_command("LOGIN", imap._quote(user), imap._quote(password))  # type: ignore[attr-defined]
+            typ, data = imap._simple_command("LOGIN", imap._quote(user), imap._quote(password))
             text = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
             return typ, text
         except imaplib.IMAP4.error as exc:
@@ -238,25 +240,41 @@ def bad_log_lines(log: str) -> list[str]:
     ]
 
 
-def fetch_all(imap: object, items: str = "(UID FLAGS RFC822.SIZE BODY.PEEK[])") -> list[dict[str, object]]:
+class Fetched(TypedDict):
+    """One message of fetch_all(): size is None when not fetched; body is what IMAP sent."""
+
+    uid: int
+    flags: set[str]
+    size: int | None
+    body: bytes
+
+
+def fetch_all(imap: imaplib.IMAP4, items: str = "(UID FLAGS RFC822.SIZE BODY.PEEK[])") -> list[Fetched]:
     """UID FETCH 1:* (empty mailboxes too) parsed into dicts: uid, flags, size, body (bytes, as IMAP sent it)."""
-    typ, data = imap.uid("FETCH", "1:*", items)  # type: ignore[attr-defined]
+    typ, data = imap.uid("FETCH", "1:*", items)
     assert typ == "OK", data
-    out = []
+    out: list[Fetched] = []
     for item in data:
         if not isinstance(item, tuple):
             continue
         head = item[0].decode()
         m_uid = re.search(r"UID (\d+)", head)
+        assert m_uid, head  # a UID FETCH response always carries the UID (RFC 3501 6.4.8)
         m_flags = re.search(r"FLAGS \(([^)]*)\)", head)
         m_size = re.search(r"RFC822\.SIZE (\d+)", head)
         out.append({
-            "uid": int(m_uid.group(1)) if m_uid else None,
+            "uid": int(m_uid.group(1)),
             "flags": set(m_flags.group(1).split()) if m_flags else set(),
             "size": int(m_size.group(1)) if m_size else None,
             "body": item[1],
         })
     return out
+
+
+def selected_count(data: list[bytes | None]) -> int:
+    """The message count (EXISTS) of an IMAP SELECT's data."""
+    assert data[0] is not None, data
+    return int(data[0])
 
 
 def lf(data: bytes) -> bytes:

@@ -30,8 +30,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tests.helpers import IS_ROOT, Account, MailRoot, install_vdeliver, run_vdeliver, which
+from tests.helpers import IS_ROOT, Account, MailRoot, RunAs, install_vdeliver, run_as, run_vdeliver, which
 
 DOMAIN = "crash.test"
 USER = "fred"
@@ -79,8 +80,7 @@ def split_mbox(data: bytes) -> list[bytes]:
         return []
     assert data.startswith(b"From "), f"mbox does not start with a From_ line: {data[:60]!r}"
     pieces = data[5:].split(b"\nFrom ")
-    records = [b"From " + p + b"\n" for p in pieces[:-1]] + [b"From " + pieces[-1]]
-    return records
+    return [b"From " + p + b"\n" for p in pieces[:-1]] + [b"From " + pieces[-1]]
 
 
 def unstore(record: bytes) -> bytes:
@@ -110,8 +110,8 @@ def check_mbox(path: Path, expected: list[bytes]) -> None:
     got = [unstore(r) for r in split_mbox(data)]
     want_ids = [message_id(m) for m in expected]
     got_ids = [message_id(m) for m in got]
-    assert got_ids == want_ids, f"messages differ: missing {set(want_ids) - set(got_ids)}, " \
-        f"extra {set(got_ids) - set(want_ids)}, {len(got_ids)} vs {len(want_ids)}"
+    assert got_ids == want_ids, (f"messages differ: missing {set(want_ids) - set(got_ids)}, "
+                                 f"extra {set(got_ids) - set(want_ids)}, {len(got_ids)} vs {len(want_ids)}")
     for g, w in zip(got, expected, strict=True):
         assert g == w, f"message {message_id(w)} is not byte-correct"
     box = mailbox.mbox(str(path), create=False)
@@ -238,7 +238,8 @@ def kill_at_record_byte(k: int, module: str = "mbox") -> Callable[[], None]:
     def patch() -> None:
         import importlib
 
-        target = importlib.import_module(f"vdeliver.{module}")
+        # Any: the patch replaces a module attribute, which ModuleType does not declare.
+        target: Any = importlib.import_module(f"vdeliver.{module}")
         real = target.write_all
         state = {"left": k}
 
@@ -322,7 +323,7 @@ def kill_on_ftruncate(after: bool) -> Callable[[], None]:
             real(fd, length)
             _suicide()
 
-        os.ftruncate = ftruncate  # type: ignore[assignment]
+        os.ftruncate = ftruncate
 
     return patch
 
@@ -361,13 +362,13 @@ def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k
 
 def popen_vdeliver(root: MailRoot, as_user: Account) -> subprocess.Popen[bytes]:
     launcher = install_vdeliver() / "bin" / "vdeliver"
-    kwargs: dict[str, object] = {}
+    kwargs: RunAs = {}
     if IS_ROOT and as_user.uid != 0:
-        kwargs.update(user=as_user.uid, group=as_user.gid, extra_groups=[])
+        kwargs = run_as(as_user.uid, as_user.gid)
     return subprocess.Popen(
         [str(launcher), "-c", str(root.config), "-f", SENDER, "-a", DOMAIN, "-a", USER],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={"PATH": "/usr/bin:/bin", "LANG": "C"}, cwd="/", **kwargs,  # type: ignore[arg-type]
+        env={"PATH": "/usr/bin:/bin", "LANG": "C"}, cwd="/", **kwargs,
     )
 
 

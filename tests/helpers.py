@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -34,6 +35,19 @@ SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sy
 _SEARCH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/lib/postgresql/15/bin", "/usr/lib/dovecot"]
 )
+
+
+class RunAs(TypedDict, total=False):
+    """The subprocess.run()/Popen() keywords that start a child as another user."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+def run_as(uid: int, gid: int) -> RunAs:
+    """Keywords that run a child as uid:gid with no supplementary groups."""
+    return {"user": uid, "group": gid, "extra_groups": []}
 
 
 def which(program: str) -> str | None:
@@ -258,9 +272,9 @@ def run_vdeliver(
     if config is not None:
         argv += ["-c", str(config)]
     argv += args
-    kwargs: dict[str, object] = {}
+    kwargs: RunAs = {}
     if as_user is not None and IS_ROOT and as_user.uid != 0:
-        kwargs.update(user=as_user.uid, group=as_user.gid, extra_groups=[])
+        kwargs = run_as(as_user.uid, as_user.gid)
     return subprocess.run(
         argv,
         input=message,
@@ -268,7 +282,7 @@ def run_vdeliver(
         timeout=timeout,
         env=env if env is not None else {"PATH": "/usr/bin:/bin", "LANG": "C"},
         cwd="/",
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IS_ROOT, free_port, require, world_tmpdir
+from tests.helpers import IS_ROOT, RunAs, free_port, require, run_as, world_tmpdir
 
 _ENV = {"PATH": "/usr/lib/postgresql/15/bin:/usr/bin:/bin", "LANG": "C", "LC_ALL": "C"}
 _counter = itertools.count(1)
@@ -62,10 +62,10 @@ class Cluster:
         self.port = free_port()
         self.tcp = tcp
         self.running = False
-        self._run_as: dict[str, object] = {}
+        self._run_as: RunAs = {}
         if IS_ROOT:
             pw = pwd.getpwnam("postgres")
-            self._run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            self._run_as = run_as(pw.pw_uid, pw.pw_gid)
             owner = (pw.pw_uid, pw.pw_gid)
         else:
             owner = (os.geteuid(), os.getegid())
@@ -93,7 +93,7 @@ class Cluster:
     def _pg(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             argv, capture_output=True, text=True, env=_ENV, cwd=str(self.base), timeout=timeout,
-            **self._run_as,  # type: ignore[arg-type]
+            **self._run_as,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"

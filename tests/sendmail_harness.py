@@ -34,7 +34,7 @@ shipped examples):
     site = Site.create()                  a fresh private site; site.close() stops
                                           its daemons and removes it (also a
                                           context manager); site.close_daemons()
-    site.install_maps(src_dir=MAPS, **texts)
+    site.install_maps(MAPS, **texts)
                                           copy map sources (texts: name=content,
                                           access_in= for access.in), makemap the
                                           hash maps (virtusertable, access.in, access_out)
@@ -79,6 +79,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -321,7 +322,7 @@ class Site:
         self.close()
 
     # -- maps -----------------------------------------------------------------
-    def install_maps(self, src_dir: Path | None = MAPS, **texts: str) -> None:
+    def install_maps(self, src_dir: Path | None = MAPS, /, **texts: str) -> None:
         """Copy the map sources of src_dir (default: examples/maps), then the ones given
         as name=text (`access_in=` means access.in; `**{"local-host-names": ...}`
         works too), and build every hash map with makemap.  The examples'
@@ -387,8 +388,7 @@ class Site:
         """Point the production paths of an .mc into this site."""
         text = text.replace("/etc/mail/", f"{self.etc}/")
         text = text.replace("/var/spool/mqueue.in", str(self.queue))
-        text = text.replace("/var/spool/mqueue", str(self.queue))
-        return text
+        return text.replace("/var/spool/mqueue", str(self.queue))
 
     def compile(
         self,
@@ -595,7 +595,12 @@ def parse_address_test(output: str, addresses: Sequence[str]) -> dict[str, str]:
     return results
 
 
-def read_qf(path: Path) -> dict[str, object]:
+class QueueEnvelope(TypedDict):
+    sender: str
+    recipients: list[str]
+
+
+def read_qf(path: Path) -> QueueEnvelope:
     """The envelope of a queue file: sender (S line) and recipients (R lines)."""
     sender = ""
     rcpts: list[str] = []

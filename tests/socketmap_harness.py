@@ -43,25 +43,24 @@ def write_config(base: Path, accounts: str, socketmap: str = "", maps_dir: Path 
 def populate(config: Path) -> None:
     """Every kind of account the maps know, in two domains, an alias domain and a catch-all domain."""
     cfg = load_config(str(config))
-    with open_store(load_accounts_settings(cfg)) as store:
-        with store.transaction():
-            store.domain_add("away.com")
-            store.domain_add("home.com")
-            store.domain_add("alias.org", alias_of="away.com")
-            store.domain_add("empty.net")
-            for user in ("fred", "dino", "sleepy", "multi", "keeper", "single"):
-                store.user_add(user, "away.com", "{PLAIN}x", "mbox")
-            store.user_add("fred", "home.com", "{PLAIN}x", "maildir")
-            store.user_add("wilma", "home.com", "{PLAIN}x", "maildir")
-            store.user_set_status("dino", "away.com", "disabled", "left")
-            store.user_set_status("sleepy", "away.com", "suspended", "unpaid")
-            store.forward_set("single", "away.com", ["single@elsewhere.example"])
-            store.forward_set("multi", "away.com", ["a@elsewhere.example", "b@elsewhere.example"])
-            store.forward_set("keeper", "away.com", ["k@elsewhere.example"], keep_copy=True)
-            store.alias_add("info", "away.com", ["fred@away.com"])
-            store.alias_add("sales", "away.com", ["orders@partner.example"])
-            store.alias_add("team", "away.com", ["fred@away.com", "fred@home.com"])
-            store.catchall_set("home.com", "wilma@home.com")
+    with open_store(load_accounts_settings(cfg)) as store, store.transaction():
+        store.domain_add("away.com")
+        store.domain_add("home.com")
+        store.domain_add("alias.org", alias_of="away.com")
+        store.domain_add("empty.net")
+        for user in ("fred", "dino", "sleepy", "multi", "keeper", "single"):
+            store.user_add(user, "away.com", "{PLAIN}x", "mbox")
+        store.user_add("fred", "home.com", "{PLAIN}x", "maildir")
+        store.user_add("wilma", "home.com", "{PLAIN}x", "maildir")
+        store.user_set_status("dino", "away.com", "disabled", "left")
+        store.user_set_status("sleepy", "away.com", "suspended", "unpaid")
+        store.forward_set("single", "away.com", ["single@elsewhere.example"])
+        store.forward_set("multi", "away.com", ["a@elsewhere.example", "b@elsewhere.example"])
+        store.forward_set("keeper", "away.com", ["k@elsewhere.example"], keep_copy=True)
+        store.alias_add("info", "away.com", ["fred@away.com"])
+        store.alias_add("sales", "away.com", ["orders@partner.example"])
+        store.alias_add("team", "away.com", ["fred@away.com", "fred@home.com"])
+        store.catchall_set("home.com", "wilma@home.com")
 
 
 def generated_maps(config: Path) -> dict[str, str]:
@@ -119,7 +118,7 @@ def running_server(config: Path, *extra: str, python: str | None = None,
     open_files sets its RLIMIT_NOFILE."""
     text = config.read_text()
     sockets = [line.split('"')[1] for line in text.splitlines() if line.startswith(("socket_in", "socket_out"))]
-    log = open(config.parent / "socketmapd.log", "ab")
+    log = open(config.parent / "socketmapd.log", "ab")  # noqa: SIM115 - the daemon's output; closed below
     proc = subprocess.Popen(
         [python or sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--log", "stderr", *extra],
         cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_accounts_env import CHEAP_ARGON2, Acct, acct, pg_cluster, pg_schema_conninfo  # noqa: F401
+from tests.pg import pg_cluster, pg_schema_conninfo  # noqa: F401  (fixtures)
+from tests.test_accounts_env import CHEAP_ARGON2, Acct, acct  # noqa: F401
 from vdeliver.accounts import names, passwords, schema
 from vdeliver.accounts.errors import Conflict, InvalidName, TemporaryError
 from vdeliver.accounts.settings import Settings
@@ -48,7 +49,7 @@ def test_a_failing_migration_leaves_no_trace(acct: Acct, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(store_mod, "MIGRATIONS", schema.MIGRATIONS)
     monkeypatch.setattr(store_mod, "LATEST", bad[0])
-    with pytest.raises(Exception):  # noqa: B017 - a syntax error: each engine raises its own class
+    with pytest.raises(Exception):  # noqa: B017, PT011 - a syntax error: each engine raises its own class
         acct.store()
     monkeypatch.undo()
     with contextlib.closing(acct.store()) as s:
@@ -79,13 +80,13 @@ RAW_VIOLATIONS = [
      "user not lower case"),
     ("INSERT INTO mailboxes (username, domain, format, created_at) VALUES ('x', 'nowhere.example', 'mbox', 'x')",
      "mailbox domain FK"),
-    ("INSERT INTO mailboxes (username, domain, format, status, created_at)"
-     " VALUES ('x', 'away.com', 'mbox', 'frozen', 'x')",
+    (("INSERT INTO mailboxes (username, domain, format, status, created_at)"
+     " VALUES ('x', 'away.com', 'mbox', 'frozen', 'x')"),
      "status check"),
     ("INSERT INTO mailboxes (username, domain, format, created_at) VALUES ('x', 'away.com', 'mh', 'x')",
      "format check"),
-    ("INSERT INTO mailboxes (username, domain, format, quota_bytes, created_at)"
-     " VALUES ('x', 'away.com', 'mbox', -1, 'x')",
+    (("INSERT INTO mailboxes (username, domain, format, quota_bytes, created_at)"
+     " VALUES ('x', 'away.com', 'mbox', -1, 'x')"),
      "quota check"),
     ("INSERT INTO mailboxes (username, domain, format, keep_copy, created_at) VALUES ('x', 'away.com', 'mbox', 2, 'x')",
      "boolean check"),
@@ -95,18 +96,17 @@ RAW_VIOLATIONS = [
 ]
 
 
-@pytest.mark.parametrize("sql,why", RAW_VIOLATIONS, ids=[w for _, w in RAW_VIOLATIONS])
+@pytest.mark.parametrize(("sql", "why"), RAW_VIOLATIONS, ids=[w for _, w in RAW_VIOLATIONS])
 def test_schema_constraints_hold_without_python(acct: Acct, sql: str, why: str) -> None:
     acct.ok("domain", "add", "away.com")
     acct.ok("user", "add", "fred@away.com", "--no-password", "--no-mailbox")
     before = acct.dump()
-    with contextlib.closing(acct.store()) as s:
-        with pytest.raises(integrity_errors()):
-            s.execute("BEGIN")
-            try:
-                s.execute(sql)
-            finally:
-                s.execute("ROLLBACK")
+    with contextlib.closing(acct.store()) as s, pytest.raises(integrity_errors()):
+        s.execute("BEGIN")
+        try:
+            s.execute(sql)
+        finally:
+            s.execute("ROLLBACK")
     assert acct.dump() == before
 
 
@@ -114,15 +114,13 @@ def test_one_transaction_per_command(acct: Acct) -> None:
     acct.ok("domain", "add", "away.com")
     before = acct.dump()
     with contextlib.closing(acct.store()) as s:
-        with pytest.raises(Conflict):
-            with s.transaction():
-                s.domain_add("home.com")
-                s.user_add("fred", "home.com", "", "mbox")
-                s.user_add("fred", "home.com", "", "mbox")  # refused: the whole command rolls back
-        with pytest.raises(RuntimeError):
-            with s.transaction():
-                s.domain_add("other.example")
-                raise RuntimeError("crash in the middle")
+        with pytest.raises(Conflict), s.transaction():
+            s.domain_add("home.com")
+            s.user_add("fred", "home.com", "", "mbox")
+            s.user_add("fred", "home.com", "", "mbox")  # refused: the whole command rolls back
+        with pytest.raises(RuntimeError), s.transaction():
+            s.domain_add("other.example")
+            raise RuntimeError("crash in the middle")
     assert acct.dump() == before
 
 

@@ -50,7 +50,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append([*stack[stack.index(nxt):], nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -64,7 +64,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # Bottom to top.  A pattern ending in ".*" takes a whole package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("vdeliver", "vdeliver.errors", "vdeliver.log", "vdeliver.fileio", "vdeliver.unixd")),
+    ("base", ("vdeliver", "vdeliver.errors", "vdeliver.hooks", "vdeliver.log", "vdeliver.fileio", "vdeliver.unixd")),
     ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking")),
     ("stores", ("vdeliver.mbox", "vdeliver.maildir")),
     ("recovery", ("vdeliver.recovery",)),

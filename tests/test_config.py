@@ -117,7 +117,7 @@ _key = st.text(alphabet="abcxyz_-019", min_size=1, max_size=6)
 _value = st.one_of(
     st.booleans().map(lambda b: "true" if b else "false"),
     st.integers(-(10**12), 10**12).map(str),
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12).map(lambda s: '"' + s + '"'),
+    st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=12).map(lambda s: '"' + s + '"'),
     st.text(max_size=12).map(lambda s: "'" + s + "'"),
     st.text(alphabet="0123456789+-._xe\"'[]{} #=", min_size=1, max_size=8),
 )

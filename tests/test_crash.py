@@ -457,9 +457,8 @@ def test_dovecot_reads_exactly_the_acknowledged_messages(mailroot: MailRoot, vma
                                                          vdeliver_install: object) -> None:
     """Kills, then Dovecot reads (and writes its X-UID headers into the mbox), then more
     kills on the file Dovecot changed: IMAP shows every acknowledged message once, intact."""
-    from tests.dovecot_harness import Dovecot, passwd_file_auth
+    from tests.dovecot_harness import Dovecot, bad_log_lines, passwd_file_auth
     from tests.helpers import require_root
-    from tests.test_dovecot import bad_log_lines
 
     require_root("Dovecot's mail processes switch to the vmail user")
     mailroot.add_mbox(fi.DOMAIN, fi.USER)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IS_ROOT, MailRoot, install_vdeliver, mbox_messages, run_vdeliver
+from tests.helpers import IS_ROOT, MailRoot, RunAs, install_vdeliver, mbox_messages, run_as, run_vdeliver
 
 MSG = b"From sender@example.org Wed Nov 25 02:56:49 2026\nSubject: test\nStatus: RO\n\nHello\nFrom the body\n"
 MAILDIR_NAME = re.compile(r"^(\d+)\.M(\d+)P(\d+)R([0-9a-f]+)\.([^,/]+),S=(\d+),W=(\d+)$")
@@ -266,11 +266,11 @@ def test_efbig_rolls_back(mailroot: MailRoot) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     argv = [str(install_vdeliver() / "bin" / "vdeliver"), "-c", str(mailroot.config), "-a", "away.com", "-a", "fred"]
-    kw: dict[str, object] = {}
+    kw: RunAs = {}
     if IS_ROOT:
-        kw = {"user": mailroot.owner.uid, "group": mailroot.owner.gid, "extra_groups": []}
+        kw = run_as(mailroot.owner.uid, mailroot.owner.gid)
     done = subprocess.run(argv, input=b"S: big\n\n" + b"y" * 100_000, capture_output=True, preexec_fn=cap,
-                          env={"PATH": "/usr/bin:/bin"}, timeout=60, **kw)  # type: ignore[call-overload]
+                          env={"PATH": "/usr/bin:/bin"}, timeout=60, **kw)
     assert done.returncode == 75, done.stderr
     assert b"mailbox full" in done.stderr
     assert box.read_bytes() == before
@@ -280,12 +280,12 @@ def test_efbig_can_bounce_when_configured(mailroot: MailRoot) -> None:
     box = mailroot.add_mbox("away.com", "fred", b"")
     mailroot.write_config(over_quota="bounce")
     argv = [str(install_vdeliver() / "bin" / "vdeliver"), "-c", str(mailroot.config), "-a", "away.com", "-a", "fred"]
-    kw: dict[str, object] = {}
+    kw: RunAs = {}
     if IS_ROOT:
-        kw = {"user": mailroot.owner.uid, "group": mailroot.owner.gid, "extra_groups": []}
+        kw = run_as(mailroot.owner.uid, mailroot.owner.gid)
     done = subprocess.run(argv, input=b"S: big\n\n" + b"y" * 100_000, capture_output=True,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)),
-                          env={"PATH": "/usr/bin:/bin"}, timeout=60, **kw)  # type: ignore[call-overload]
+                          env={"PATH": "/usr/bin:/bin"}, timeout=60, **kw)
     assert done.returncode == 73 and b"5.2.2" in done.stderr
     assert box.read_bytes() == b""
 
@@ -346,11 +346,11 @@ def test_large_maildirsize_is_recalculated(mailroot: MailRoot) -> None:
 
 def _start(root: MailRoot, msg: bytes = MSG) -> subprocess.Popen[bytes]:
     argv = [str(install_vdeliver() / "bin" / "vdeliver"), "-c", str(root.config), "-a", "away.com", "-a", "fred"]
-    kw: dict[str, object] = {}
+    kw: RunAs = {}
     if IS_ROOT:
-        kw = {"user": root.owner.uid, "group": root.owner.gid, "extra_groups": []}
+        kw = run_as(root.owner.uid, root.owner.gid)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={"PATH": "/usr/bin:/bin"}, **kw)  # type: ignore[call-overload]
+                            env={"PATH": "/usr/bin:/bin"}, **kw)
     assert proc.stdin is not None
     proc.stdin.write(msg)
     proc.stdin.close()
@@ -441,11 +441,11 @@ def test_sixteen_writers_fifty_messages_each(mailroot: MailRoot) -> None:
         "  i=$((i+1))\n"
         "done\n"
     )
-    kw: dict[str, object] = {}
+    kw: RunAs = {}
     if IS_ROOT:
-        kw = {"user": mailroot.owner.uid, "group": mailroot.owner.gid, "extra_groups": []}
+        kw = run_as(mailroot.owner.uid, mailroot.owner.gid)
     procs = [subprocess.Popen(["sh", "-c", script, "sh", str(w)], env={"PATH": "/usr/bin:/bin"},
-                              **kw) for w in range(16)]  # type: ignore[call-overload]
+                              **kw) for w in range(16)]
     assert [p.wait(600) for p in procs] == [0] * 16
     msgs = mbox_messages(box)
     assert len(msgs) == 800

@@ -94,7 +94,9 @@ def test_doctor_on_the_documented_setup_says_ok(site: Site, capsys: pytest.Captu
     capsys.readouterr()
     rc, data = site.doctor(capsys)
     assert _problems(data) == [] and rc == 0
-    assert any("starts vdeliver as vmail:vmail with an empty environment" in c for c in data["checked"])  # type: ignore[union-attr]
+    checked = data["checked"]
+    assert isinstance(checked, list)
+    assert any("starts vdeliver as vmail:vmail with an empty environment" in c for c in checked)
 
 
 def test_doctor_reports_bare_python_argv0_with_the_launcher_fix(site: Site,

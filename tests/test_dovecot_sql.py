@@ -74,7 +74,7 @@ class Site:
         try:
             typ, _ = imap.select("INBOX")
             assert typ == "OK"
-            return [message_id(m["body"]) for m in fetch_all(imap)]  # type: ignore[arg-type]
+            return [message_id(m["body"]) for m in fetch_all(imap)]
         finally:
             imap.logout()
 
@@ -178,7 +178,7 @@ def test_alias_domain_login_reads_the_real_mailbox(site: Site) -> None:
     imap = site.dovecot.login("fred@alias.com", "home pass")
     try:
         imap.select("INBOX")
-        (got,) = [m for m in fetch_all(imap) if b"<to-home@t>" in m["body"]]  # type: ignore[operator]
+        (got,) = [m for m in fetch_all(imap) if b"<to-home@t>" in m["body"]]
     finally:
         imap.logout()
     assert got["body"] == content.replace(b"\n", b"\r\n")  # the bytes vdeliver wrote
@@ -267,17 +267,22 @@ def test_maildir_quota_counted_alike(site: Site) -> None:
     refuses what would go over; Dovecot's own recount from the files equals the sum."""
     from vdeliver import maildir as vmaildir
 
+    def _quota(md: Path) -> tuple[int, int, int, int, int]:
+        quota = vmaildir.read_quota(str(md))
+        assert quota is not None, f"no maildirsize in {md}"
+        return quota
+
     address, password = "quota@home.com", "quota pass"
     md = site.maildir(address)
     # vmailctl wrote the limit: vdeliver enforces it before the user ever logs in.
-    assert vmaildir.read_quota(str(md))[:4] == (20000, 0, 0, 0)
+    assert _quota(md)[:4] == (20000, 0, 0, 0)
     imap = site.dovecot.login(address, password)
     try:
         typ, data = imap.getquotaroot("INBOX")
         assert typ == "OK", data
     finally:
         imap.logout()
-    limit, count_limit, used, count, _size = vmaildir.read_quota(str(md))  # type: ignore[misc]
+    limit, count_limit, used, count, _size = _quota(md)
     assert (limit, count_limit, used, count) == (20000, 0, 0, 0)  # Dovecot reads the same file alike
     body = b"x" * 3000 + b"\n"
     delivered = 0
@@ -290,7 +295,7 @@ def test_maildir_quota_counted_alike(site: Site) -> None:
             break
         delivered += 1
     assert 0 < delivered < 10
-    _l, _c, used_vd, count_vd, _s = vmaildir.read_quota(str(md))  # type: ignore[misc]
+    _l, _c, used_vd, count_vd, _s = _quota(md)
     on_disk = sum(p.stat().st_size for sub in ("new", "cur") for p in (md / sub).iterdir())
     assert (used_vd, count_vd) == (on_disk, delivered)
     assert used_vd <= limit < used_vd + len(body) + 40
@@ -303,13 +308,15 @@ def test_maildir_quota_counted_alike(site: Site) -> None:
         _typ, quota_data = imap.getquotaroot("INBOX")
     finally:
         imap.logout()
-    _l, _c, used_after, count_after, _s = vmaildir.read_quota(str(md))  # type: ignore[misc]
+    _l, _c, used_after, count_after, _s = _quota(md)
     on_disk_after = sum(p.stat().st_size for sub in ("new", "cur") for p in (md / sub).iterdir())
     assert (used_after, count_after) == (on_disk_after, delivered - 1)
-    kib = lambda n: -(-n // 1024)  # noqa: E731 - IMAP QUOTA counts KiB, Dovecot rounds up
+    def kib(n: int) -> int:  # IMAP QUOTA counts KiB, Dovecot rounds up
+        return -(-n // 1024)
+
     assert f"STORAGE {kib(used_after)} {kib(limit)}" in repr(quota_data)
     # A full recount by Dovecot gives the same numbers vdeliver and Dovecot kept between them.
     os.unlink(md / "maildirsize")
     doveadm(site, "quota", "recalc", "-u", address)
-    _l, _c, recount, recount_n, _s = vmaildir.read_quota(str(md))  # type: ignore[misc]
+    _l, _c, recount, recount_n, _s = _quota(md)
     assert (recount, recount_n) == (used_after, count_after)

@@ -21,7 +21,17 @@ from pathlib import Path
 import pytest
 
 from tests import faultinject as fi
-from tests.helpers import IS_ROOT, Account, MailRoot, install_vdeliver, require, require_root, world_tmpdir
+from tests.helpers import (
+    IS_ROOT,
+    Account,
+    MailRoot,
+    RunAs,
+    install_vdeliver,
+    require,
+    require_root,
+    run_as,
+    world_tmpdir,
+)
 
 SOAK = int(os.environ.get("VDELIVER_SOAK", "1") or "1")
 
@@ -156,13 +166,13 @@ def test_file_size_limit_defers(root: MailRoot, vmail: Account) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     launcher = install_vdeliver() / "bin" / "vdeliver"
-    kwargs: dict[str, object] = {}
+    kwargs: RunAs = {}
     if IS_ROOT:
-        kwargs.update(user=vmail.uid, group=vmail.gid, extra_groups=[])
+        kwargs = run_as(vmail.uid, vmail.gid)
     res = subprocess.run(
         [str(launcher), "-c", str(root.config), "-f", fi.SENDER, "-a", fi.DOMAIN, "-a", fi.USER],
         input=big, capture_output=True, preexec_fn=limited, env={"PATH": "/usr/bin:/bin"}, cwd="/",
-        timeout=60, **kwargs,  # type: ignore[arg-type]
+        timeout=60, **kwargs,
     )
     assert res.returncode == 75, res.stderr
     assert b"mailbox full" in res.stderr
@@ -174,9 +184,9 @@ def test_file_size_limit_defers(root: MailRoot, vmail: Account) -> None:
 # -- lock peers ----------------------------------------------------------------------------------------
 
 
-def _as(account: Account) -> dict[str, object]:
+def _as(account: Account) -> RunAs:
     if IS_ROOT and account.uid != 0:
-        return {"user": account.uid, "group": account.gid, "extra_groups": []}
+        return run_as(account.uid, account.gid)
     return {}
 
 
@@ -212,10 +222,10 @@ def test_procmail_and_vdeliver_at_the_same_time(root: MailRoot, vmail: Account) 
                 data = msg
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  cwd=str(root.base), env={"PATH": "/usr/bin:/bin", "HOME": str(root.base)},
-                                 **_as(vmail))  # type: ignore[arg-type]
+                                 **_as(vmail))
             procs.append((p, data))
     for p, data in procs:
-        out, err = p.communicate(data, timeout=120)
+        _out, err = p.communicate(data, timeout=120)
         assert p.returncode == 0, err
     got = _records(mbox)
     assert got == msgs
@@ -251,7 +261,7 @@ def test_lockfile_program_holds_the_dotlock(root: MailRoot, vmail: Account) -> N
     peers = require("lockfile")
     mbox = _mbox(root)
     lock = Path(str(mbox) + ".lock")
-    subprocess.run([peers["lockfile"], "-r0", str(lock)], check=True, **_as(vmail))  # type: ignore[arg-type]
+    subprocess.run([peers["lockfile"], "-r0", str(lock)], check=True, **_as(vmail))
     assert lock.exists()
     rng = random.Random(11)
     msgs = [fi.make_message(rng, i, rng.randint(100, 20_000)) for i in range(3)]

@@ -49,7 +49,8 @@ def test_readonly_role_reads_but_cannot_write(base: Path, pg_cluster: Cluster) -
 
     ro = dsn.replace("user=postgres", "user=vdeliver_ro")
     with psycopg.connect(ro, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM mailboxes").fetchone()[0] > 0
+        row = conn.execute("SELECT count(*) FROM mailboxes").fetchone()
+        assert row is not None and row[0] > 0
         for sql in ("INSERT INTO domains (name, created_at) VALUES ('evil.com', 'x')",
                     "UPDATE mailboxes SET password = '{PLAIN}x'",
                     "DELETE FROM forwards",

@@ -55,9 +55,8 @@ def config(request: pytest.FixtureRequest, base: Path) -> Path:
 
 
 def _raw(config: Path, sql: str, value: str) -> None:
-    with open_store(load_settings(load_config(str(config)))) as store:
-        with store.transaction():
-            store.execute(sql, (value,))
+    with open_store(load_settings(load_config(str(config)))) as store, store.transaction():
+        store.execute(sql, (value,))
 
 
 def vmailctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -70,7 +69,7 @@ def test_forged_row_never_reaches_the_maps(config: Path, case: int) -> None:
     assert vmailctl(config, "maps", "build").returncode == 0
     maps_dir = config.parent / "maps"
     before = {f.name: f.read_bytes() for f in maps_dir.iterdir() if f.is_file() and not f.name.startswith(".")}
-    table, sql, value = EVIL[case]
+    _table, sql, value = EVIL[case]
     _raw(config, sql, value)
     out = vmailctl(config, "maps", "build")
     assert out.returncode == 1, out

@@ -71,7 +71,7 @@ def test_pid_file_below_a_symlinked_directory_is_refused(mailroot: MailRoot) -> 
 
     write_config(mailroot, **server.settings)
     try:
-        with pytest.raises(RuntimeError, match="exited 71.*symbolic link owned by uid"):
+        with pytest.raises(RuntimeError, match=r"exited 71.*symbolic link owned by uid"):
             server.start()
     finally:
         server.stop()  # only if it started after all
@@ -107,7 +107,7 @@ def test_run_directory_writable_by_others_is_refused(mailroot: MailRoot) -> None
     server = Lmtpd(mailroot)
     server.rundir.chmod(0o777)
     try:
-        with pytest.raises(RuntimeError, match="exited 71.*may be changed by others"):
+        with pytest.raises(RuntimeError, match=r"exited 71.*may be changed by others"):
             server.start()
     finally:
         server.stop()

@@ -35,7 +35,7 @@ def drive(data: bytes, *, bytewise: bool = False, **kwargs: object) -> tuple[lis
             if ev is p.NEED_DATA:
                 break
             if isinstance(ev, p.Data) and events and isinstance(events[-1], p.Data):
-                events[-1] = p.Data(events[-1].data + ev.data)  # type: ignore[attr-defined]
+                events[-1] = p.Data(events[-1].data + ev.data)
             else:
                 events.append(ev)
             if isinstance(ev, p.RcptTo):
@@ -386,7 +386,7 @@ def _in_state(state: str) -> p.Connection:
 
 
 def test_the_table_names_every_command_and_handler() -> None:
-    assert p.COMMANDS == set(_LINES)
+    assert set(_LINES) == p.COMMANDS
     assert all(state in (p.INIT, p.READY, p.MAIL, p.WAIT_RCPT, p.DATA, p.WAIT_DATA) and
                nxt in (p.INIT, p.READY, p.MAIL, p.WAIT_RCPT, p.DATA, p.WAIT_DATA, p.CLOSED)
                for (state, _event), nxt in p.TRANSITIONS.items())

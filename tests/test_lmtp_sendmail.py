@@ -41,7 +41,7 @@ def test_mc_compiles_with_an_lmtp_mailer() -> None:
     assert {"z", "m", "X", "n"} <= set(flags)  # LMTP, many recipients, dot-stuffing, no From_ line
     assert "\nR$* < @ $* .virtuser. > $*\t$#vdlmtp $@ vdeliver $: $1 < @ $2 >\n" in cf
     assert "Mprocmail" not in cf
-    assert "r=1" not in [line for line in cf.splitlines() if line.startswith("Qmqueue")][0]
+    assert "r=1" not in next(line for line in cf.splitlines() if line.startswith("Qmqueue"))
 
 
 @pytest.fixture
@@ -69,12 +69,12 @@ def test_one_status_per_recipient_and_only_the_failed_one_requeued(site: Site, m
                              "wilma@home.com", input=MSG)
         assert sent.returncode == 0, sent.stderr
         (qf,) = site.queue_files()
-        assert len(read_qf(qf)["recipients"]) == 3  # type: ignore[arg-type]
+        assert len(read_qf(qf)["recipients"]) == 3
         site.run_queue(cf)
 
         (left,) = site.queue_files()  # the same queue file, now holding only the failed recipient
         rcpts = read_qf(left)["recipients"]
-        assert len(rcpts) == 1 and "fred@home.com" in rcpts[0]  # type: ignore[index]
+        assert len(rcpts) == 1 and "fred@home.com" in rcpts[0]
         assert b"452 4.2.2 <fred@home.com> mailbox full" in left.read_bytes()
         (msg,) = mbox_messages(fred_away)
         assert b"Return-Path: <sender@remote.example>\nDelivered-To: fred@away.com\n" in msg

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -103,14 +104,20 @@ class Lmtpd:
                 self.proc.wait(10)
 
 
+class StartLmtpd(Protocol):
+    """The `start` fixture: a started Lmtpd with these [lmtp] settings, stopped after the test."""
+
+    def __call__(self, **lmtp: object) -> Lmtpd: ...
+
+
 @pytest.fixture
-def start(mailroot: MailRoot) -> Iterator[object]:
+def start(mailroot: MailRoot) -> Iterator[StartLmtpd]:
     if not IS_ROOT:
         pytest.skip("the server tests start vdeliver-lmtpd as root serving as vmail")
     servers: list[Lmtpd] = []
 
     def _start(**lmtp: object) -> Lmtpd:
-        server = Lmtpd(mailroot, **lmtp).start()
+        server = Lmtpd(mailroot, None, **lmtp).start()
         servers.append(server)
         return server
 
@@ -169,10 +176,10 @@ def spool_empty(root: MailRoot) -> bool:
 # -- delivery ---------------------------------------------------------------------------------
 
 
-def test_one_reply_per_recipient_into_mbox_and_maildir(start: object, mailroot: MailRoot) -> None:
+def test_one_reply_per_recipient_into_mbox_and_maildir(start: StartLmtpd, mailroot: MailRoot) -> None:
     box = mailroot.add_mbox("away.com", "fred")
     md = mailroot.add_maildir("home.com", "wilma")
-    server = start()  # type: ignore[operator]
+    server = start()
     with server.client() as c:
         assert c.does_esmtp and {"pipelining", "enhancedstatuscodes", "8bitmime", "size"} <= set(c.esmtp_features)
         replies = transaction(c, "s@example.org", ["fred@away.com", "nobody@away.com", "Wilma+news@home.com",
@@ -195,12 +202,12 @@ def test_one_reply_per_recipient_into_mbox_and_maildir(start: object, mailroot: 
     assert "to=<nobody@away.com>, sender=<s@example.org>, size=0" in log and "dsn=5.1.1, status=bounced" in log
 
 
-def test_over_quota_recipient_gets_its_own_failure(start: object, mailroot: MailRoot) -> None:
+def test_over_quota_recipient_gets_its_own_failure(start: StartLmtpd, mailroot: MailRoot) -> None:
     full = mailroot.add_maildir("away.com", "fred")
     (full / "maildirsize").write_bytes(b"100S\n")
     os.chown(full / "maildirsize", mailroot.owner.uid, mailroot.owner.gid)
     ok = mailroot.add_maildir("away.com", "barney")
-    server = start()  # type: ignore[operator]
+    server = start()
     with server.client() as c:
         replies = transaction(c, "", ["fred@away.com", "barney@away.com"], MSG + b"x" * 200 + b"\r\n")
         # The connection goes on: a second transaction on it works.
@@ -216,9 +223,9 @@ def test_over_quota_recipient_gets_its_own_failure(start: object, mailroot: Mail
     assert "to=<fred@away.com>, sender=<>" in server.log() and "dsn=4.2.2, status=deferred" in server.log()
 
 
-def test_big_message_is_streamed_not_refused(start: object, mailroot: MailRoot) -> None:
+def test_big_message_is_streamed_not_refused(start: StartLmtpd, mailroot: MailRoot) -> None:
     md = mailroot.add_maildir("away.com", "fred")
-    server = start()  # type: ignore[operator]
+    server = start()
     body = b"".join(b"%07d " % i + b"y" * 90 + b"\r\n" for i in range(30000))  # about 3 MB
     with server.client() as c:
         assert transaction(c, "s@example.org", ["fred@away.com"], MSG + body)["fred@away.com"][0] == 250
@@ -230,10 +237,10 @@ def test_big_message_is_streamed_not_refused(start: object, mailroot: MailRoot) 
 # -- bad input: the right reply, nothing partial written, the server keeps serving -----------
 
 
-def test_disconnect_in_data_writes_nothing(start: object, mailroot: MailRoot) -> None:
+def test_disconnect_in_data_writes_nothing(start: StartLmtpd, mailroot: MailRoot) -> None:
     box = mailroot.add_mbox("away.com", "fred")
     md = mailroot.add_maildir("home.com", "fred")
-    server = start()  # type: ignore[operator]
+    server = start()
     two = b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nRCPT TO:<fred@home.com>\r\nDATA\r\n"
     s, _got = raw_until_data(server, two)
     with s:
@@ -247,9 +254,9 @@ def test_disconnect_in_data_writes_nothing(start: object, mailroot: MailRoot) ->
     assert "lost connection in DATA, message discarded" in server.log()
 
 
-def test_over_size_declared_and_actual(start: object, mailroot: MailRoot) -> None:
+def test_over_size_declared_and_actual(start: StartLmtpd, mailroot: MailRoot) -> None:
     box = mailroot.add_mbox("away.com", "fred")
-    server = start(max_message_size=1000)  # type: ignore[operator]
+    server = start(max_message_size=1000)
     with server.client() as c:
         assert "size" in c.esmtp_features and c.esmtp_features["size"] == "1000"
         code, text = c.mail("s@example.org", ["SIZE=5000"])
@@ -261,9 +268,9 @@ def test_over_size_declared_and_actual(start: object, mailroot: MailRoot) -> Non
     assert spool_empty(mailroot)
 
 
-def test_garbage_order_and_bare_lf(start: object, mailroot: MailRoot) -> None:
+def test_garbage_order_and_bare_lf(start: StartLmtpd, mailroot: MailRoot) -> None:
     mailroot.add_mbox("away.com", "fred")
-    server = start()  # type: ignore[operator]
+    server = start()
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(server.socket))
@@ -290,16 +297,17 @@ def test_garbage_order_and_bare_lf(start: object, mailroot: MailRoot) -> None:
     assert b"\nsmuggled\n\nMAIL FROM:<evil@x>\n" in box.read_bytes()
     with server.client() as c:
         assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    assert server.proc is not None
     assert server.proc.poll() is None
 
 
 # -- concurrency -------------------------------------------------------------------------------
 
 
-def test_held_lock_delays_only_its_recipient(start: object, mailroot: MailRoot) -> None:
+def test_held_lock_delays_only_its_recipient(start: StartLmtpd, mailroot: MailRoot) -> None:
     locked = mailroot.add_mbox("away.com", "fred")
     free = mailroot.add_mbox("away.com", "barney")
-    server = start()  # type: ignore[operator]
+    server = start()
     # A live process (this one) holds fred's dotlock, as procmail or Dovecot would.
     lock = Path(str(locked) + ".lock")
     lock.write_bytes(f"{os.getpid()}:{os.uname().nodename}".encode())
@@ -326,10 +334,10 @@ def test_held_lock_delays_only_its_recipient(start: object, mailroot: MailRoot) 
     assert b"Subject: lmtp test" in locked.read_bytes()
 
 
-def test_parallel_clients_same_and_different_mailboxes(start: object, mailroot: MailRoot) -> None:
+def test_parallel_clients_same_and_different_mailboxes(start: StartLmtpd, mailroot: MailRoot) -> None:
     boxes = [mailroot.add_mbox("away.com", f"u{i}") for i in range(3)]
     md = mailroot.add_maildir("home.com", "fred")
-    server = start()  # type: ignore[operator]
+    server = start()
     errors: list[object] = []
 
     def client(n: int) -> None:
@@ -366,9 +374,9 @@ def test_parallel_clients_same_and_different_mailboxes(start: object, mailroot: 
     assert len(os.listdir(md / "new")) == 30
 
 
-def test_idle_and_data_timeouts(start: object, mailroot: MailRoot) -> None:
+def test_idle_and_data_timeouts(start: StartLmtpd, mailroot: MailRoot) -> None:
     box = mailroot.add_mbox("away.com", "fred")
-    server = start(timeout=1, data_timeout=1)  # type: ignore[operator]
+    server = start(timeout=1, data_timeout=1)
 
     def read_all(s: socket.socket) -> bytes:
         got = b""
@@ -393,8 +401,8 @@ def test_idle_and_data_timeouts(start: object, mailroot: MailRoot) -> None:
     assert "timeout in DATA, message discarded" in server.log()
 
 
-def test_max_connections(start: object, mailroot: MailRoot) -> None:
-    server = start(max_connections=1)  # type: ignore[operator]
+def test_max_connections(start: StartLmtpd, mailroot: MailRoot) -> None:
+    server = start(max_connections=1)
     deadline = time.monotonic() + 10
     while True:  # the start-up probe's connection may still hold the one slot for a moment
         try:
@@ -411,12 +419,12 @@ def test_max_connections(start: object, mailroot: MailRoot) -> None:
         assert c.noop()[0] == 250
 
 
-def test_tcp_on_loopback_and_socket_mode_owner(start: object, mailroot: MailRoot) -> None:
+def test_tcp_on_loopback_and_socket_mode_owner(start: StartLmtpd, mailroot: MailRoot) -> None:
     mailroot.add_mbox("away.com", "fred")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = start(tcp=f"127.0.0.1:{port}", socket_mode="0640", socket_owner="vmail:vmail")  # type: ignore[operator]
+    server = start(tcp=f"127.0.0.1:{port}", socket_mode="0640", socket_owner="vmail:vmail")
     st = os.stat(server.socket)
     assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, mailroot.owner.uid, mailroot.owner.gid)
     with smtplib.LMTP("127.0.0.1", port, timeout=30) as c:
@@ -428,9 +436,10 @@ def test_tcp_on_loopback_and_socket_mode_owner(start: object, mailroot: MailRoot
 # -- signals, pid file, configuration ---------------------------------------------------------
 
 
-def test_sigterm_finishes_the_message_in_flight(start: object, mailroot: MailRoot) -> None:
+def test_sigterm_finishes_the_message_in_flight(start: StartLmtpd, mailroot: MailRoot) -> None:
     box = mailroot.add_mbox("away.com", "fred")
-    server = start()  # type: ignore[operator]
+    server = start()
+    assert server.proc is not None
     assert server.pid_file.read_text().strip() == str(server.proc.pid)
     idle = server.client()
     s, got = raw_until_data(server, b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
@@ -462,8 +471,8 @@ def test_sigterm_finishes_the_message_in_flight(start: object, mailroot: MailRoo
     assert "stopped" in server.log()
 
 
-def test_sighup_reloads_and_keeps_a_good_config(start: object, mailroot: MailRoot) -> None:
-    server = start(max_message_size=1000)  # type: ignore[operator]
+def test_sighup_reloads_and_keeps_a_good_config(start: StartLmtpd, mailroot: MailRoot) -> None:
+    server = start(max_message_size=1000)
     with server.client() as c:
         assert c.esmtp_features["size"] == "1000"
     write_config(mailroot, **{**server.settings, "max_message_size": 2000})
@@ -480,6 +489,7 @@ def test_sighup_reloads_and_keeps_a_good_config(start: object, mailroot: MailRoo
     assert "reload failed, keeping the old configuration" in server.log() and "bogus_key" in server.log()
     with server.client() as c:
         assert c.esmtp_features["size"] == "2000"
+    assert server.proc is not None
     assert server.proc.poll() is None
 
 

@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from tests.helpers import ROOT
+from tests.pg import pg_cluster, pg_schema_conninfo  # noqa: F401  (fixtures)
 from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, vdeliver_mailer
-from tests.test_accounts_env import Acct, pg_cluster, pg_schema_conninfo, sqlite_acct  # noqa: F401
+from tests.test_accounts_env import Acct, sqlite_acct  # noqa: F401
 
 
 def populate(acct: Acct) -> None:

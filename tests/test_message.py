@@ -38,7 +38,7 @@ def stream(data: bytes, mode: str | None, cuts: list[int]) -> bytes:
     out: list[bytes] = []
     esc = Escaper(mode, out.append)
     prev = 0
-    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         esc.feed(data[prev:cut])
         prev = cut
     esc.close()
@@ -84,7 +84,7 @@ def run_prepare(data: bytes, **kw: object) -> tuple[bytes, message.Prepared]:
         args.update(kw)
         prep = prepare(f.fileno(), **args)  # type: ignore[arg-type]
         try:
-            out = b"".join(prep.spool.chunks())  # type: ignore[attr-defined]
+            out = b"".join(prep.spool.chunks())
         finally:
             prep.close()
     return out, prep
@@ -165,7 +165,7 @@ def test_options_off() -> None:
 def test_spooling_gives_the_same_bytes(threshold: int, tmp_path: Path) -> None:
     data = b"Subject: big\r\n\r\n" + b"".join(b"line %d From x\r\nFrom y\r\n" % i for i in range(3000))
     small, _ = run_prepare(data, spool_threshold=1 << 30, when=0)
-    big, prep = run_prepare(data, spool_threshold=threshold, spool_dir=str(tmp_path), when=0)
+    big, _prep = run_prepare(data, spool_threshold=threshold, spool_dir=str(tmp_path), when=0)
     assert big == small
 
 

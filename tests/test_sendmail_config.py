@@ -171,7 +171,7 @@ def test_example_vdeliver_toml_documents_every_key_with_its_default() -> None:
         assert getattr(cfg, key) == default, key
         # each key has a comment just above it saying what it means
         before = text[: text.index(f"#{key} = ")].rstrip("\n").rsplit("\n", 1)[-1]
-        assert before.startswith("# ") or before.startswith("#user = "), key
+        assert before.startswith(("# ", "#user = ")), key
 
 
 # -- address tests with the real sendmail ------------------------------------------

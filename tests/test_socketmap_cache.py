@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
 
@@ -63,7 +65,7 @@ class Log:
 
 
 @pytest.fixture
-def pool() -> ThreadPoolExecutor:
+def pool() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(4) as ex:
         yield ex
 
@@ -74,7 +76,10 @@ def make(pool: ThreadPoolExecutor, **kw: float) -> tuple[Resolver, FakeBackend, 
     return Resolver(backend, pool, log, clock=clock, **options), backend, clock, log  # type: ignore[arg-type]
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
@@ -182,7 +187,7 @@ def test_invalidate_asks_again_but_keeps_stale(pool: ThreadPoolExecutor) -> None
 
 
 def test_size_bound(pool: ThreadPoolExecutor) -> None:
-    r, b, _, _ = make(pool, max_entries=50)
+    r, _b, _, _ = make(pool, max_entries=50)
 
     async def go() -> None:
         for i in range(200):

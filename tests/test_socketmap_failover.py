@@ -85,7 +85,7 @@ def test_account_created_before_an_outage_is_deferred_not_bounced(base: Path, pg
     """The socketmap never serves a stale NOTFOUND: an address looked up (unknown), then created
     with vmailctl just before the database goes away, gets TEMP (sendmail queues) and, once the
     database is back, its mailbox; never NOTFOUND (which sendmail turns into 5.1.1)."""
-    first, second = pg_clusters
+    first, _second = pg_clusters
     first.start()
     name = f"neg_{base.name.replace('-', '_').lower()}"
     first.psql(f'CREATE DATABASE "{name}"')
@@ -100,9 +100,8 @@ def test_account_created_before_an_outage_is_deferred_not_bounced(base: Path, pg
             from vdeliver.accounts.settings import load as load_settings
             from vdeliver.config import load as load_config
 
-            with open_store(load_settings(load_config(str(config)))) as store:
-                with store.transaction():
-                    store.user_add("newbie", "away.com", "{PLAIN}x", "mbox")
+            with open_store(load_settings(load_config(str(config)))) as store, store.transaction():
+                store.user_add("newbie", "away.com", "{PLAIN}x", "mbox")
             first.stop()
             time.sleep(1.2)  # past negative_ttl
             for _ in range(3):

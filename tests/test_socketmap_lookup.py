@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def dump(makemap: str, db: Path, flags: list[str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def base() -> Path:
+def base() -> Iterator[Path]:
     path = world_tmpdir("vdeliver-socketmap-")
     yield path
     shutil.rmtree(path, ignore_errors=True)

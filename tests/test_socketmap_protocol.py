@@ -37,7 +37,7 @@ def events(data: bytes, chunks: list[int] | None = None, max_key: int = p.MAX_KE
     """Feed data (split at the given offsets), collect events until NEED_DATA/CLOSED/error."""
     conn = p.Connection(max_key)
     out: list[object] = []
-    cuts = sorted(set(chunks or [])) + [len(data)]
+    cuts = [*sorted(set(chunks or [])), len(data)]
     start = 0
     for cut in cuts:
         if cut > start:
@@ -60,7 +60,7 @@ def events(data: bytes, chunks: list[int] | None = None, max_key: int = p.MAX_KE
     return out
 
 
-@pytest.mark.parametrize("data,expected", CASES)
+@pytest.mark.parametrize(("data", "expected"), CASES)
 def test_table(data: bytes, expected: list[object]) -> None:
     assert events(data) == expected
 
@@ -91,7 +91,7 @@ def test_pending_tracks_a_half_request() -> None:
 
 
 @pytest.mark.parametrize(
-    "reply,wire",
+    ("reply", "wire"),
     [
         (p.ok("fred@example.org.virtuser."), b"29:OK fred@example.org.virtuser.,"),
         (p.NOTFOUND, b"8:NOTFOUND,"),

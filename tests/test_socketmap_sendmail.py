@@ -112,7 +112,7 @@ def wait_until_answering(sock: Path, timeout: float = 20) -> None:
 
 
 def _queued(site: Site) -> list[str]:
-    return sorted(str(r).strip("<>") for qf in site.queue_files() for r in read_qf(qf)["recipients"])  # type: ignore[union-attr]
+    return sorted(str(r).strip("<>") for qf in site.queue_files() for r in read_qf(qf)["recipients"])
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_smtp_delivery_without_map_files_survives_a_database_outage(
                                                            **vdeliver_mailer(mailroot.config)}, defines=aliases)
         with running_server(config):
             site.newaliases(out_cf)
-            in_cf, port, _ = site.serve(SOCK_IN_MC, "in", replace={PROD_IN: str(base / "in.sock")})
+            _in_cf, port, _ = site.serve(SOCK_IN_MC, "in", replace={PROD_IN: str(base / "in.sock")})
             assert not [p.name for p in site.etc.iterdir()
                         if p.name.split(".")[0] in ("virtusertable", "virtuserdomains", "access", "access_out")]
 

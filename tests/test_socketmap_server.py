@@ -8,6 +8,7 @@ from __future__ import annotations
 import select
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from vdeliver.socketmap.settings import load_settings
 
 
 @pytest.fixture
-def base() -> Path:
+def base() -> Iterator[Path]:
     path = world_tmpdir("vdeliver-socketmap-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -138,7 +139,7 @@ def test_slow_database_holds_up_only_its_own_lookups(base: Path, pg_conninfo: st
 
 
 @pytest.mark.parametrize(
-    "table,message",
+    ("table", "message"),
     [
         ({"ttl": "x"}, "[socketmap] ttl: must be a whole number"),
         ({"db_timeout": -1}, "[socketmap] db_timeout: must not be negative"),

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, run_vdeliver
-from tests.test_accounts_env import Acct, acct, pg_acct, pg_cluster, pg_schema_conninfo, sqlite_acct  # noqa: F401
+from tests.pg import pg_cluster, pg_schema_conninfo  # noqa: F401  (fixtures)
+from tests.test_accounts_env import Acct, acct, pg_acct, sqlite_acct  # noqa: F401
 
 
 def mode(path: object) -> int:
@@ -77,8 +78,8 @@ def test_user_add_creates_mailboxes(acct: Acct) -> None:
     assert b"Subject: hi" in mbox.read_bytes()
     # a duplicate is refused and changes nothing
     before = acct.dump()
-    r = acct.run("user", "add", "FRED@away.com", "--no-password")
-    assert r.rc == 1 and "already exists" in r.err and acct.dump() == before
+    dup = acct.run("user", "add", "FRED@away.com", "--no-password")
+    assert dup.rc == 1 and "already exists" in dup.err and acct.dump() == before
 
 
 def test_passwords(acct: Acct) -> None:
@@ -452,10 +453,10 @@ def test_import_paper_users_table(acct: Acct, tmp_path: object) -> None:
         import psycopg
 
         dsn = str(acct.accounts["dsn"])
-        with psycopg.connect(dsn) as conn:
-            conn.execute("CREATE TABLE paper_users (username varchar(60) primary key, password varchar(32), "
+        with psycopg.connect(dsn) as pg:
+            pg.execute("CREATE TABLE paper_users (username varchar(60) primary key, password varchar(32), "
                          "userpart varchar(60), domain varchar(60), forward varchar(128), alias_for varchar(128))")
-            conn.execute("INSERT INTO paper_users VALUES ('pg1@other.example', '{PLAIN}x', 'pg1', 'other.example', "
+            pg.execute("INSERT INTO paper_users VALUES ('pg1@other.example', '{PLAIN}x', 'pg1', 'other.example', "
                          "'pg1@offsite.example', NULL)")
         rep = acct.ok("import", "users", "--dsn", dsn, "--table", "paper_users", "--no-mailbox", "--json").json()
         assert rep["mailboxes"] == ["pg1@other.example"] and rep["forwards"] == 1 and rep["unmapped"] == []
@@ -532,9 +533,9 @@ def test_console_script_and_hot_path() -> None:
                        cwd=str(ROOT), env=env, timeout=60)
     assert r.returncode == 0 and "vmailctl" in r.stdout
     code = "import sys, vdeliver.cli; print(sorted(m for m in sys.modules if m.startswith('vdeliver.accounts')))"
-    r = subprocess.run([sys.executable, "-c", "import sys, vdeliver.accounts.vmailctl as v; v.build_parser(); "
+    r = subprocess.run([sys.executable, "-c", ("import sys, vdeliver.accounts.vmailctl as v; v.build_parser(); "
                         "print(sorted(m for m in sys.modules if m.startswith('vdeliver.accounts.') and "
-                        "m.rsplit('.', 1)[1] in ('dovecot', 'store', 'maps')))"],
+                        "m.rsplit('.', 1)[1] in ('dovecot', 'store', 'maps')))")],
                        capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=60)
     assert r.stdout.strip() == "[]", r.stderr  # commands import what they need when they run
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), env=env, timeout=60)

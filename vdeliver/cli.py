@@ -18,6 +18,10 @@ import time
 from vdeliver import __version__
 from vdeliver.errors import EX_OK, EX_TEMPFAIL, DeliveryError, Status
 
+TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.config import Config
+
 HELP = """\
 NAME
     vdeliver - local delivery agent for virtual mail domains on sendmail
@@ -214,7 +218,7 @@ def run() -> None:
     os._exit(code)
 
 
-def _drop_root(cfg: "object", doing: str) -> None:
+def _drop_root(cfg: "Config", doing: str) -> None:
     """As root, become the configured user; without one, refuse (a configuration fault)."""
     if os.geteuid() != 0:
         return
@@ -257,7 +261,9 @@ def _standard_streams() -> None:
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         if getattr(sys, name) is None:
             try:
-                setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))
+                # The new sys.stdin/stdout/stderr: it stays open, no context manager.
+                stream = open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+                setattr(sys, name, stream)
             except OSError:
                 pass
 

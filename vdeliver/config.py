@@ -269,7 +269,7 @@ def read_table(cfg: Config, table: str, kinds: "dict[str, str]") -> "dict[str, o
 
 
 def _check(cfg: Config, key: str, value: object) -> object:
-    default, kind, allowed = SCHEMA[key]
+    _default, kind, allowed = SCHEMA[key]
     where = cfg.where("", key)
     value = typed(where, value, kind if kind in ("bool", "int") else "str")
     if isinstance(value, str):

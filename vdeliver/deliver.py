@@ -16,7 +16,7 @@ from vdeliver.recipient import Recipient
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
-    from vdeliver.log import Log
+    from vdeliver.hooks import Log
 
 
 class Target:

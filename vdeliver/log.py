@@ -20,17 +20,6 @@ import os
 import sys
 import time
 
-TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
-if TYPE_CHECKING:
-    from typing import Protocol
-
-    class Log(Protocol):
-        """What code that reports takes: a Logger, or anything with these three methods."""
-
-        def info(self, text: str) -> None: ...
-        def warning(self, text: str) -> None: ...
-        def error(self, text: str) -> None: ...
-
 _FACILITIES = {
     "mail": 2 << 3,
     "user": 1 << 3,

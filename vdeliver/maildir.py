@@ -28,6 +28,10 @@ from vdeliver.errors import DeliveryError, fail, status_for_errno
 from vdeliver.fileio import write_all, write_new
 from vdeliver.message import Prepared
 
+TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.hooks import Hook
+
 SUBDIRS = ("tmp", "new", "cur")
 QUOTA_FILE = "maildirsize"
 QUOTA_REBUILD_AT = 5120
@@ -278,7 +282,7 @@ def deliver(
     host: str,
     create_missing: bool = False,
     over_quota_bounce: bool = False,
-    before_link: "object" = None,
+    before_link: "Hook | None" = None,
     tmp_max_age: int = 0,
 ) -> str:
     """Store msg in the Maildir at path; returns the new file's name."""
@@ -311,7 +315,7 @@ def deliver(
 
 
 def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_bounce: bool,
-           before_link: "object") -> str:
+           before_link: "Hook | None") -> str:
     """tmp/NAME written and synced, linked to new/NAME, new/ synced; tmp/NAME still there."""
     for _attempt in range(10):
         name = unique_name(host, msg.length, msg.rfc822_size)
@@ -330,7 +334,7 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
             finally:
                 os.close(fd)
             if before_link is not None:
-                before_link()  # type: ignore[operator]
+                before_link()
             try:
                 os.link(name, name, src_dir_fd=tfd, dst_dir_fd=nfd, follow_symlinks=False)
             except FileExistsError:

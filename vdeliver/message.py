@@ -28,6 +28,8 @@ TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from vdeliver.hooks import Sink
+
 CHUNK = 1 << 16
 MAX_HEADER = 1 << 20  # a longer header block is refused (5.3.4): see prepare()
 MAX_SENDER = 512
@@ -73,7 +75,7 @@ class Escaper:
 
     __slots__ = ("mode", "sink", "at_bol", "carry", "pending_cr", "out_bytes", "out_lf", "last")
 
-    def __init__(self, mode: "str | None", sink: "object") -> None:
+    def __init__(self, mode: "str | None", sink: "Sink") -> None:
         self.mode = mode
         self.sink = sink
         self.at_bol = True
@@ -88,7 +90,7 @@ class Escaper:
             self.out_bytes += len(data)
             self.out_lf += data.count(b"\n")
             self.last = data[-1]
-            self.sink(data)  # type: ignore[operator]
+            self.sink(data)
 
     def feed(self, chunk: bytes, normalized: bool = False) -> None:
         """Take the next chunk; normalized=True for text whose CRLFs are already LFs."""

@@ -47,7 +47,7 @@ from vdeliver.message import Prepared
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
-    from vdeliver.log import Log
+    from vdeliver.hooks import Log
 
 SUFFIX = ".vdeliver-journal"
 UNRESOLVED = ".unresolved"

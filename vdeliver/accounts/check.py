@@ -122,7 +122,7 @@ def _maps(cfg: Config, settings: Settings, snap: Snapshot) -> list[str]:
     try:
         texts = maps.render(snap, settings, cfg.host())
     except BadRow as exc:
-        return found + [str(exc)]
+        return [*found, str(exc)]
     makemap = settings.makemap if settings.makemap and os.access(settings.makemap, os.X_OK) else ""
     for name in maps.TEXT_MAPS:
         path = os.path.join(directory, name)

@@ -372,9 +372,9 @@ def cmd_import(ctx: Context) -> int:
     rep["dry_run"] = a.dry_run
 
     def text_out(d: dict[str, Any]) -> str:
-        lines = [f"{'would import' if d['dry_run'] else 'imported'}: {len(d['domains'])} domain(s), "
+        lines = [(f"{'would import' if d['dry_run'] else 'imported'}: {len(d['domains'])} domain(s), "
                  f"{len(d['mailboxes'])} mailbox(es), {d['aliases']} alias(es), {d['forwards']} forward(s), "
-                 f"{d['disabled']} disabled"]
+                 f"{d['disabled']} disabled")]
         lines += [f"not mapped: {u}" for u in d["unmapped"]]
         return "\n".join(lines)
 

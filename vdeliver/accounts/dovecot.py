@@ -117,7 +117,7 @@ def _database(cfg: Config, driver: str, connect: str, where: str) -> tuple[str, 
 
             try:
                 password = read_secret(secret)
-            except Exception as exc:  # its ConfigurationError says which file and why
+            except Exception as exc:  # noqa: BLE001 - its ConfigurationError says which file and why
                 raise ConfigurationError(f"{where}: [accounts] password file: {exc}") from None
             escaped = password.replace("\\", "\\\\").replace("'", "\\'")
             connect += f" password='{escaped}'"  # the generated file is 0600 (SECRET_FILES)

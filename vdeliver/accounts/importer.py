@@ -194,7 +194,7 @@ class Importer:
         if "%" in value:
             raise AccountsError("%-substitution in a user entry")
         self._ensure_domain(dom)
-        if low.endswith(".virtuser.") or low.endswith(".virtuser"):
+        if low.endswith((".virtuser.", ".virtuser")):
             tuser, tdom = names.address(value.rstrip(".")[: -len(".virtuser")])
             if (tuser, tdom) == (user, dom):
                 if not self._has_mailbox(user, dom):

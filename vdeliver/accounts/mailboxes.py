@@ -176,9 +176,8 @@ def inspect(cfg: Config, fmt: str, user: str, domain: str, who: Owner | None) ->
     if fmt == "maildir":
         if not stat.S_ISDIR(st.st_mode):
             return [f"{user}@{domain}: {path} is not a Maildir directory"]
-        for sub in ("tmp", "new", "cur"):
-            if not os.path.isdir(os.path.join(path, sub)):
-                problems.append(f"{user}@{domain}: {path}/{sub} is missing")
+        problems.extend(f"{user}@{domain}: {path}/{sub} is missing"
+                        for sub in ("tmp", "new", "cur") if not os.path.isdir(os.path.join(path, sub)))
     elif not stat.S_ISREG(st.st_mode):
         return [f"{user}@{domain}: {path} is not a regular file (mbox)"]
     if who is not None and st.st_uid != who.uid:

@@ -178,8 +178,7 @@ def render(snap: Snapshot, settings: Settings, hostname: str) -> dict[str, str]:
         if d["catchall"] or not settings.reject_unknown:
             access.append(_col(f"To:{dom}", "RELAY"))
         else:
-            for user in accepted:
-                access.append(_col(f"To:{user}@{dom}", "RELAY"))
+            access.extend(_col(f"To:{user}@{dom}", "RELAY") for user in accepted)
             access.append(_col(f"To:{dom}", ACCESS_UNKNOWN))
     by_name = {d["name"]: d for d in real}
     for d in alias_domains:
@@ -193,8 +192,7 @@ def render(snap: Snapshot, settings: Settings, hostname: str) -> dict[str, str]:
         if by_name[target]["catchall"] or not settings.reject_unknown:
             access.append(_col(f"To:{dom}", "RELAY"))
         else:
-            for user in valid.get(target, []):
-                access.append(_col(f"To:{user}@{dom}", "RELAY"))
+            access.extend(_col(f"To:{user}@{dom}", "RELAY") for user in valid.get(target, []))
             access.append(_col(f"To:{dom}", ACCESS_UNKNOWN))
     relay = "".join(_col(f"Connect:{h}", "RELAY") for h in settings.relay_clients.split())
     access.append("\n# --- local clients\n" + relay)

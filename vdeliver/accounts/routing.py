@@ -50,7 +50,7 @@ def find_loop(snap: Snapshot) -> list[str]:
         if state.get(key) == 2:
             return []
         if state.get(key) == 1:
-            return path[path.index(key):] + [key]
+            return [*path[path.index(key):], key]
         state[key] = 1
         path.append(key)
         for nxt in next_hops(snap, key):

@@ -82,10 +82,10 @@ def readonly_grants(role: str) -> list[str]:
     a plain identifier (checked by the caller)."""
     tables = ", ".join(READER_TABLES)
     return [
-        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
-        f"THEN CREATE ROLE \"{role}\" LOGIN; END IF; END $$",
-        f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), '{role}'); "
-        f"EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), '{role}'); END $$",
+        (f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+        f"THEN CREATE ROLE \"{role}\" LOGIN; END IF; END $$"),
+        (f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), '{role}'); "
+        f"EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), '{role}'); END $$"),
         f"REVOKE ALL ON {tables} FROM \"{role}\"",
         f"GRANT SELECT ON {tables} TO \"{role}\"",
     ]

@@ -44,7 +44,7 @@ def whole(q: Query, serial: int = 0, changed_at: str = "") -> Snapshot:
     return snap
 
 
-def slice(q: Query, domain: str, local: str) -> Snapshot:  # noqa: A001 - the word for it
+def slice(q: Query, domain: str, local: str) -> Snapshot:  # shadows the builtin: the word for it
     """The rows a map line for `local@domain` can depend on: its domain (and the domain an
     alias domain points to), and only the mailbox, aliases and forwards of its local part -
     every line of a domain depends on its own user's rows and the domain row only."""

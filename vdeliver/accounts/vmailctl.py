@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted", EXIT_TEMPFAIL)
     except BrokenPipeError:
         return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - one clear line, never a traceback for the operator
+    except Exception as exc:  # one clear line, never a traceback for the operator
         if os.environ.get("VMAILCTL_DEBUG"):
             raise
         return _fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_SOFTWARE)

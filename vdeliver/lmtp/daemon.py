@@ -41,6 +41,10 @@ from vdeliver.lmtp.session import POLL, Session, where
 from vdeliver.lmtp.settings import Settings, load
 from vdeliver.log import Logger, RateLimited
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdeliver.hooks import Hook
+
 EX_OK = 0
 EX_USAGE = 64
 EX_OSERR = 71
@@ -76,13 +80,13 @@ class Server:
         self.abandoned = 0  # sessions still running when shutdown_grace ran out
         self._refusals = RateLimited(logger, 10.0)
         self._socket_ino = -1
-        self.run_user: object = None  # unixd.RunUser, set by _run() before listen()
+        self.run_user: unixd.RunUser | None = None  # set by _run() before listen()
 
     # -- listening --------------------------------------------------------------------
 
     def listen(self) -> None:
         """Bind the unix socket (and TCP); raises OSError or ConfigError."""
-        owner = self.run_user if isinstance(self.run_user, unixd.RunUser) else unixd.RunUser()
+        owner = self.run_user if self.run_user is not None else unixd.RunUser()
         socket_owner = None
         if self.opts.socket_owner:
             name, _, group = self.opts.socket_owner.partition(":")
@@ -112,7 +116,7 @@ class Server:
         # Only our own socket file: a successor may already have bound a new one there.
         unixd.remove_socket(self.opts.socket, self._socket_ino)
 
-    def serve(self, wakeup: socket.socket | None = None, on_wake: object = None) -> None:
+    def serve(self, wakeup: socket.socket | None = None, on_wake: Hook | None = None) -> None:
         """Accept until stop(); then let connections finish.  Runs in one thread."""
         import selectors
 
@@ -131,7 +135,7 @@ class Server:
                         except OSError:
                             pass
                         if on_wake is not None:
-                            on_wake()  # type: ignore[operator]
+                            on_wake()
                         continue
                     try:
                         client, _addr = key.fileobj.accept()  # type: ignore[union-attr]

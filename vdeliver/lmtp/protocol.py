@@ -434,9 +434,8 @@ class Connection:
         ended = False
         while pos < n:
             if self._bol and buf[pos] == 0x2E:  # '.'
-                if n - pos < 3:
-                    if buf.find(b"\n", pos) < 0:
-                        break  # cannot tell ".\r\n" from a stuffed line yet
+                if n - pos < 3 and buf.find(b"\n", pos) < 0:
+                    break  # cannot tell ".\r\n" from a stuffed line yet
                 if buf[pos : pos + 3] == b".\r\n":
                     pos += 3
                     ended = True

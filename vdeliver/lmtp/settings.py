@@ -69,11 +69,11 @@ def settings(cfg: Config) -> Settings:
             value = getattr(cfg, key)  # the top-level key of the same name
         if kind == "count" and value < 1:  # type: ignore[operator]
             raise ConfigError(where, "must be at least 1")
-        elif kind == "path" and not str(value).startswith("/"):
+        if kind == "path" and not str(value).startswith("/"):
             raise ConfigError(where, "must be an absolute path")
-        elif kind == "path?" and value and not str(value).startswith("/"):
+        if kind == "path?" and value and not str(value).startswith("/"):
             raise ConfigError(where, "must be an absolute path or empty")
-        elif kind == "mode":
+        if kind == "mode":
             text = str(value)
             if not text or len(text) > 4 or any(ch not in "01234567" for ch in text):
                 raise ConfigError(where, f"must be an octal mode like \"0660\" (got {text!r})")

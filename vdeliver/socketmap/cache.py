@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 from vdeliver.socketmap import protocol as p
 
 if TYPE_CHECKING:
-    from vdeliver.log import Log
+    from vdeliver.hooks import Log
 
 
 class Backend(Protocol):
@@ -118,7 +118,7 @@ class Resolver:
             value = await asyncio.wait_for(call, self.db_timeout)
         except TimeoutError:
             return self._failed(map_name, key, f"database lookup timed out after {self.db_timeout:g}s", True)
-        except Exception as exc:  # any driver error is "database trouble", never an answer
+        except Exception as exc:  # noqa: BLE001 - any driver error is "database trouble", never an answer
             return self._failed(map_name, key, _describe(exc), False)
         if self._trouble:
             self.log.info(f"database answers again (was: {self._trouble})")

@@ -61,7 +61,7 @@ class Server:
             stale_max_age=settings.stale_max_age, db_timeout=settings.db_timeout, max_entries=settings.cache_size,
         )
         self.connections = 0
-        self.run_user: object = None  # unixd.RunUser: main() sets it; start() drops to it
+        self.run_user: unixd.RunUser | None = None  # main() sets it; start() drops to it
         self.max_connections, self.backlog, self.fd_note = connection_cap(settings)
         self._refusals = RateLimited(log, 10.0)
         self._accept_errors = RateLimited(log, 10.0)
@@ -81,7 +81,7 @@ class Server:
         if self.fd_note:
             self.log.warning(self.fd_note)
         asyncio.get_running_loop().set_exception_handler(self._loop_exception)
-        owner = self.run_user if isinstance(self.run_user, unixd.RunUser) else unixd.RunUser()
+        owner = self.run_user if self.run_user is not None else unixd.RunUser()
         for listener in self.settings.listeners:
             handler = self._handler(listener)
             if listener.kind == "unix":
@@ -135,7 +135,7 @@ class Server:
                     self.connections -= 1
             except (ConnectionError, asyncio.CancelledError):
                 pass
-            except Exception as exc:  # a bug must cost one connection, never the server
+            except Exception as exc:  # noqa: BLE001 - a bug must cost one connection, never the server
                 self.log.error(f"connection on {listener.describe()}: internal error: {exc!r}")
             finally:
                 self._tasks.discard(task)
@@ -193,7 +193,7 @@ class Server:
             try:
                 current = await asyncio.wait_for(loop.run_in_executor(self.executor, serial_of),
                                                  self.settings.db_timeout)
-            except Exception:  # trouble is logged by lookups; the serial is only a hint
+            except Exception:  # noqa: BLE001 - trouble is logged by lookups; the serial is only a hint
                 current = None
             if current is not None:
                 if last is not None and current != last:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         try:
             backend.check()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any driver error: report it, exit 75
             print(f"vdeliver-socketmapd: database: {exc}", file=sys.stderr)
             return 75
         print("vdeliver-socketmapd: configuration and database OK")

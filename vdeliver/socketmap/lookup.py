@@ -281,7 +281,7 @@ def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None =
         raise BackendConfigError(f"accounts package unavailable: {exc}") from None
     try:
         settings = accounts_settings.load(cfg)
-    except Exception as exc:  # its ConfigurationError names file, line and key
+    except Exception as exc:  # noqa: BLE001 - its ConfigurationError names file, line and key
         raise BackendConfigError(str(exc)) from None
     if statement_timeout is None:
         from vdeliver.socketmap.settings import load_settings

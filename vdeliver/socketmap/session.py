@@ -27,7 +27,7 @@ class Session:
         self.aliases = {"access": f"access_{listener.access}"}
         # sendmail names the maps of its AliasFile list Alias0, Alias1, ...: the one that is
         # this socket answers the generated aliases.
-        self.aliases.update({name: "aliases" for name in settings.aliases_names.split()})
+        self.aliases.update(dict.fromkeys(settings.aliases_names.split(), "aliases"))
 
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         s, listener, aliases = self.settings, self.listener, self.aliases
