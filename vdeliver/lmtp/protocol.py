@@ -404,19 +404,10 @@ class Connection:
         self._queue(Reply(250, "2.0.0", "ok"))
         return Reset()
 
-    def _cmd_noop(self, arg: str) -> Event:
-        self._to("NOOP")
-        self._queue(Reply(250, "2.0.0", "ok"))
-        return Noop()
-
-    def _cmd_help(self, arg: str) -> Event:
-        self._to("HELP")
-        self._queue(Reply(214, "2.0.0", "LHLO MAIL RCPT DATA RSET NOOP QUIT (RFC 2033)"))
-        return Noop()
-
-    def _cmd_vrfy(self, arg: str) -> Event:
-        self._to("VRFY")
-        self._queue(Reply(252, "2.5.0", "cannot VRFY; send the message and see"))
+    def _cmd_info(self, verb: str) -> Event:
+        """NOOP, HELP and VRFY: a fixed answer (_INFO), in any state before the data."""
+        self._to(verb)
+        self._queue(_INFO[verb])
         return Noop()
 
     def _cmd_quit(self, arg: str) -> Event:
@@ -501,12 +492,21 @@ class Connection:
         return EndOfData(recipients, None)
 
 
+_INFO = {  # the commands answered the same way in every state where they are allowed
+    "NOOP": Reply(250, "2.0.0", "ok"),
+    "HELP": Reply(214, "2.0.0", "LHLO MAIL RCPT DATA RSET NOOP QUIT (RFC 2033)"),
+    "VRFY": Reply(252, "2.5.0", "cannot VRFY; send the message and see"),
+}
+
+
 # The command handlers, by verb: each checks its arguments and, when it accepts the
 # command, takes its transition.
 _HANDLERS: dict[str, Callable[[Connection, str], Event]] = {
     "LHLO": Connection._cmd_lhlo, "MAIL": Connection._cmd_mail, "RCPT": Connection._cmd_rcpt,
-    "DATA": Connection._cmd_data, "RSET": Connection._cmd_rset, "NOOP": Connection._cmd_noop,
-    "HELP": Connection._cmd_help, "VRFY": Connection._cmd_vrfy, "QUIT": Connection._cmd_quit,
+    "DATA": Connection._cmd_data, "RSET": Connection._cmd_rset, "QUIT": Connection._cmd_quit,
+    "NOOP": lambda conn, _arg: conn._cmd_info("NOOP"),
+    "HELP": lambda conn, _arg: conn._cmd_info("HELP"),
+    "VRFY": lambda conn, _arg: conn._cmd_info("VRFY"),
 }
 
 
