@@ -20,6 +20,9 @@ nothing can be smuggled after it.
 
 Whose fault: a client's mistake is a reply (5xx) and never an exception;
 `LocalProtocolError` means the server called this module wrongly.
+
+Over 400 lines on purpose: the whole protocol in one file, the transition table first, so
+that a reader checks every rule against RFC 2033 and RFC 5321 in one place.
 """
 
 from __future__ import annotations
