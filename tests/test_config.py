@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vdeliver import config
@@ -130,6 +130,8 @@ _line = st.one_of(
 
 
 @given(st.lists(_line, max_size=8))
+@example(["\r"])  # a CR that ends no line: the fast reader took it for an empty file
+@example(["a = 1\r", "b = 2"])
 def test_fast_reader_agrees_with_tomllib(lines: list[str]) -> None:
     text = "\n".join(lines)
     fast = config.parse_simple(text)

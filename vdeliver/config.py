@@ -154,6 +154,8 @@ def _simple_value(text: str) -> "tuple[bool, object, str]":
 
 def parse_simple(text: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]] | None":
     """Read the flat TOML subset; None when the text needs the full parser."""
+    if "\r" in text.replace("\r\n", ""):
+        return None  # a CR that does not end a line: tomllib refuses it, and says where
     data: dict[str, object] = {}
     lines: dict[tuple[str, str], int] = {}
     current: dict[str, object] = data

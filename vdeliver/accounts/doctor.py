@@ -206,7 +206,7 @@ def check_files(cf: Cf, report: Report) -> None:
             report.ok(what)
 
 
-def _check_socket(what: str, spec: str, report: Report) -> None:
+def _check_socket(what: str, spec: str, report: Report, server: str = "socketmap") -> None:
     if not spec.startswith("unix:"):
         return
     path = spec[5:]
@@ -217,8 +217,9 @@ def _check_socket(what: str, spec: str, report: Report) -> None:
     if is_sock:
         report.ok(f"{what} ({path})")
     else:
-        report.bad(f"{what} ({path})", f"no socket at {path}: sendmail defers every lookup",
-                   "start vdeliver-socketmapd before sendmail (docs/socketmap.md)")
+        consequence = "sendmail defers every delivery" if server == "lmtp" else "sendmail defers every lookup"
+        report.bad(f"{what} ({path})", f"no socket at {path}: {consequence}",
+                   f"start vdeliver-{server}d before sendmail (docs/{server}.md)")
 
 
 # -- the mailer line --------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def check_lmtp(cf: Cf, cfg: Any, report: Report) -> None:
     if table.get("socket", "/run/vdeliver/lmtp.sock") != sock:
         report.bad(f"{cf.path}: LMTP socket", f"the mailer connects to {sock}, [lmtp] socket is "
                    f"{table.get('socket', '/run/vdeliver/lmtp.sock')}", "make them the same path")
-    _check_socket(f"{cf.path}: LMTP server", "unix:" + sock, report)
+    _check_socket(f"{cf.path}: LMTP server", "unix:" + sock, report, server="lmtp")
 
 
 def check_dovecot(cfg: Any, directory: str, report: Report) -> None:
