@@ -36,7 +36,7 @@ at start.  Better, `password_file` holds it apart (one line, mode 0600 or 0640).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vdeliver.accounts.errors import ConfigurationError
@@ -59,15 +59,16 @@ class Settings:
     busy_timeout: int = 5
     connect_timeout: int = 5
     default_quota: int = 0
-    maps_directory: str = "/etc/mail"
-    makemap: str = "/usr/sbin/makemap"
-    reject_unknown: bool = True
-    local_host_names: str = ""
-    relay_clients: str = "127.0.0.1 localhost"
+    # [maps]: the key's name there in the field's metadata
+    maps_directory: str = field(default="/etc/mail", metadata={"maps": "directory"})
+    makemap: str = field(default="/usr/sbin/makemap", metadata={"maps": "makemap"})
+    reject_unknown: bool = field(default=True, metadata={"maps": "reject_unknown"})
+    local_host_names: str = field(default="", metadata={"maps": "local_host_names"})
+    relay_clients: str = field(default="127.0.0.1 localhost", metadata={"maps": "relay_clients"})
     password_file: str = ""
     readonly_dsn: str = ""
     readonly_password_file: str = ""
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list, init=False)  # found by load(), for the log
 
     @property
     def backend(self) -> str:
@@ -86,15 +87,11 @@ class Settings:
         return dsn, extra
 
 
-_ACCOUNTS = {
-    "database": "str", "dsn": "str", "vmail_user": "str", "vmail_group": "str", "password_scheme": "str",
-    "argon2_time_cost": "int", "argon2_memory_cost": "int", "argon2_parallelism": "int", "bcrypt_rounds": "int",
-    "busy_timeout": "int", "connect_timeout": "int", "default_quota": "int",
-    "password_file": "str", "readonly_dsn": "str", "readonly_password_file": "str",
-}
-_MAPS = {"directory": "str", "makemap": "str", "reject_unknown": "bool", "local_host_names": "str",
-         "relay_clients": "str"}
-_MAPS_ATTR = {"directory": "maps_directory"}  # [maps] key -> Settings attribute, where they differ
+# The keys of [accounts] and [maps] and their kinds for config.read_table(): the fields above,
+# so that a key is declared once, with its type and default.
+_ACCOUNTS = {f.name: str(f.type) for f in fields(Settings) if f.init and "maps" not in f.metadata}
+_MAPS = {f.metadata["maps"]: str(f.type) for f in fields(Settings) if "maps" in f.metadata}
+_MAPS_ATTR = {f.metadata["maps"]: f.name for f in fields(Settings) if "maps" in f.metadata}
 
 
 def load(cfg: Config) -> Settings:
@@ -107,7 +104,7 @@ def load(cfg: Config) -> Settings:
     for key, value in accounts.items():
         setattr(s, key, value)
     for key, value in maps.items():
-        setattr(s, _MAPS_ATTR.get(key, key), value)
+        setattr(s, _MAPS_ATTR[key], value)
     explicit = set(accounts)
     if "database" in explicit and "dsn" in explicit and s.dsn:
         raise ConfigurationError(f"{cfg.where('accounts', 'dsn')}: give either database or dsn, not both")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from vdeliver.config import Config, ConfigError, read_table
 from vdeliver.socketmap import protocol as p
@@ -39,11 +39,11 @@ class Settings:
     user: str = ""  # "" = the top-level `user`
     group: str = ""
     allow_root: bool = False
-    # derived
-    mode: int = 0o660
-    tcp_host: str = ""
-    tcp_port: int = 0
-    listeners: list[Listener] = field(default_factory=list)
+    # derived from the keys above by load_settings(), not keys themselves
+    mode: int = field(default=0o660, init=False)
+    tcp_host: str = field(default="", init=False)
+    tcp_port: int = field(default=0, init=False)
+    listeners: list[Listener] = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -57,12 +57,9 @@ class Listener:
         return self.address if self.kind == "unix" else f"{self.address}:{self.port}"
 
 
-_KEYS = {
-    "socket_in": "str", "socket_out": "str", "socket_mode": "str", "tcp": "str", "tcp_access": "str",
-    "ttl": "int", "negative_ttl": "int", "stale_max_age": "int", "db_timeout": "float", "client_timeout": "float",
-    "idle_timeout": "int", "poll_interval": "float", "workers": "int", "max_connections": "int", "max_key": "int",
-    "cache_size": "int", "aliases_names": "str", "user": "str", "group": "str", "allow_root": "bool",
-}
+# The keys of [socketmap] and their kinds for config.read_table(): the fields above, so that
+# a key is declared once, with its type and default.
+_KEYS = {f.name: str(f.type) for f in fields(Settings) if f.init}
 
 
 def load_settings(cfg: Config) -> Settings:
