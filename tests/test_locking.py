@@ -5,6 +5,7 @@ The end-to-end tests hold locks with peer programs; here every decision of DotLo
 fcntl_lock is reached directly, with a forked child where a second process is needed.
 Lock timeouts are short (0.3 s) and nothing here measures speed; pytest-timeout turns a
 hang (the bug a FIFO or directory planted as the lock could cause) into a failure.
+dead_pid(), child_holding() and child_can_lock() serve test_mbox.py too.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ HOST = "unit.test"
 SHORT = 0.3
 
 
-def _dead_pid() -> int:
+def dead_pid() -> int:
     """The pid of a process that has exited and been reaped."""
     pid = os.fork()
     if pid == 0:
@@ -125,7 +126,7 @@ def test_timeout_on_a_live_holder(box: Path) -> None:
 
 
 def test_dead_holder_on_this_host_is_broken_at_once(box: Path) -> None:
-    pid = _dead_pid()
+    pid = dead_pid()
     lockfile = Path(f"{box}.lock")
     _plant(lockfile, f"{pid}:{HOST}".encode())
     lock = DotLock(str(box), HOST, timeout=SHORT, stale_age=3600)
@@ -142,7 +143,7 @@ def test_dead_holder_on_this_host_is_broken_at_once(box: Path) -> None:
 def test_dead_pid_is_trusted_only_for_our_host_and_a_plain_pid(box: Path, content: str) -> None:
     """A pid on another host (or not a pid at all) says nothing: only age may break it."""
     lockfile = Path(f"{box}.lock")
-    text = content.format(pid=_dead_pid(), host=HOST).encode()
+    text = content.format(pid=dead_pid(), host=HOST).encode()
     _plant(lockfile, text)
     lock = DotLock(str(box), HOST, timeout=SHORT, stale_age=3600)
     with pytest.raises(DeliveryError) as info:
@@ -332,7 +333,7 @@ def test_sleep_steps_are_bounded() -> None:
 def test_pid_alive() -> None:
     assert locking._pid_alive(os.getpid())
     assert locking._pid_alive(1)
-    assert not locking._pid_alive(_dead_pid())
+    assert not locking._pid_alive(dead_pid())
 
 
 def test_read_lock_of_odd_files(tmp_path: Path) -> None:
@@ -353,7 +354,7 @@ def test_read_lock_of_odd_files(tmp_path: Path) -> None:
 
 
 @contextmanager
-def _child_holding(path: Path, kind: int = fcntl.LOCK_EX) -> Iterator[int]:
+def child_holding(path: Path, kind: int = fcntl.LOCK_EX) -> Iterator[int]:
     """A forked child holding an fcntl lock on path until the block ends; yields its pid."""
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -393,7 +394,7 @@ def boxfd(box: Path) -> Iterator[int]:
 
 @pytest.mark.timeout(20)
 def test_fcntl_conflict_with_another_process_times_out(box: Path, boxfd: int) -> None:
-    with _child_holding(box):
+    with child_holding(box):
         with pytest.raises(DeliveryError) as info:
             fcntl_lock(boxfd, str(box), SHORT)
         assert info.value.status.dsn == "4.2.0"
@@ -404,7 +405,7 @@ def test_fcntl_conflict_with_another_process_times_out(box: Path, boxfd: int) ->
 
 @pytest.mark.timeout(20)
 def test_shared_locks_share_and_exclude_writers(box: Path, boxfd: int) -> None:
-    with _child_holding(box, fcntl.LOCK_SH):
+    with child_holding(box, fcntl.LOCK_SH):
         fcntl_lock(boxfd, str(box), SHORT, write=False)
         fcntl_unlock(boxfd)
         with pytest.raises(DeliveryError) as info:
@@ -415,12 +416,12 @@ def test_shared_locks_share_and_exclude_writers(box: Path, boxfd: int) -> None:
 @pytest.mark.timeout(20)
 def test_our_fcntl_lock_blocks_another_process(box: Path, boxfd: int) -> None:
     fcntl_lock(boxfd, str(box), SHORT)
-    assert not _child_can_lock(box)
+    assert not child_can_lock(box)
     fcntl_unlock(boxfd)
-    assert _child_can_lock(box)
+    assert child_can_lock(box)
 
 
-def _child_can_lock(path: Path) -> bool:
+def child_can_lock(path: Path) -> bool:
     """Whether another process could take a write lock on path right now."""
     pid = os.fork()
     if pid == 0:
