@@ -327,7 +327,7 @@ def test_default_host_in_content(box: Path) -> None:
 def test_sleep_steps_are_bounded() -> None:
     steps = [locking._sleep_step(i) for i in range(50)]
     assert steps == sorted(steps)
-    assert 0 < steps[0] and max(steps) <= 0.25
+    assert steps[0] > 0 and max(steps) <= 0.25
 
 
 def test_pid_alive() -> None:

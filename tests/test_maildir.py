@@ -176,12 +176,6 @@ def test_symlinked_subdirectory_is_refused(md: Path, tmp_path: Path, msg: Prepar
 
 # O_DIRECTORY|O_NOFOLLOW on a symbolic link fails with ENOTDIR on Linux, not ELOOP, so the
 # ELOOP branches of _open_dir() and _open_sub() never run and the log blames the wrong thing.
-SYMLINK_REASON = pytest.mark.xfail(
-    strict=True, reason="Linux gives ENOTDIR, not ELOOP, for open(O_DIRECTORY|O_NOFOLLOW) of a symlink: "
-    "the refusal happens but says 'is not a directory' instead of 'is a symbolic link'")
-
-
-@SYMLINK_REASON
 @pytest.mark.parametrize("sub", ["tmp", "new"])
 def test_symlinked_subdirectory_is_named_as_such(md: Path, tmp_path: Path, msg: Prepared, sub: str) -> None:
     (tmp_path / "elsewhere").mkdir()
@@ -213,7 +207,6 @@ def test_symlinked_maildir_is_refused(md: Path, tmp_path: Path, msg: Prepared) -
     assert listing(md)["new"] == []
 
 
-@SYMLINK_REASON
 def test_symlinked_maildir_is_named_as_such(md: Path, tmp_path: Path, msg: Prepared) -> None:
     link = tmp_path / "link"
     link.symlink_to(md)
@@ -524,9 +517,6 @@ def test_failures_after_the_commit_point_do_not_fail_the_delivery(md: Path, msg:
     assert (md / "new" / name).read_bytes() == RECORD
 
 
-@pytest.mark.xfail(strict=True, reason="_store maps any failure to create tmp/NAME to 4.3.0 'cannot write mailbox': "
-                   "ENOSPC is not 4.3.1, and EDQUOT (inode/block quota) neither defers as 4.2.2 "
-                   "nor bounces with over_quota = 'bounce'")
 @pytest.mark.parametrize(("err", "bounce", "dsn"), [(errno.EDQUOT, False, "4.2.2"), (errno.EDQUOT, True, "5.2.2"),
                                                     (errno.ENOSPC, False, "4.3.1")],
                          ids=["EDQUOT-defer", "EDQUOT-bounce", "ENOSPC"])

@@ -4,6 +4,7 @@ checked against an independent cycle search on random alias graphs."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -183,5 +184,5 @@ def test_find_loop_agrees_with_an_independent_search(alias_of: str | None, catch
     if loop:
         assert len(loop) >= 2 and loop[0] == loop[-1]
         assert len(set(loop[:-1])) == len(loop) - 1  # a simple cycle
-        for here, there in zip(loop, loop[1:], strict=False):
+        for here, there in itertools.pairwise(loop):
             assert there in {strip_detail(x) for x in next_hops(s, here)}

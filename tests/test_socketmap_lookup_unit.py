@@ -276,8 +276,9 @@ def test_targets_with_a_fake_query() -> None:
 
     assert snapshot.targets(q, "aliases") == {"a@x.org": ["1@y", "2@y"], "b@x.org": ["3@y"]}
     assert snapshot.targets(q, "aliases", "x.org", "a") == {}
-    assert asked[1] == ("SELECT username, domain, target FROM aliases WHERE domain = ? AND username = ?"
-                        " ORDER BY domain, username, target", ("x.org", "a"))
+    sql = ("SELECT username, domain, target FROM aliases WHERE domain = ? AND username = ?"
+           " ORDER BY domain, username, target")
+    assert asked[1] == (sql, ("x.org", "a"))
 
 
 _USERS = st.sampled_from(["fred", "joe", "info", "sales"])

@@ -85,7 +85,7 @@ def _open_dir(path: str) -> int:
     except FileNotFoundError:
         raise fail("user unknown", f"no mailbox {path}", "5.1.1") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if _is_symlink(exc, path):
             raise fail("mailbox is a symbolic link", path) from None
         if exc.errno == errno.ENOTDIR:
             raise fail("mailbox is not a Maildir", f"{path} is not a directory") from None
@@ -101,9 +101,22 @@ def _open_sub(dirfd: int, sub: str, path: str) -> int:
     try:
         return os.open(sub, _DIR_FLAGS, dir_fd=dirfd)
     except OSError as exc:
-        why = "is a symbolic link" if exc.errno == errno.ELOOP else (
+        why = "is a symbolic link" if _is_symlink(exc, sub, dirfd) else (
             "is not a directory" if exc.errno == errno.ENOTDIR else exc.strerror)
         raise fail("mailbox is not a Maildir", f"{path}/{sub}: {why}") from None
+
+
+def _is_symlink(exc: OSError, path: str, dirfd: "int | None" = None) -> bool:
+    """Did open(O_DIRECTORY|O_NOFOLLOW) fail on a symbolic link?  Linux says ENOTDIR for a
+    link (ELOOP only without O_DIRECTORY), so for the log line we look at what is there."""
+    if exc.errno == errno.ELOOP:
+        return True
+    if exc.errno != errno.ENOTDIR:
+        return False
+    try:
+        return stat.S_ISLNK(os.stat(path, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _check_dir(path: str) -> None:
@@ -324,8 +337,8 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
                          dir_fd=tfd)
         except FileExistsError:
             continue
-        except OSError as exc:
-            raise fail("cannot write mailbox", f"{path}/tmp: {exc.strerror}") from None
+        except OSError as exc:  # a full disk or quota here is the same as while writing
+            raise DeliveryError(status_for_errno(exc.errno or errno.EIO, f"{path}/tmp", over_quota_bounce)) from None
         try:
             try:
                 for chunk in msg.spool.chunks():

@@ -74,7 +74,7 @@ class Journal:
         return st
 
     def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
-        pass
+        """Record the append about to start; an OSError refuses the delivery (nothing written)."""
 
     def end(self) -> None:
         pass
@@ -185,7 +185,10 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
         sep = _separator_needed(fd, size)
     except OSError as exc:
         raise DeliveryError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
-    journal.begin(fd, path, size, st, sep, msg)
+    try:
+        journal.begin(fd, path, size, st, sep, msg)
+    except OSError as exc:  # a full quota on the journal is the mailbox's full quota
+        raise DeliveryError(status_for_errno(exc.errno or errno.EIO, exc.filename or path, over_quota_bounce)) from None
     try:
         if sep:
             write_all(fd, sep)

@@ -358,7 +358,8 @@ class MboxJournal(Journal):
         return os.fstat(fd)
 
     def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
-        """Make the undo record durable before the first byte is appended."""
+        """Make the undo record durable before the first byte is appended.  An OSError goes
+        to the caller, which knows whether a full quota bounces (its errno decides)."""
         if not self.record:
             return
         jpath = journal_path(path)
@@ -377,14 +378,14 @@ class MboxJournal(Journal):
                 os.close(jfd)
             fsync_dir(os.path.dirname(jpath))
         except OSError as exc:
-            from vdeliver.errors import status_for_errno
-
             if exc.errno != errno.EEXIST:
                 try:
                     os.unlink(jpath)  # nothing was appended: leave no clutter (a torn one is harmless)
                 except OSError:
                     pass
-            raise DeliveryError(status_for_errno(exc.errno or 5, jpath)) from None
+            if not exc.filename:
+                exc.filename = jpath  # the caller's status names the journal, not the mailbox
+            raise
         self.jpath = jpath
 
     def end(self) -> None:
