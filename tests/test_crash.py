@@ -22,23 +22,10 @@ from hypothesis import strategies as st
 
 from tests import faultinject as fi
 from tests.helpers import Account, MailRoot, run_vdeliver
+from tests.unit_helpers import RecordingLog
 from vdeliver import recovery
 
 SOAK = int(os.environ.get("VDELIVER_SOAK", "1") or "1")
-
-
-class _Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    def warning(self, text: str) -> None:
-        self.lines.append(("warning", text))
-
-    def error(self, text: str) -> None:
-        self.lines.append(("error", text))
 
 
 RECORD = b"From alice@example.org  Wed Nov 25 03:53:52 2026\nReturn-Path: <alice@example.org>\nSubject: new\n\nbody\n\n"
@@ -56,8 +43,8 @@ def _setup(tmp_path: Path, content: bytes, orig: int, end: int, head: bytes, boo
     return mbox, fd
 
 
-def _recover(mbox: Path, fd: int) -> tuple[str, str, _Log]:
-    log = _Log()
+def _recover(mbox: Path, fd: int) -> tuple[str, str, RecordingLog]:
+    log = RecordingLog()
     try:
         outcome, text = recovery.recover(fd, str(mbox), os.fstat(fd), log)
     finally:

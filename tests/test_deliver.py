@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit_helpers import RecordingLog
 from vdeliver import config, message, recovery
 from vdeliver.config import Config
 from vdeliver.deliver import (
@@ -33,20 +34,6 @@ WHEN = 1_764_000_000.0
 FRED = Recipient("example.org", "fred")
 RAW = b"From: Alice <alice@example.org>\r\nTo: fred@example.org\r\nSubject: hi\r\n\r\nFrom the start\r\nbody\r\n"
 OLD = b"From bob@example.org  Tue Nov 24 10:00:00 2026\nSubject: old\n\nold body\n\n"
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(("info", text))
-
-    def warning(self, text: str) -> None:
-        self.lines.append(("warning", text))
-
-    def error(self, text: str) -> None:
-        self.lines.append(("error", text))
 
 
 def make_config(tmp_path: Path, **extra: object) -> Config:
@@ -476,7 +463,7 @@ def test_log_hears_a_partial_record_being_cut(tmp_path: Path, src: int) -> None:
     left = mbox_record(b"Subject: killed\n\nhalf\n")
     box = mbox_of(tmp_path, content=OLD + left[:40])
     jpath = _plant_journal(box, len(OLD), len(OLD) + len(left), left[: recovery.HEAD])
-    log = Log()
+    log = RecordingLog()
     deliver(make_config(tmp_path), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
     assert not jpath.exists()
@@ -492,7 +479,7 @@ def test_log_hears_an_untrusted_journal(tmp_path: Path, src: int) -> None:
     target.write_bytes(b"vdeliver-journal garbage\n")
     jpath = Path(recovery.journal_path(str(box)))
     jpath.symlink_to(target)
-    log = Log()
+    log = RecordingLog()
     deliver(make_config(tmp_path), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
     assert [lvl for lvl, _ in log.lines] == ["error"]
@@ -502,7 +489,7 @@ def test_log_hears_an_untrusted_journal(tmp_path: Path, src: int) -> None:
 
 def test_no_journal_no_log_lines(tmp_path: Path, src: int) -> None:
     mbox_of(tmp_path)
-    log = Log()
+    log = RecordingLog()
     deliver(make_config(tmp_path), FRED, src, "alice@example.org", log=log)
     assert log.lines == []
 
@@ -511,7 +498,7 @@ def test_mbox_journal_off_still_recovers(tmp_path: Path, src: int) -> None:
     left = mbox_record(b"Subject: killed\n\nhalf\n")
     box = mbox_of(tmp_path, content=OLD + left[:10])
     _plant_journal(box, len(OLD), len(OLD) + len(left), left[: recovery.HEAD])
-    log = Log()
+    log = RecordingLog()
     deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
     assert [lvl for lvl, _ in log.lines] == ["warning"]

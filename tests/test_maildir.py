@@ -11,7 +11,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +19,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vdeliver import fileio, maildir
+from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, prepared, spooled
+from vdeliver import maildir
 from vdeliver.errors import DeliveryError
-from vdeliver.message import Prepared, Spool
+from vdeliver.message import Prepared
 
 HOST = "unit.test"
 RECORD = b"Return-Path: <alice@example.org>\nDelivered-To: fred@example.org\nSubject: hi\n\nbody\nmore\n"
 
 
-def prepared(record: bytes, spool_dir: str, threshold: int = 1 << 20) -> Prepared:
-    spool = Spool(threshold, spool_dir)
-    spool.write(record)
-    return Prepared(spool, "alice@example.org", len(record), record.count(b"\n"), len(record), False)
-
-
 def listing(md: Path) -> dict[str, list[str]]:
     return {sub: sorted(os.listdir(md / sub)) for sub in ("tmp", "new", "cur")}
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -50,11 +41,7 @@ def md(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def msg(tmp_path: Path) -> Iterator[Prepared]:
-    m = prepared(RECORD, str(tmp_path))
-    try:
-        yield m
-    finally:
-        m.close()
+    yield from spooled(RECORD, str(tmp_path))
 
 
 def deliver(md: Path, m: Prepared, **kw: Any) -> str:
@@ -198,21 +185,14 @@ def test_missing_or_file_subdirectory_is_refused(md: Path, msg: Prepared, sub: s
     assert info.value.status.detail.endswith("is not a directory")
 
 
-def test_symlinked_maildir_is_refused(md: Path, tmp_path: Path, msg: Prepared) -> None:
+def test_symlinked_maildir_is_refused_and_named_as_such(md: Path, tmp_path: Path, msg: Prepared) -> None:
     link = tmp_path / "link"
     link.symlink_to(md)
     with pytest.raises(DeliveryError) as info:
         deliver(link, msg)
     assert info.value.status.dsn == "4.3.0"
-    assert listing(md)["new"] == []
-
-
-def test_symlinked_maildir_is_named_as_such(md: Path, tmp_path: Path, msg: Prepared) -> None:
-    link = tmp_path / "link"
-    link.symlink_to(md)
-    with pytest.raises(DeliveryError) as info:
-        deliver(link, msg)
     assert info.value.status.reason == "mailbox is a symbolic link"
+    assert listing(md)["new"] == []
 
 
 def test_maildir_that_is_a_file(tmp_path: Path, msg: Prepared) -> None:
@@ -410,21 +390,6 @@ def test_a_recently_read_file_is_kept(md: Path) -> None:
 # -- faults -----------------------------------------------------------------------------------
 
 
-def fail_at_byte(k: int, err: int) -> Callable[[int, bytes | bytearray | memoryview], None]:
-    real = fileio.write_all
-    left = [k]
-
-    def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        if len(view) >= left[0]:
-            real(fd, view[: left[0]])
-            raise OSError(err, os.strerror(err))
-        left[0] -= len(view)
-        real(fd, view)
-
-    return write_all
-
-
 ERRORS = [(errno.ENOSPC, False, "4.3.1"), (errno.EDQUOT, False, "4.2.2"), (errno.EDQUOT, True, "5.2.2"),
           (errno.EFBIG, True, "5.2.2"), (errno.EIO, False, "4.3.0")]
 ERROR_IDS = ["ENOSPC", "EDQUOT-defer", "EDQUOT-bounce", "EFBIG-bounce", "EIO"]
@@ -448,16 +413,7 @@ def test_write_failure_leaves_nothing(md: Path, msg: Prepared, monkeypatch: pyte
 def test_fsync_failure_leaves_nothing(md: Path, msg: Prepared, monkeypatch: pytest.MonkeyPatch,
                                       err: int, bounce: bool, dsn: str, n: int) -> None:
     """fsync 1 is the message file's, 2 is new/'s (after the link: the entry is taken back)."""
-    real = os.fsync
-    count = [0]
-
-    def fsync(fd: int) -> None:
-        count[0] += 1
-        if count[0] == n:
-            raise OSError(err, os.strerror(err))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fail_at_call(n, err, os.fsync))
     with pytest.raises(DeliveryError) as info:
         deliver(md, msg, over_quota_bounce=bounce)
     assert info.value.status.dsn == dsn

@@ -23,27 +23,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.test_locking import child_can_lock, child_holding, dead_pid
+from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, prepared, spooled
 from vdeliver import fileio, locking, mbox, message
 from vdeliver.errors import DeliveryError
 from vdeliver.mbox import Journal, MailboxLock, open_mbox
-from vdeliver.message import Prepared, Spool
+from vdeliver.message import Prepared
 from vdeliver.recovery import MboxJournal, journal_path
 
 HOST = "unit.test"
 SHORT = 0.3
 RECORD = b"From alice@example.org  Wed Nov 25 03:53:52 2026\nReturn-Path: <alice@example.org>\nSubject: new\n\nbody\n\n"
 OLD = b"From bob@example.org  Tue Nov 24 10:00:00 2026\nSubject: old\n\nold body\n\n"
-
-
-def prepared(record: bytes, spool_dir: str, threshold: int = 1 << 20) -> Prepared:
-    """A Prepared holding exactly `record` (in memory, or in a spool file past threshold)."""
-    spool = Spool(threshold, spool_dir)
-    spool.write(record)
-    return Prepared(spool, "alice@example.org", len(record), record.count(b"\n"), len(record), False)
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -56,11 +46,7 @@ def box(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def msg(tmp_path: Path) -> Iterator[Prepared]:
-    m = prepared(RECORD, str(tmp_path))
-    try:
-        yield m
-    finally:
-        m.close()
+    yield from spooled(RECORD, str(tmp_path))
 
 
 def deliver(path: Path, m: Prepared, **kw: object) -> list[str]:
@@ -449,35 +435,6 @@ def test_old_content_is_always_a_prefix(old: bytes, record: bytes) -> None:
 
 
 # -- faults through the same seams as the kill harness ----------------------------------
-
-
-def fail_at_byte(k: int, err: int) -> Callable[[int, bytes | bytearray | memoryview], None]:
-    """A write_all that writes k bytes of the append (separator included), then fails."""
-    real = fileio.write_all
-    left = [k]
-
-    def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        if len(view) >= left[0]:
-            real(fd, view[: left[0]])
-            raise OSError(err, os.strerror(err))
-        left[0] -= len(view)
-        real(fd, view)
-
-    return write_all
-
-
-def fail_at_call(n: int, err: int, real: Callable[[int], None]) -> Callable[[int], None]:
-    """An fsync (or other one-descriptor call) that fails on its n-th call (1-based) only."""
-    count = [0]
-
-    def call(fd: int) -> None:
-        count[0] += 1
-        if count[0] == n:
-            raise OSError(err, os.strerror(err))
-        real(fd)
-
-    return call
 
 
 @pytest.mark.parametrize(("err", "bounce", "dsn"), [
