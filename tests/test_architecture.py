@@ -68,6 +68,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking")),
     ("stores", ("vdeliver.mbox", "vdeliver.maildir")),
     ("recovery", ("vdeliver.recovery",)),
+    ("sieve", ("vdeliver.sieve.*",)),
     ("delivery", ("vdeliver.deliver",)),
     ("front doors of delivery", ("vdeliver.cli", "vdeliver.__main__", "vdeliver.launcher", "vdeliver.lmtp.*")),
     ("accounts", ("vdeliver.accounts.*",)),
