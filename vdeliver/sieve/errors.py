@@ -12,6 +12,7 @@ class SieveError(ValueError):
         super().__init__(f"line {line}: {message}" if line else message)
         self.line = line
         self.message = message
+        self.errors: list[SieveError] = [self]  # every error found, when a stage collects them
 
 
 class SieveSyntaxError(SieveError):

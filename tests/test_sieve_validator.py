@@ -1,0 +1,116 @@
+"""The Sieve validator: signatures, require, if/elsif/else order, comparators, extensions; and
+the same verdict (and line) as Pigeonhole's sieve-test on a corpus of valid and invalid scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.sieve_oracle import Pigeonhole
+from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.validator import compile_script
+
+VALID: list[bytes] = [
+    b"keep;",
+    b'require "fileinto";\nfileinto "A";',
+    b'require ["fileinto", "copy"];\nfileinto :copy "A";\nredirect :copy "a@example.org";',
+    b'require "envelope";\nif envelope :all :is "from" "a@example.org" { keep; }',
+    b'if address :domain :is ["from", "to"] "example.org" { discard; }',
+    b'if header :contains "subject" ["a", "b"] { stop; }',
+    b'if header :matches :comparator "i;octet" "subject" "*x?" { stop; }',
+    b'if exists ["from", "date"] { keep; } elsif true { discard; } else { stop; }',
+    b"if size :under 10K { keep; }",
+    b'require "comparator-i;ascii-numeric";\nif header :comparator "i;ascii-numeric" :is "x" "1" { keep; }',
+    b'require ["relational", "comparator-i;ascii-numeric"];\n'
+    b'if header :value "gt" :comparator "i;ascii-numeric" "x" "1" { keep; }',
+    b'require "relational";\nif address :count "ge" :all "to" "2" { keep; }',
+    b'require ["envelope", "subaddress"];\nif envelope :detail :is "to" "lists" { discard; }',
+    b"if not anyof (false, allof (true, true)) { keep; }",
+    b'redirect "fred@example.org";',
+    b"if true {\n  if false { stop; }\n  else { keep; }\n}",
+]
+
+INVALID: list[tuple[bytes, int]] = [
+    (b'fileinto "A";', 1),
+    (b'keep;\nrequire "fileinto";', 2),
+    (b"if true { keep; }\nelse { discard; }\nelse { stop; }", 3),
+    (b"keep;\nelsif true { keep; }", 2),
+    (b"foo;", 1),
+    (b"if foo { keep; }", 1),
+    (b'if header :foo "a" "b" { keep; }', 1),
+    (b'if header :is :contains "a" "b" { keep; }', 1),
+    (b"if size 10 { keep; }", 1),
+    (b'if size :over "10" { keep; }', 1),
+    (b'keep "x";', 1),
+    (b"if true;", 1),
+    (b"keep { }", 1),
+    (b'if header :comparator "i;ascii-numeric" :is "x" "1" { keep; }', 1),
+    (b'if header :comparator "i;nosuch" :is "x" "1" { keep; }', 1),
+    (b'require "nosuch";', 1),
+    (b"if not (true) { keep; }", 1),
+    (b"if anyof true { keep; }", 1),
+    (b"else { keep; }", 1),
+    (b'redirect ["a@b.c", "d@e.f"];', 1),
+    (b'require "fileinto";\nfileinto :copy "x";', 2),
+    (b'if header "subject" { keep; }', 1),
+    (b'if header :value "gt" "x" "1" { keep; }', 1),
+    (b'require "relational";\nif header :value "gtx" "x" "1" { keep; }', 2),
+    (b"keep;\n\nif true {\n  foo;\n}", 4),
+    (b'if address :user "to" "x" { keep; }', 1),
+]
+
+
+def test_compiles_to_nodes() -> None:
+    compiled = compile_script(b'require "fileinto";\nif header :contains "subject" "x" { fileinto "A"; }')
+    assert compiled.extensions == {"fileinto"}
+    node = compiled.commands[0]
+    assert node.name == "if" and node.tests[0].tags == {"contains": True}
+    assert node.tests[0].args == (["subject"], ["x"])
+    assert node.block is not None and node.block[0].args == ("A",)
+
+
+@pytest.mark.parametrize("script", VALID, ids=[repr(v[:40]) for v in VALID])
+def test_accepts(script: bytes) -> None:
+    compile_script(script)
+
+
+@pytest.mark.parametrize(("script", "line"), INVALID, ids=[repr(v[0][:40]) for v in INVALID])
+def test_refuses_with_line(script: bytes, line: int) -> None:
+    with pytest.raises(SieveError) as info:
+        compile_script(script)
+    assert info.value.line == line
+    assert all("\n" not in e.message for e in info.value.errors)
+
+
+def test_every_error_is_reported() -> None:
+    with pytest.raises(SieveError) as info:
+        compile_script(b"foo;\nbar;\nkeep;\nbaz;")
+    assert [e.line for e in info.value.errors] == [1, 2, 4]
+
+
+def test_actions_that_send_mail_are_refused_until_they_exist() -> None:
+    for name in ("vacation", "reject", "ereject", "duplicate", "enotify"):
+        with pytest.raises(SieveError, match=f"extension '{name}' is not supported by vdeliver yet"):
+            compile_script(f'require "{name}";'.encode())
+
+
+@pytest.fixture(scope="module")
+def pigeonhole() -> Iterator[Pigeonhole]:
+    oracle = Pigeonhole.start()
+    yield oracle
+    oracle.close()
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("script", VALID + [s for s, _ in INVALID], ids=[repr(v[:40]) for v in VALID] +
+                         [repr(v[0][:40]) for v in INVALID])
+def test_same_verdict_as_pigeonhole(pigeonhole: Pigeonhole, script: bytes) -> None:
+    theirs = pigeonhole.run(script)
+    try:
+        compile_script(script)
+    except SieveError as exc:
+        assert not theirs.ok, f"Pigeonhole accepts what we refuse ({exc}):\n{theirs.output}"
+        assert exc.line in [line for line, _ in theirs.errors], (exc, theirs.errors)
+    else:
+        assert theirs.ok, f"Pigeonhole refuses what we accept:\n{theirs.output}"

@@ -1,0 +1,287 @@
+"""The validator: a parsed tree -> the checked form the interpreter runs (RFC 5228 sections 3-5).
+
+Every command and test has one signature in SIGNATURES: its positional arguments, the tags
+it takes (each in a group of which at most one may be given, with the value a tag takes),
+whether it takes a test, a test list or a block, and the extension `require` must name.
+Adding an extension adds rows here and in EXTENSIONS; the checking code does not change.
+
+Rules beyond the signatures: `require` only at the top of the script; `elsif` and `else`
+only after `if`/`elsif`; a comparator other than i;octet and i;ascii-casemap must be
+required as `comparator-NAME`; extensions that send mail (issue 18) are named and refused.
+Errors come out as SieveError with the line of the command, test or argument at fault;
+all of them are collected (the first one raises with the others in `.errors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.parser import parse
+from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, Tag, Test
+
+# Extensions `require` accepts, and those it names but refuses for now.
+EXTENSIONS = frozenset({
+    "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
+    "copy", "relational", "subaddress",
+})
+NOT_YET = {
+    "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
+    "duplicate": "issue 18", "enotify": "issue 18", "notify": "issue 18",
+}
+COMPARATORS = ("i;octet", "i;ascii-casemap", "i;ascii-numeric")
+RELATIONS = ("gt", "ge", "lt", "le", "eq", "ne")
+MAX_ACTIONS_DEFAULT = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TagSpec:
+    group: str  # tags of one group exclude each other
+    value: str | None = None  # None (a flag), "string", "strings", "number"
+    extension: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    positional: tuple[str, ...] = ()  # "string" (one string), "strings" (a string list), "number"
+    tags: dict[str, TagSpec] = field(default_factory=dict)
+    tests: str = "none"  # "none", "one", "list"
+    block: bool = False
+    extension: str | None = None
+    required_groups: tuple[str, ...] = ()
+
+
+_COMPARATOR = {"comparator": TagSpec("comparator", "string")}
+_MATCH = {
+    "is": TagSpec("match"), "contains": TagSpec("match"), "matches": TagSpec("match"),
+    "value": TagSpec("match", "string", "relational"), "count": TagSpec("match", "string", "relational"),
+}
+_ADDRESS_PART = {
+    "all": TagSpec("address-part"), "localpart": TagSpec("address-part"), "domain": TagSpec("address-part"),
+    "user": TagSpec("address-part", None, "subaddress"), "detail": TagSpec("address-part", None, "subaddress"),
+}
+_COPY = {"copy": TagSpec("copy", None, "copy")}
+
+SIGNATURES: dict[tuple[str, str], Signature] = {
+    # commands
+    ("command", "require"): Signature(("strings",)),
+    ("command", "if"): Signature(tests="one", block=True),
+    ("command", "elsif"): Signature(tests="one", block=True),
+    ("command", "else"): Signature(block=True),
+    ("command", "stop"): Signature(),
+    ("command", "keep"): Signature(),
+    ("command", "discard"): Signature(),
+    ("command", "fileinto"): Signature(("string",), dict(_COPY), extension="fileinto"),
+    ("command", "redirect"): Signature(("string",), dict(_COPY)),
+    # tests
+    ("test", "true"): Signature(),
+    ("test", "false"): Signature(),
+    ("test", "not"): Signature(tests="one"),
+    ("test", "allof"): Signature(tests="list"),
+    ("test", "anyof"): Signature(tests="list"),
+    ("test", "exists"): Signature(("strings",)),
+    ("test", "size"): Signature(("number",), {"over": TagSpec("size"), "under": TagSpec("size")},
+                                required_groups=("size",)),
+    ("test", "header"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}),
+    ("test", "address"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART}),
+    ("test", "envelope"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART},
+                                    extension="envelope"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A checked command or test: tags by name (a flag's value is True), positional
+    arguments as str, list of str or int, and its tests and block."""
+
+    name: str
+    line: int
+    tags: dict[str, object]
+    args: tuple[object, ...]
+    tests: tuple[Node, ...] = ()
+    block: tuple[Node, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    commands: tuple[Node, ...]
+    extensions: frozenset[str]
+
+
+def compile_script(script: str | bytes) -> Compiled:
+    """Parse and validate; SieveError (with every error found in `.errors`) if it cannot run."""
+    return validate(parse(script))
+
+
+def validate(script: Script) -> Compiled:
+    v = _Validator()
+    commands = v.commands(script.commands, top=True)
+    if v.errors:
+        first = v.errors[0]
+        error = SieveError(first.line, first.message)
+        error.errors = v.errors
+        raise error
+    return Compiled(commands, frozenset(v.required))
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.errors: list[SieveError] = []
+        self.required: set[str] = set()
+
+    def error(self, line: int, message: str) -> None:
+        self.errors.append(SieveError(line, message))
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def commands(self, commands: tuple[Command, ...], top: bool = False) -> tuple[Node, ...]:
+        out: list[Node] = []
+        requires_allowed = top
+        previous = ""
+        for cmd in commands:
+            if cmd.name == "require":
+                if not requires_allowed:
+                    self.error(cmd.line, "require commands can only be placed at top level at the beginning "
+                                         "of the file")
+                    continue
+                self._require(cmd)
+                previous = "require"
+                continue
+            requires_allowed = False
+            if cmd.name in ("elsif", "else") and previous not in ("if", "elsif"):
+                self.error(cmd.line, f"the {cmd.name} command must follow an if or elsif command")
+            node = self.node("command", cmd.name, cmd.arguments, cmd.tests, cmd.test_list, cmd.block, cmd.line)
+            if node is not None:
+                out.append(node)
+            previous = cmd.name
+        return tuple(out)
+
+    def _require(self, cmd: Command) -> None:
+        if cmd.tests or cmd.block is not None or len(cmd.arguments) != 1 or not isinstance(cmd.arguments[0],
+                                                                                            StringList):
+            self.error(cmd.line, "require takes one string list of extension names")
+            return
+        for name in cmd.arguments[0].values:
+            if name in EXTENSIONS:
+                self.required.add(name)
+            elif name in NOT_YET:
+                self.error(cmd.line, f"extension '{name}' is not supported by vdeliver yet ({NOT_YET[name]})")
+            else:
+                self.error(cmd.line, f"unknown extension '{name}'")
+
+    # -- one command or test ----------------------------------------------------------------------
+
+    def node(self, kind: str, name: str, arguments: tuple[Argument, ...], tests: tuple[Test, ...],
+             test_list: bool, block: tuple[Command, ...] | None, line: int) -> Node | None:
+        sig = SIGNATURES.get((kind, name))
+        if sig is None:
+            self.error(line, f"unknown {kind} '{name}'")
+            return None
+        if sig.extension is not None and sig.extension not in self.required:
+            self.error(line, f"{kind} '{name}' needs require \"{sig.extension}\"")
+            return None
+        tags, args = self._arguments(kind, name, sig, arguments, line)
+        sub = self._tests(kind, name, sig, tests, test_list, line)
+        body: tuple[Node, ...] | None = None
+        if sig.block and block is None:
+            self.error(line, f"the {name} command needs a block")
+        elif not sig.block and block is not None:
+            self.error(line, f"the {name} command takes no block")
+        elif block is not None:
+            body = self.commands(block)
+        return Node(name, line, tags, args, sub, body)
+
+    def _arguments(self, kind: str, name: str, sig: Signature, arguments: tuple[Argument, ...],
+                   line: int) -> tuple[dict[str, object], tuple[object, ...]]:
+        tags: dict[str, object] = {}
+        groups: dict[str, str] = {}
+        positional: list[Argument] = []
+        items = list(arguments)
+        i = 0
+        while i < len(items):
+            arg = items[i]
+            i += 1
+            if not isinstance(arg, Tag):
+                positional.append(arg)
+                continue
+            if positional:
+                self.error(arg.line, f"tag ':{arg.name}' after the positional arguments of {kind} '{name}'")
+                continue
+            spec = sig.tags.get(arg.name)
+            if spec is None:
+                self.error(arg.line, f"unknown tag ':{arg.name}' for {kind} '{name}'")
+                continue
+            if spec.extension is not None and spec.extension not in self.required:
+                self.error(arg.line, f"tag ':{arg.name}' needs require \"{spec.extension}\"")
+                continue
+            if spec.group in groups:
+                self.error(arg.line, f"tag ':{arg.name}' cannot be combined with ':{groups[spec.group]}'")
+                continue
+            groups[spec.group] = arg.name
+            value: object = True
+            if spec.value is not None:
+                if i >= len(items) or isinstance(items[i], Tag):
+                    self.error(arg.line, f"tag ':{arg.name}' needs a {spec.value.replace('strings', 'string list')}")
+                    continue
+                value = self._value(items[i], spec.value, f"tag ':{arg.name}'")
+                i += 1
+            tags[arg.name] = value
+        for group in sig.required_groups:
+            if group not in groups:
+                self.error(line, f"{kind} '{name}' needs one of " +
+                           ", ".join(f"':{t}'" for t, s in sig.tags.items() if s.group == group))
+        if len(positional) != len(sig.positional):
+            self.error(line, f"{kind} '{name}' takes {len(sig.positional)} positional argument(s), "
+                             f"not {len(positional)}")
+            return tags, ()
+        args = tuple(self._value(a, want, f"{kind} '{name}'") for a, want in zip(positional, sig.positional,
+                                                                                  strict=True))
+        self._check_tags(kind, name, tags, line)
+        return tags, args
+
+    def _value(self, arg: Argument, want: str, what: str) -> object:
+        if want == "number":
+            if isinstance(arg, Number):
+                return arg.value
+            self.error(arg.line, f"{what} needs a number")
+            return 0
+        if not isinstance(arg, StringList):
+            self.error(arg.line, f"{what} needs a {'string list' if want == 'strings' else 'string'}")
+            return "" if want == "string" else []
+        if want == "string":
+            if arg.bracketed and len(arg.values) != 1:
+                self.error(arg.line, f"{what} needs a single string, not a list")
+            return arg.values[0]
+        return list(arg.values)
+
+    def _check_tags(self, kind: str, name: str, tags: dict[str, object], line: int) -> None:
+        comparator = tags.get("comparator")
+        if isinstance(comparator, str):
+            if comparator not in COMPARATORS or (comparator == "i;ascii-numeric"
+                                                 and f"comparator-{comparator}" not in self.required):
+                self.error(line, f"unknown comparator '{comparator}'")
+            elif comparator == "i;ascii-numeric" and ("contains" in tags or "matches" in tags):
+                self.error(line, "comparator 'i;ascii-numeric' supports only :is and the relational match types")
+        for tag in ("value", "count"):
+            relation = tags.get(tag)
+            if isinstance(relation, str) and relation.lower() not in RELATIONS:
+                self.error(line, f"':{tag}' needs one of {', '.join(RELATIONS)}, not '{relation}'")
+
+    def _tests(self, kind: str, name: str, sig: Signature, tests: tuple[Test, ...], test_list: bool,
+               line: int) -> tuple[Node, ...]:
+        if sig.tests == "none":
+            if tests:
+                self.error(line, f"{kind} '{name}' takes no test")
+            return ()
+        if sig.tests == "one" and (test_list or len(tests) != 1):
+            self.error(line, f"{kind} '{name}' needs one test")
+            return ()
+        if sig.tests == "list" and not test_list:
+            self.error(line, f"{kind} '{name}' needs a test list in ( )")
+            return ()
+        out: list[Node] = []
+        for t in tests:
+            node = self.node("test", t.name, t.arguments, t.tests, t.test_list, None, t.line)
+            if node is not None:
+                out.append(node)
+        return tuple(out)
