@@ -22,8 +22,8 @@ VALID: list[bytes] = [
     b'if exists ["from", "date"] { keep; } elsif true { discard; } else { stop; }',
     b"if size :under 10K { keep; }",
     b'require "comparator-i;ascii-numeric";\nif header :comparator "i;ascii-numeric" :is "x" "1" { keep; }',
-    b'require ["relational", "comparator-i;ascii-numeric"];\n'
-    b'if header :value "gt" :comparator "i;ascii-numeric" "x" "1" { keep; }',
+    (b'require ["relational", "comparator-i;ascii-numeric"];\n'
+    b'if header :value "gt" :comparator "i;ascii-numeric" "x" "1" { keep; }'),
     b'require "relational";\nif address :count "ge" :all "to" "2" { keep; }',
     b'require ["envelope", "subaddress"];\nif envelope :detail :is "to" "lists" { discard; }',
     b"if not anyof (false, allof (true, true)) { keep; }",
