@@ -29,6 +29,24 @@ class Result:
     errors: list[tuple[int, str]] = field(default_factory=list)
     output: str = ""
 
+    def stores(self) -> list[str]:
+        """The folders sieve-test stored into, explicit actions first, then the implicit keep."""
+        return [line.split(": ", 1)[1] for line in self.output.splitlines()
+                if line.startswith(" * store message in folder: ")]
+
+    def redirects(self) -> list[str]:
+        return [line.split(": ", 1)[1].strip("<>") for line in self.output.splitlines()
+                if line.startswith(" * redirect message to: ")]
+
+    @property
+    def implicit_keep(self) -> bool:
+        tail = self.output.split("Implicit keep:", 1)[-1]
+        return " * store message in folder: " in tail
+
+    @property
+    def discarded(self) -> bool:
+        return " * discard" in self.output.splitlines()
+
 
 class Pigeonhole:
     def __init__(self, program: str, base: Path, run_kw: RunAs) -> None:
@@ -59,13 +77,19 @@ class Pigeonhole:
                 os.chown(path, run_kw["user"], run_kw["group"])
         return cls(program, base, run_kw)
 
-    def run(self, script: bytes) -> Result:
+    def run(self, script: bytes, message: bytes | None = None, sender: str = "", recipient: str = "") -> Result:
+        """Compile and run `script` against `message` (a small default one) with that envelope."""
         self.count += 1
         path = self.base / f"s{self.count}.sieve"
         path.write_bytes(script)
         path.chmod(0o644)
-        done = subprocess.run([self.program, "-c", str(self.base / "dovecot.conf"), str(path),
-                               str(self.base / "message.eml")],
+        mail = self.base / "message.eml"
+        if message is not None:
+            mail = self.base / f"m{self.count}.eml"
+            mail.write_bytes(message)
+            mail.chmod(0o644)
+        envelope = (["-f", sender] if sender else []) + (["-r", recipient] if recipient else [])
+        done = subprocess.run([self.program, "-c", str(self.base / "dovecot.conf"), *envelope, str(path), str(mail)],
                               capture_output=True, timeout=60, **self.run_kw)
         out = done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")
         errors = [(int(m.group(1)), m.group(2)) for m in map(_ERROR.match, out.splitlines()) if m]

@@ -31,6 +31,7 @@ SYNOPSIS
     vdeliver [-tYpo] [-f SENDER] [-c CONFIG] -d USER@DOMAIN    < message
     vdeliver [-c CONFIG] --dry-run -a DOMAIN -a USER
     vdeliver [-c CONFIG] --repair MBOX...
+    vdeliver sieve-test [--json] [-f SENDER] [-r RECIPIENT] SCRIPT [MESSAGE]
     vdeliver --version | --help
 
 DESCRIPTION
@@ -270,9 +271,14 @@ def _standard_streams() -> None:
 
 def main(argv: "list[str] | None" = None) -> int:
     started = time.time()
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["sieve-test"]:  # a tool for people, not a delivery: its own exit codes
+        from vdeliver.sieve.tool import main as sieve_test
+
+        return sieve_test(args[1:])
     try:
         _standard_streams()
-        return _main(sys.argv[1:] if argv is None else argv, started)
+        return _main(args, started)
     except KeyboardInterrupt:
         _say(Status("4.3.0", "interrupted"))
         return EX_TEMPFAIL

@@ -2,11 +2,14 @@
 
 The pipeline has one module per stage, like Pigeonhole's lib-sieve:
 
-    lexer.py    script bytes -> tokens (comments, strings, text: blocks, numbers, tags)
-    parser.py   tokens -> the tree (tree.py: frozen dataclasses; tree.to_sieve() prints one back)
-    errors.py   SieveError: what is wrong, on which line
+    lexer.py        script bytes -> tokens (comments, strings, text: blocks, numbers, tags)
+    parser.py       tokens -> the tree (tree.py: frozen dataclasses; tree.to_sieve() prints one back)
+    validator.py    tree -> checked nodes, against one signature table per command and test
+    interpreter.py  checked nodes + message + envelope -> the actions (no I/O)
+    match.py        comparators and match types;  headers.py: header values and addresses
+    tool.py         `vdeliver sieve-test`
+    errors.py       SieveError: what is wrong, on which line
 
-Nothing here is imported on a delivery for a user without a script.  Later stages (the
-validator with one signature table per command, the compiled form, the interpreter that
-returns an action list and does no I/O) come next; see docs/architecture.md.
+Nothing here is imported on a delivery for a user without a script (and delivery does not
+run scripts yet: docs/sieve.md says what works).
 """

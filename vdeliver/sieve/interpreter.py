@@ -1,0 +1,232 @@
+"""The interpreter: a compiled script, a message and its envelope -> the actions (no I/O).
+
+It only decides.  It never opens a mailbox or sends mail: it returns a Result whose actions,
+in execution order, the delivery step carries out together (Pigeonhole's sieve-result, and
+RFC 5228 section 4's rules for the implicit keep):
+
+- `keep`, `fileinto` and `redirect` cancel the implicit keep, unless given `:copy`;
+  `discard` cancels it too, and nothing else;
+- an action repeated with the same target is one action (RFC 5228 section 2.10.3);
+- `stop` ends the script; the implicit keep stands unless cancelled.
+
+Limits a hostile script cannot pass: actions per message (`max_actions`) and redirects
+(`max_redirects`); past them the run fails with a SieveRuntimeError, and the caller keeps
+the message in the INBOX (a failing script never loses mail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vdeliver.sieve import headers, match
+from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.validator import Compiled, Node
+
+MAX_ACTIONS = 32
+MAX_REDIRECTS = 4
+
+
+class SieveRuntimeError(SieveError):
+    """The script failed while it ran: the message goes to the INBOX, the error to the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    sender: str  # "" for the null sender <>
+    recipient: str  # the final recipient, user@domain
+    original_recipient: str = ""
+
+
+@dataclass(slots=True)
+class Message:
+    """What the tests see of a message: its header fields in order and its size."""
+
+    fields: list[tuple[str, bytes]]  # (lower-case name, raw value with its folding)
+    size: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Message:
+        """The header of an RFC 5322 message (CRLF or LF line ends) and its whole size."""
+        end = len(data)
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            at = data.find(sep)
+            if 0 <= at < end:
+                end = at
+        if data.startswith((b"\r\n", b"\n")):
+            end = 0
+        fields: list[tuple[str, bytes]] = []
+        for line in data[:end].replace(b"\r\n", b"\n").split(b"\n"):
+            if line[:1] in (b" ", b"\t") and fields:
+                last_name, last_value = fields[-1]
+                fields[-1] = (last_name, last_value + b"\r\n" + line)
+            elif b":" in line:
+                raw_name, _, value = line.partition(b":")
+                fields.append((raw_name.strip().decode("ascii", "replace").lower(), value.lstrip(b" \t")))
+        return cls(fields, len(data))
+
+    def values(self, name: str) -> list[str]:
+        """Every field of that name, unfolded and with RFC 2047 encoded words decoded."""
+        name = name.lower()
+        return [headers.decode_value(raw) for field_name, raw in self.fields if field_name == name]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    type: str  # keep, fileinto, redirect, discard
+    mailbox: str = ""
+    address: str = ""
+    copy: bool = False
+    flags: tuple[str, ...] = ()
+    create: bool = False
+    line: int = field(default=0, compare=False)
+
+    def to_json(self) -> dict[str, object]:
+        if self.type == "keep":
+            return {"type": "keep", "flags": list(self.flags)}
+        if self.type == "fileinto":
+            return {"type": "fileinto", "mailbox": self.mailbox, "flags": list(self.flags), "copy": self.copy,
+                    "create": self.create}
+        if self.type == "redirect":
+            return {"type": "redirect", "address": self.address, "copy": self.copy}
+        return {"type": self.type}
+
+
+@dataclass(slots=True)
+class Result:
+    actions: list[Action] = field(default_factory=list)
+    implicit_keep: bool = True
+
+    def stores(self, inbox: str = "INBOX") -> list[str]:
+        """The folders the message goes into, each once, in order (the implicit keep last)."""
+        folders: list[str] = []
+        for action in self.actions:
+            folder = inbox if action.type == "keep" else action.mailbox if action.type == "fileinto" else None
+            if folder is not None and folder not in folders:
+                folders.append(folder)
+        if self.implicit_keep and inbox not in folders:
+            folders.append(inbox)
+        return folders
+
+
+class _Stop(Exception):
+    pass
+
+
+def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
+        max_redirects: int = MAX_REDIRECTS) -> Result:
+    """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message)."""
+    machine = _Machine(message, envelope, max_actions, max_redirects)
+    try:
+        machine.block(compiled.commands)
+    except _Stop:
+        pass
+    return machine.result
+
+
+class _Machine:
+    def __init__(self, message: Message, envelope: Envelope, max_actions: int, max_redirects: int) -> None:
+        self.message = message
+        self.envelope = envelope
+        self.max_actions = max_actions
+        self.max_redirects = max_redirects
+        self.result = Result()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def block(self, nodes: tuple[Node, ...]) -> None:
+        taken = False  # in an if/elsif/else chain: a branch already ran
+        for node in nodes:
+            if node.name == "if":
+                taken = self.test(node.tests[0])
+                if taken:
+                    self.block(node.block or ())
+            elif node.name == "elsif":
+                if not taken and self.test(node.tests[0]):
+                    taken = True
+                    self.block(node.block or ())
+            elif node.name == "else":
+                if not taken:
+                    self.block(node.block or ())
+            else:
+                self.command(node)
+
+    def command(self, node: Node) -> None:
+        name = node.name
+        if name == "stop":
+            raise _Stop
+        if name == "keep":
+            self._add(Action("keep", line=node.line), cancels=True)
+        elif name == "discard":
+            self._add(Action("discard", line=node.line), cancels=True)
+        elif name == "fileinto":
+            copy = bool(node.tags.get("copy"))
+            self._add(Action("fileinto", mailbox=str(node.args[0]), copy=copy, line=node.line), cancels=not copy)
+        elif name == "redirect":
+            copy = bool(node.tags.get("copy"))
+            address = str(node.args[0])
+            if sum(a.type == "redirect" for a in self.result.actions) >= self.max_redirects:
+                raise SieveRuntimeError(node.line, f"more than {self.max_redirects} redirects")
+            self._add(Action("redirect", address=address, copy=copy, line=node.line), cancels=not copy)
+
+    def _add(self, action: Action, cancels: bool) -> None:
+        if cancels:
+            self.result.implicit_keep = False
+        if action in self.result.actions:
+            return  # the same action twice is one
+        if len(self.result.actions) >= self.max_actions:
+            raise SieveRuntimeError(action.line, f"more than {self.max_actions} actions")
+        self.result.actions.append(action)
+
+    # -- tests --------------------------------------------------------------------------------------
+
+    def test(self, node: Node) -> bool:
+        name = node.name
+        if name == "true":
+            return True
+        if name == "false":
+            return False
+        if name == "not":
+            return not self.test(node.tests[0])
+        if name == "allof":
+            return all(self.test(t) for t in node.tests)
+        if name == "anyof":
+            return any(self.test(t) for t in node.tests)
+        if name == "exists":
+            return all(self.message.values(str(h)) for h in _strings(node.args[0]))
+        if name == "size":
+            limit = int(str(node.args[0]))
+            return self.message.size > limit if "over" in node.tags else self.message.size < limit
+        if name == "header":
+            values = [v for h in _strings(node.args[0]) for v in self.message.values(h)]
+            return self._match(node, values, _strings(node.args[1]))
+        if name == "address":
+            parts = [self._part(node, a) for h in _strings(node.args[0])
+                     for v in self.message.values(h) for a in headers.addresses(v)]
+            return self._match(node, [p for p in parts if p is not None], _strings(node.args[1]))
+        if name == "envelope":
+            parts = []
+            for which in _strings(node.args[0]):
+                raw = {"from": self.envelope.sender, "to": self.envelope.recipient}.get(which.lower())
+                if raw is not None:
+                    parts.append(self._part(node, headers.envelope_address(raw)))
+            return self._match(node, [p for p in parts if p is not None], _strings(node.args[1]))
+        raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
+
+    def _part(self, node: Node, address: headers.Address) -> str | None:
+        for part in ("localpart", "domain", "user", "detail"):
+            if part in node.tags:
+                return address.part(part)
+        return address.part("all")
+
+    def _match(self, node: Node, values: list[str], keys: list[str]) -> bool:
+        comparator = str(node.tags.get("comparator", "i;ascii-casemap"))
+        if "count" in node.tags:
+            return match.matches_any("value", comparator, [str(len(values))], keys, str(node.tags["count"]))
+        if "value" in node.tags:
+            return match.matches_any("value", comparator, values, keys, str(node.tags["value"]))
+        kind = next((m for m in ("is", "contains", "matches") if m in node.tags), "is")
+        return match.matches_any(kind, comparator, values, keys)
+
+
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]

@@ -1,0 +1,104 @@
+"""`vdeliver sieve-test`: compile a script and run it against a message, delivering nothing.
+
+    vdeliver sieve-test [--json] [-f SENDER] [-r RECIPIENT] [-a ORIGINAL_RECIPIENT]
+                        [-m DEFAULT_MAILBOX] SCRIPT [MESSAGE]
+
+Like Pigeonhole's sieve-test: the message comes from MESSAGE or standard input; nothing is
+stored or sent.  Text output for people; `--json` prints one object for scripts and
+webmail (status, errors with their lines, the actions in execution order, the implicit
+keep).  Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vdeliver.sieve.errors import SieveError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"vdeliver sieve-test: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="vdeliver sieve-test", description=__doc__.split("\n\n")[2] if __doc__ else None,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-f", dest="sender", default="", metavar="SENDER", help="envelope sender (default: <>)")
+    p.add_argument("-r", dest="recipient", default="", metavar="RECIPIENT", help="envelope recipient")
+    p.add_argument("-a", dest="original", default="", metavar="ORIGINAL_RECIPIENT", help="original recipient")
+    p.add_argument("-m", dest="mailbox", default="INBOX", metavar="DEFAULT_MAILBOX",
+                   help="where keep and the implicit keep store (default INBOX)")
+    p.add_argument("script", metavar="SCRIPT")
+    p.add_argument("message", nargs="?", metavar="MESSAGE", help="the message (default: standard input)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from vdeliver.sieve import interpreter
+    from vdeliver.sieve.validator import compile_script
+
+    try:
+        with open(args.script, "rb") as f:
+            source = f.read()
+        if args.message:
+            with open(args.message, "rb") as f:
+                data = f.read()
+        else:
+            data = sys.stdin.buffer.read()
+    except OSError as exc:
+        sys.stderr.write(f"vdeliver sieve-test: {exc.filename}: {exc.strerror}\n")
+        return EXIT_USAGE
+    status, errors = "ok", []
+    result = interpreter.Result()
+    try:
+        compiled = compile_script(source)
+    except SieveError as exc:
+        status, errors = "compile-error", exc.errors
+    else:
+        try:
+            envelope = interpreter.Envelope(args.sender, args.recipient, args.original)
+            result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope)
+        except SieveError as exc:
+            status, errors = "runtime-error", exc.errors
+            result = interpreter.Result()
+    if args.json:
+        out = {"status": status, "errors": [{"line": e.line, "message": e.message} for e in errors],
+               "actions": [a.to_json() for a in result.actions], "implicit_keep": result.implicit_keep}
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    else:
+        for e in errors:
+            sys.stdout.write(f"{args.script}: line {e.line}: error: {e.message}\n")
+        if status == "ok":
+            sys.stdout.write(_text(result, args.mailbox))
+    return EXIT_OK if status == "ok" else EXIT_FAILED
+
+
+def _text(result: object, mailbox: str) -> str:
+    from vdeliver.sieve.interpreter import Result
+
+    assert isinstance(result, Result)
+    lines = ["Performed actions:"]
+    for a in result.actions:
+        if a.type == "keep":
+            lines.append(f" * store message in folder: {mailbox}")
+        elif a.type == "fileinto":
+            lines.append(f" * store message in folder: {a.mailbox}" + ("  (copy)" if a.copy else ""))
+        elif a.type == "redirect":
+            lines.append(f" * redirect message to: <{a.address}>" + ("  (copy)" if a.copy else ""))
+        else:
+            lines.append(f" * {a.type}")
+    if not result.actions:
+        lines.append("  (none)")
+    lines.append("Implicit keep:")
+    lines.append(f" * store message in folder: {mailbox}" if result.implicit_keep else "  (none)")
+    return "\n".join(lines) + "\n"
