@@ -34,6 +34,20 @@ class Result:
         return [line.split(": ", 1)[1] for line in self.output.splitlines()
                 if line.startswith(" * store message in folder: ")]
 
+    def store_flags(self) -> dict[str, list[str]]:
+        """Folder -> the IMAP flags sieve-test stored it with (lower case, sorted)."""
+        flags: dict[str, list[str]] = {}
+        folder = ""
+        for line in self.output.splitlines():
+            if line.startswith(" * store message in folder: "):
+                folder = line.split(": ", 1)[1]
+                flags.setdefault(folder, [])
+            elif line.strip().startswith("+ add IMAP flags: ") and folder:
+                flags[folder] = sorted(f.lower() for f in line.split(": ", 1)[1].split())
+            elif line.startswith(" * "):
+                folder = ""
+        return flags
+
     def redirects(self) -> list[str]:
         return [line.split(": ", 1)[1].strip("<>") for line in self.output.splitlines()
                 if line.startswith(" * redirect message to: ")]

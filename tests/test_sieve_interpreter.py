@@ -119,6 +119,21 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
     b"discard;",
     b'if size :over 4K { discard; } else { redirect "big@example.net"; }',
     b'require "fileinto";\nfileinto "INBOX";\nkeep;',
+    # variables (RFC 5229), match variables, modifiers, encoded characters
+    b'require ["variables", "fileinto"];\nset "folder" "Reports";\nfileinto "${folder}";',
+    b'require ["variables", "fileinto"];\nif header :matches "subject" "* report *" { fileinto "${1}-${2}"; }',
+    b'require ["variables", "fileinto", "envelope"];\n'
+    b'if envelope :matches "to" "*+*@*" { fileinto "Detail.${2}"; } else { fileinto "None"; }',
+    b'require ["variables", "fileinto"];\nset :upper :length "n" "abc";\nset :upperfirst "w" "work";\n'
+    b'if string :is "${n}" "3" { fileinto "${w}${unknown}${}"; }',
+    b'require ["variables", "fileinto"];\nset :quotewildcard "q" "a*b?";\nfileinto "${q}";',
+    b'require ["variables", "encoded-character", "fileinto"];\nfileinto "${hex: 41 42}${unicode: 263a}";',
+    b'require ["variables", "fileinto", "relational"];\nif string :count "ge" ["a", "", "b"] "2" { discard; }',
+    # imap4flags (RFC 5232)
+    b'require ["imap4flags", "fileinto"];\naddflag "\\\\Seen Foo";\naddflag "foo";\nfileinto "A";\n'
+    b'fileinto :flags "\\\\Flagged" "B";\nkeep;',
+    b'require ["imap4flags", "variables"];\nsetflag "mine" "X Y";\nremoveflag "mine" "x";\n'
+    b'if hasflag "mine" "Y" { addflag "Z"; }\nif hasflag :contains "z" { discard; }',
 ]
 
 
@@ -141,6 +156,13 @@ def test_same_result_as_pigeonhole(pigeonhole: Pigeonhole, script: bytes, name: 
     assert sorted(a.address for a in ours.actions if a.type == "redirect") == sorted(theirs.redirects())
     assert ours.implicit_keep == theirs.implicit_keep, theirs.output
     assert any(a.type == "discard" for a in ours.actions) == theirs.discarded, theirs.output
+    flags: dict[str, list[str]] = {}
+    for a in ours.actions:
+        if a.type in ("keep", "fileinto"):
+            flags.setdefault("INBOX" if a.type == "keep" else a.mailbox, sorted(f.lower() for f in a.flags))
+    if ours.implicit_keep:
+        flags.setdefault("INBOX", sorted(f.lower() for f in ours.implicit_flags))
+    assert flags == theirs.store_flags(), theirs.output
 
 
 # -- vdeliver sieve-test ---------------------------------------------------------------------------------

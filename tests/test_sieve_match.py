@@ -160,3 +160,18 @@ def test_address_parts_and_subaddress() -> None:
     assert Address("ken+", "example.org").part("detail") == ""
     assert envelope_address("<>") == Address("", "") and envelope_address("") == Address("", "")
     assert envelope_address("<a@b.c>") == Address("a", "b.c")
+
+
+def test_variable_expansion_and_modifiers() -> None:
+    from vdeliver.sieve.variables import change_flags, expand, flags_of, modify
+
+    v = {"company": "ACME", "a": "${b}"}
+    assert expand("${Company} ${1} ${0} ${missing}.", v, ["all", "one"]) == "ACME one all ."
+    assert expand("${a}", v, []) == "${b}"  # one pass: a value is not expanded again
+    assert expand("${} ${a b} ${ ${company}", v, []) == "${} ${a b} ${ ACME"
+    assert expand("${00001}", {}, ["x", "y"]) == "y"
+    assert modify("juMBlEd lETteRS", {"upperfirst": True, "lower": True}) == "Jumbled letters"
+    assert modify("a*b?c\\", {"quotewildcard": True, "length": True}) == "9"
+    assert flags_of("\\seen Foo foo \\SEEN bar") == ("\\Seen", "Foo", "bar")
+    assert change_flags("removeflag", "a B c", ["b"]) == "a c"
+    assert change_flags("addflag", "a", ["A", "b"]) == "a b"

@@ -29,6 +29,11 @@ VALID: list[bytes] = [
     b"if not anyof (false, allof (true, true)) { keep; }",
     b'redirect "fred@example.org";',
     b"if true {\n  if false { stop; }\n  else { keep; }\n}",
+    b'require "variables";\nset :lower :upperfirst :quotewildcard :length "a" "b";\nif string "${a}" "1" { stop; }',
+    b'require "encoded-character";\nif header :is "x" "${hex: ff}" { keep; }',
+    b'require ["imap4flags", "fileinto", "variables"];\nsetflag "f" "\\\\Seen";\naddflag "x";\nremoveflag "f" "x";\n'
+    b'if hasflag :is "f" "x" { keep :flags ["a", "b"]; fileinto :flags "c" "D"; }',
+    b'require "encoded-character";\nif header :is "x" "${hex: 41}${unicode: 263a} ${hex:}" { keep; }',
 ]
 
 INVALID: list[tuple[bytes, int]] = [
@@ -58,6 +63,12 @@ INVALID: list[tuple[bytes, int]] = [
     (b'require "relational";\nif header :value "gtx" "x" "1" { keep; }', 2),
     (b"keep;\n\nif true {\n  foo;\n}", 4),
     (b'if address :user "to" "x" { keep; }', 1),
+    (b'require "variables";\nset "1x" "a";', 2),
+    (b'require "variables";\nset :lower :upper "a" "b";', 2),
+    (b'keep :flags "x";', 1),
+    (b'require "imap4flags";\nsetflag;', 2),
+    (b'if string :is "a" "a" { keep; }', 1),
+    (b'require "imap4flags";\nsetflag "var" "x";', 2),
 ]
 
 

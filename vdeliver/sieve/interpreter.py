@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vdeliver.sieve import headers, match
+from vdeliver.sieve import headers, match, variables
 from vdeliver.sieve.errors import SieveError
 from vdeliver.sieve.validator import Compiled, Node
 
@@ -95,6 +95,7 @@ class Action:
 class Result:
     actions: list[Action] = field(default_factory=list)
     implicit_keep: bool = True
+    implicit_flags: tuple[str, ...] = ()  # imap4flags: the flags the implicit keep stores with
 
     def stores(self, inbox: str = "INBOX") -> list[str]:
         """The folders the message goes into, each once, in order (the implicit keep last)."""
@@ -115,21 +116,40 @@ class _Stop(Exception):
 def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
         max_redirects: int = MAX_REDIRECTS) -> Result:
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message)."""
-    machine = _Machine(message, envelope, max_actions, max_redirects)
+    machine = _Machine(message, envelope, max_actions, max_redirects, "variables" in compiled.extensions)
     try:
         machine.block(compiled.commands)
     except _Stop:
         pass
+    if machine.result.implicit_keep:
+        machine.result.implicit_flags = variables.flags_of(machine.variables.get(variables.FLAGS, ""))
     return machine.result
 
 
 class _Machine:
-    def __init__(self, message: Message, envelope: Envelope, max_actions: int, max_redirects: int) -> None:
+    def __init__(self, message: Message, envelope: Envelope, max_actions: int, max_redirects: int,
+                 expand: bool) -> None:
         self.message = message
         self.envelope = envelope
         self.max_actions = max_actions
         self.max_redirects = max_redirects
         self.result = Result()
+        self.expand = expand  # "variables" was required: ${...} in strings are replaced
+        self.variables: dict[str, str] = {}
+        self.match_vars: list[str] = []
+
+    def s(self, value: object) -> str:
+        """One string argument, its variables expanded."""
+        text = str(value)
+        return variables.expand(text, self.variables, self.match_vars) if self.expand and "${" in text else text
+
+    def sl(self, value: object) -> list[str]:
+        return [self.s(v) for v in _strings(value)]
+
+    def flags(self, node: Node) -> tuple[str, ...]:
+        if "flags" in node.tags:
+            return variables.flags_of(" ".join(self.sl(node.tags["flags"])))
+        return variables.flags_of(self.variables.get(variables.FLAGS, ""))
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -155,15 +175,23 @@ class _Machine:
         if name == "stop":
             raise _Stop
         if name == "keep":
-            self._add(Action("keep", line=node.line), cancels=True)
+            self._add(Action("keep", flags=self.flags(node), line=node.line), cancels=True)
         elif name == "discard":
             self._add(Action("discard", line=node.line), cancels=True)
         elif name == "fileinto":
             copy = bool(node.tags.get("copy"))
-            self._add(Action("fileinto", mailbox=str(node.args[0]), copy=copy, line=node.line), cancels=not copy)
+            self._add(Action("fileinto", mailbox=self.s(node.args[0]), copy=copy, flags=self.flags(node),
+                             line=node.line), cancels=not copy)
+        elif name == "set":
+            value = variables.modify(self.s(node.args[1]), node.tags)
+            self.variables[self.s(node.args[0]).lower()] = variables.limit(value)
+        elif name in ("setflag", "addflag", "removeflag"):
+            target = variables.FLAGS if node.args[0] is None else self.s(node.args[0]).lower()
+            current = self.variables.get(target, "")
+            self.variables[target] = variables.change_flags(name, current, self.sl(node.args[1]))
         elif name == "redirect":
             copy = bool(node.tags.get("copy"))
-            address = str(node.args[0])
+            address = self.s(node.args[0])
             if sum(a.type == "redirect" for a in self.result.actions) >= self.max_redirects:
                 raise SieveRuntimeError(node.line, f"more than {self.max_redirects} redirects")
             self._add(Action("redirect", address=address, copy=copy, line=node.line), cancels=not copy)
@@ -192,24 +220,33 @@ class _Machine:
         if name == "anyof":
             return any(self.test(t) for t in node.tests)
         if name == "exists":
-            return all(self.message.values(str(h)) for h in _strings(node.args[0]))
+            return all(self.message.values(h) for h in self.sl(node.args[0]))
         if name == "size":
             limit = int(str(node.args[0]))
             return self.message.size > limit if "over" in node.tags else self.message.size < limit
         if name == "header":
-            values = [v for h in _strings(node.args[0]) for v in self.message.values(h)]
-            return self._match(node, values, _strings(node.args[1]))
+            values = [v for h in self.sl(node.args[0]) for v in self.message.values(h)]
+            return self._match(node, values, self.sl(node.args[1]))
+        if name == "string":
+            values = self.sl(node.args[0])
+            if "count" in node.tags:
+                values = [v for v in values if v]  # RFC 5229 section 5: empty strings are not counted
+            return self._match(node, values, self.sl(node.args[1]))
+        if name == "hasflag":
+            names = [variables.FLAGS] if node.args[0] is None else [n.lower() for n in self.sl(node.args[0])]
+            values = [f for n in names for f in variables.flags_of(self.variables.get(n, ""))]
+            return self._match(node, values, self.sl(node.args[1]))
         if name == "address":
-            parts = [self._part(node, a) for h in _strings(node.args[0])
+            parts = [self._part(node, a) for h in self.sl(node.args[0])
                      for v in self.message.values(h) for a in headers.addresses(v)]
-            return self._match(node, [p for p in parts if p is not None], _strings(node.args[1]))
+            return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         if name == "envelope":
             parts = []
-            for which in _strings(node.args[0]):
+            for which in self.sl(node.args[0]):
                 raw = {"from": self.envelope.sender, "to": self.envelope.recipient}.get(which.lower())
                 if raw is not None:
                     parts.append(self._part(node, headers.envelope_address(raw)))
-            return self._match(node, [p for p in parts if p is not None], _strings(node.args[1]))
+            return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
 
     def _part(self, node: Node, address: headers.Address) -> str | None:
@@ -225,7 +262,15 @@ class _Machine:
         if "value" in node.tags:
             return match.matches_any("value", comparator, values, keys, str(node.tags["value"]))
         kind = next((m for m in ("is", "contains", "matches") if m in node.tags), "is")
-        return match.matches_any(kind, comparator, values, keys)
+        if kind != "matches" or not self.expand:
+            return match.matches_any(kind, comparator, values, keys)
+        for value in values:  # the first value and key that match set ${0}, ${1}, ...
+            for key in keys:
+                groups = match.glob_groups(comparator, value, key)
+                if groups is not None:
+                    self.match_vars = [value, *groups]
+                    return True
+        return False
 
 
 def _strings(value: object) -> list[str]:

@@ -123,26 +123,39 @@ def glob(value: str, key: str) -> list[str] | None:
     """None when value does not match the wildcard key; else what each `*` and `?` matched, in
     order (RFC 5229's ${1}, ${2}, ...; ${0} is the whole value).  Stars take as little as
     they can, except the last, which takes the rest, as RFC 5229 section 3.2 asks."""
+    spans = _spans(value, key)
+    return None if spans is None else [value[a:b] for a, b in spans]
+
+
+def glob_groups(comparator: str, value: str, key: str) -> list[str] | None:
+    """glob() under a comparator, the groups taken from the value as it was written."""
+    if comparator == "i;ascii-numeric":
+        raise MatchError("comparator 'i;ascii-numeric' cannot do :matches")
+    spans = _spans(fold(comparator, value), fold(comparator, key))  # folding keeps every length
+    return None if spans is None else [value[a:b] for a, b in spans]
+
+
+def _spans(value: str, key: str) -> list[tuple[int, int]] | None:
     pieces = _pieces(key)
     first, last = pieces[0], pieces[-1]
     if len(pieces) == 1:
         if len(first) != len(value) or not _at(value, 0, first):
             return None
-        return [value[i] for i, p in enumerate(first) if p is None]
+        return [(i, i + 1) for i, p in enumerate(first) if p is None]
     if not _at(value, 0, first) or len(first) + len(last) > len(value):
         return None
     end = len(value) - len(last)
     if not _at(value, end, last):
         return None
-    groups: list[str] = [value[i] for i, p in enumerate(first) if p is None]
+    spans = [(i, i + 1) for i, p in enumerate(first) if p is None]
     pos = len(first)
     for piece in pieces[1:-1]:
         found = _find(value, pos, end, piece)
         if found < 0:
             return None
-        groups.append(value[pos:found])
-        groups += [value[found + i] for i, p in enumerate(piece) if p is None]
+        spans.append((pos, found))
+        spans += [(found + i, found + i + 1) for i, p in enumerate(piece) if p is None]
         pos = found + len(piece)
-    groups.append(value[pos:end])
-    groups += [value[end + i] for i, p in enumerate(last) if p is None]
-    return groups
+    spans.append((pos, end))
+    spans += [(end + i, end + i + 1) for i, p in enumerate(last) if p is None]
+    return spans

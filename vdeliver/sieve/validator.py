@@ -14,6 +14,7 @@ all of them are collected (the first one raises with the others in `.errors`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from vdeliver.sieve.errors import SieveError
@@ -23,7 +24,7 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 # Extensions `require` accepts, and those it names but refuses for now.
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
-    "copy", "relational", "subaddress",
+    "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -49,6 +50,7 @@ class Signature:
     block: bool = False
     extension: str | None = None
     required_groups: tuple[str, ...] = ()
+    optional_first: bool = False  # the first positional argument may be left out (imap4flags' variable)
 
 
 _COMPARATOR = {"comparator": TagSpec("comparator", "string")}
@@ -61,6 +63,11 @@ _ADDRESS_PART = {
     "user": TagSpec("address-part", None, "subaddress"), "detail": TagSpec("address-part", None, "subaddress"),
 }
 _COPY = {"copy": TagSpec("copy", None, "copy")}
+_FLAGS = {"flags": TagSpec("flags", "strings", "imap4flags")}
+_MODIFIERS = {  # RFC 5229 section 4: one per precedence group
+    "lower": TagSpec("case"), "upper": TagSpec("case"), "lowerfirst": TagSpec("first"),
+    "upperfirst": TagSpec("first"), "quotewildcard": TagSpec("quote"), "length": TagSpec("length"),
+}
 
 SIGNATURES: dict[tuple[str, str], Signature] = {
     # commands
@@ -69,9 +76,13 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "elsif"): Signature(tests="one", block=True),
     ("command", "else"): Signature(block=True),
     ("command", "stop"): Signature(),
-    ("command", "keep"): Signature(),
+    ("command", "keep"): Signature(tags=dict(_FLAGS)),
     ("command", "discard"): Signature(),
-    ("command", "fileinto"): Signature(("string",), dict(_COPY), extension="fileinto"),
+    ("command", "fileinto"): Signature(("string",), {**_COPY, **_FLAGS}, extension="fileinto"),
+    ("command", "set"): Signature(("string", "string"), dict(_MODIFIERS), extension="variables"),
+    ("command", "setflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
+    ("command", "addflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
+    ("command", "removeflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
     ("command", "redirect"): Signature(("string",), dict(_COPY)),
     # tests
     ("test", "true"): Signature(),
@@ -86,7 +97,34 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "address"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART}),
     ("test", "envelope"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART},
                                     extension="envelope"),
+    ("test", "string"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="variables"),
+    ("test", "hasflag"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="imap4flags",
+                                   optional_first=True),
 }
+
+
+def _is_variable_name(name: str) -> bool:
+    return bool(name) and (name[0] == "_" or (name[0].isascii() and name[0].isalpha())) and all(
+        c == "_" or (c.isascii() and c.isalnum()) for c in name)
+
+
+_ENCODED = re.compile(r"\$\{(hex|unicode):([\s0-9a-fA-F]*)\}", re.IGNORECASE)
+
+
+def _encoded_character(m: re.Match[str]) -> str:
+    digits = m.group(2).split()
+    if m.group(1).lower() == "hex":
+        try:
+            return bytes(int(d, 16) for d in digits).decode("utf-8", "replace")  # as Pigeonhole: not an error
+        except ValueError:
+            raise ValueError(f"invalid hex pair in encoded character '{m.group(0)}'") from None
+    out = []
+    for d in digits:
+        code = int(d, 16)
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"invalid Unicode character in '{m.group(0)}'")
+        out.append(chr(code))
+    return "".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,13 +268,21 @@ class _Validator:
             if group not in groups:
                 self.error(line, f"{kind} '{name}' needs one of " +
                            ", ".join(f"':{t}'" for t, s in sig.tags.items() if s.group == group))
-        if len(positional) != len(sig.positional):
+        shape = sig.positional
+        if sig.optional_first and len(positional) == len(shape) - 1:
+            shape = shape[1:]
+        if len(positional) != len(shape):
             self.error(line, f"{kind} '{name}' takes {len(sig.positional)} positional argument(s), "
                              f"not {len(positional)}")
             return tags, ()
-        args = tuple(self._value(a, want, f"{kind} '{name}'") for a, want in zip(positional, sig.positional,
-                                                                                  strict=True))
+        args = tuple(self._value(a, want, f"{kind} '{name}'") for a, want in zip(positional, shape, strict=True))
+        if sig.optional_first and shape is not sig.positional:
+            args = (None, *args)  # None: the default (imap4flags' internal variable)
+        elif sig.optional_first and "variables" not in self.required:
+            self.error(line, f"{kind} '{name}' takes a variable name only when \"variables\" is required")
         self._check_tags(kind, name, tags, line)
+        if name == "set" and args and not _is_variable_name(str(args[0])):
+            self.error(line, f"invalid variable name '{args[0]}'")
         return tags, args
 
     def _value(self, arg: Argument, want: str, what: str) -> object:
@@ -248,11 +294,23 @@ class _Validator:
         if not isinstance(arg, StringList):
             self.error(arg.line, f"{what} needs a {'string list' if want == 'strings' else 'string'}")
             return "" if want == "string" else []
+        values = [self._decode(v, arg.line) for v in arg.values]
         if want == "string":
-            if arg.bracketed and len(arg.values) != 1:
+            if arg.bracketed and len(values) != 1:
                 self.error(arg.line, f"{what} needs a single string, not a list")
-            return arg.values[0]
-        return list(arg.values)
+            return values[0]
+        return values
+
+    def _decode(self, value: str, line: int) -> str:
+        """RFC 5228 section 2.4.2.4: `${hex: 41 42}` and `${unicode: 263a}` in any string, once
+        "encoded-character" is required."""
+        if "encoded-character" not in self.required or "${" not in value:
+            return value
+        try:
+            return _ENCODED.sub(_encoded_character, value)
+        except ValueError as exc:
+            self.error(line, str(exc))
+            return value
 
     def _check_tags(self, kind: str, name: str, tags: dict[str, object], line: int) -> None:
         comparator = tags.get("comparator")

@@ -1,0 +1,92 @@
+"""Variables (RFC 5229) and IMAP flags (RFC 5232): what `set`, the `${...}` references and the
+flag commands do to the script's state.
+
+- `${name}` is a variable (names are case-insensitive), `${1}` a match variable of the last
+  `:matches` that succeeded (`${0}` the whole value); an unknown variable is "", a reference
+  that is not well formed (`${}`, `${a b}`) stays as written; expansion is one pass.
+- `set` modifiers apply by precedence: :lower/:upper, then :lowerfirst/:upperfirst, then
+  :quotewildcard, then :length.  A value is cut at MAX_VALUE characters (Pigeonhole's
+  sieve_variables_max_variable_size, 4 KiB).
+- Flags are kept as one space-separated string, in the internal variable FLAGS unless a
+  command names another; a flag appears once, compared without case, system flags written
+  as IMAP spells them (`\\Seen`).
+"""
+
+from __future__ import annotations
+
+MAX_VALUE = 4096
+FLAGS = " flags"  # the internal variable: a name no script can write
+_SYSTEM = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft", "\\Recent")}
+
+
+def _is_name(name: str) -> bool:
+    return bool(name) and (name[0] == "_" or (name[0].isascii() and name[0].isalpha())) and all(
+        c == "_" or (c.isascii() and c.isalnum()) for c in name)
+
+
+def expand(text: str, variables: dict[str, str], match_vars: list[str]) -> str:
+    out: list[str] = []
+    pos = 0
+    while True:
+        start = text.find("${", pos)
+        if start < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        end = text.find("}", start + 2)
+        if end < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        name = text[start + 2:end]
+        out.append(text[pos:start])
+        if name.isdigit() and name.isascii():
+            index = int(name)
+            out.append(match_vars[index] if index < len(match_vars) else "")
+            pos = end + 1
+        elif _is_name(name):
+            out.append(variables.get(name.lower(), ""))
+            pos = end + 1
+        else:
+            out.append("${")  # not a reference: keep it, and look for one inside
+            pos = start + 2
+
+
+def modify(value: str, tags: dict[str, object]) -> str:
+    if "lower" in tags:
+        value = value.lower()
+    elif "upper" in tags:
+        value = value.upper()
+    if "lowerfirst" in tags and value:
+        value = value[0].lower() + value[1:]
+    elif "upperfirst" in tags and value:
+        value = value[0].upper() + value[1:]
+    if "quotewildcard" in tags:
+        value = value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
+    if "length" in tags:
+        value = str(len(value))
+    return value
+
+
+def limit(value: str) -> str:
+    return value[:MAX_VALUE]
+
+
+def flags_of(text: str) -> tuple[str, ...]:
+    """The flags in a space-separated string, each once, in order."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for flag in text.split():
+        key = flag.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(_SYSTEM.get(key, flag))
+    return tuple(out)
+
+
+def change_flags(command: str, current: str, given: list[str]) -> str:
+    new = flags_of(" ".join(given))
+    if command == "setflag":
+        return " ".join(new)
+    if command == "addflag":
+        return " ".join(flags_of(current + " " + " ".join(new)))
+    gone = {f.lower() for f in new}
+    return " ".join(f for f in flags_of(current) if f.lower() not in gone)
