@@ -122,18 +122,18 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
     # variables (RFC 5229), match variables, modifiers, encoded characters
     b'require ["variables", "fileinto"];\nset "folder" "Reports";\nfileinto "${folder}";',
     b'require ["variables", "fileinto"];\nif header :matches "subject" "* report *" { fileinto "${1}-${2}"; }',
-    b'require ["variables", "fileinto", "envelope"];\n'
-    b'if envelope :matches "to" "*+*@*" { fileinto "Detail.${2}"; } else { fileinto "None"; }',
-    b'require ["variables", "fileinto"];\nset :upper :length "n" "abc";\nset :upperfirst "w" "work";\n'
-    b'if string :is "${n}" "3" { fileinto "${w}${unknown}${}"; }',
+    (b'require ["variables", "fileinto", "envelope"];\n'
+    b'if envelope :matches "to" "*+*@*" { fileinto "Detail.${2}"; } else { fileinto "None"; }'),
+    (b'require ["variables", "fileinto"];\nset :upper :length "n" "abc";\nset :upperfirst "w" "work";\n'
+    b'if string :is "${n}" "3" { fileinto "${w}${unknown}${}"; }'),
     b'require ["variables", "fileinto"];\nset :quotewildcard "q" "a*b?";\nfileinto "${q}";',
     b'require ["variables", "encoded-character", "fileinto"];\nfileinto "${hex: 41 42}${unicode: 263a}";',
     b'require ["variables", "fileinto", "relational"];\nif string :count "ge" ["a", "", "b"] "2" { discard; }',
     # imap4flags (RFC 5232)
-    b'require ["imap4flags", "fileinto"];\naddflag "\\\\Seen Foo";\naddflag "foo";\nfileinto "A";\n'
-    b'fileinto :flags "\\\\Flagged" "B";\nkeep;',
-    b'require ["imap4flags", "variables"];\nsetflag "mine" "X Y";\nremoveflag "mine" "x";\n'
-    b'if hasflag "mine" "Y" { addflag "Z"; }\nif hasflag :contains "z" { discard; }',
+    (b'require ["imap4flags", "fileinto"];\naddflag "\\\\Seen Foo";\naddflag "foo";\nfileinto "A";\n'
+    b'fileinto :flags "\\\\Flagged" "B";\nkeep;'),
+    (b'require ["imap4flags", "variables"];\nsetflag "mine" "X Y";\nremoveflag "mine" "x";\n'
+    b'if hasflag "mine" "Y" { addflag "Z"; }\nif hasflag :contains "z" { discard; }'),
 ]
 
 

@@ -31,8 +31,8 @@ VALID: list[bytes] = [
     b"if true {\n  if false { stop; }\n  else { keep; }\n}",
     b'require "variables";\nset :lower :upperfirst :quotewildcard :length "a" "b";\nif string "${a}" "1" { stop; }',
     b'require "encoded-character";\nif header :is "x" "${hex: ff}" { keep; }',
-    b'require ["imap4flags", "fileinto", "variables"];\nsetflag "f" "\\\\Seen";\naddflag "x";\nremoveflag "f" "x";\n'
-    b'if hasflag :is "f" "x" { keep :flags ["a", "b"]; fileinto :flags "c" "D"; }',
+    (b'require ["imap4flags", "fileinto", "variables"];\nsetflag "f" "\\\\Seen";\naddflag "x";\nremoveflag "f" "x";\n'
+    b'if hasflag :is "f" "x" { keep :flags ["a", "b"]; fileinto :flags "c" "D"; }'),
     b'require "encoded-character";\nif header :is "x" "${hex: 41}${unicode: 263a} ${hex:}" { keep; }',
 ]
 
