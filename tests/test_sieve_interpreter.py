@@ -68,6 +68,18 @@ def test_stop_and_branches() -> None:
     assert result_of(script, LIST).stores() == ["Other", "Never"]
 
 
+def test_environment_and_mailbox_callbacks() -> None:
+    script = (b'require ["environment", "mailbox", "fileinto", "variables"];\n'
+              b'if environment :matches "location" "*" { fileinto "${1}"; }\n'
+              b'if environment :is "name" "vdeliver" { fileinto "ours"; }\n'
+              b'if mailboxexists "Work" { fileinto :create "Work"; }')
+    r = result_of(script)
+    assert r.stores() == ["MDA", "ours"]
+    r = run(compile_script(script), Message.from_bytes(PLAIN), ENVELOPE, environment={"location": "MS"},
+            mailbox_exists=lambda name: name == "Work")
+    assert r.stores() == ["MS", "Work"] and r.actions[-1].create
+
+
 def test_limits_fail_the_run_not_the_mail() -> None:
     script = b"".join(b'redirect "u%d@example.net";\n' % i for i in range(10))
     with pytest.raises(SieveError, match="more than 4 redirects"):
@@ -129,6 +141,14 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
     b'require ["variables", "fileinto"];\nset :quotewildcard "q" "a*b?";\nfileinto "${q}";',
     b'require ["variables", "encoded-character", "fileinto"];\nfileinto "${hex: 41 42}${unicode: 263a}";',
     b'require ["variables", "fileinto", "relational"];\nif string :count "ge" ["a", "", "b"] "2" { discard; }',
+    # index (RFC 5260), mailbox (RFC 5490), environment (RFC 5183)
+    (b'require ["index", "fileinto", "variables"];\nif header :index 2 :matches "received" "*" { fileinto "2-${1}"; }\n'
+     b'if header :index 1 :last :matches "received" "*" { fileinto "L1-${1}"; }\n'
+     b'if address :index 2 :all :matches "to" "*" { fileinto "a2-${1}"; }\n'
+     b'if header :index 9 :matches "received" "*" { fileinto "none"; }'),
+    (b'require ["mailbox", "fileinto"];\nfileinto :create "New";\nif mailboxexists "INBOX" { fileinto "In"; }\n'
+     b'if mailboxexists ["INBOX", "Nope"] { fileinto "Both"; }'),
+    b'require "environment";\nif environment :is "nosuch" "" { discard; }',
     # imap4flags (RFC 5232)
     (b'require ["imap4flags", "fileinto"];\naddflag "\\\\Seen Foo";\naddflag "foo";\nfileinto "A";\n'
     b'fileinto :flags "\\\\Flagged" "B";\nkeep;'),

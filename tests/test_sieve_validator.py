@@ -69,6 +69,11 @@ INVALID: list[tuple[bytes, int]] = [
     (b'require "imap4flags";\nsetflag;', 2),
     (b'if string :is "a" "a" { keep; }', 1),
     (b'require "imap4flags";\nsetflag "var" "x";', 2),
+    (b'require ["index"];\nif header :last "received" "x" { keep; }', 2),
+    (b'if header :index 1 "received" "x" { keep; }', 1),
+    (b'require "fileinto";\nfileinto :create "x";', 2),
+    (b'if mailboxexists "x" { keep; }', 1),
+    (b'require "environment";\nif environment "a" { keep; }', 2),
 ]
 
 

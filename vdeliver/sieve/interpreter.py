@@ -16,6 +16,7 @@ the message in the INBOX (a failing script never loses mail).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdeliver.sieve import headers, match, variables
@@ -113,10 +114,30 @@ class _Stop(Exception):
     pass
 
 
+def default_environment() -> dict[str, str]:
+    """RFC 5183's items as vdeliver answers them; the caller adds remote-host and remote-ip."""
+    import os
+
+    from vdeliver import __version__
+
+    host = os.uname().nodename
+    return {"domain": host.partition(".")[2] or host, "host": host, "location": "MDA", "name": "vdeliver",
+            "phase": "during", "version": __version__}
+
+
+def _inbox_only(name: str) -> bool:
+    return name.upper() == "INBOX"
+
+
 def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
-        max_redirects: int = MAX_REDIRECTS) -> Result:
-    """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message)."""
+        max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
+        mailbox_exists: Callable[[str], bool] = _inbox_only) -> Result:
+    """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
+    `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
+    test (RFC 5490), by default only the INBOX exists."""
     machine = _Machine(message, envelope, max_actions, max_redirects, "variables" in compiled.extensions)
+    machine.environment = environment if environment is not None else default_environment()
+    machine.mailbox_exists = mailbox_exists
     try:
         machine.block(compiled.commands)
     except _Stop:
@@ -137,6 +158,8 @@ class _Machine:
         self.expand = expand  # "variables" was required: ${...} in strings are replaced
         self.variables: dict[str, str] = {}
         self.match_vars: list[str] = []
+        self.environment: dict[str, str] = {}
+        self.mailbox_exists: Callable[[str], bool] = _inbox_only
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -181,7 +204,7 @@ class _Machine:
         elif name == "fileinto":
             copy = bool(node.tags.get("copy"))
             self._add(Action("fileinto", mailbox=self.s(node.args[0]), copy=copy, flags=self.flags(node),
-                             line=node.line), cancels=not copy)
+                             create=bool(node.tags.get("create")), line=node.line), cancels=not copy)
         elif name == "set":
             value = variables.modify(self.s(node.args[1]), node.tags)
             self.variables[self.s(node.args[0]).lower()] = variables.limit(value)
@@ -225,8 +248,13 @@ class _Machine:
             limit = int(str(node.args[0]))
             return self.message.size > limit if "over" in node.tags else self.message.size < limit
         if name == "header":
-            values = [v for h in self.sl(node.args[0]) for v in self.message.values(h)]
+            values = [v for h in self.sl(node.args[0]) for v in self._fields(node, h)]
             return self._match(node, values, self.sl(node.args[1]))
+        if name == "environment":
+            value = self.environment.get(self.s(node.args[0]).lower())
+            return value is not None and self._match(node, [value], self.sl(node.args[1]))
+        if name == "mailboxexists":
+            return all(self.mailbox_exists(m) for m in self.sl(node.args[0]))
         if name == "string":
             values = self.sl(node.args[0])
             if "count" in node.tags:
@@ -238,7 +266,7 @@ class _Machine:
             return self._match(node, values, self.sl(node.args[1]))
         if name == "address":
             parts = [self._part(node, a) for h in self.sl(node.args[0])
-                     for v in self.message.values(h) for a in headers.addresses(v)]
+                     for v in self._fields(node, h) for a in headers.addresses(v)]
             return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         if name == "envelope":
             parts = []
@@ -248,6 +276,16 @@ class _Machine:
                     parts.append(self._part(node, headers.envelope_address(raw)))
             return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
+
+    def _fields(self, node: Node, name: str) -> list[str]:
+        """The values of a header field; with :index N only the Nth (from the end with :last)."""
+        values = self.message.values(name)
+        index = node.tags.get("index")
+        if not isinstance(index, int):
+            return values
+        if index > len(values):
+            return []
+        return [values[-index] if "last" in node.tags else values[index - 1]]
 
     def _part(self, node: Node, address: headers.Address) -> str | None:
         for part in ("localpart", "domain", "user", "detail"):

@@ -24,7 +24,8 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 # Extensions `require` accepts, and those it names but refuses for now.
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
-    "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags",
+    "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
+    "mailbox",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -64,6 +65,7 @@ _ADDRESS_PART = {
 }
 _COPY = {"copy": TagSpec("copy", None, "copy")}
 _FLAGS = {"flags": TagSpec("flags", "strings", "imap4flags")}
+_INDEX = {"index": TagSpec("index", "number", "index"), "last": TagSpec("last", None, "index")}
 _MODIFIERS = {  # RFC 5229 section 4: one per precedence group
     "lower": TagSpec("case"), "upper": TagSpec("case"), "lowerfirst": TagSpec("first"),
     "upperfirst": TagSpec("first"), "quotewildcard": TagSpec("quote"), "length": TagSpec("length"),
@@ -78,7 +80,8 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "stop"): Signature(),
     ("command", "keep"): Signature(tags=dict(_FLAGS)),
     ("command", "discard"): Signature(),
-    ("command", "fileinto"): Signature(("string",), {**_COPY, **_FLAGS}, extension="fileinto"),
+    ("command", "fileinto"): Signature(("string",), {**_COPY, **_FLAGS, "create": TagSpec("create", None, "mailbox")},
+                                       extension="fileinto"),
     ("command", "set"): Signature(("string", "string"), dict(_MODIFIERS), extension="variables"),
     ("command", "setflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
     ("command", "addflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
@@ -93,11 +96,13 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "exists"): Signature(("strings",)),
     ("test", "size"): Signature(("number",), {"over": TagSpec("size"), "under": TagSpec("size")},
                                 required_groups=("size",)),
-    ("test", "header"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}),
-    ("test", "address"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART}),
+    ("test", "header"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_INDEX}),
+    ("test", "address"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART, **_INDEX}),
     ("test", "envelope"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART},
                                     extension="envelope"),
     ("test", "string"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="variables"),
+    ("test", "environment"): Signature(("string", "strings"), {**_COMPARATOR, **_MATCH}, extension="environment"),
+    ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
     ("test", "hasflag"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="imap4flags",
                                    optional_first=True),
 }
@@ -313,6 +318,11 @@ class _Validator:
             return value
 
     def _check_tags(self, kind: str, name: str, tags: dict[str, object], line: int) -> None:
+        if "last" in tags and "index" not in tags:
+            self.error(line, f"the :last tag for the {name} test cannot be given without :index")
+        index = tags.get("index")
+        if isinstance(index, int) and index < 1:
+            self.error(line, ":index counts from 1")
         comparator = tags.get("comparator")
         if isinstance(comparator, str):
             if comparator not in COMPARATORS or (comparator == "i;ascii-numeric"
