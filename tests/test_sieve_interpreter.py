@@ -222,3 +222,20 @@ def test_sieve_test_reports_errors_with_lines(tmp_path: Path) -> None:
     out = json.loads(sieve_test("--json", str(runaway)).stdout)
     assert out["status"] == "runtime-error" and out["errors"][0]["line"] == 5
     assert sieve_test(str(tmp_path / "missing.sieve")).returncode == 2
+
+
+def test_sieve_test_trace(tmp_path: Path) -> None:
+    script = tmp_path / "s.sieve"
+    script.write_bytes(b'require ["fileinto", "variables"];\nset "f" "Reports";\n'
+                       b'if anyof (header :contains "subject" "nope", header :contains "subject" "report") {\n'
+                       b'  fileinto "${f}";\n}\n')
+    done = sieve_test("--trace", str(script))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:4] == [
+        'trace: line 2: set "f" "Reports"',
+        'trace: line 3: header :contains ["subject"] ["nope"]: false',
+        'trace: line 3: header :contains ["subject"] ["report"]: true',
+        'trace: line 4: fileinto "Reports"',
+    ]
+    done = sieve_test("--json", "--trace", str(script))
+    assert json.loads(done.stdout)["actions"][0]["mailbox"] == "Reports" and "trace: line 4" in done.stderr

@@ -131,11 +131,14 @@ def _inbox_only(name: str) -> bool:
 
 def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
-        mailbox_exists: Callable[[str], bool] = _inbox_only) -> Result:
+        mailbox_exists: Callable[[str], bool] = _inbox_only,
+        trace: Callable[[int, str], None] | None = None) -> Result:
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
-    test (RFC 5490), by default only the INBOX exists."""
+    test (RFC 5490), by default only the INBOX exists; `trace` hears (line, what happened) for
+    each test and command, for `sieve-test --trace`."""
     machine = _Machine(message, envelope, max_actions, max_redirects, "variables" in compiled.extensions)
+    machine.trace = trace
     machine.environment = environment if environment is not None else default_environment()
     machine.mailbox_exists = mailbox_exists
     try:
@@ -160,6 +163,7 @@ class _Machine:
         self.match_vars: list[str] = []
         self.environment: dict[str, str] = {}
         self.mailbox_exists: Callable[[str], bool] = _inbox_only
+        self.trace: Callable[[int, str], None] | None = None
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -195,6 +199,8 @@ class _Machine:
 
     def command(self, node: Node) -> None:
         name = node.name
+        if self.trace is not None:
+            self.trace(node.line, _describe(node, self))
         if name == "stop":
             raise _Stop
         if name == "keep":
@@ -231,6 +237,12 @@ class _Machine:
     # -- tests --------------------------------------------------------------------------------------
 
     def test(self, node: Node) -> bool:
+        result = self._test(node)
+        if self.trace is not None and node.name not in ("not", "allof", "anyof", "true", "false"):
+            self.trace(node.line, f"{_describe(node, self)}: {'true' if result else 'false'}")
+        return result
+
+    def _test(self, node: Node) -> bool:
         name = node.name
         if name == "true":
             return True
@@ -309,6 +321,23 @@ class _Machine:
                     self.match_vars = [value, *groups]
                     return True
         return False
+
+
+def _describe(node: Node, machine: _Machine) -> str:
+    """A command or test as the trace shows it: its name, tags and arguments, expanded."""
+    words = [node.name]
+    for tag, value in node.tags.items():
+        words.append(f":{tag}" if value is True else f":{tag} {_show(value, machine)}")
+    words += [_show(a, machine) for a in node.args if a is not None]
+    return " ".join(words)
+
+
+def _show(value: object, machine: _Machine) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(f'"{machine.s(v)}"' for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return f'"{machine.s(value)}"'
 
 
 def _strings(value: object) -> list[str]:

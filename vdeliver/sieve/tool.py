@@ -1,7 +1,7 @@
 """`vdeliver sieve-test`: compile a script and run it against a message, delivering nothing.
 
     vdeliver sieve-test [--json] [-f SENDER] [-r RECIPIENT] [-a ORIGINAL_RECIPIENT]
-                        [-m DEFAULT_MAILBOX] SCRIPT [MESSAGE]
+                        [-m DEFAULT_MAILBOX] [--trace] SCRIPT [MESSAGE]
 
 Like Pigeonhole's sieve-test: the message comes from MESSAGE or standard input; nothing is
 stored or sent.  Text output for people; `--json` prints one object for scripts and
@@ -37,6 +37,7 @@ def _parser() -> _Parser:
     p.add_argument("-a", dest="original", default="", metavar="ORIGINAL_RECIPIENT", help="original recipient")
     p.add_argument("-m", dest="mailbox", default="INBOX", metavar="DEFAULT_MAILBOX",
                    help="where keep and the implicit keep store (default INBOX)")
+    p.add_argument("--trace", action="store_true", help="show each test with its result and each command, by line")
     p.add_argument("script", metavar="SCRIPT")
     p.add_argument("message", nargs="?", metavar="MESSAGE", help="the message (default: standard input)")
     return p
@@ -67,7 +68,11 @@ def main(argv: list[str]) -> int:
     else:
         try:
             envelope = interpreter.Envelope(args.sender, args.recipient, args.original)
-            result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope)
+            trace = None
+            if args.trace:
+                def trace(line: int, text: str) -> None:
+                    (sys.stderr if args.json else sys.stdout).write(f"trace: line {line}: {text}\n")
+            result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope, trace=trace)
         except SieveError as exc:
             status, errors = "runtime-error", exc.errors
             result = interpreter.Result()
