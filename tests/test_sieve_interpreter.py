@@ -27,7 +27,12 @@ LIST = (b"From: list-bounces@lists.example.org\r\nTo: dev@lists.example.org\r\n"
         b"Received: from a\r\nReceived: from b\r\n\r\n" + b"x" * 5000 + b"\r\n")
 FOLDED = (b"From: \"Quoted, Name\" <q@example.org> (comment)\r\nTo: undisclosed-recipients:;\r\n"
           b"Subject: folded\r\n line two\r\n\r\nbody\r\n")
-MESSAGES = {"plain": PLAIN, "list": LIST, "folded": FOLDED}
+DATED = (b"Date: Sat, 05 Dec 2026 13:02:03 -0700\r\nResent-Date: Mon, 1 Feb 2027 00:00:00 +1400\r\n"
+         b"Received: from x; garbage date\r\nReceived: from y by z; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
+         b"From: a@example.org\r\nSubject: dated\r\n\r\nbody\r\n")
+MESSAGES = {"plain": PLAIN, "list": LIST, "folded": FOLDED, "dated": DATED}
+_PARTS = ("year", "month", "day", "date", "julian", "hour", "minute", "second", "time", "iso8601", "std11", "zone",
+          "weekday")
 ENVELOPE = Envelope("alice@example.org", "fred+work@example.com")
 
 
@@ -149,6 +154,19 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
     (b'require ["mailbox", "fileinto"];\nfileinto :create "New";\nif mailboxexists "INBOX" { fileinto "In"; }\n'
      b'if mailboxexists ["INBOX", "Nope"] { fileinto "Both"; }'),
     b'require "environment";\nif environment :is "nosuch" "" { discard; }',
+    # date (RFC 5260): every date part in the local zone, the header's own and another
+    b'require ["date", "fileinto", "variables"];\n' + b"".join(
+        b'if date :matches "date" "%s" "*" { fileinto "%s=${1}"; }\n' % (p.encode(), p.encode()) for p in _PARTS),
+    b'require ["date", "fileinto", "variables"];\n' + b"".join(
+        b'if date :originalzone :matches "resent-date" "%s" "*" { fileinto "o-%s=${1}"; }\n'
+        b'if date :zone "+0130" :matches "date" "%s" "*" { fileinto "z-%s=${1}"; }\n'
+        % (p.encode(), p.encode(), p.encode(), p.encode()) for p in _PARTS),
+    (b'require ["date", "relational", "fileinto"];\n'
+     b'if date :value "ge" "date" "date" "2026-12-01" { fileinto "Dec"; }\n'
+     b'if date :is "received" "date" "2026-12-01" { fileinto "never"; }\n'
+     b'if date "date" "fortnight" "1" { fileinto "never"; }\n'
+     b'if currentdate :zone "CET" "year" "2026" { fileinto "never"; }\n'
+     b'if currentdate :value "gt" "year" "2000" { keep; }'),
     # imap4flags (RFC 5232)
     (b'require ["imap4flags", "fileinto"];\naddflag "\\\\Seen Foo";\naddflag "foo";\nfileinto "A";\n'
     b'fileinto :flags "\\\\Flagged" "B";\nkeep;'),

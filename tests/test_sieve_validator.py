@@ -31,6 +31,8 @@ VALID: list[bytes] = [
     b"if true {\n  if false { stop; }\n  else { keep; }\n}",
     b'require "variables";\nset :lower :upperfirst :quotewildcard :length "a" "b";\nif string "${a}" "1" { stop; }',
     b'require "encoded-character";\nif header :is "x" "${hex: ff}" { keep; }',
+    b'require "date";\nif date "date" "fortnight" "1" { keep; }',  # Pigeonhole warns; the test is false
+    b'require "date";\nif currentdate :zone "CET" "year" "2026" { keep; }',
     (b'require ["imap4flags", "fileinto", "variables"];\nsetflag "f" "\\\\Seen";\naddflag "x";\nremoveflag "f" "x";\n'
     b'if hasflag :is "f" "x" { keep :flags ["a", "b"]; fileinto :flags "c" "D"; }'),
     b'require "encoded-character";\nif header :is "x" "${hex: 41}${unicode: 263a} ${hex:}" { keep; }',
@@ -74,6 +76,7 @@ INVALID: list[tuple[bytes, int]] = [
     (b'require "fileinto";\nfileinto :create "x";', 2),
     (b'if mailboxexists "x" { keep; }', 1),
     (b'require "environment";\nif environment "a" { keep; }', 2),
+    (b'require "date";\nif currentdate :originalzone "year" "2026" { keep; }', 2),
 ]
 
 

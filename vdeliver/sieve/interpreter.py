@@ -267,6 +267,8 @@ class _Machine:
             return value is not None and self._match(node, [value], self.sl(node.args[1]))
         if name == "mailboxexists":
             return all(self.mailbox_exists(m) for m in self.sl(node.args[0]))
+        if name in ("date", "currentdate"):
+            return self._date(node)
         if name == "string":
             values = self.sl(node.args[0])
             if "count" in node.tags:
@@ -288,6 +290,23 @@ class _Machine:
                     parts.append(self._part(node, headers.envelope_address(raw)))
             return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
+
+    def _date(self, node: Node) -> bool:
+        from vdeliver.sieve import dates
+
+        zone = self.s(node.tags["zone"]) if "zone" in node.tags else None
+        if zone is not None and not dates.valid_zone(zone):
+            zone = None  # not a zone: ignored (the local zone), as Pigeonhole does with a warning
+        date_part = self.s(node.args[-2]).lower()
+        if date_part not in dates.PARTS:
+            return False
+        if node.name == "currentdate":
+            moments = [dates.now()]
+        else:
+            # The whole field is the date (as Pigeonhole reads it: no date out of Received lines).
+            moments = [m for v in self._fields(node, self.s(node.args[0])) if (m := dates.parse_header(v))]
+        values = [dates.part(dates.in_zone(m, zone, "originalzone" in node.tags), date_part) for m in moments]
+        return self._match(node, values, self.sl(node.args[-1]))
 
     def _fields(self, node: Node, name: str) -> list[str]:
         """The values of a header field; with :index N only the Nth (from the end with :last)."""

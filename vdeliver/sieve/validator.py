@@ -25,7 +25,7 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
-    "mailbox",
+    "mailbox", "date",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -103,6 +103,11 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "string"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="variables"),
     ("test", "environment"): Signature(("string", "strings"), {**_COMPARATOR, **_MATCH}, extension="environment"),
     ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
+    ("test", "date"): Signature(("string", "string", "strings"), {
+        **_COMPARATOR, **_MATCH, **_INDEX, "zone": TagSpec("zone", "string"), "originalzone": TagSpec("zone")},
+        extension="date"),
+    ("test", "currentdate"): Signature(("string", "strings"), {**_COMPARATOR, **_MATCH,
+                                                                "zone": TagSpec("zone", "string")}, extension="date"),
     ("test", "hasflag"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="imap4flags",
                                    optional_first=True),
 }
