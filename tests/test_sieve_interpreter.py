@@ -73,6 +73,11 @@ def test_stop_and_branches() -> None:
     assert result_of(script, LIST).stores() == ["Other", "Never"]
 
 
+def test_the_error_command_fails_the_run() -> None:
+    with pytest.raises(SieveError, match="line 2: error: custom failure"):
+        result_of(b'require "ihave";\nerror "custom failure";')
+
+
 def test_environment_and_mailbox_callbacks() -> None:
     script = (b'require ["environment", "mailbox", "fileinto", "variables"];\n'
               b'if environment :matches "location" "*" { fileinto "${1}"; }\n'
@@ -167,6 +172,10 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
      b'if date "date" "fortnight" "1" { fileinto "never"; }\n'
      b'if currentdate :zone "CET" "year" "2026" { fileinto "never"; }\n'
      b'if currentdate :value "gt" "year" "2000" { keep; }'),
+    # ihave (RFC 5463): what is supported becomes available; a block behind what is not never runs
+    (b'require "ihave";\nif ihave "fileinto" { fileinto "A"; }\nif ihave "nosuchext" { nosuchcmd 1 2; } '
+    b'else { fileinto "B"; }'),
+    b'require "ihave";\nif ihave ["fileinto", "nosuch"] { bogus; } elsif ihave "fileinto" { fileinto "C"; }',
     # imap4flags (RFC 5232)
     (b'require ["imap4flags", "fileinto"];\naddflag "\\\\Seen Foo";\naddflag "foo";\nfileinto "A";\n'
     b'fileinto :flags "\\\\Flagged" "B";\nkeep;'),

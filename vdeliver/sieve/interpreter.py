@@ -218,6 +218,8 @@ class _Machine:
             target = variables.FLAGS if node.args[0] is None else self.s(node.args[0]).lower()
             current = self.variables.get(target, "")
             self.variables[target] = variables.change_flags(name, current, self.sl(node.args[1]))
+        elif name == "error":
+            raise SieveRuntimeError(node.line, f"error: {self.s(node.args[0])}")
         elif name == "redirect":
             copy = bool(node.tags.get("copy"))
             address = self.s(node.args[0])
@@ -269,6 +271,10 @@ class _Machine:
             return all(self.mailbox_exists(m) for m in self.sl(node.args[0]))
         if name in ("date", "currentdate"):
             return self._date(node)
+        if name == "ihave":
+            from vdeliver.sieve.validator import EXTENSIONS
+
+            return all(n in EXTENSIONS for n in self.sl(node.args[0]))
         if name == "string":
             values = self.sl(node.args[0])
             if "count" in node.tags:

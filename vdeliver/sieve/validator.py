@@ -25,7 +25,7 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
-    "mailbox", "date",
+    "mailbox", "date", "ihave",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -87,6 +87,7 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "addflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
     ("command", "removeflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
     ("command", "redirect"): Signature(("string",), dict(_COPY)),
+    ("command", "error"): Signature(("string",), extension="ihave"),
     # tests
     ("test", "true"): Signature(),
     ("test", "false"): Signature(),
@@ -103,6 +104,7 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "string"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="variables"),
     ("test", "environment"): Signature(("string", "strings"), {**_COMPARATOR, **_MATCH}, extension="environment"),
     ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
+    ("test", "ihave"): Signature(("strings",), extension="ihave"),
     ("test", "date"): Signature(("string", "string", "strings"), {
         **_COMPARATOR, **_MATCH, **_INDEX, "zone": TagSpec("zone", "string"), "originalzone": TagSpec("zone")},
         extension="date"),
@@ -198,11 +200,27 @@ class _Validator:
             requires_allowed = False
             if cmd.name in ("elsif", "else") and previous not in ("if", "elsif"):
                 self.error(cmd.line, f"the {cmd.name} command must follow an if or elsif command")
-            node = self.node("command", cmd.name, cmd.arguments, cmd.tests, cmd.test_list, cmd.block, cmd.line)
+            block = cmd.block
+            if self._ihave_unsupported(cmd):
+                block = ()  # RFC 5463: never run, so never checked (it may use what we lack)
+            node = self.node("command", cmd.name, cmd.arguments, cmd.tests, cmd.test_list, block, cmd.line)
             if node is not None:
                 out.append(node)
             previous = cmd.name
         return tuple(out)
+
+    def _ihave_unsupported(self, cmd: Command) -> bool:
+        """For `if ihave [...]`: the extensions asked for are all supported (then they are
+        available from here on, as in Pigeonhole) or not (then the block is never run)."""
+        if cmd.name not in ("if", "elsif") or len(cmd.tests) != 1 or cmd.tests[0].name != "ihave":
+            return False
+        if "ihave" not in self.required:
+            return False  # the test itself is refused by node()
+        names = [v for a in cmd.tests[0].arguments if isinstance(a, StringList) for v in a.values]
+        if all(n in EXTENSIONS for n in names):
+            self.required.update(names)
+            return False
+        return True
 
     def _require(self, cmd: Command) -> None:
         if cmd.tests or cmd.block is not None or len(cmd.arguments) != 1 or not isinstance(cmd.arguments[0],
