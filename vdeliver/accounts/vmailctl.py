@@ -152,6 +152,17 @@ def build_parser() -> _Parser:
 
     sub(top, "check", "compare database, maps and mailboxes on disk; exit 1 on any mismatch", json=True)
 
+    sv = verbs("sieve", "a mailbox's Sieve scripts, where ManageSieve keeps them (<home>/sieve, .dovecot.sieve)")
+    sub(sv, "list", "list the scripts; the active one is marked", "address", json=True)
+    sub(sv, "get", "print a script", "address", "name")
+    sub(sv, "put", "store a script (from FILE or standard input); refused unless it compiles", "address", "name",
+        "file?")
+    sub(sv, "activate", "make a script the active one", "address", "name")
+    sub(sv, "deactivate", "leave the mailbox without an active script", "address")
+    sub(sv, "delete", "delete a script (not the active one)", "address", "name")
+    sub(sv, "check", "compile a script (default: the active one) and report every error with its line", "address",
+        "name?", json=True)
+
     db = verbs("db", "the accounts database itself")
     sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
              "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)", "roles+=ROLE")

@@ -1,0 +1,92 @@
+"""`vmailctl sieve ...`: a mailbox's scripts in managesieved's layout (<home>/sieve/NAME.sieve and
+the <home>/.dovecot.sieve link), written with the vmail user's ids, refused when they do not
+compile, the active one protected."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.test_accounts_env are redefined as arguments)
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from tests.test_accounts_env import Acct, sqlite_acct  # noqa: F401  (fixtures)
+
+SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "report" {\r\n  fileinto "Reports";\r\n}\r\n'
+
+
+def _setup(acct: Acct) -> Path:
+    acct.ok("domain", "add", "away.com")
+    acct.ok("user", "add", "fred@away.com", "--format", "maildir", "--no-password")
+    return acct.root.home / "away.com" / "fred"  # the Maildir's parent: Dovecot's home
+
+
+def test_put_list_activate_get_delete(sqlite_acct: Acct, tmp_path: Path) -> None:
+    acct = sqlite_acct
+    home = _setup(acct)
+    src = tmp_path / "rules.sieve"
+    src.write_bytes(SCRIPT)
+    acct.ok("sieve", "put", "fred@away.com", "rules", str(src))
+    acct.ok("sieve", "put", "fred@away.com", "spare", str(src))
+    stored = home / "sieve" / "rules.sieve"
+    assert stored.read_bytes() == SCRIPT
+    st, dst = os.stat(stored), os.stat(home / "sieve")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == acct.root.owner.uid
+    assert stat.S_IMODE(dst.st_mode) == 0o700 and dst.st_uid == acct.root.owner.uid
+    assert json.loads(acct.ok("sieve", "list", "fred@away.com", "--json").out) == [
+        {"name": "rules", "active": False}, {"name": "spare", "active": False}]
+
+    acct.ok("sieve", "activate", "fred@away.com", "rules")
+    link = home / ".dovecot.sieve"
+    assert os.readlink(link) == "sieve/rules.sieve"  # relative, as managesieved makes it
+    assert os.lstat(link).st_uid == acct.root.owner.uid
+    assert "rules  (active)" in acct.ok("sieve", "list", "fred@away.com").out
+    assert acct.ok("sieve", "get", "fred@away.com", "rules").out == SCRIPT.decode()
+
+    refused = acct.run("sieve", "delete", "fred@away.com", "rules")
+    assert refused.rc == 1 and "is active" in refused.err
+    acct.ok("sieve", "activate", "fred@away.com", "spare")
+    acct.ok("sieve", "delete", "fred@away.com", "rules")
+    assert not stored.exists()
+    assert "deactivated" in acct.ok("sieve", "deactivate", "fred@away.com").out
+    assert not os.path.lexists(link)
+    assert "no script was active" in acct.ok("sieve", "deactivate", "fred@away.com").out
+
+
+def test_put_refuses_a_script_that_does_not_compile(sqlite_acct: Acct, tmp_path: Path) -> None:
+    acct = sqlite_acct
+    home = _setup(acct)
+    bad = tmp_path / "bad.sieve"
+    bad.write_bytes(b"keep;\nfileinto \"x\";\n")
+    r = acct.run("sieve", "put", "fred@away.com", "bad", str(bad))
+    assert r.rc == 1 and "line 2" in r.err and "fileinto" in r.err
+    assert not (home / "sieve" / "bad.sieve").exists()
+
+
+def test_check_reports_every_error_with_its_line(sqlite_acct: Acct, tmp_path: Path) -> None:
+    acct = sqlite_acct
+    home = _setup(acct)
+    src = tmp_path / "ok.sieve"
+    src.write_bytes(SCRIPT)
+    acct.ok("sieve", "put", "fred@away.com", "ok", str(src))
+    acct.ok("sieve", "activate", "fred@away.com", "ok")
+    assert acct.ok("sieve", "check", "fred@away.com").out.strip() == "ok"
+    # A script another tool wrote (managesieved checks with Pigeonhole's own extensions).
+    (home / "sieve" / "other.sieve").write_bytes(b"foo;\nkeep;\nbar;\n")
+    r = acct.run("sieve", "check", "fred@away.com", "other", "--json")
+    assert r.rc == 1 and [e["line"] for e in json.loads(r.out)["errors"]] == [1, 3]
+
+
+def test_bad_names_and_unknown_mailboxes(sqlite_acct: Acct, tmp_path: Path) -> None:
+    acct = sqlite_acct
+    _setup(acct)
+    src = tmp_path / "s.sieve"
+    src.write_bytes(SCRIPT)
+    for name in ("../escape", ".hidden", "a/b", "tab\there", ""):
+        r = acct.run("sieve", "put", "fred@away.com", name, str(src))
+        assert r.rc == 1 and "script name" in r.err, (name, r.err)
+    r = acct.run("sieve", "list", "nobody@away.com")
+    assert r.rc == 1 and "does not exist" in r.err
+    r = acct.run("sieve", "activate", "fred@away.com", "missing")
+    assert r.rc == 1 and "no script" in r.err
