@@ -30,7 +30,14 @@ FOLDED = (b"From: \"Quoted, Name\" <q@example.org> (comment)\r\nTo: undisclosed-
 DATED = (b"Date: Sat, 05 Dec 2026 13:02:03 -0700\r\nResent-Date: Mon, 1 Feb 2027 00:00:00 +1400\r\n"
          b"Received: from x; garbage date\r\nReceived: from y by z; Tue, 1 Dec 2026 10:00:00 +0000\r\n"
          b"From: a@example.org\r\nSubject: dated\r\n\r\nbody\r\n")
-MESSAGES = {"plain": PLAIN, "list": LIST, "folded": FOLDED, "dated": DATED}
+MIME = (b"From: a@example.org\r\nSubject: mime\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\npreamble\r\n--XX\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"Caf=E9 meeting at noon=\r\n tomorrow\r\n--XX\r\n"
+        b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        b"PGI+VXJnZW50PC9iPiByZXBseQ==\r\n--XX\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\nBINARYSTUFF\r\n--XX--\r\nepilogue\r\n")
+MESSAGES = {"plain": PLAIN, "list": LIST, "folded": FOLDED, "dated": DATED, "mime": MIME}
 _PARTS = ("year", "month", "day", "date", "julian", "hour", "minute", "second", "time", "iso8601", "std11", "zone",
           "weekday")
 ENVELOPE = Envelope("alice@example.org", "fred+work@example.com")
@@ -172,6 +179,13 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
      b'if date "date" "fortnight" "1" { fileinto "never"; }\n'
      b'if currentdate :zone "CET" "year" "2026" { fileinto "never"; }\n'
      b'if currentdate :value "gt" "year" "2000" { keep; }'),
+    # body (RFC 5173): the default :text, :raw, :content by type
+    (b'require ["body", "fileinto"];\nif body :contains "caf\xc3\xa9 meeting" { fileinto "text"; }\n'
+     b'if body :contains "urgent" { fileinto "html-too"; }\nif body :contains "BINARYSTUFF" { fileinto "bin"; }\n'
+     b'if body :raw :contains "Caf=E9" { fileinto "raw"; }\nif body :raw :contains "caf\xc3\xa9" { fileinto "no"; }\n'
+     b'if body :content "text/html" :contains "urgent" { fileinto "html"; }\n'
+     b'if body :content "application" :contains "binary" { fileinto "app"; }\n'
+     b'if body :content "text/plain" :contains "hello" { fileinto "hello"; }'),
     # ihave (RFC 5463): what is supported becomes available; a block behind what is not never runs
     (b'require "ihave";\nif ihave "fileinto" { fileinto "A"; }\nif ihave "nosuchext" { nosuchcmd 1 2; } '
     b'else { fileinto "B"; }'),

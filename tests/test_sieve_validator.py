@@ -78,6 +78,8 @@ INVALID: list[tuple[bytes, int]] = [
     (b'require "environment";\nif environment "a" { keep; }', 2),
     (b'require "date";\nif currentdate :originalzone "year" "2026" { keep; }', 2),
     (b'if ihave "fileinto" { keep; }', 1),
+    (b'if body :contains "x" { keep; }', 1),
+    (b'require "body";\nif body :raw :text :contains "x" { keep; }', 2),
     (b'require "ihave";\nif not ihave "fileinto" { bogus; }', 2),
 ]
 

@@ -44,6 +44,7 @@ class Message:
 
     fields: list[tuple[str, bytes]]  # (lower-case name, raw value with its folding)
     size: int
+    raw: bytes = b""  # the whole message, for the body test (empty: no body to test)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Message:
@@ -63,7 +64,7 @@ class Message:
             elif b":" in line:
                 raw_name, _, value = line.partition(b":")
                 fields.append((raw_name.strip().decode("ascii", "replace").lower(), value.lstrip(b" \t")))
-        return cls(fields, len(data))
+        return cls(fields, len(data), data)
 
     def values(self, name: str) -> list[str]:
         """Every field of that name, unfolded and with RFC 2047 encoded words decoded."""
@@ -271,6 +272,12 @@ class _Machine:
             return all(self.mailbox_exists(m) for m in self.sl(node.args[0]))
         if name in ("date", "currentdate"):
             return self._date(node)
+        if name == "body":
+            from vdeliver.sieve import body
+
+            transform = "raw" if "raw" in node.tags else "content" if "content" in node.tags else "text"
+            types = self.sl(node.tags["content"]) if transform == "content" else ["text"]
+            return self._match(node, body.values(self.message.raw, transform, types), self.sl(node.args[0]))
         if name == "ihave":
             from vdeliver.sieve.validator import EXTENSIONS
 

@@ -25,7 +25,7 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
-    "mailbox", "date", "ihave",
+    "mailbox", "date", "ihave", "body",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -105,6 +105,9 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "environment"): Signature(("string", "strings"), {**_COMPARATOR, **_MATCH}, extension="environment"),
     ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
     ("test", "ihave"): Signature(("strings",), extension="ihave"),
+    ("test", "body"): Signature(("strings",), {**_COMPARATOR, **_MATCH, "raw": TagSpec("transform"),
+                                              "content": TagSpec("transform", "strings"), "text": TagSpec("transform")},
+                                extension="body"),
     ("test", "date"): Signature(("string", "string", "strings"), {
         **_COMPARATOR, **_MATCH, **_INDEX, "zone": TagSpec("zone", "string"), "originalzone": TagSpec("zone")},
         extension="date"),
