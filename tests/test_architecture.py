@@ -64,7 +64,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # Bottom to top.  A pattern ending in ".*" takes a whole package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("vdeliver", "vdeliver.errors", "vdeliver.hooks", "vdeliver.log", "vdeliver.fileio", "vdeliver.unixd")),
+    ("base", ("vdeliver", "vdeliver.errors", "vdeliver.hooks", "vdeliver.log", "vdeliver.fileio", "vdeliver.privileges",
+              "vdeliver.unixd")),
     ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking")),
     ("stores", ("vdeliver.mbox", "vdeliver.maildir")),
     ("recovery", ("vdeliver.recovery",)),

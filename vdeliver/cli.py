@@ -228,11 +228,11 @@ def _drop_root(cfg: "Config", doing: str) -> None:
         raise DeliveryError(
             Status("4.3.5", "configuration error", f"refusing to {doing} as root: set user in the configuration")
         )
-    from vdeliver import unixd  # only as root: sendmail's U= normally starts us as the vmail user
+    from vdeliver import privileges  # only as root: sendmail's U= normally starts us as the vmail user
 
     try:
-        unixd.drop_privileges(unixd.RunUser(user, getattr(cfg, "group", "")))
-    except unixd.DaemonError as exc:
+        privileges.drop_privileges(privileges.RunUser(user, getattr(cfg, "group", "")))
+    except privileges.DaemonError as exc:
         raise DeliveryError(Status("4.3.5", "configuration error", exc.strerror or str(exc))) from None
 
 
@@ -411,7 +411,7 @@ def _main(argv: "list[str]", started: float) -> int:
     try:
         for note in result.notes:
             logger.warning(f"to=<{to}>, broke stale lock {note}")
-        where = f"{result.target.format} {result.target.path}"
+        where = result.where()
         logger.info(delivery_line(to, result.sender, result.size, time.time() - started, "2.0.0", "sent", where))
     except BaseException:  # noqa: BLE001
         pass

@@ -50,7 +50,7 @@ SCHEMA: "dict[str, tuple[object, str, tuple[str, ...] | None]]" = {
 }
 
 # Tables read by other parts of vdeliver (accounts, servers); each validates its own.
-TABLES = ("accounts", "maps", "socketmap", "lmtp", "dovecot")
+TABLES = ("accounts", "maps", "socketmap", "lmtp", "dovecot", "sieve")
 
 
 class ConfigError(DeliveryError):
@@ -311,6 +311,16 @@ def build(data: "dict[str, object]", path: str = "", lines: "dict[tuple[str, str
             raise ConfigError(cfg.where("", key), "unknown key")
         setattr(cfg, key, _check(cfg, key, value))
     return cfg
+
+
+def home_template(cfg: Config) -> str:
+    """A user's home as the generated Dovecot configuration gives it: `[dovecot] home`, else
+    the Maildir template's parent (`/home/vmail-users/{domain}/{user}`)."""
+    home = cfg.table("dovecot").get("home")
+    if isinstance(home, str) and home:
+        return home
+    head, tail = os.path.split(cfg.maildir_path.rstrip("/"))
+    return cfg.maildir_path.rstrip("/") if "{user}" in tail or "{domain}" in tail else head
 
 
 def config_path(explicit: "str | None" = None) -> "tuple[str, bool]":

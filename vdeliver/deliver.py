@@ -17,6 +17,7 @@ from vdeliver.recipient import Recipient
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
     from vdeliver.hooks import Log
+    from vdeliver.message import Prepared
 
 
 class Target:
@@ -117,15 +118,73 @@ def _with_detail(cfg: Config, rcpt: Recipient, target: Target) -> Target:
 
 class Result:
     """What was stored where, for the log line: the mailbox, the size read, the envelope
-    sender used, and notes (stale locks broken on the way)."""
+    sender used, notes (stale locks broken on the way), and when a Sieve script decided,
+    every mailbox it stored into (none: discarded)."""
 
-    __slots__ = ("target", "size", "sender", "notes")
+    __slots__ = ("target", "size", "sender", "notes", "sieve")
 
     def __init__(self, target: Target, size: int, sender: str, notes: "list[str]") -> None:
         self.target = target
         self.size = size
         self.sender = sender
         self.notes = notes
+        self.sieve: "list[str] | None" = None
+
+    def where(self) -> str:
+        """The log line's `(...)`: the mailbox, or what the script did."""
+        if self.sieve is None:
+            return f"{self.target.format} {self.target.path}"
+        if not self.sieve:
+            return "discarded by sieve"
+        return f"{self.target.format} " + ", ".join(self.sieve) + " (sieve)"
+
+
+def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", notes: "list[str]") -> object:
+    """Store into one mailbox; returns what _undo() needs to take it back."""
+    bounce = cfg.over_quota == "bounce"
+    if target.format == "mbox":
+        from vdeliver import mbox
+        from vdeliver.recovery import MboxJournal
+
+        receipt = mbox.Recorded(MboxJournal(log, record=cfg.mbox_journal))
+        notes += mbox.deliver(
+            target.path,
+            msg,
+            host=cfg.host(),
+            create=target.create,
+            lock_timeout=cfg.lock_timeout,
+            stale_age=cfg.stale_lock_age,
+            over_quota_bounce=bounce,
+            journal=receipt,
+        )
+        return receipt
+    from vdeliver import maildir
+
+    return maildir.deliver(
+        target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
+        tmp_max_age=cfg.maildir_tmp_max_age,
+    )
+
+
+def _undo(cfg: Config, target: Target, receipt: object, log: "Log | None") -> None:
+    """Take back a store that succeeded (a later one failed); never raises."""
+    try:
+        if isinstance(receipt, str):
+            from vdeliver import maildir
+
+            maildir.undo(target.path, receipt)
+        else:
+            from vdeliver import mbox
+
+            if isinstance(receipt, mbox.Recorded) and receipt.span is not None:
+                mbox.undo(target.path, receipt.span, host=cfg.host(), lock_timeout=cfg.lock_timeout,
+                          stale_age=cfg.stale_lock_age)
+    except Exception as exc:  # noqa: BLE001 - the delivery fails anyway; say what stays behind
+        if log is not None:
+            try:
+                log.error(f"cannot take back the copy in {target.path}: {exc}")
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None,
@@ -150,29 +209,34 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         spool_dir=cfg.spool_dir,
     )
     try:
-        bounce = cfg.over_quota == "bounce"
-        if is_mbox:
-            from vdeliver import mbox
-            from vdeliver.recovery import MboxJournal
+        stores = [target]
+        table = cfg.tables.get("sieve")
+        if table and table.get("enabled") is True:
+            from vdeliver.config import home_template
 
-            notes = mbox.deliver(
-                target.path,
-                msg,
-                host=cfg.host(),
-                create=target.create,
-                lock_timeout=cfg.lock_timeout,
-                stale_age=cfg.stale_lock_age,
-                over_quota_bounce=bounce,
-                journal=MboxJournal(log, record=cfg.mbox_journal),
-            )
-            return Result(target, msg.input_size, msg.sender, notes)
-        from vdeliver import maildir
+            home = expand(home_template(cfg), rcpt)
+            script = os.path.join(home, str(table.get("script", ".dovecot.sieve")))
+            if os.path.lexists(script):  # without an active script, nothing of vdeliver.sieve is imported
+                from vdeliver.sieve import delivery as sieve
 
-        maildir.deliver(
-            target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
-            tmp_max_age=cfg.maildir_tmp_max_age,
-        )
-        return Result(target, msg.input_size, msg.sender, [])
+                inbox = sieve.Store(target.format, target.path, target.create, "INBOX")
+                planned = sieve.plan(cfg, rcpt, home, inbox, msg, log)
+                if planned is not None:
+                    stores = [Target(s.format, s.path, s.create) for s in planned]
+        notes: list[str] = []
+        done: list[tuple[Target, object]] = []
+        try:
+            for store in stores:
+                done.append((store, _store(cfg, store, msg, log, notes)))  # noqa: PERF401 - recorded as each completes, for the undo
+        except BaseException:
+            for store, receipt in reversed(done):  # a later store failed: no copy may stay behind
+                _undo(cfg, store, receipt, log)
+            raise
+        stored = stores[0] if stores else target
+        result = Result(stored, msg.input_size, msg.sender, notes)
+        if len(stores) != 1 or stores[0] is not target:
+            result.sieve = [s.path for s in stores]
+        return result
     finally:
         try:
             msg.close()

@@ -368,6 +368,20 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
     raise fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
 
 
+def undo(path: str, name: str) -> None:
+    """Take back a delivery that succeeded (new/NAME), and make its removal durable."""
+    mfd = _open_dir(path)
+    try:
+        nfd = _open_sub(mfd, "new", path)
+        try:
+            os.unlink(name, dir_fd=nfd)
+            os.fsync(nfd)
+        finally:
+            os.close(nfd)
+    finally:
+        os.close(mfd)
+
+
 def _after_link(mfd: int, tfd: int, name: str, size: int, update_quota: bool, tmp_max_age: int) -> None:
     try:
         _remove(name, tfd)

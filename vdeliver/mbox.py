@@ -83,6 +83,43 @@ class Journal:
         pass
 
 
+class Recorded(Journal):
+    """A journal hook that passes every call on and remembers what the append spans,
+    (dev, ino, size before, size after), so that the caller can take it back (undo())."""
+
+    __slots__ = ("inner", "span")
+
+    def __init__(self, inner: Journal) -> None:
+        self.inner = inner
+        self.span: "tuple[int, int, int, int] | None" = None
+
+    def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:
+        return self.inner.recover(fd, path, st)
+
+    def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
+        self.inner.begin(fd, path, size, st, sep, msg)
+        self.span = (st.st_dev, st.st_ino, size, size + len(sep) + msg.length)
+
+    def end(self) -> None:
+        self.inner.end()
+
+    def abandon(self) -> None:
+        self.span = None
+        self.inner.abandon()
+
+
+def undo(path: str, span: "tuple[int, int, int, int]", *, host: str, lock_timeout: float = 60.0,
+         stale_age: float = 300.0) -> None:
+    """Take back an append that succeeded: cut the mbox back to its size before it, under the
+    locks, but only if it is the same file and nothing was appended since."""
+    dev, ino, orig, end = span
+    with MailboxLock(path, host=host, lock_timeout=lock_timeout, stale_age=stale_age) as box:
+        assert box.st is not None
+        if (box.st.st_dev, box.st.st_ino) != (dev, ino) or box.st.st_size != end:
+            raise fail("cannot take back the copy", f"{path} changed since it was written")
+        _rollback(box.fd, path, orig)
+
+
 class MailboxLock:
     """The lock sequence of every mbox writer (delivery, `vdeliver --repair`), as a pair like
     Postfix's mbox_open()/mbox_release(): open the file, take the dotlock, then the fcntl

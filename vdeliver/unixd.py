@@ -25,43 +25,26 @@ import os
 import stat
 from contextlib import contextmanager
 
+from vdeliver.privileges import DaemonError, RunUser, drop_privileges
+
+__all__ = [
+    "DaemonError",
+    "PidFile",
+    "Place",
+    "RunUser",
+    "as_user",
+    "bind_unix",
+    "drop_privileges",
+    "open_dir",
+    "remove_socket",
+]
+
 TYPE_CHECKING = False  # vdeliver run as root imports this module to drop privileges: keep it light
 if TYPE_CHECKING:
     import socket  # imported where a socket is made
     from collections.abc import Iterator
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class DaemonError(OSError):
-    """A file the server needs cannot be made safely; the text says why and what to fix."""
-
-
-class RunUser:
-    """Whom the server runs as after start-up: uid/gid, or -1 for "stay as we are"."""
-
-    def __init__(self, name: str = "", group: str = "") -> None:
-        self.name = name
-        self.uid = self.gid = -1
-        if name:
-            import pwd
-
-            try:
-                pw = pwd.getpwnam(name)
-            except KeyError:
-                raise DaemonError(errno.EINVAL, f"no such user {name!r}") from None
-            self.uid, self.gid = pw.pw_uid, pw.pw_gid
-            if group:
-                import grp
-
-                try:
-                    self.gid = grp.getgrnam(group).gr_gid
-                except KeyError:
-                    raise DaemonError(errno.EINVAL, f"no such group {group!r}") from None
-
-    @property
-    def effective_uid(self) -> int:
-        return self.uid if self.uid >= 0 else os.geteuid()
 
 
 @contextmanager
@@ -309,14 +292,3 @@ def remove_socket(path: str, ino: int) -> None:
 
 
 # -- privileges -----------------------------------------------------------------------------
-
-
-def drop_privileges(owner: RunUser) -> None:
-    """Become the run user for good (no way back to root)."""
-    if os.geteuid() != 0 or owner.uid < 0:
-        return
-    os.setgroups([])
-    os.setgid(owner.gid)
-    os.setuid(owner.uid)
-    if owner.uid != 0 and 0 in (os.geteuid(), os.getuid()):  # pragma: no cover - setuid failed silently
-        raise DaemonError(errno.EPERM, f"could not become {owner.name}")

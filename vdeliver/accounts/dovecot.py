@@ -31,7 +31,7 @@ import os
 
 from vdeliver import fileio
 from vdeliver.accounts.errors import ConfigurationError
-from vdeliver.config import Config, ConfigError, read_table
+from vdeliver.config import Config, ConfigError, home_template, read_table
 
 DEFAULT_REASON = "Account suspended: please contact the postmaster"
 QUOTA_ROOT = "User quota"
@@ -68,7 +68,7 @@ class Settings:
         self.source = path
         self.mbox_path: str = cfg.mbox_path
         self.maildir_path: str = cfg.maildir_path
-        self.home: str = str(values["home"]) or _home_from_maildir(self.maildir_path)
+        self.home: str = home_template(cfg)
         for name, template in (("home", self.home),):
             if not template.startswith("/") or "{user}" not in template:
                 raise ConfigurationError(f"{path}: [dovecot] {name}: must be an absolute path containing {{user}}")
@@ -89,14 +89,6 @@ class Settings:
         self.user = str(accounts.get("vmail_user", "") or cfg.user or "vmail")
         self.group = str(accounts.get("vmail_group", "") or cfg.group or "")
         self.driver, self.connect = _database(cfg, str(values["driver"]), str(values["connect"]), path)
-
-
-def _home_from_maildir(maildir: str) -> str:
-    """/home/vmail-users/{domain}/{user}/Maildir -> /home/vmail-users/{domain}/{user}."""
-    head, tail = os.path.split(maildir.rstrip("/"))
-    if "{user}" in tail or "{domain}" in tail:
-        return maildir.rstrip("/")
-    return head
 
 
 def _database(cfg: Config, driver: str, connect: str, where: str) -> tuple[str, str]:

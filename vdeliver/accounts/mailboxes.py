@@ -32,7 +32,7 @@ class Owner:
 
 def owner(settings: Settings) -> Owner:
     """The vmail user and group; when not root, only ourselves can own what we create."""
-    from vdeliver.unixd import DaemonError, RunUser
+    from vdeliver.privileges import DaemonError, RunUser
 
     try:
         run_user = RunUser(settings.vmail_user, settings.vmail_group)

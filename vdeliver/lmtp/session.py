@@ -310,7 +310,7 @@ class Session:
         try:
             for note in result.notes:
                 self.server.log.warning(f"{self.name}: to=<{address}>, broke stale lock {note}")
-            why = f"{result.target.format} {result.target.path}"
+            why = result.where()
             self._log(address, Status("2.0.0", "delivered"), result.size, why, result.sender)
         except Exception:  # noqa: BLE001
             pass

@@ -8,8 +8,9 @@ The pipeline has one module per stage, like Pigeonhole's lib-sieve:
     interpreter.py  checked nodes + message + envelope -> the actions (no I/O)
     match.py        comparators and match types;  headers.py: header values and addresses
     tool.py         `vdeliver sieve-test`
+    delivery.py     at delivery: the user's active script -> the mailboxes to store into
     errors.py       SieveError: what is wrong, on which line
 
-Nothing here is imported on a delivery for a user without a script (and delivery does not
-run scripts yet: docs/sieve.md says what works).
+Nothing here is imported on a delivery for a user without an active script (docs/sieve.md
+says what works).
 """

@@ -1,0 +1,235 @@
+"""A user's Sieve script at delivery (`[sieve] enabled = true`): folders for Maildir and mbox
+users, each mailbox once, discard, :create, unsafe names, a broken script keeping the mail in
+the INBOX with `<script>.log`, all stores taken back when a later one fails; and the real
+`vdeliver` command and the LMTP path running the same code."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import MailRoot, run_vdeliver
+from tests.unit_helpers import RecordingLog, fail_at_call
+from vdeliver import config, maildir
+from vdeliver.config import Config
+from vdeliver.deliver import deliver
+from vdeliver.errors import DeliveryError
+from vdeliver.recipient import Recipient
+
+FRED = Recipient("example.org", "fred")
+RAW = b"From: Alice <alice@example.org>\nTo: fred@example.org\nSubject: weekly report\n\nhello\n"
+
+
+def make_config(tmp_path: Path, fmt: str = "maildir", enabled: bool = True) -> Config:
+    return config.build({
+        "format": fmt,
+        "mbox_path": f"{tmp_path}/mbox/{{domain}}/{{user}}",
+        "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
+        "spool_dir": str(tmp_path), "hostname": "unit.test", "log": "none", "lock_timeout": 1,
+        "create_mailbox": True,
+        "sieve": {"enabled": enabled},
+    })
+
+
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home" / "example.org" / "fred"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def script(tmp_path: Path, text: bytes) -> Path:
+    """Install `text` as the active script, as managesieved does."""
+    h = home(tmp_path)
+    (h / "sieve").mkdir(exist_ok=True)
+    (h / "sieve" / "main.sieve").write_bytes(text)
+    link = h / ".dovecot.sieve"
+    if not link.is_symlink():
+        link.symlink_to("sieve/main.sieve")
+    return h
+
+
+def run(tmp_path: Path, cfg: Config, raw: bytes = RAW, log: RecordingLog | None = None) -> object:
+    src = tmp_path / "in.eml"
+    src.write_bytes(raw)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        return deliver(cfg, FRED, fd, "alice@example.org", log=log)
+    finally:
+        os.close(fd)
+
+
+def maildir_folder(tmp_path: Path, name: str = "") -> Path:
+    md = home(tmp_path) / "Maildir"
+    return md / f".{name}" if name else md
+
+
+def messages(folder: Path) -> list[bytes]:
+    return [(folder / "new" / n).read_bytes() for n in sorted(os.listdir(folder / "new"))] if (
+        folder / "new").is_dir() else []
+
+
+def test_fileinto_existing_folder_and_keep(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require "fileinto";\nif header :contains "subject" "report" { fileinto "Work.Reports"; keep; }')
+    maildir.create(str(maildir_folder(tmp_path)))
+    maildir.create(str(maildir_folder(tmp_path, "Work.Reports")))
+    result = run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Work.Reports"))) == 1
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert "(sieve)" in result.where()  # type: ignore[attr-defined]
+
+
+def test_missing_folder_without_create_goes_to_the_inbox_and_is_logged(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    h = script(tmp_path, b'require "fileinto";\nfileinto "Nope";')
+    log = RecordingLog()
+    run(tmp_path, cfg, log=log)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert not maildir_folder(tmp_path, "Nope").exists()
+    assert "no such mailbox" in (h / ".dovecot.sieve.log").read_text()
+    assert any("sieve: to=<fred@example.org>" in text for _level, text in log.lines)
+
+
+def test_create_makes_the_folder_with_a_dovecot_name(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Caf\xc3\xa9 & Co";')
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Caf&AOk- &- Co"))) == 1  # modified UTF-7, as Dovecot names it
+    assert messages(maildir_folder(tmp_path)) == []
+
+
+def test_discard_stores_nothing(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b"discard;")
+    result = run(tmp_path, cfg)
+    assert result.where() == "discarded by sieve"  # type: ignore[attr-defined]
+    assert messages(maildir_folder(tmp_path)) == []
+
+
+@pytest.mark.parametrize("name", ["..", "a..b", ".hidden", "a\x01b"])
+def test_unsafe_folder_names_are_refused(tmp_path: Path, name: str) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "' + name.encode() + b'";')
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert sorted(os.listdir(maildir_folder(tmp_path))) == ["cur", "new", "tmp"]
+
+
+@pytest.mark.parametrize("text", [b"fileinto \"x\";", b"foo;", b'redirect "a@example.net";',
+                                  b"".join(b'redirect "u%d@example.net";' % i for i in range(9))])
+def test_a_script_that_cannot_decide_keeps_the_mail_in_the_inbox(tmp_path: Path, text: bytes) -> None:
+    cfg = make_config(tmp_path)
+    h = script(tmp_path, text)
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert (h / ".dovecot.sieve.log").read_text().count("\n") == 1
+
+
+def test_no_script_or_disabled_is_plain_delivery(tmp_path: Path) -> None:
+    home(tmp_path)
+    run(tmp_path, make_config(tmp_path))
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    script(tmp_path, b"discard;")
+    run(tmp_path, make_config(tmp_path, enabled=False))
+    assert len(messages(maildir_folder(tmp_path))) == 2
+
+
+def test_mbox_user_folders_under_home_mail(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, fmt="mbox")
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Lists/dev";\nfileinto "Missing";')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    run(tmp_path, cfg)
+    folder = h / "mail" / "Lists" / "dev"
+    data = folder.read_bytes()
+    assert data.startswith(b"From alice@example.org ") and b"Subject: weekly report" in data
+    assert (tmp_path / "mbox" / "example.org" / "fred").read_bytes().count(b"Subject: weekly report") == 1
+
+
+def test_a_failed_store_takes_back_the_ones_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fileinto A, then B fails (disk full at its fsync): A's copy is removed and the delivery
+    defers, so sendmail's retry stores the message exactly once per folder."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require "fileinto";\nfileinto "A";\nfileinto "B";')
+    for name in ("A", "B"):
+        maildir.create(str(maildir_folder(tmp_path, name)))
+    monkeypatch.setattr(os, "fsync", fail_at_call(3, errno.ENOSPC, os.fsync))  # A: file, new/; B: file
+    with pytest.raises(DeliveryError) as info:
+        run(tmp_path, cfg)
+    assert info.value.status.temporary
+    assert messages(maildir_folder(tmp_path, "A")) == [] and messages(maildir_folder(tmp_path, "B")) == []
+    monkeypatch.undo()
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "A"))) == 1 and len(messages(maildir_folder(tmp_path, "B"))) == 1
+
+
+def test_a_failed_mbox_store_takes_back_the_ones_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_config(tmp_path, fmt="mbox")
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "A";\nkeep;')
+    inbox = tmp_path / "mbox" / "example.org" / "fred"
+    inbox.parent.mkdir(parents=True)
+    inbox.write_bytes(b"")
+    inbox.chmod(0o600)
+    calls = {"n": 0}
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls["n"] += 1
+        st = os.fstat(fd)
+        if calls["n"] > 3 and st.st_ino == os.stat(inbox).st_ino:
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DeliveryError):
+        run(tmp_path, cfg)
+    assert (h / "mail" / "A").read_bytes() == b"" and inbox.read_bytes() == b""
+
+
+def test_the_vdeliver_command_runs_the_script(mailroot: MailRoot) -> None:
+    """The installed launcher, as sendmail runs it (as vmail): the script files the message,
+    and the log line says where it went."""
+    cfg = mailroot.write_config(log="stderr")
+    cfg.write_text(cfg.read_text() + "\n[sieve]\nenabled = true\n")
+    md = mailroot.add_maildir("example.org", "fred")
+    (md.parent / "sieve").mkdir()
+    (md.parent / "sieve" / "main.sieve").write_bytes(b'require "fileinto";\nfileinto "Reports";\n')
+    (md.parent / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+    maildir.create(str(md / ".Reports"))
+    for path in (md.parent / "sieve", md.parent / "sieve" / "main.sieve", md / ".Reports", md / ".Reports" / "new",
+                 md / ".Reports" / "cur", md / ".Reports" / "tmp"):
+        os.chown(path, mailroot.owner.uid, mailroot.owner.gid)
+    os.lchown(md.parent / ".dovecot.sieve", mailroot.owner.uid, mailroot.owner.gid)
+    done = run_vdeliver(["-f", "alice@example.org", "-a", "example.org", "-a", "fred"], RAW,
+                        config=mailroot.config, as_user=mailroot.owner)
+    assert done.returncode == 0, done.stderr
+    assert len(os.listdir(md / ".Reports" / "new")) == 1 and os.listdir(md / "new") == []
+    assert b"(sieve)" in done.stderr and b".Reports" in done.stderr
+
+
+def test_no_script_imports_nothing_of_sieve(tmp_path: Path) -> None:
+    """The delivery of a user without an active script (even with [sieve] enabled) costs one
+    lstat, and no import of vdeliver.sieve."""
+    home(tmp_path)
+    code = (
+        "import os, sys\n"
+        "from vdeliver import config\n"
+        "from vdeliver.deliver import deliver\n"
+        "from vdeliver.recipient import Recipient\n"
+        f"cfg = config.build({{'format': 'maildir', 'maildir_path': '{tmp_path}/home/{{domain}}/{{user}}/Maildir',"
+        f" 'spool_dir': '{tmp_path}', 'log': 'none', 'create_mailbox': True, 'sieve': {{'enabled': True}}}})\n"
+        f"fd = os.open('{tmp_path}/in.eml', os.O_RDONLY)\n"
+        "deliver(cfg, Recipient('example.org', 'fred'), fd, 'a@example.org')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('vdeliver.sieve')))\n"
+    )
+    (tmp_path / "in.eml").write_bytes(RAW)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert len(messages(maildir_folder(tmp_path))) == 1
