@@ -109,7 +109,7 @@ def test_discard_stores_nothing(tmp_path: Path) -> None:
     assert messages(maildir_folder(tmp_path)) == []
 
 
-@pytest.mark.parametrize("name", ["..", "a..b", ".hidden", "a\x01b"])
+@pytest.mark.parametrize("name", ["..", "a..b", ".hidden", "a\x01b", "x/y", "/etc"])
 def test_unsafe_folder_names_are_refused(tmp_path: Path, name: str) -> None:
     cfg = make_config(tmp_path)
     script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "' + name.encode() + b'";')
@@ -233,3 +233,26 @@ def test_no_script_imports_nothing_of_sieve(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert len(messages(maildir_folder(tmp_path))) == 1
+
+
+def test_folders_hang_off_the_maildir_even_for_a_detail_folder(tmp_path: Path) -> None:
+    """fred+lists with detail_folders: the INBOX is .lists, but fileinto "Work" is the
+    Maildir's .Work, not a folder inside .lists."""
+    cfg = config.build({
+        "format": "maildir", "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
+        "spool_dir": str(tmp_path), "log": "none", "create_mailbox": True, "detail_folders": True,
+        "sieve": {"enabled": True},
+    })
+    script(tmp_path, b'require "fileinto";\nfileinto "Work";\nkeep;')
+    for name in ("", "lists", "Work"):
+        maildir.create(str(maildir_folder(tmp_path, name)))
+    src = tmp_path / "in.eml"
+    src.write_bytes(RAW)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        deliver(cfg, Recipient("example.org", "fred", "lists"), fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    assert len(messages(maildir_folder(tmp_path, "Work"))) == 1
+    assert len(messages(maildir_folder(tmp_path, "lists"))) == 1  # keep: the +detail folder
+    assert messages(maildir_folder(tmp_path)) == []

@@ -220,7 +220,9 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 from vdeliver.sieve import delivery as sieve
 
                 inbox = sieve.Store(target.format, target.path, target.create, "INBOX")
-                planned = sieve.plan(cfg, rcpt, home, inbox, msg, log)
+                # Folders hang off the Maildir itself, even when +detail chose a folder as the INBOX.
+                folders = expand(cfg.maildir_path, rcpt) if target.format == "maildir" else ""
+                planned = sieve.plan(cfg, rcpt, home, inbox, msg, log, folders)
                 if planned is not None:
                     stores = [Target(s.format, s.path, s.create) for s in planned]
         notes: list[str] = []

@@ -62,9 +62,13 @@ def settings(cfg: Config) -> Settings:
 
 
 def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
-         log: Log | None) -> list[Store] | None:
+         log: Log | None, folders: str = "") -> list[Store] | None:
     """The mailboxes to store the message into, in order; None when the user has no script.
-    `home` is the user's home (config.home_template() expanded)."""
+    `home` is the user's home (config.home_template() expanded); `folders` where the folders
+    `fileinto` names live: the user's Maildir (Maildir++ `.NAME` directories; by default the
+    INBOX's path) or, for mbox users, `<home>/mail`."""
+    if not folders:
+        folders = inbox.path if inbox.format == "maildir" else os.path.join(home, "mail")
     opts = settings(cfg)
     script = os.path.join(home, opts.script)
     try:
@@ -72,7 +76,7 @@ def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
     except OSError:
         return None  # no active script: the common case costs one lstat
     try:
-        return _run(cfg, opts, rcpt, inbox, msg, home, script, log)
+        return _run(cfg, opts, rcpt, inbox, msg, folders, script, log)
     except _KeepInbox as why:
         _report(log, script, rcpt, str(why))
         return [inbox]
@@ -82,7 +86,7 @@ class _KeepInbox(Exception):
     """The script cannot decide: the message goes to the INBOX."""
 
 
-def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, home: str, script: str,
+def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: str, script: str,
          log: Log | None) -> list[Store]:
     from vdeliver.sieve import interpreter
     from vdeliver.sieve.errors import SieveError
@@ -97,7 +101,7 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
         envelope = interpreter.Envelope(msg.sender, rcpt.address)
         result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope,
                                  max_actions=opts.max_actions, max_redirects=opts.max_redirects,
-                                 mailbox_exists=lambda name: _folder(inbox, home, name, False) is not None)
+                                 mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except SieveError as exc:
         raise _KeepInbox("; ".join(str(e) for e in exc.errors)) from None
     if any(a.type == "redirect" for a in result.actions):
@@ -105,7 +109,7 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
     stores: list[Store] = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
-        store = _folder(inbox, home, folder, create)
+        store = _folder(inbox, folders, folder, create)
         if store is None:
             _report(log, script, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
             store = inbox
@@ -132,20 +136,22 @@ def _read(path: str, limit: int) -> bytes:
     return data
 
 
-def _folder(inbox: Store, home: str, name: str, create: bool) -> Store | None:
+def _folder(inbox: Store, folders: str, name: str, create: bool) -> Store | None:
     """Where a folder of that name lives for this user, or None if it does not exist and may
-    not be created (or the name is not a safe one)."""
+    not be created (or the name is not a safe one: it must stay inside `folders`)."""
     if name.upper() == "INBOX":
         return inbox
+    if inbox.format == "maildir" and "/" in name:
+        return None  # Maildir++ separates levels with '.'; a '/' would make a directory path
     parts = name.split("/") if inbox.format == "mbox" else name.split(".")
     if any(not p or p in (".", "..") or p.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in p)
            for p in parts) or "\x00" in name:
         return None
     if inbox.format == "maildir":
-        path = os.path.join(inbox.path, "." + ".".join(_mutf7(p) for p in parts))
+        path = os.path.join(folders, "." + ".".join(_mutf7(p) for p in parts))
         exists = os.path.isdir(os.path.join(path, "new"))
     else:
-        path = os.path.join(home, "mail", *parts)
+        path = os.path.join(folders, *parts)
         exists = os.path.isfile(path)
     if not exists and not create:
         return None
