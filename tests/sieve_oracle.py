@@ -70,7 +70,7 @@ class Pigeonhole:
         self.count = 0
 
     @classmethod
-    def start(cls) -> Pigeonhole:
+    def start(cls, extra_config: str = "") -> Pigeonhole:
         program = require("sieve-test")["sieve-test"]
         base = world_tmpdir("vdeliver-sieve-oracle-")
         run_kw: RunAs = {}
@@ -83,7 +83,7 @@ class Pigeonhole:
         (base / "Maildir").mkdir()
         (base / "dovecot.conf").write_text(
             f"mail_uid = {user}\nmail_gid = {user}\nfirst_valid_uid = 1\nbase_dir = {base}/run\n"
-            f"log_path = /dev/stderr\nmail_location = maildir:{base}/Maildir\n"
+            f"log_path = /dev/stderr\nmail_location = maildir:{base}/Maildir\n{extra_config}"
         )
         (base / "message.eml").write_bytes(MESSAGE)
         if IS_ROOT:

@@ -126,7 +126,7 @@ def test_render_for_vmailctl(tmp_path: Path) -> None:
     c = cfg()
     everything = dovecot.render(c, [])
     assert isinstance(everything, str)
-    assert everything.count("# ==> ") == 3
+    assert everything.count("# ==> ") == 4  # the mail, Sieve, auth and SQL files
     assert dovecot.render(c, ["--file", "dovecot-sql.conf.ext"]) == dovecot.render_files(c)["dovecot-sql.conf.ext"]
     with pytest.raises(ConfigurationError, match="no generated file"):
         dovecot.render(c, ["--file", "nope"])
@@ -137,7 +137,7 @@ def test_render_for_vmailctl(tmp_path: Path) -> None:
     out = tmp_path / "etc"
     ns = argparse.Namespace(output=str(out), file=None, driver="pgsql", connect="host=/run/pg dbname=vmail")
     first = dovecot.render(c, ns)
-    assert isinstance(first, str) and first.count("wrote ") == 3
+    assert isinstance(first, str) and first.count("wrote ") == 4
     assert dovecot.render(c, ns) == f"{out}: up to date\n"
     sql = out / "dovecot-sql.conf.ext"
     assert "connect = host=/run/pg dbname=vmail\n" in sql.read_text()

@@ -137,3 +137,23 @@ def test_same_verdict_as_pigeonhole(pigeonhole: Pigeonhole, script: bytes) -> No
         assert exc.line in [line for line, _ in theirs.errors], (exc, theirs.errors)
     else:
         assert theirs.ok, f"Pigeonhole refuses what we accept:\n{theirs.output}"
+
+
+@pytest.mark.peers
+def test_the_generated_sieve_extensions_offer_exactly_what_vdeliver_runs() -> None:
+    """With the Pigeonhole settings `vmailctl dovecot-config` writes, Pigeonhole (hence
+    managesieved and webmail) accepts every extension vdeliver implements and refuses one it
+    does not."""
+    from vdeliver.accounts import dovecot
+    from vdeliver.config import Config
+    from vdeliver.sieve.validator import EXTENSIONS
+
+    conf = dovecot.render_files(Config("/etc/vdeliver.toml"), lookup_uid=False)["conf.d/90-vdeliver-sieve.conf"]
+    oracle = Pigeonhole.start(conf)
+    try:
+        every = ", ".join(f'"{e}"' for e in sorted(EXTENSIONS))
+        assert oracle.run(f"require [{every}];\nkeep;".encode()).ok
+        refused = oracle.run(b'require "vacation";\nvacation "away";')
+        assert not refused.ok and refused.errors[0][0] == 1
+    finally:
+        oracle.close()
