@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MailRoot, run_vdeliver
+from tests.dovecot_harness import Dovecot, passwd_file_auth
+from tests.helpers import Account, MailRoot, require_root, run_vdeliver, world_tmpdir
 from tests.unit_helpers import RecordingLog, fail_at_call
 from vdeliver import config, maildir
 from vdeliver.config import Config
@@ -256,3 +257,55 @@ def test_folders_hang_off_the_maildir_even_for_a_detail_folder(tmp_path: Path) -
     assert len(messages(maildir_folder(tmp_path, "Work"))) == 1
     assert len(messages(maildir_folder(tmp_path, "lists"))) == 1  # keep: the +detail folder
     assert messages(maildir_folder(tmp_path)) == []
+
+
+@pytest.mark.peers
+def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None:
+    """Read back through a real Dovecot: a Maildir user's `.Caf&AOk-` is the folder "Café",
+    `.Work.Reports` is Work/Reports under Maildir++'s '.', and an mbox user's ~/mail/Lists
+    is the folder "Lists"; each holds the message, the INBOX does not."""
+    require_root("Dovecot's mail processes switch to the vmail user")
+    root = MailRoot(world_tmpdir(), vmail)
+    try:
+        passwd = root.base / "passwd"
+        md = root.add_maildir("home.com", "fred")
+        root.add_mbox("away.com", "wilma")
+        passwd.write_text(
+            f"fred@home.com:s3cret:{vmail.uid}:{vmail.gid}::{root.home}/home.com/fred::userdb_mail=maildir:~/Maildir\n"
+            f"wilma@away.com:s3cret:{vmail.uid}:{vmail.gid}::{root.home}/away.com/wilma::\n")
+        passwd.chmod(0o644)
+        cfg = root.write_config()
+        cfg.write_text(cfg.read_text() + "\n[sieve]\nenabled = true\n")
+        scripts = {
+            md.parent: b'require ["fileinto", "mailbox"];\nfileinto :create "Caf\xc3\xa9";\n'
+                       b'fileinto :create "Work.Reports";',
+            root.home / "away.com" / "wilma": b'require ["fileinto", "mailbox"];\nfileinto :create "Lists";',
+        }
+        for home_dir, text in scripts.items():
+            (home_dir / "sieve").mkdir(parents=True, exist_ok=True)
+            (home_dir / "sieve" / "main.sieve").write_bytes(text)
+            (home_dir / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+            for path in (home_dir, home_dir / "sieve", home_dir / "sieve" / "main.sieve"):
+                os.chown(path, vmail.uid, vmail.gid)
+            os.lchown(home_dir / ".dovecot.sieve", vmail.uid, vmail.gid)
+        for address in ("fred@home.com", "wilma@away.com"):
+            user, domain = address.split("@")
+            done = run_vdeliver(["-f", "alice@example.org", "-a", domain, "-a", user], RAW, config=cfg, as_user=vmail)
+            assert done.returncode == 0, done.stderr
+        with Dovecot(root, vmail, auth=passwd_file_auth(passwd)) as dc:
+            for address, folders in (("fred@home.com", ["Caf&AOk-", "Work.Reports"]), ("wilma@away.com", ["Lists"])):
+                imap = dc.login(address, "s3cret")
+                try:
+                    listed = b" ".join(line for line in imap.list()[1] if isinstance(line, bytes))
+                    for folder in folders:
+                        assert folder.encode() in listed, (folder, listed)
+                        status, data = imap.select(f'"{folder}"', readonly=True)
+                        assert status == "OK" and data[0] == b"1", (folder, data)
+                    status, data = imap.select("INBOX", readonly=True)
+                    assert status == "OK" and data[0] == b"0"
+                finally:
+                    imap.logout()
+    finally:
+        import shutil
+
+        shutil.rmtree(root.base, ignore_errors=True)
