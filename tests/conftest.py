@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.helpers import Account, MailRoot, ensure_vmail, install_vdeliver, world_tmpdir
 from tests.sendmail_harness import Site, need_sendmail
+from tests.sieve_oracle import Pigeonhole
 
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -45,3 +46,11 @@ def mailroot(vmail: Account) -> Iterator[MailRoot]:
         yield MailRoot(base, vmail)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pigeonhole() -> Iterator[Pigeonhole]:
+    """Pigeonhole's sieve-test, the oracle of the Sieve tests (tests/sieve_oracle.py)."""
+    oracle = Pigeonhole.start()
+    yield oracle
+    oracle.close()

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,3 +112,17 @@ class Pigeonhole:
 
     def close(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def assert_same_verdict(oracle: Pigeonhole, script: bytes, ours: Callable[[bytes], object],
+                        refusal: type[Exception]) -> None:
+    """Both accept `script`, or both refuse it with an error on the same line."""
+    theirs = oracle.run(script)
+    try:
+        ours(script)
+    except refusal as exc:
+        assert not theirs.ok, f"Pigeonhole accepts what we refuse ({exc}):\n{theirs.output}"
+        line = getattr(exc, "line", None)
+        assert line in [n for n, _ in theirs.errors], (exc, theirs.errors)
+    else:
+        assert theirs.ok, f"Pigeonhole refuses what we accept:\n{theirs.output}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -197,12 +196,6 @@ SCRIPTS: list[bytes] = [b'require ["envelope", "fileinto", "copy"];\nif ' + t + 
     b'if hasflag "mine" "Y" { addflag "Z"; }\nif hasflag :contains "z" { discard; }'),
 ]
 
-
-@pytest.fixture(scope="module")
-def pigeonhole() -> Iterator[Pigeonhole]:
-    oracle = Pigeonhole.start()
-    yield oracle
-    oracle.close()
 
 
 @pytest.mark.peers

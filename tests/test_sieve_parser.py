@@ -4,13 +4,11 @@ and the same verdict as Pigeonhole's sieve-test on every case of a syntax corpus
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.sieve_oracle import Pigeonhole
+from tests.sieve_oracle import Pigeonhole, assert_same_verdict
 from vdeliver.sieve import parser
 from vdeliver.sieve.errors import SieveError, SieveSyntaxError
 from vdeliver.sieve.parser import parse
@@ -200,21 +198,8 @@ CORPUS: list[bytes] = [t[0] for t in TREES if b"x " not in t[0] and b"fileinto" 
 ] + [e[0].replace(b"x ", b"keep ").replace(b"x\n", b"keep\n") for e in ERRORS]
 
 
-@pytest.fixture(scope="module")
-def pigeonhole() -> Iterator[Pigeonhole]:
-    oracle = Pigeonhole.start()
-    yield oracle
-    oracle.close()
-
 
 @pytest.mark.peers
 @pytest.mark.parametrize("script", CORPUS, ids=[repr(c[:30]) for c in CORPUS])
 def test_same_verdict_as_pigeonhole(pigeonhole: Pigeonhole, script: bytes) -> None:
-    theirs = pigeonhole.run(script)
-    try:
-        parse(script)
-    except SieveSyntaxError as exc:
-        assert not theirs.ok, f"Pigeonhole accepts what we refuse ({exc}):\n{theirs.output}"
-        assert exc.line in [line for line, _ in theirs.errors], (exc, theirs.errors)
-    else:
-        assert theirs.ok, f"Pigeonhole refuses what we accept:\n{theirs.output}"
+    assert_same_verdict(pigeonhole, script, parse, SieveSyntaxError)

@@ -3,11 +3,9 @@ the same verdict (and line) as Pigeonhole's sieve-test on a corpus of valid and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.sieve_oracle import Pigeonhole
+from tests.sieve_oracle import Pigeonhole, assert_same_verdict
 from vdeliver.sieve.errors import SieveError
 from vdeliver.sieve.validator import compile_script
 
@@ -118,25 +116,12 @@ def test_actions_that_send_mail_are_refused_until_they_exist() -> None:
             compile_script(f'require "{name}";'.encode())
 
 
-@pytest.fixture(scope="module")
-def pigeonhole() -> Iterator[Pigeonhole]:
-    oracle = Pigeonhole.start()
-    yield oracle
-    oracle.close()
-
 
 @pytest.mark.peers
 @pytest.mark.parametrize("script", VALID + [s for s, _ in INVALID], ids=[repr(v[:40]) for v in VALID] +
                          [repr(v[0][:40]) for v in INVALID])
 def test_same_verdict_as_pigeonhole(pigeonhole: Pigeonhole, script: bytes) -> None:
-    theirs = pigeonhole.run(script)
-    try:
-        compile_script(script)
-    except SieveError as exc:
-        assert not theirs.ok, f"Pigeonhole accepts what we refuse ({exc}):\n{theirs.output}"
-        assert exc.line in [line for line, _ in theirs.errors], (exc, theirs.errors)
-    else:
-        assert theirs.ok, f"Pigeonhole refuses what we accept:\n{theirs.output}"
+    assert_same_verdict(pigeonhole, script, compile_script, SieveError)
 
 
 @pytest.mark.peers

@@ -16,17 +16,19 @@ from tests.test_accounts_env import Acct, sqlite_acct  # noqa: F401  (fixtures)
 SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "report" {\r\n  fileinto "Reports";\r\n}\r\n'
 
 
-def _setup(acct: Acct) -> Path:
+def _setup(acct: Acct, tmp_path: Path) -> tuple[Path, Path]:
+    """fred@away.com with a Maildir; returns his home (the Maildir's parent: Dovecot's home)
+    and a file holding SCRIPT."""
     acct.ok("domain", "add", "away.com")
     acct.ok("user", "add", "fred@away.com", "--format", "maildir", "--no-password")
-    return acct.root.home / "away.com" / "fred"  # the Maildir's parent: Dovecot's home
+    src = tmp_path / "script.sieve"
+    src.write_bytes(SCRIPT)
+    return acct.root.home / "away.com" / "fred", src
 
 
 def test_put_list_activate_get_delete(sqlite_acct: Acct, tmp_path: Path) -> None:
     acct = sqlite_acct
-    home = _setup(acct)
-    src = tmp_path / "rules.sieve"
-    src.write_bytes(SCRIPT)
+    home, src = _setup(acct, tmp_path)
     acct.ok("sieve", "put", "fred@away.com", "rules", str(src))
     acct.ok("sieve", "put", "fred@away.com", "spare", str(src))
     stored = home / "sieve" / "rules.sieve"
@@ -56,7 +58,7 @@ def test_put_list_activate_get_delete(sqlite_acct: Acct, tmp_path: Path) -> None
 
 def test_put_refuses_a_script_that_does_not_compile(sqlite_acct: Acct, tmp_path: Path) -> None:
     acct = sqlite_acct
-    home = _setup(acct)
+    home, _src = _setup(acct, tmp_path)
     bad = tmp_path / "bad.sieve"
     bad.write_bytes(b"keep;\nfileinto \"x\";\n")
     r = acct.run("sieve", "put", "fred@away.com", "bad", str(bad))
@@ -66,9 +68,7 @@ def test_put_refuses_a_script_that_does_not_compile(sqlite_acct: Acct, tmp_path:
 
 def test_check_reports_every_error_with_its_line(sqlite_acct: Acct, tmp_path: Path) -> None:
     acct = sqlite_acct
-    home = _setup(acct)
-    src = tmp_path / "ok.sieve"
-    src.write_bytes(SCRIPT)
+    home, src = _setup(acct, tmp_path)
     acct.ok("sieve", "put", "fred@away.com", "ok", str(src))
     acct.ok("sieve", "activate", "fred@away.com", "ok")
     assert acct.ok("sieve", "check", "fred@away.com").out.strip() == "ok"
@@ -80,9 +80,7 @@ def test_check_reports_every_error_with_its_line(sqlite_acct: Acct, tmp_path: Pa
 
 def test_bad_names_and_unknown_mailboxes(sqlite_acct: Acct, tmp_path: Path) -> None:
     acct = sqlite_acct
-    _setup(acct)
-    src = tmp_path / "s.sieve"
-    src.write_bytes(SCRIPT)
+    _home, src = _setup(acct, tmp_path)
     for name in ("../escape", ".hidden", "a/b", "tab\there", ""):
         r = acct.run("sieve", "put", "fred@away.com", name, str(src))
         assert r.rc == 1 and "script name" in r.err, (name, r.err)

@@ -62,12 +62,8 @@ def write_new(path: str, data: bytes, mode: int, dir_fd: "int | None" = None) ->
     os.close(fd)
 
 
-def replace(path: str, data: bytes, mode: int) -> None:
-    """Atomically replace `path` by a file holding `data`: readers see the old file or the
-    new one, never a part.  The rename is not synced: call fsync_dir() when a power cut
-    matters."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    write_new(tmp, data, mode)
+def _into_place(tmp: str, path: str) -> None:
+    """Rename tmp over path; tmp is removed when that fails."""
     try:
         os.rename(tmp, path)
     except BaseException:
@@ -76,3 +72,19 @@ def replace(path: str, data: bytes, mode: int) -> None:
         except OSError:
             pass
         raise
+
+
+def replace_symlink(target: str, path: str) -> None:
+    """Point the symbolic link `path` at `target`, atomically (made beside it, renamed over)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    os.symlink(target, tmp)
+    _into_place(tmp, path)
+
+
+def replace(path: str, data: bytes, mode: int) -> None:
+    """Atomically replace `path` by a file holding `data`: readers see the old file or the
+    new one, never a part.  The rename is not synced: call fsync_dir() when a power cut
+    matters."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    write_new(tmp, data, mode)
+    _into_place(tmp, path)

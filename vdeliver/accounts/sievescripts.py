@@ -106,16 +106,9 @@ def put(lay: Layout, name: str, text: bytes) -> None:
 def activate(lay: Layout, name: str) -> None:
     if not os.path.isfile(lay.path(name)):
         raise NotFound(f"no script {name!r}")
-    tmp = f"{lay.active_link}.tmp.{os.getpid()}"
-    try:
-        os.symlink(os.path.join(DIRECTORY, name + ".sieve"), tmp)
-        os.rename(tmp, lay.active_link)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from vdeliver import fileio
+
+    fileio.replace_symlink(os.path.join(DIRECTORY, name + ".sieve"), lay.active_link)
 
 
 def deactivate(lay: Layout) -> bool:
