@@ -102,6 +102,26 @@ def test_create_makes_the_folder_with_a_dovecot_name(tmp_path: Path) -> None:
     assert messages(maildir_folder(tmp_path)) == []
 
 
+def test_system_flags_are_stored_in_the_maildir_name(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["fileinto", "imap4flags", "mailbox"];\naddflag ["\\\\Seen", "Custom"];\n'
+                     b'fileinto :create :flags "\\\\Flagged \\\\Answered" "Work";\nkeep;')
+    run(tmp_path, cfg)  # keep: the internal flags; Work: its own
+    inbox = maildir_folder(tmp_path)
+    work = maildir_folder(tmp_path, "Work")
+    assert os.listdir(inbox / "new") == [] and [n[-4:] for n in os.listdir(inbox / "cur")] == [":2,S"]
+    assert [n[-5:] for n in os.listdir(work / "cur")] == [":2,FR"]
+    assert maildir.info(("\\Seen", "\\Draft", "kw", "\\Deleted")) == "DST"
+
+
+def test_a_first_delivery_creates_the_inbox_before_a_folder_inside_it(tmp_path: Path) -> None:
+    """create_mailbox with no Maildir yet, and a script that files into a new folder first."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Work";\nkeep;')
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path))) == 1 and len(messages(maildir_folder(tmp_path, "Work"))) == 1
+
+
 def test_discard_stores_nothing(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     script(tmp_path, b"discard;")
@@ -173,13 +193,10 @@ def test_a_failed_mbox_store_takes_back_the_ones_done(tmp_path: Path, monkeypatc
     inbox.parent.mkdir(parents=True)
     inbox.write_bytes(b"")
     inbox.chmod(0o600)
-    calls = {"n": 0}
     real = os.fsync
 
-    def fsync(fd: int) -> None:
-        calls["n"] += 1
-        st = os.fstat(fd)
-        if calls["n"] > 3 and st.st_ino == os.stat(inbox).st_ino:
+    def fsync(fd: int) -> None:  # the folder's append fails; the INBOX, stored first, is taken back
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/mail/A"):
             raise OSError(errno.EIO, "injected")
         real(fd)
 
@@ -263,7 +280,8 @@ def test_folders_hang_off_the_maildir_even_for_a_detail_folder(tmp_path: Path) -
 def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None:
     """Read back through a real Dovecot: a Maildir user's `.Caf&AOk-` is the folder "Café",
     `.Work.Reports` is Work/Reports under Maildir++'s '.', and an mbox user's ~/mail/Lists
-    is the folder "Lists"; each holds the message, the INBOX does not."""
+    is the folder "Lists"; each holds the message, with the flags the script set (Maildir),
+    and the INBOX does not."""
     require_root("Dovecot's mail processes switch to the vmail user")
     root = MailRoot(world_tmpdir(), vmail)
     try:
@@ -277,8 +295,8 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
         cfg = root.write_config()
         cfg.write_text(cfg.read_text() + "\n[sieve]\nenabled = true\n")
         scripts = {
-            md.parent: b'require ["fileinto", "mailbox"];\nfileinto :create "Caf\xc3\xa9";\n'
-                       b'fileinto :create "Work.Reports";',
+            md.parent: b'require ["fileinto", "mailbox", "imap4flags"];\naddflag "\\\\Flagged";\n'
+                       b'fileinto :create "Caf\xc3\xa9";\nfileinto :create :flags "\\\\Seen" "Work.Reports";',
             root.home / "away.com" / "wilma": b'require ["fileinto", "mailbox"];\nfileinto :create "Lists";',
         }
         for home_dir, text in scripts.items():
@@ -293,14 +311,18 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
             done = run_vdeliver(["-f", "alice@example.org", "-a", domain, "-a", user], RAW, config=cfg, as_user=vmail)
             assert done.returncode == 0, done.stderr
         with Dovecot(root, vmail, auth=passwd_file_auth(passwd)) as dc:
-            for address, folders in (("fred@home.com", ["Caf&AOk-", "Work.Reports"]), ("wilma@away.com", ["Lists"])):
+            expected = (("fred@home.com", {"Caf&AOk-": b"\\Flagged", "Work.Reports": b"\\Seen"}),
+                        ("wilma@away.com", {"Lists": b""}))
+            for address, folders in expected:
                 imap = dc.login(address, "s3cret")
                 try:
                     listed = b" ".join(line for line in imap.list()[1] if isinstance(line, bytes))
-                    for folder in folders:
+                    for folder, flag in folders.items():
                         assert folder.encode() in listed, (folder, listed)
                         status, data = imap.select(f'"{folder}"', readonly=True)
                         assert status == "OK" and data[0] == b"1", (folder, data)
+                        status, fetched = imap.fetch("1", "(FLAGS)")
+                        assert status == "OK" and flag in (fetched[0] if isinstance(fetched[0], bytes) else b""), fetched
                     status, data = imap.select("INBOX", readonly=True)
                     assert status == "OK" and data[0] == b"0"
                 finally:

@@ -139,8 +139,10 @@ class Result:
         return f"{self.target.format} " + ", ".join(self.sieve) + " (sieve)"
 
 
-def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", notes: "list[str]") -> object:
-    """Store into one mailbox; returns what _undo() needs to take it back."""
+def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", notes: "list[str]",
+           flags: "tuple[str, ...]" = ()) -> object:
+    """Store into one mailbox; returns what _undo() needs to take it back.  IMAP flags (from
+    a Sieve script) are stored for Maildir; an mbox gets them in a later step."""
     bounce = cfg.over_quota == "bounce"
     if target.format == "mbox":
         from vdeliver import mbox
@@ -160,10 +162,17 @@ def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", note
         return receipt
     from vdeliver import maildir
 
-    return maildir.deliver(
+    name = maildir.deliver(
         target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
         tmp_max_age=cfg.maildir_tmp_max_age,
     )
+    letters = maildir.info(flags) if flags else ""
+    if letters:
+        try:
+            name = maildir.set_flags(target.path, name, letters)
+        except OSError:
+            pass  # delivered, without its flags: a mail reader can still set them
+    return name
 
 
 def _undo(cfg: Config, target: Target, receipt: object, log: "Log | None") -> None:
@@ -210,6 +219,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
     )
     try:
         stores = [target]
+        flags: "dict[str, tuple[str, ...]]" = {}
         table = cfg.tables.get("sieve")
         if table and table.get("enabled") is True:
             from vdeliver.config import home_template
@@ -225,11 +235,14 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 planned = sieve.plan(cfg, rcpt, home, inbox, msg, log, folders)
                 if planned is not None:
                     stores = [Target(s.format, s.path, s.create) for s in planned]
+                    flags = {s.path: s.flags for s in planned}
+                    # The INBOX first: a Maildir it creates must exist before folders inside it.
+                    stores.sort(key=lambda t: t.path != target.path)
         notes: list[str] = []
         done: list[tuple[Target, object]] = []
         try:
             for store in stores:
-                done.append((store, _store(cfg, store, msg, log, notes)))  # noqa: PERF401 - recorded as each completes, for the undo
+                done.append((store, _store(cfg, store, msg, log, notes, flags.get(store.path, ()))))  # noqa: PERF401 - recorded as each completes, for the undo
         except BaseException:
             for store, receipt in reversed(done):  # a later store failed: no copy may stay behind
                 _undo(cfg, store, receipt, log)

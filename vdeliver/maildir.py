@@ -368,11 +368,45 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
     raise fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
 
 
-def undo(path: str, name: str) -> None:
-    """Take back a delivery that succeeded (new/NAME), and make its removal durable."""
+SYSTEM_FLAGS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
+
+
+def info(flags: "tuple[str, ...] | list[str]") -> str:
+    """The Maildir info letters of IMAP system flags, in ASCII order (keywords have none here)."""
+    return "".join(sorted({SYSTEM_FLAGS[f] for f in flags if f in SYSTEM_FLAGS}))
+
+
+def set_flags(path: str, name: str, letters: str) -> str:
+    """Move a message just delivered from new/NAME to cur/NAME:2,LETTERS, as a mail reader does
+    when it sets flags, and make the move durable; returns the new name.  A crash in between
+    leaves the message in new/ without flags, never lost and never twice."""
     mfd = _open_dir(path)
     try:
         nfd = _open_sub(mfd, "new", path)
+        cfd = _open_sub(mfd, "cur", path)
+        try:
+            final = f"{name}:2,{letters}"
+            os.rename(name, final, src_dir_fd=nfd, dst_dir_fd=cfd)
+            try:  # the message is in cur/ now, whatever the syncs say
+                os.fsync(cfd)
+                os.fsync(nfd)
+            except OSError:
+                pass
+            return final
+        finally:
+            os.close(nfd)
+            os.close(cfd)
+    finally:
+        os.close(mfd)
+
+
+def undo(path: str, name: str) -> None:
+    """Take back a delivery that succeeded (new/NAME, or cur/NAME:2,... once flagged), and
+    make its removal durable."""
+    mfd = _open_dir(path)
+    try:
+        sub = "cur" if ":2," in name else "new"
+        nfd = _open_sub(mfd, sub, path)
         try:
             os.unlink(name, dir_fd=nfd)
             os.fsync(nfd)

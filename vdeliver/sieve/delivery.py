@@ -9,8 +9,9 @@ Nothing here loses or bounces mail: a script that does not compile or fails whil
 is logged (syslog, and `<script>.log` beside the script, where Pigeonhole writes it and
 webmail shows it) and the message goes to the INBOX.  Folder names come from the user: a
 name that could leave the mailbox tree (`..`, a leading `.` or `/`, control characters) is
-refused the same way.  Not yet carried out at delivery (issue 17 goes on): redirect (the
-message is kept in the INBOX instead, and the log says so) and IMAP flags (stored without).
+refused the same way.  IMAP system flags (\\Seen, \\Flagged, ...) are stored for Maildir
+users (cur/NAME:2,FS).  Not yet carried out at delivery (issue 17 goes on): redirect (the
+message is kept in the INBOX instead, and the log says so), keywords, and flags for mbox users.
 
     [sieve]
     enabled = false          # run users' scripts (in progress: opt in)
@@ -51,6 +52,7 @@ class Store:
     path: str
     create: bool
     folder: str  # as the script named it ("INBOX" for keep and the implicit keep)
+    flags: tuple[str, ...] = ()  # imap4flags: stored with the message (Maildir system flags)
 
 
 def settings(cfg: Config) -> Settings:
@@ -109,12 +111,15 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
     stores: list[Store] = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
+        flags = next((a.flags for a in result.actions
+                      if (a.type == "keep" and folder == "INBOX") or (a.type == "fileinto" and a.mailbox == folder)),
+                     result.implicit_flags)
         store = _folder(inbox, folders, folder, create)
         if store is None:
             _report(log, script, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
             store = inbox
-        if store not in stores:
-            stores.append(store)
+        if all(s.path != store.path for s in stores):
+            stores.append(Store(store.format, store.path, store.create, store.folder, flags))
     return stores
 
 
