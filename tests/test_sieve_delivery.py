@@ -322,7 +322,8 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
                         status, data = imap.select(f'"{folder}"', readonly=True)
                         assert status == "OK" and data[0] == b"1", (folder, data)
                         status, fetched = imap.fetch("1", "(FLAGS)")
-                        assert status == "OK" and flag in (fetched[0] if isinstance(fetched[0], bytes) else b""), fetched
+                        line = fetched[0] if isinstance(fetched[0], bytes) else b""
+                        assert status == "OK" and flag in line, fetched
                     status, data = imap.select("INBOX", readonly=True)
                     assert status == "OK" and data[0] == b"0"
                 finally:
