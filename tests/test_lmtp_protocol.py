@@ -362,6 +362,17 @@ def test_any_input_gets_replies_never_an_exception(chunks: list[bytes]) -> None:
     assert all(isinstance(e, event_types) for e in events)
     # Every refusal the protocol reports to the server was also said to the client.
     assert all(bytes(e.reply) in out for e in events if isinstance(e, p.Rejected))
+    # Exactly one final reply per command, and one per recipient at the end of the data (a
+    # client that sent ten bad commands also gets the 421 that closes the session).
+    expected = 0
+    for e in events:
+        if isinstance(e, p.EndOfData):
+            expected += len(e.recipients)
+        elif not isinstance(e, (p.Data, p.ConnectionClosed)):
+            expected += 1
+    finals = sum(1 for line in out.split(b"\r\n") if len(line) >= 4 and line[3:4] == b" ")
+    closing = b"421 4.7.0 too many errors" in out
+    assert finals == expected + closing, (finals, expected, events)
 
 
 # -- the transition table, walked --------------------------------------------------------
