@@ -11,6 +11,19 @@ le, eq, ne).  A test is true when any value matches any key (RFC 5228 section 2.
 
 `:matches` runs in O(len(value) x len(key)) at worst: a star is never backtracked past
 the next star, so a hostile key like `*a*a*a*a*b` cannot stall a delivery.
+
+Where Pigeonhole (Debian's sieve-test) was asked and what we do:
+- i;ascii-casemap folds to lower case (RFC 4790 section 9.2.1 folds to upper), so under
+  `:value` the six characters between "Z" and "a" sort before the letters: "_" lt "a".
+  Pigeonhole's strncasecmp() does the same, and we follow it.
+- i;ascii-numeric: "" and any value without a leading digit are "positive infinity",
+  equal to each other and greater than every number; Pigeonhole agrees.
+- `?` is one character, as the brief and RFC 5228 section 2.7.1 say; Pigeonhole takes one
+  octet, so "caf?" does not match "caf\u00e9" there, and its match variables can split a
+  UTF-8 character.  We differ on purpose.
+- A key ending in a lone backslash takes it as a backslash; Pigeonhole aborts there.
+- Relations are taken in any case ("EQ"), as RFC 5234 strings are; Pigeonhole's validator
+  refuses "EQ" at compile time.
 """
 
 from __future__ import annotations
