@@ -24,6 +24,7 @@ PLAIN = (b"Return-Path: <alice@example.org>\r\nFrom: Alice <alice@example.org>\r
 LIST = (b"From: list-bounces@lists.example.org\r\nTo: dev@lists.example.org\r\n"
         b"List-Id: Developers <dev.lists.example.org>\r\nSubject: =?UTF-8?Q?caf=C3=A9?= meeting\r\n"
         b"Received: from a\r\nReceived: from b\r\n\r\n" + b"x" * 5000 + b"\r\n")
+ENCODED_COMMA = (b"From: =?utf-8?Q?Doe=2C_John?= <jd@example.org>\r\nTo: x@example.org\r\n\r\nbody\r\n")
 FOLDED = (b"From: \"Quoted, Name\" <q@example.org> (comment)\r\nTo: undisclosed-recipients:;\r\n"
           b"Subject: folded\r\n line two\r\n\r\nbody\r\n")
 DATED = (b"Date: Sat, 05 Dec 2026 13:02:03 -0700\r\nResent-Date: Mon, 1 Feb 2027 00:00:00 +1400\r\n"
@@ -36,7 +37,7 @@ MIME = (b"From: a@example.org\r\nSubject: mime\r\nMIME-Version: 1.0\r\n"
         b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
         b"PGI+VXJnZW50PC9iPiByZXBseQ==\r\n--XX\r\n"
         b"Content-Type: application/octet-stream\r\n\r\nBINARYSTUFF\r\n--XX--\r\nepilogue\r\n")
-MESSAGES = {"plain": PLAIN, "list": LIST, "folded": FOLDED, "dated": DATED, "mime": MIME}
+MESSAGES = {"plain": PLAIN, "list": LIST, "folded": FOLDED, "dated": DATED, "mime": MIME, "comma": ENCODED_COMMA}
 _PARTS = ("year", "month", "day", "date", "julian", "hour", "minute", "second", "time", "iso8601", "std11", "zone",
           "weekday")
 ENVELOPE = Envelope("alice@example.org", "fred+work@example.com")
@@ -124,6 +125,8 @@ TRUTHS: list[tuple[bytes, bytes, bool]] = [
     (b'address :localpart :is "to" "wilma+lists"', PLAIN, True),
     (b'address :domain :is "cc" "example.net"', PLAIN, True),  # a group's members
     (b'address :all :is "from" "q@example.org"', FOLDED, True),
+    # the address list is parsed before decoding: an encoded comma does not split it
+    (b'address :all :is "from" "jd@example.org"', ENCODED_COMMA, True),
     (b'envelope :is "from" "alice@example.org"', PLAIN, True),
     (b'envelope :domain :is "to" "example.com"', PLAIN, True),
     (b'not envelope :is "to" "fred@example.com"', PLAIN, True),

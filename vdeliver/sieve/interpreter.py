@@ -71,6 +71,12 @@ class Message:
         name = name.lower()
         return [headers.decode_value(raw) for field_name, raw in self.fields if field_name == name]
 
+    def unfolded(self, name: str) -> list[str]:
+        """Every field of that name, unfolded but with its encoded words as written: what an
+        address list is parsed from (a decoded display name can hold a comma)."""
+        name = name.lower()
+        return [headers.unfold(raw) for field_name, raw in self.fields if field_name == name]
+
 
 @dataclass(frozen=True, slots=True)
 class Action:
@@ -293,7 +299,7 @@ class _Machine:
             return self._match(node, values, self.sl(node.args[1]))
         if name == "address":
             parts = [self._part(node, a) for h in self.sl(node.args[0])
-                     for v in self._fields(node, h) for a in headers.addresses(v)]
+                     for v in self._fields(node, h, decode=False) for a in headers.addresses(v)]
             return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         if name == "envelope":
             parts = []
@@ -321,9 +327,9 @@ class _Machine:
         values = [dates.part(dates.in_zone(m, zone, "originalzone" in node.tags), date_part) for m in moments]
         return self._match(node, values, self.sl(node.args[-1]))
 
-    def _fields(self, node: Node, name: str) -> list[str]:
+    def _fields(self, node: Node, name: str, *, decode: bool = True) -> list[str]:
         """The values of a header field; with :index N only the Nth (from the end with :last)."""
-        values = self.message.values(name)
+        values = self.message.values(name) if decode else self.message.unfolded(name)
         index = node.tags.get("index")
         if not isinstance(index, int):
             return values
