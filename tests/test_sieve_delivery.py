@@ -24,15 +24,38 @@ FRED = Recipient("example.org", "fred")
 RAW = b"From: Alice <alice@example.org>\nTo: fred@example.org\nSubject: weekly report\n\nhello\n"
 
 
-def make_config(tmp_path: Path, fmt: str = "maildir", enabled: bool = True) -> Config:
+def make_config(tmp_path: Path, fmt: str = "maildir", enabled: bool = True, escape: str = "mboxo",
+                **sieve: object) -> Config:
     return config.build({
+        "mbox_escape": escape,
         "format": fmt,
         "mbox_path": f"{tmp_path}/mbox/{{domain}}/{{user}}",
         "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
         "spool_dir": str(tmp_path), "hostname": "unit.test", "log": "none", "lock_timeout": 1,
         "create_mailbox": True,
-        "sieve": {"enabled": enabled},
+        "sieve": {"enabled": enabled, "sendmail": str(fake_sendmail(tmp_path)), **sieve},
     })
+
+
+def fake_sendmail(tmp_path: Path, status: int = 0, sleep: float = 0) -> Path:
+    """A program where sendmail would be: it records its arguments and the message it was
+    given (tmp_path/sent-N.args, sent-N.eml) and exits with `status`."""
+    path = tmp_path / "sendmail"
+    path.write_text("#!/bin/sh\n"
+                    f"n=$(ls {tmp_path} | grep -c '^sent-.*args$')\n"
+                    f"printf '%s\\n' \"$@\" > {tmp_path}/sent-$n.args\n"
+                    f"cat > {tmp_path}/sent-$n.eml\n"
+                    f"sleep {sleep}\n"
+                    + (f"echo 'sendmail says no' >&2; exit {status}\n" if status else ""))
+    path.chmod(0o755)
+    return path
+
+
+def sent(tmp_path: Path) -> list[tuple[list[str], bytes]]:
+    """What the fake sendmail was given, in order: (arguments, message)."""
+    count = len(list(tmp_path.glob("sent-*.args")))
+    return [((tmp_path / f"sent-{i}.args").read_text().splitlines(), (tmp_path / f"sent-{i}.eml").read_bytes())
+            for i in range(count)]
 
 
 def home(tmp_path: Path) -> Path:
@@ -139,7 +162,7 @@ def test_unsafe_folder_names_are_refused(tmp_path: Path, name: str) -> None:
     assert sorted(os.listdir(maildir_folder(tmp_path))) == ["cur", "new", "tmp"]
 
 
-@pytest.mark.parametrize("text", [b"fileinto \"x\";", b"foo;", b'redirect "a@example.net";',
+@pytest.mark.parametrize("text", [b"fileinto \"x\";", b"foo;",
                                   b"".join(b'redirect "u%d@example.net";' % i for i in range(9))])
 def test_a_script_that_cannot_decide_keeps_the_mail_in_the_inbox(tmp_path: Path, text: bytes) -> None:
     cfg = make_config(tmp_path)
@@ -332,3 +355,104 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
         import shutil
 
         shutil.rmtree(root.base, ignore_errors=True)
+
+
+# -- redirect ------------------------------------------------------------------------------------------
+
+
+def test_redirect_sends_the_message_through_sendmail(tmp_path: Path) -> None:
+    """sendmail -oi -f <envelope sender> <address>; the message as it came, with our Delivered-To
+    (the next hop sees the loop) and without our Return-Path; nothing stored here."""
+    cfg = make_config(tmp_path)
+    home(tmp_path)
+    script(tmp_path, b'redirect "bob@example.net";')
+    result = run(tmp_path, cfg)
+    [(args, data)] = sent(tmp_path)
+    assert args == ["-oi", "-f", "alice@example.org", "bob@example.net"]
+    assert data == b"Delivered-To: fred@example.org\n" + RAW
+    assert messages(maildir_folder(tmp_path)) == []
+    assert result.where() == "redirected to <bob@example.net> (sieve)"  # type: ignore[attr-defined]
+
+
+def test_redirect_copy_also_keeps(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require "copy";\nredirect :copy "bob@example.net";\nredirect "carol@example.net";')
+    run(tmp_path, cfg)
+    assert [args[-1] for args, _data in sent(tmp_path)] == ["bob@example.net", "carol@example.net"]
+    assert messages(maildir_folder(tmp_path)) == []  # carol's redirect (no :copy) cancelled the keep
+
+
+@pytest.mark.parametrize("escape", ["mboxo", "mboxrd"])
+def test_redirect_of_an_mbox_user_gives_the_message_as_it_came(tmp_path: Path, escape: str) -> None:
+    """mboxrd escaping is undone; mboxo's cannot be (its `>From ` looks like one that came)."""
+    cfg = make_config(tmp_path, fmt="mbox", escape=escape)
+    script(tmp_path, b'redirect "bob@example.net";')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    raw = RAW + b"From the start\n>From a quote\n"
+    run(tmp_path, cfg, raw)
+    [(_args, data)] = sent(tmp_path)
+    body = data.partition(b"\n")[2]
+    assert body == raw if escape == "mboxrd" else body == raw.replace(b"\nFrom the", b"\n>From the")
+
+
+@pytest.mark.parametrize(("status", "sleep"), [(75, 0), (1, 0), (0, 5)])
+def test_a_redirect_that_fails_keeps_the_message_in_the_inbox(tmp_path: Path, status: int, sleep: float) -> None:
+    """sendmail's refusal, or no answer within sendmail_timeout: the message is stored in the INBOX
+    and the user's script log says why."""
+    cfg = make_config(tmp_path, sendmail_timeout=0.5)
+    fake_sendmail(tmp_path, status, sleep)
+    h = script(tmp_path, b'redirect "bob@example.net";')
+    log = RecordingLog()
+    result = run(tmp_path, cfg, log=log)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    text = (h / ".dovecot.sieve.log").read_text()
+    assert "redirect to <bob@example.net> failed" in text
+    assert ("did not finish in 0.5 s" in text) if sleep else (f"exit status {status}: sendmail says no" in text)
+    assert "redirected" not in result.where()  # type: ignore[attr-defined]
+
+
+def test_no_sendmail_keeps_the_message_in_the_inbox(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, sendmail=str(tmp_path / "missing"))
+    h = script(tmp_path, b'redirect "bob@example.net";')
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert "cannot run" in (h / ".dovecot.sieve.log").read_text()
+
+
+def test_a_redirect_loop_is_not_sent(tmp_path: Path) -> None:
+    """A message that was already delivered to the address (its Delivered-To line) is not sent
+    there again: it stays here."""
+    cfg = make_config(tmp_path)
+    h = script(tmp_path, b'redirect "Bob@example.net";')
+    run(tmp_path, cfg, b"Delivered-To: bob@example.net\n" + RAW)
+    assert sent(tmp_path) == []
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert "already delivered there" in (h / ".dovecot.sieve.log").read_text()
+
+
+def test_redirect_of_a_bounce_keeps_the_null_sender(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'redirect "bob@example.net";')
+    src = tmp_path / "in.eml"
+    src.write_bytes(RAW)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        deliver(cfg, FRED, fd, "", log=None)
+    finally:
+        os.close(fd)
+    [(args, _data)] = sent(tmp_path)
+    assert args[:3] == ["-oi", "-f", "<>"]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("sendmail", "sendmail", "must be an absolute path"),
+    ("sendmail_timeout", 0, "must be more than 0 seconds"),
+    ("sendmail_timeout", "10", "must be a number"),
+])
+def test_redirect_settings_are_checked(tmp_path: Path, key: str, value: object, message: str) -> None:
+    from vdeliver.sieve.delivery import settings
+
+    cfg = make_config(tmp_path)
+    cfg.tables["sieve"][key] = value
+    with pytest.raises(config.ConfigError, match=message):
+        settings(cfg)

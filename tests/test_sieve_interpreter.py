@@ -97,6 +97,13 @@ def test_environment_and_mailbox_callbacks() -> None:
     assert r.stores() == ["MS", "Work"] and r.actions[-1].create
 
 
+def test_a_redirect_address_from_variables_is_checked_when_it_runs() -> None:
+    with pytest.raises(SieveError, match="redirect address 'bad addr' is invalid"):
+        result_of(b'require "variables";\nset "x" "bad addr";\nredirect "${x}";')
+    r = result_of(b'require "variables";\nset "x" "Bob <bob@example.net>";\nredirect "${x}";')
+    assert [a.address for a in r.actions] == ["bob@example.net"]
+
+
 def test_limits_fail_the_run_not_the_mail() -> None:
     script = b"".join(b'redirect "u%d@example.net";\n' % i for i in range(10))
     with pytest.raises(SieveError, match="more than 4 redirects"):

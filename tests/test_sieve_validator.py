@@ -34,6 +34,8 @@ VALID: list[bytes] = [
     (b'require ["imap4flags", "fileinto", "variables"];\nsetflag "f" "\\\\Seen";\naddflag "x";\nremoveflag "f" "x";\n'
     b'if hasflag :is "f" "x" { keep :flags ["a", "b"]; fileinto :flags "c" "D"; }'),
     b'require "encoded-character";\nif header :is "x" "${hex: 41}${unicode: 263a} ${hex:}" { keep; }',
+    b'redirect "Bob <bob@example.org>";',
+    b'redirect "<a@[192.0.2.1]>";',
 ]
 
 INVALID: list[tuple[bytes, int]] = [
@@ -57,6 +59,10 @@ INVALID: list[tuple[bytes, int]] = [
     (b"if anyof true { keep; }", 1),
     (b"else { keep; }", 1),
     (b'redirect ["a@b.c", "d@e.f"];', 1),
+    (b'keep;\nredirect "not an address";', 2),  # RFC 5228 4.2: an address, checked when it is constant
+    (b'redirect "user";', 1),
+    (b'redirect "a@b.c, d@e.f";', 1),
+    (b'redirect "";', 1),
     (b'require "fileinto";\nfileinto :copy "x";', 2),
     (b'if header "subject" { keep; }', 1),
     (b'if header :value "gt" "x" "1" { keep; }', 1),

@@ -121,7 +121,7 @@ class Result:
     sender used, notes (stale locks broken on the way), and when a Sieve script decided,
     every mailbox it stored into (none: discarded)."""
 
-    __slots__ = ("target", "size", "sender", "notes", "sieve")
+    __slots__ = ("target", "size", "sender", "notes", "sieve", "redirected")
 
     def __init__(self, target: Target, size: int, sender: str, notes: "list[str]") -> None:
         self.target = target
@@ -129,14 +129,15 @@ class Result:
         self.sender = sender
         self.notes = notes
         self.sieve: "list[str] | None" = None
+        self.redirected: "list[str]" = []
 
     def where(self) -> str:
         """The log line's `(...)`: the mailbox, or what the script did."""
         if self.sieve is None:
             return f"{self.target.format} {self.target.path}"
-        if not self.sieve:
-            return "discarded by sieve"
-        return f"{self.target.format} " + ", ".join(self.sieve) + " (sieve)"
+        where = [f"{self.target.format} " + ", ".join(self.sieve)] if self.sieve else []
+        where += [f"redirected to <{a}>" for a in self.redirected]
+        return "; ".join(where) + " (sieve)" if where else "discarded by sieve"
 
 
 def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", notes: "list[str]",
@@ -220,6 +221,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
     try:
         stores = [target]
         flags: "dict[str, tuple[str, ...]]" = {}
+        redirects: "list[str]" = []
         table = cfg.tables.get("sieve")
         if table and table.get("enabled") is True:
             from vdeliver.config import home_template
@@ -234,8 +236,9 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 folders = expand(cfg.maildir_path, rcpt) if target.format == "maildir" else ""
                 planned = sieve.plan(cfg, rcpt, home, inbox, msg, log, folders)
                 if planned is not None:
-                    stores = [Target(s.format, s.path, s.create) for s in planned]
-                    flags = {s.path: s.flags for s in planned}
+                    stores = [Target(s.format, s.path, s.create) for s in planned.stores]
+                    flags = {s.path: s.flags for s in planned.stores}
+                    redirects = planned.redirects
                     # The INBOX first: a Maildir it creates must exist before folders inside it.
                     stores.sort(key=lambda t: t.path != target.path)
         notes: list[str] = []
@@ -243,14 +246,21 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         try:
             for store in stores:
                 done.append((store, _store(cfg, store, msg, log, notes, flags.get(store.path, ()))))  # noqa: PERF401 - recorded as each completes, for the undo
+            # Redirects go once every store stands (a store can be taken back, a sent message
+            # cannot).  One that is not sent leaves the message in the INBOX.
+            sent = sieve.redirect(cfg, rcpt, home, msg, redirects, log) if redirects else []
+            if len(sent) < len(redirects) and all(s.path != target.path for s in stores):
+                stores.append(target)
+                done.append((target, _store(cfg, target, msg, log, notes)))
         except BaseException:
             for store, receipt in reversed(done):  # a later store failed: no copy may stay behind
                 _undo(cfg, store, receipt, log)
             raise
         stored = stores[0] if stores else target
         result = Result(stored, msg.input_size, msg.sender, notes)
-        if len(stores) != 1 or stores[0] is not target:
+        if len(stores) != 1 or stores[0] is not target or redirects:
             result.sieve = [s.path for s in stores]
+            result.redirected = sent
         return result
     finally:
         try:

@@ -10,14 +10,22 @@ is logged (syslog, and `<script>.log` beside the script, where Pigeonhole writes
 webmail shows it) and the message goes to the INBOX.  Folder names come from the user: a
 name that could leave the mailbox tree (`..`, a leading `.` or `/`, control characters) is
 refused the same way.  IMAP system flags (\\Seen, \\Flagged, ...) are stored for Maildir
-users (cur/NAME:2,FS).  Not yet carried out at delivery (issue 17 goes on): redirect (the
-message is kept in the INBOX instead, and the log says so), keywords, and flags for mbox users.
+users (cur/NAME:2,FS).
+
+`redirect` is sent after every store succeeded (a store can be taken back, a sent message
+cannot), through `sendmail -oi -f <envelope sender> <address>`, the message as it came with
+our Delivered-To line: the next hop, vdeliver or not, sees the loop.  A redirect to an
+address the message already carries in a Delivered-To line is not sent (a loop); one that
+fails (sendmail missing, its exit status, the deadline) is logged.  Either way the message
+is then also stored in the INBOX: it is never lost.
 
     [sieve]
     enabled = false          # run users' scripts (in progress: opt in)
     script = ".dovecot.sieve"
     max_actions = 32
     max_redirects = 4
+    sendmail = "/usr/sbin/sendmail"
+    sendmail_timeout = 60    # seconds
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from vdeliver.hooks import Log
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
 
-KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int"}
+KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
+        "sendmail": "str", "sendmail_timeout": "float"}
 MAX_LOG = 64 << 10  # the <script>.log starts again past this size
 
 
@@ -42,6 +51,8 @@ class Settings:
     max_actions: int = 32
     max_redirects: int = 4
     max_script_size: int = 1 << 20
+    sendmail: str = "/usr/sbin/sendmail"
+    sendmail_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +71,24 @@ def settings(cfg: Config) -> Settings:
     s = Settings(**values)  # type: ignore[arg-type]
     if "/" in s.script or s.script in ("", ".", ".."):
         raise ConfigError(cfg.where("sieve", "script"), "must be a file name in the home directory")
+    if not s.sendmail.startswith("/"):
+        raise ConfigError(cfg.where("sieve", "sendmail"), "must be an absolute path")
+    if s.sendmail_timeout <= 0:
+        raise ConfigError(cfg.where("sieve", "sendmail_timeout"), "must be more than 0 seconds")
     return s
 
 
+@dataclass(slots=True)
+class Plan:
+    """What the script decided: the mailboxes to store into, in order, and the addresses to
+    redirect to once they are all stored."""
+
+    stores: list[Store]
+    redirects: list[str]
+
+
 def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
-         log: Log | None, folders: str = "") -> list[Store] | None:
+         log: Log | None, folders: str = "") -> Plan | None:
     """The mailboxes to store the message into, in order; None when the user has no script.
     `home` is the user's home (config.home_template() expanded); `folders` where the folders
     `fileinto` names live: the user's Maildir (Maildir++ `.NAME` directories; by default the
@@ -81,7 +105,7 @@ def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
         return _run(cfg, opts, rcpt, inbox, msg, folders, script, log)
     except _KeepInbox as why:
         _report(log, script, rcpt, str(why))
-        return [inbox]
+        return Plan([inbox], [])
 
 
 class _KeepInbox(Exception):
@@ -89,7 +113,7 @@ class _KeepInbox(Exception):
 
 
 def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: str, script: str,
-         log: Log | None) -> list[Store]:
+         log: Log | None) -> Plan:
     from vdeliver.sieve import interpreter
     from vdeliver.sieve.errors import SieveError
     from vdeliver.sieve.validator import compile_script
@@ -106,8 +130,6 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
                                  mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except SieveError as exc:
         raise _KeepInbox("; ".join(str(e) for e in exc.errors)) from None
-    if any(a.type == "redirect" for a in result.actions):
-        raise _KeepInbox("redirect is not carried out at delivery yet; kept in the INBOX")
     stores: list[Store] = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
@@ -120,7 +142,100 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
             store = inbox
         if all(s.path != store.path for s in stores):
             stores.append(Store(store.format, store.path, store.create, store.folder, flags))
-    return stores
+    return Plan(stores, [a.address for a in result.actions if a.type == "redirect"])
+
+
+def redirect(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, addresses: list[str],
+             log: Log | None) -> list[str]:
+    """Send the message on to each address; those it was sent to.  Never raises: a redirect
+    that cannot be sent is logged (syslog and <script>.log) and the caller keeps the message."""
+    opts = settings(cfg)
+    script = os.path.join(home, opts.script)
+    try:
+        data = original(msg, cfg.mbox_escape)
+    except OSError as exc:
+        _report(log, script, rcpt, f"redirect: cannot read the message: {exc.strerror}")
+        return []
+    seen = _delivered_to(data)
+    sent: list[str] = []
+    for address in addresses:
+        if address.lower() in seen:
+            _report(log, script, rcpt, f"redirect to <{address}>: not sent, the message was already delivered "
+                                       "there (Delivered-To)")
+            continue
+        why = _send(opts, msg.sender, address, data)
+        if why:
+            _report(log, script, rcpt, f"redirect to <{address}> failed: {why}")
+            continue
+        sent.append(address)
+        if log is not None:
+            try:
+                log.info(f"sieve: to=<{rcpt.address}>: redirected to <{address}>")
+            except Exception:  # noqa: BLE001 - a log line never changes a delivery
+                pass
+    return sent
+
+
+def original(msg: Prepared, escape: str) -> bytes:
+    """The message as it came, from the spool: without the mbox From_ line, its closing empty
+    line and our Return-Path, with our Delivered-To line.  mboxrd escaping is undone; mboxo's
+    cannot be (a `>From ` it made looks like one that came), so it stays."""
+    data = b"".join(msg.spool.chunks())
+    mbox = data.startswith(b"From ")
+    if mbox:
+        data = data.partition(b"\n")[2]
+        if data.endswith(b"\n\n"):
+            data = data[:-1]
+    if data[:12].lower() == b"return-path:":
+        data = data.partition(b"\n")[2]
+    if mbox and escape == "mboxrd":
+        import re
+
+        data = re.sub(rb"(?m)^>(>*From )", rb"\1", data)
+    return data
+
+
+def _delivered_to(data: bytes) -> set[str]:
+    """The addresses of the Delivered-To lines in the message's header, lower case."""
+    end = data.find(b"\n\n")
+    found: set[str] = set()
+    for line in data[: end if end >= 0 else len(data)].split(b"\n"):
+        if line[:13].lower() == b"delivered-to:":
+            found.add(line[13:].strip().decode("utf-8", "replace").lower())
+    return found
+
+
+def _send(opts: Settings, sender: str, address: str, data: bytes) -> str:
+    """Hand the message to sendmail; "" when it took it, else why not."""
+    import subprocess
+
+    if not address or address.startswith("-") or any(ord(c) < 33 or c in "<>()," for c in address):
+        return "not an address"
+    try:
+        child = subprocess.Popen([opts.sendmail, "-oi", "-f", sender or "<>", address], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
+                                 start_new_session=True)  # its own group: all of it ends at the deadline
+    except OSError as exc:
+        return f"cannot run {opts.sendmail}: {exc.strerror}"
+    with child:  # closes the pipes and waits, whatever happens
+        try:
+            _out, err = child.communicate(data, timeout=opts.sendmail_timeout)
+        except subprocess.TimeoutExpired:
+            import signal
+
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            return f"{opts.sendmail} did not finish in {opts.sendmail_timeout:g} s"
+        except OSError as exc:  # it closed its input early (EPIPE)
+            child.kill()
+            return f"{opts.sendmail} did not take the message: {exc.strerror}"
+    done = subprocess.CompletedProcess(child.args, child.returncode, None, err)
+    if done.returncode != 0:
+        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        return f"{opts.sendmail} exit status {done.returncode}" + (f": {detail[-1][:200]}" if detail else "")
+    return ""
 
 
 def _read(path: str, limit: int) -> bytes:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from vdeliver.sieve import headers, match, variables
 from vdeliver.sieve.errors import SieveError
-from vdeliver.sieve.validator import Compiled, Node
+from vdeliver.sieve.validator import Compiled, Node, redirect_address
 
 MAX_ACTIONS = 32
 MAX_REDIRECTS = 4
@@ -229,7 +229,9 @@ class _Machine:
             raise SieveRuntimeError(node.line, f"error: {self.s(node.args[0])}")
         elif name == "redirect":
             copy = bool(node.tags.get("copy"))
-            address = self.s(node.args[0])
+            address, why = redirect_address(self.s(node.args[0]))
+            if why:
+                raise SieveRuntimeError(node.line, f"redirect address '{self.s(node.args[0])}' is invalid: {why}")
             if sum(a.type == "redirect" for a in self.result.actions) >= self.max_redirects:
                 raise SieveRuntimeError(node.line, f"more than {self.max_redirects} redirects")
             self._add(Action("redirect", address=address, copy=copy, line=node.line), cancels=not copy)

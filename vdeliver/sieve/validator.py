@@ -142,6 +142,22 @@ def _encoded_character(m: re.Match[str]) -> str:
     return "".join(out)
 
 
+def redirect_address(text: str) -> tuple[str, str]:
+    """The address `redirect` sends to, from its argument (`a@b`, `<a@b>` or `Name <a@b>`):
+    (the address, "") or ("", why it is not one)."""
+    from vdeliver.sieve import headers
+
+    if not text.strip():
+        return "", "empty address"
+    found = headers.addresses(headers.unfold(text.encode("utf-8", "surrogateescape")))
+    if len(found) != 1:
+        return "", "not a single address"
+    address = found[0]
+    if not address.valid or not address.localpart or not address.domain:
+        return "", "not an address of the form local-part@domain"
+    return str(address.part("all")), ""
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """A checked command or test: tags by name (a flag's value is True), positional
@@ -314,6 +330,10 @@ class _Validator:
         self._check_tags(kind, name, tags, line)
         if name == "set" and args and not _is_variable_name(str(args[0])):
             self.error(line, f"invalid variable name '{args[0]}'")
+        if name == "redirect" and args and not ("variables" in self.required and "${" in str(args[0])):
+            why = redirect_address(str(args[0]))[1]
+            if why:
+                self.error(line, f"specified redirect address '{args[0]}' is invalid: {why}")
         return tags, args
 
     def _value(self, arg: Argument, want: str, what: str) -> object:
