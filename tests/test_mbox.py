@@ -27,7 +27,7 @@ from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, prepared, s
 from vdeliver import fileio, locking, mbox, message
 from vdeliver.errors import DeliveryError
 from vdeliver.mbox import Journal, MailboxLock, open_mbox
-from vdeliver.message import Prepared
+from vdeliver.message import Prepared, Spool
 from vdeliver.recovery import MboxJournal, journal_path
 
 HOST = "unit.test"
@@ -355,7 +355,7 @@ def test_deliver_from_a_spool_file(box: Path, tmp_path: Path) -> None:
     big = RECORD[:-1] + b"line\n" * 5000 + b"\n"
     m = prepared(big, str(tmp_path), threshold=64)
     try:
-        assert m.spool.fd >= 0
+        assert isinstance(m.spool, Spool) and m.spool.fd >= 0
         deliver(box, m)
     finally:
         m.close()

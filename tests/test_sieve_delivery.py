@@ -14,7 +14,7 @@ import pytest
 from tests.dovecot_harness import Dovecot, passwd_file_auth
 from tests.helpers import Account, MailRoot, require_root, run_vdeliver, world_tmpdir
 from tests.unit_helpers import RecordingLog, fail_at_call
-from vdeliver import config, maildir
+from vdeliver import config, flags, maildir
 from vdeliver.config import Config
 from vdeliver.deliver import deliver
 from vdeliver.errors import DeliveryError
@@ -132,9 +132,10 @@ def test_system_flags_are_stored_in_the_maildir_name(tmp_path: Path) -> None:
     run(tmp_path, cfg)  # keep: the internal flags; Work: its own
     inbox = maildir_folder(tmp_path)
     work = maildir_folder(tmp_path, "Work")
-    assert os.listdir(inbox / "new") == [] and [n[-4:] for n in os.listdir(inbox / "cur")] == [":2,S"]
+    assert os.listdir(inbox / "new") == [] and [n[-5:] for n in os.listdir(inbox / "cur")] == [":2,Sa"]
     assert [n[-5:] for n in os.listdir(work / "cur")] == [":2,FR"]
-    assert maildir.info(("\\Seen", "\\Draft", "kw", "\\Deleted")) == "DST"
+    assert (inbox / "dovecot-keywords").read_text() == "0 Custom\n"  # letter a: keyword 0
+    assert flags.maildir_info(str(inbox), ("\\Seen", "\\Draft", "\\Deleted")) == "DST"
 
 
 def test_a_first_delivery_creates_the_inbox_before_a_folder_inside_it(tmp_path: Path) -> None:
@@ -303,14 +304,16 @@ def test_folders_hang_off_the_maildir_even_for_a_detail_folder(tmp_path: Path) -
 def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None:
     """Read back through a real Dovecot: a Maildir user's `.Caf&AOk-` is the folder "Café",
     `.Work.Reports` is Work/Reports under Maildir++'s '.', and an mbox user's ~/mail/Lists
-    is the folder "Lists"; each holds the message, with the flags the script set (Maildir),
-    and the INBOX does not."""
+    is the folder "Lists"; each holds the message, with the flags and keywords the script set
+    (Maildir: info letters and dovecot-keywords; mbox: Status, X-Status, X-Keywords)."""
     require_root("Dovecot's mail processes switch to the vmail user")
     root = MailRoot(world_tmpdir(), vmail)
     try:
         passwd = root.base / "passwd"
         md = root.add_maildir("home.com", "fred")
-        root.add_mbox("away.com", "wilma")
+        root.add_mbox("away.com", "wilma", b"From a@example.org Sat Dec  5 10:00:00 2026\n"
+                                           b"X-IMAPbase: 1764928800 0000000002 later\nX-UID: 1\nSubject: first\n\n"
+                                           b"first\n\n")
         passwd.write_text(
             f"fred@home.com:s3cret:{vmail.uid}:{vmail.gid}::{root.home}/home.com/fred::userdb_mail=maildir:~/Maildir\n"
             f"wilma@away.com:s3cret:{vmail.uid}:{vmail.gid}::{root.home}/away.com/wilma::\n")
@@ -318,10 +321,17 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
         cfg = root.write_config()
         cfg.write_text(cfg.read_text() + "\n[sieve]\nenabled = true\n")
         scripts = {
-            md.parent: b'require ["fileinto", "mailbox", "imap4flags"];\naddflag "\\\\Flagged";\n'
-                       b'fileinto :create "Caf\xc3\xa9";\nfileinto :create :flags "\\\\Seen" "Work.Reports";',
-            root.home / "away.com" / "wilma": b'require ["fileinto", "mailbox"];\nfileinto :create "Lists";',
+            md.parent: b'require ["fileinto", "mailbox", "imap4flags"];\naddflag ["\\\\Flagged", "$Label1"];\n'
+                       b'fileinto :create "Caf\xc3\xa9";\nfileinto :create :flags "\\\\Seen done" "Work.Reports";\n'
+                       b'keep :flags "Urgent";',
+            root.home / "away.com" / "wilma": b'require ["fileinto", "mailbox", "imap4flags"];\n'
+                                              b'fileinto :create :flags "\\\\Seen \\\\Answered later" "Lists";\n'
+                                              b'keep :flags ["\\\\Flagged", "\\\\Draft", "\\\\Deleted", "later", '
+                                              b'"unknown"];',
         }
+        # A keyword Dovecot already numbered: vdeliver's keyword takes another slot, and this one stays.
+        (md / "dovecot-keywords").write_text("0 urgent\n")
+        os.chown(md / "dovecot-keywords", vmail.uid, vmail.gid)
         for home_dir, text in scripts.items():
             (home_dir / "sieve").mkdir(parents=True, exist_ok=True)
             (home_dir / "sieve" / "main.sieve").write_bytes(text)
@@ -334,23 +344,28 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
             done = run_vdeliver(["-f", "alice@example.org", "-a", domain, "-a", user], RAW, config=cfg, as_user=vmail)
             assert done.returncode == 0, done.stderr
         with Dovecot(root, vmail, auth=passwd_file_auth(passwd)) as dc:
-            expected = (("fred@home.com", {"Caf&AOk-": b"\\Flagged", "Work.Reports": b"\\Seen"}),
-                        ("wilma@away.com", {"Lists": b""}))
+            # wilma's INBOX knows the keyword "later" (its X-IMAPbase); her new folder knows none.
+            expected = (("fred@home.com", {"Caf&AOk-": {"\\Flagged", "$Label1"}, "Work.Reports": {"\\Seen", "done"},
+                                           "INBOX": {"urgent"}}),
+                        ("wilma@away.com", {"Lists": {"\\Seen", "\\Answered"},
+                                            "INBOX": {"\\Flagged", "\\Draft", "\\Deleted", "later"}}))
             for address, folders in expected:
                 imap = dc.login(address, "s3cret")
                 try:
                     listed = b" ".join(line for line in imap.list()[1] if isinstance(line, bytes))
-                    for folder, flag in folders.items():
-                        assert folder.encode() in listed, (folder, listed)
+                    for folder, want in folders.items():
+                        assert folder.encode() in listed or folder == "INBOX", (folder, listed)
                         status, data = imap.select(f'"{folder}"', readonly=True)
-                        assert status == "OK" and data[0] == b"1", (folder, data)
-                        status, fetched = imap.fetch("1", "(FLAGS)")
+                        count = b"2" if (address, folder) == ("wilma@away.com", "INBOX") else b"1"
+                        assert status == "OK" and data[0] == count, (folder, data)
+                        status, fetched = imap.fetch(count.decode(), "(FLAGS)")
                         line = fetched[0] if isinstance(fetched[0], bytes) else b""
-                        assert status == "OK" and flag in line, fetched
-                    status, data = imap.select("INBOX", readonly=True)
-                    assert status == "OK" and data[0] == b"0"
+                        got = set(line.decode().partition("FLAGS (")[2].partition(")")[0].split()) - {"\\Recent"}
+                        assert status == "OK" and {f.lower() for f in got} == {f.lower() for f in want}, (folder,
+                                                                                                          fetched)
                 finally:
                     imap.logout()
+        assert (md / "dovecot-keywords").read_text().startswith("0 urgent\n")
     finally:
         import shutil
 

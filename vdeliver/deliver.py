@@ -143,12 +143,16 @@ class Result:
 def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", notes: "list[str]",
            flags: "tuple[str, ...]" = ()) -> object:
     """Store into one mailbox; returns what _undo() needs to take it back.  IMAP flags (from
-    a Sieve script) are stored for Maildir; an mbox gets them in a later step."""
+    a Sieve script) go where Dovecot reads them (vdeliver.flags)."""
     bounce = cfg.over_quota == "bounce"
     if target.format == "mbox":
         from vdeliver import mbox
         from vdeliver.recovery import MboxJournal
 
+        if flags:
+            from vdeliver.flags import mbox_header, mbox_keywords
+
+            msg = msg.with_header(mbox_header(flags, mbox_keywords(target.path), notes))
         receipt = mbox.Recorded(MboxJournal(log, record=cfg.mbox_journal))
         notes += mbox.deliver(
             target.path,
@@ -167,7 +171,11 @@ def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", note
         target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
         tmp_max_age=cfg.maildir_tmp_max_age,
     )
-    letters = maildir.info(flags) if flags else ""
+    letters = ""
+    if flags:
+        from vdeliver.flags import maildir_info
+
+        letters = maildir_info(target.path, flags, notes)
     if letters:
         try:
             name = maildir.set_flags(target.path, name, letters)

@@ -368,14 +368,6 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
     raise fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
 
 
-SYSTEM_FLAGS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
-
-
-def info(flags: "tuple[str, ...] | list[str]") -> str:
-    """The Maildir info letters of IMAP system flags, in ASCII order (keywords have none here)."""
-    return "".join(sorted({SYSTEM_FLAGS[f] for f in flags if f in SYSTEM_FLAGS}))
-
-
 def set_flags(path: str, name: str, letters: str) -> str:
     """Move a message just delivered from new/NAME to cur/NAME:2,LETTERS, as a mail reader does
     when it sets flags, and make the move durable; returns the new name.  A crash in between

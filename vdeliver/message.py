@@ -215,12 +215,47 @@ class Spool:
         self.buf = bytearray()
 
 
+class HeaderView:
+    """A spool read with header lines put in after its first line (an mbox record's From_
+    line): the flags of one copy of a message stored in several mailboxes."""
+
+    __slots__ = ("spool", "lines", "cut", "length")
+
+    def __init__(self, spool: "Spool | HeaderView", lines: bytes) -> None:
+        first = spool.head(1 << 16)
+        nl = first.find(b"\n")
+        self.spool, self.lines = spool, lines
+        self.cut = nl + 1 if first.startswith(b"From ") and nl >= 0 else 0
+        self.length: int = spool.length + len(lines)
+
+    def head(self, n: int) -> bytes:
+        data = self.spool.head(n)
+        return (data[: self.cut] + self.lines + data[self.cut:])[:n]
+
+    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
+        pending = self.cut
+        if not pending:
+            yield self.lines
+        for chunk in self.spool.chunks(size):
+            if 0 < pending <= len(chunk):
+                yield chunk[:pending] + self.lines
+                chunk = chunk[pending:]
+                pending = 0
+            elif pending:
+                pending -= len(chunk)
+            if chunk:
+                yield chunk
+
+    def close(self) -> None:
+        pass  # the spool is the message's own, closed with it
+
+
 class Prepared:
     """The record to store: `spool` holds it; sizes for Maildir names and logs."""
 
     __slots__ = ("spool", "sender", "length", "lf_count", "input_size", "had_from_line")
 
-    def __init__(self, spool: Spool, sender: str, length: int, lf_count: int, input_size: int,
+    def __init__(self, spool: "Spool | HeaderView", sender: str, length: int, lf_count: int, input_size: int,
                  had_from_line: bool) -> None:
         self.spool, self.sender = spool, sender
         self.length, self.lf_count = length, lf_count  # the record as stored, and its line feeds
@@ -234,6 +269,13 @@ class Prepared:
 
     def close(self) -> None:
         self.spool.close()
+
+    def with_header(self, lines: bytes) -> "Prepared":
+        """The same record with header lines after its From_ line (the start for Maildir)."""
+        if not lines:
+            return self
+        return Prepared(HeaderView(self.spool, lines), self.sender, self.length + len(lines),
+                        self.lf_count + lines.count(b"\n"), self.input_size, self.had_from_line)
 
 
 class _Reader:
