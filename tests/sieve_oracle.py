@@ -31,9 +31,19 @@ class Result:
     output: str = ""
 
     def stores(self) -> list[str]:
-        """The folders sieve-test stored into, explicit actions first, then the implicit keep."""
-        return [line.split(": ", 1)[1] for line in self.output.splitlines()
-                if line.startswith(" * store message in folder: ")]
+        """The folders sieve-test stored into, explicit actions first, then the implicit keep.
+        In a sequence (`-s`), a keep of a script that is not the last only means "go on": only
+        the last script's keep (explicit or implicit) stores into the INBOX."""
+        sections = self.output.split("## Executing script:")
+        folders: list[str] = []
+        for number, section in enumerate(sections):
+            last = number == len(sections) - 1
+            for line in section.splitlines():
+                if line.startswith(" * store message in folder: "):
+                    folders.append(line.split(": ", 1)[1])
+                elif line.rstrip() == " * keep" and last:
+                    folders.append("INBOX")
+        return list(dict.fromkeys(folders))
 
     def store_flags(self) -> dict[str, list[str]]:
         """Folder -> the IMAP flags sieve-test stored it with (lower case, sorted)."""
@@ -92,9 +102,17 @@ class Pigeonhole:
                 os.chown(path, run_kw["user"], run_kw["group"])
         return cls(program, base, run_kw)
 
-    def run(self, script: bytes, message: bytes | None = None, sender: str = "", recipient: str = "") -> Result:
-        """Compile and run `script` against `message` (a small default one) with that envelope."""
+    def run(self, script: bytes, message: bytes | None = None, sender: str = "", recipient: str = "",
+            before: list[bytes] | None = None) -> Result:
+        """Compile and run `script` against `message` (a small default one) with that envelope;
+        `before`: scripts run first, in a sequence (sieve-test -s, as sieve_before runs them)."""
         self.count += 1
+        extra: list[str] = []
+        for i, text in enumerate(before or []):
+            first = self.base / f"s{self.count}-before{i}.sieve"
+            first.write_bytes(text)
+            first.chmod(0o644)
+            extra += ["-s", str(first)]
         path = self.base / f"s{self.count}.sieve"
         path.write_bytes(script)
         path.chmod(0o644)
@@ -104,7 +122,8 @@ class Pigeonhole:
             mail.write_bytes(message)
             mail.chmod(0o644)
         envelope = (["-f", sender] if sender else []) + (["-r", recipient] if recipient else [])
-        done = subprocess.run([self.program, "-c", str(self.base / "dovecot.conf"), *envelope, str(path), str(mail)],
+        done = subprocess.run([self.program, "-c", str(self.base / "dovecot.conf"), *envelope, *extra, str(path),
+                               str(mail)],
                               capture_output=True, timeout=60, **self.run_kw)
         out = done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")
         errors = [(int(m.group(1)), m.group(2)) for m in map(_ERROR.match, out.splitlines()) if m]

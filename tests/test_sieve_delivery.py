@@ -471,3 +471,109 @@ def test_redirect_settings_are_checked(tmp_path: Path, key: str, value: object, 
     cfg.tables["sieve"][key] = value
     with pytest.raises(config.ConfigError, match=message):
         settings(cfg)
+
+
+# -- global scripts and include ------------------------------------------------------------------------
+
+
+def global_dir(tmp_path: Path, scripts: dict[str, bytes]) -> Path:
+    d = tmp_path / "global"
+    d.mkdir(exist_ok=True)
+    for name, text in scripts.items():
+        (d / name).write_bytes(text)
+    return d
+
+
+SPAM = b'require "fileinto";\nif header :contains "subject" "viagra" { fileinto "Junk"; }'
+
+
+def test_a_before_script_files_spam_and_ends_the_sequence(tmp_path: Path) -> None:
+    """Pigeonhole's rule: the user's script runs only when the one before kept."""
+    d = global_dir(tmp_path, {"10-spam.sieve": SPAM})
+    cfg = make_config(tmp_path, before=str(d))
+    script(tmp_path, b'require "fileinto";\nfileinto "Mine";')
+    for name in ("Junk", "Mine"):
+        maildir.create(str(maildir_folder(tmp_path, name)))
+    run(tmp_path, cfg, RAW.replace(b"weekly report", b"cheap viagra"))
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Junk"))) == 1
+    assert len(messages(maildir_folder(tmp_path, "Mine"))) == 1
+    assert messages(maildir_folder(tmp_path)) == []
+
+
+def test_global_scripts_run_for_a_user_without_a_script(tmp_path: Path) -> None:
+    d = global_dir(tmp_path, {"spam.sieve": SPAM, "not-a-script.txt": b"bogus;"})
+    cfg = make_config(tmp_path, before=[str(d / "spam.sieve")],
+                      after=str(global_dir(tmp_path, {"z.sieve": b'require "imap4flags";\naddflag "\\\\Flagged";'})))
+    home(tmp_path)
+    for name in ("", "Junk"):
+        maildir.create(str(maildir_folder(tmp_path, name)))
+    run(tmp_path, cfg, RAW.replace(b"weekly report", b"viagra"))
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Junk"))) == 1
+    inbox = maildir_folder(tmp_path)
+    assert [n[-4:] for n in os.listdir(inbox / "cur")] == [":2,F"]  # the after script ran: the keep stood
+
+
+def test_a_broken_global_script_is_skipped_and_told_to_syslog_only(tmp_path: Path) -> None:
+    d = global_dir(tmp_path, {"broken.sieve": b"bogus;"})
+    cfg = make_config(tmp_path, before=str(d))
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Mine";')
+    log = RecordingLog()
+    run(tmp_path, cfg, log=log)
+    assert len(messages(maildir_folder(tmp_path, "Mine"))) == 1
+    assert any("broken.sieve" in text and "unknown command 'bogus'; script skipped" in text for _l, text in log.lines)
+    assert not (h / ".dovecot.sieve.log").exists() and not (d / "broken.sieve.log").exists()
+
+
+def test_include_finds_personal_and_global_scripts(tmp_path: Path) -> None:
+    d = global_dir(tmp_path, {"spam.sieve": SPAM})
+    cfg = make_config(tmp_path, global_dir=str(d))
+    h = script(tmp_path, b'require ["include", "fileinto"];\ninclude :global "spam";\ninclude "lists";')
+    (h / "sieve" / "lists.sieve").write_bytes(b'require ["fileinto", "mailbox"];\n'
+                                              b'if address :is "from" "alice@example.org" {\n'
+                                              b'  fileinto :create "Alice";\n}')
+    for name in ("", "Junk"):
+        maildir.create(str(maildir_folder(tmp_path, name)))
+    run(tmp_path, cfg, RAW.replace(b"weekly report", b"viagra"))
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Junk"))) == 1
+    assert len(messages(maildir_folder(tmp_path, "Alice"))) == 2  # both are from Alice; the spam is in Junk too
+    assert messages(maildir_folder(tmp_path)) == []
+
+
+def test_an_included_link_or_missing_script_keeps_the_mail(tmp_path: Path) -> None:
+    """An included script is never a symlink (it could point anywhere the vmail user can read)."""
+    cfg = make_config(tmp_path)
+    h = script(tmp_path, b'require ["include", "fileinto"];\ninclude "other";\nfileinto "Never";')
+    (tmp_path / "outside.sieve").write_bytes(b"discard;")
+    (h / "sieve" / "other.sieve").symlink_to(tmp_path / "outside.sieve")
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert "included personal script 'other' does not exist" in (h / ".dovecot.sieve.log").read_text()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("before", "relative/path", "must be an absolute path"),
+    ("after", ["/ok", 3], "must be a string or a list of strings"),
+    ("global_dir", "rel", "must be an absolute path"),
+    ("max_cpu_time", 0, "must be more than 0 seconds"),
+])
+def test_global_script_settings_are_checked(tmp_path: Path, key: str, value: object, message: str) -> None:
+    from vdeliver.sieve.delivery import settings
+
+    cfg = make_config(tmp_path)
+    cfg.tables["sieve"][key] = value
+    with pytest.raises(config.ConfigError, match=message):
+        settings(cfg)
+
+
+def test_dovecot_config_names_the_same_global_scripts(tmp_path: Path) -> None:
+    from vdeliver.accounts import dovecot
+
+    cfg = make_config(tmp_path, before=["/etc/vdeliver/sieve/before.d", "/etc/vdeliver/spam.sieve"],
+                      after="/etc/vdeliver/after.sieve", global_dir="/etc/vdeliver/sieve/global")
+    conf = dovecot.render_files(cfg, lookup_uid=False)["conf.d/90-vdeliver-sieve.conf"]
+    assert "  sieve_before = /etc/vdeliver/sieve/before.d\n  sieve_before2 = /etc/vdeliver/spam.sieve\n" in conf
+    assert "  sieve_after = /etc/vdeliver/after.sieve\n" in conf
+    assert "  sieve_global = /etc/vdeliver/sieve/global\n" in conf

@@ -236,7 +236,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
 
             home = expand(home_template(cfg), rcpt)
             script = os.path.join(home, str(table.get("script", ".dovecot.sieve")))
-            if os.path.lexists(script):  # without an active script, nothing of vdeliver.sieve is imported
+            # Without an active script or global ones, nothing of vdeliver.sieve is imported.
+            if os.path.lexists(script) or table.get("before") or table.get("after"):
                 from vdeliver.sieve import delivery as sieve
 
                 inbox = sieve.Store(target.format, target.path, target.create, "INBOX")

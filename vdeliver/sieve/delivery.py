@@ -33,14 +33,20 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vdeliver.config import Config, ConfigError, read_table
 from vdeliver.hooks import Log
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
 
+if TYPE_CHECKING:
+    from vdeliver.sieve.interpreter import Message
+    from vdeliver.sieve.validator import Compiled
+
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
-        "sendmail": "str", "sendmail_timeout": "float"}
+        "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
+        "max_cpu_time": "float"}
 MAX_LOG = 64 << 10  # the <script>.log starts again past this size
 
 
@@ -53,6 +59,10 @@ class Settings:
     max_script_size: int = 1 << 20
     sendmail: str = "/usr/sbin/sendmail"
     sendmail_timeout: float = 60.0
+    before: tuple[str, ...] = ()  # global scripts (files, or directories of *.sieve) run first
+    after: tuple[str, ...] = ()  # and last
+    global_dir: str = ""  # where `include :global "NAME"` finds NAME.sieve
+    max_cpu_time: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +85,30 @@ def settings(cfg: Config) -> Settings:
         raise ConfigError(cfg.where("sieve", "sendmail"), "must be an absolute path")
     if s.sendmail_timeout <= 0:
         raise ConfigError(cfg.where("sieve", "sendmail_timeout"), "must be more than 0 seconds")
+    if s.max_cpu_time <= 0:
+        raise ConfigError(cfg.where("sieve", "max_cpu_time"), "must be more than 0 seconds")
+    for key in ("before", "after", "global_dir"):
+        value = getattr(s, key)
+        for path in (value,) if isinstance(value, str) else value:
+            if (path or key != "global_dir") and not path.startswith("/"):
+                raise ConfigError(cfg.where("sieve", key), f"must be an absolute path (got {path!r})")
     return s
+
+
+def global_scripts(paths: tuple[str, ...]) -> list[str]:
+    """The scripts of `before` or `after`: each file, and each directory's *.sieve files in
+    byte order (as Pigeonhole reads a directory)."""
+    found: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            try:
+                names = sorted(n for n in os.listdir(path) if n.endswith(".sieve") and not n.startswith("."))
+            except OSError:
+                continue
+            found += [os.path.join(path, n) for n in names]
+        else:
+            found.append(path)
+    return found
 
 
 @dataclass(slots=True)
@@ -89,47 +122,70 @@ class Plan:
 
 def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
          log: Log | None, folders: str = "") -> Plan | None:
-    """The mailboxes to store the message into, in order; None when the user has no script.
-    `home` is the user's home (config.home_template() expanded); `folders` where the folders
-    `fileinto` names live: the user's Maildir (Maildir++ `.NAME` directories; by default the
-    INBOX's path) or, for mbox users, `<home>/mail`."""
+    """The mailboxes to store the message into, in order, and the addresses to redirect to;
+    None when no script runs (the user has none, and there are no global ones).  `home` is
+    the user's home (config.home_template() expanded); `folders` where the folders `fileinto`
+    names live: the user's Maildir (Maildir++ `.NAME` directories; by default the INBOX's
+    path) or, for mbox users, `<home>/mail`."""
     if not folders:
         folders = inbox.path if inbox.format == "maildir" else os.path.join(home, "mail")
     opts = settings(cfg)
     script = os.path.join(home, opts.script)
     try:
         os.lstat(script)
+        personal = [script]
     except OSError:
-        return None  # no active script: the common case costs one lstat
+        personal = []  # no active script: the common case costs one lstat
+    sequence = [(p, False) for p in global_scripts(opts.before)] + [(p, True) for p in personal] + [
+        (p, False) for p in global_scripts(opts.after)]
+    if not sequence:
+        return None
     try:
-        return _run(cfg, opts, rcpt, inbox, msg, folders, script, log)
+        return _run(opts, rcpt, inbox, msg, folders, home, sequence, log)
     except _KeepInbox as why:
-        _report(log, script, rcpt, str(why))
+        _report(log, why.script or script, rcpt, str(why), why.personal)
         return Plan([inbox], [])
 
 
 class _KeepInbox(Exception):
-    """The script cannot decide: the message goes to the INBOX."""
+    """The scripts cannot decide: the message goes to the INBOX."""
+
+    def __init__(self, text: str, script: str = "", personal: bool = True) -> None:
+        super().__init__(text)
+        self.script = script
+        self.personal = personal
 
 
-def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: str, script: str,
-         log: Log | None) -> Plan:
+def _run(opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: str, home: str,
+         sequence: list[tuple[str, bool]], log: Log | None) -> Plan:
+    """Run the scripts in order on one result (interpreter.run_sequence: Pigeonhole's rule for
+    sieve_before and sieve_after).  A script that does not compile is skipped (and reported),
+    as if it kept; one that fails while it runs sends the message to the INBOX alone."""
     from vdeliver.sieve import interpreter
     from vdeliver.sieve.errors import SieveError
-    from vdeliver.sieve.validator import compile_script
 
-    source = _read(script, opts.max_script_size)
+    compiled: list[Compiled] = []
+    paths: list[tuple[str, bool]] = []
+    for path, personal in sequence:
+        try:
+            compiled.append(_compile(opts, path, home))
+            paths.append((path, personal))
+        except _KeepInbox as why:
+            _report(log, path, rcpt, f"{why}; script skipped", personal)
+        except SieveError as exc:
+            _report(log, path, rcpt, "; ".join(str(e) for e in exc.errors) + "; script skipped", personal)
+    if not compiled:
+        return Plan([inbox], [])
+    message = _message(msg, any("body" in c.extensions for c in compiled))
+    envelope = interpreter.Envelope(msg.sender, rcpt.address)
     try:
-        compiled = compile_script(source)
-        data = b"".join(msg.spool.chunks()) if "body" in compiled.extensions else msg.spool.head(1 << 20)
-        if data.startswith(b"From "):
-            data = data.partition(b"\n")[2]  # the mbox From_ line is not a header
-        envelope = interpreter.Envelope(msg.sender, rcpt.address)
-        result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope,
-                                 max_actions=opts.max_actions, max_redirects=opts.max_redirects,
-                                 mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
-    except SieveError as exc:
-        raise _KeepInbox("; ".join(str(e) for e in exc.errors)) from None
+        result = interpreter.run_sequence(compiled, message, envelope, max_actions=opts.max_actions,
+                                          max_redirects=opts.max_redirects, max_cpu_time=opts.max_cpu_time,
+                                          mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
+    except interpreter.SieveRuntimeError as exc:
+        path, personal = paths[exc.script]
+        raise _KeepInbox("; ".join(str(e) for e in exc.errors), path, personal) from None
+    own = next((p for p, personal in paths if personal), paths[-1][0])  # where the user reads about it
     stores: list[Store] = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
@@ -138,11 +194,39 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
                      result.implicit_flags)
         store = _folder(inbox, folders, folder, create)
         if store is None:
-            _report(log, script, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
+            _report(log, own, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
             store = inbox
         if all(s.path != store.path for s in stores):
             stores.append(Store(store.format, store.path, store.create, store.folder, flags))
     return Plan(stores, [a.address for a in result.actions if a.type == "redirect"])
+
+
+def _message(msg: Prepared, whole: bool) -> Message:
+    from vdeliver.sieve import interpreter
+
+    data = b"".join(msg.spool.chunks()) if whole else msg.spool.head(1 << 20)
+    if data.startswith(b"From "):
+        data = data.partition(b"\n")[2]  # the mbox From_ line is not a header
+    return interpreter.Message.from_bytes(data)
+
+
+def _compile(opts: Settings, path: str, home: str) -> Compiled:
+    """A script compiled, with the scripts it includes: personal ones from <home>/sieve (the
+    user's, as managesieved keeps them), global ones from [sieve] global_dir."""
+    from vdeliver.sieve.validator import compile_script
+
+    source = _read(path, opts.max_script_size)
+
+    def resolve(location: str, name: str) -> bytes | None:
+        folder = os.path.join(home, "sieve") if location == "personal" else opts.global_dir
+        if not folder:
+            return None
+        try:
+            return _read(os.path.join(folder, name + ".sieve"), opts.max_script_size, follow=False)
+        except _KeepInbox:
+            return None
+
+    return compile_script(source, resolve=resolve, max_size=opts.max_script_size)
 
 
 def redirect(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, addresses: list[str],
@@ -238,9 +322,10 @@ def _send(opts: Settings, sender: str, address: str, data: bytes) -> str:
     return ""
 
 
-def _read(path: str, limit: int) -> bytes:
+def _read(path: str, limit: int, follow: bool = True) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # the active link is followed, as Dovecot does
+        # The active link is followed, as Dovecot does; an included script is not a link.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
         try:
             import stat
 
@@ -306,13 +391,16 @@ def _mutf7(text: str) -> str:
     return "".join(out)
 
 
-def _report(log: Log | None, script: str, rcpt: Recipient, text: str) -> None:
-    """One syslog line, and the same line appended to <script>.log for the user to read."""
+def _report(log: Log | None, script: str, rcpt: Recipient, text: str, personal: bool = True) -> None:
+    """One syslog line, and for the user's own script the same line appended to <script>.log
+    for the user to read (a global script's errors are the administrator's: syslog only)."""
     if log is not None:
         try:
             log.warning(f"sieve: to=<{rcpt.address}>: {script}: {text}")
         except Exception:  # noqa: BLE001 - a log line never changes a delivery
             pass
+    if not personal:
+        return
     try:
         line = time.strftime("%Y-%m-%d %H:%M:%S ") + text.replace("\n", " ") + "\n"
         path = script + ".log"

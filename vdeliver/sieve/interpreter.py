@@ -16,7 +16,7 @@ the message in the INBOX (a failing script never loses mail).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 from vdeliver.sieve import headers, match, variables
@@ -25,10 +25,13 @@ from vdeliver.sieve.validator import Compiled, Node, redirect_address
 
 MAX_ACTIONS = 32
 MAX_REDIRECTS = 4
+MAX_CPU_TIME = 30.0  # seconds of CPU for one message (Pigeonhole's sieve_max_cpu_time)
 
 
 class SieveRuntimeError(SieveError):
     """The script failed while it ran: the message goes to the INBOX, the error to the log."""
+
+    script = 0  # in a sequence (run_sequence), which script failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,10 @@ class _Stop(Exception):
     pass
 
 
+class _Return(Exception):
+    """`return` (RFC 6609): back to the script that included this one."""
+
+
 def default_environment() -> dict[str, str]:
     """RFC 5183's items as vdeliver answers them; the caller adds remote-host and remote-ip."""
     import os
@@ -139,22 +146,55 @@ def _inbox_only(name: str) -> bool:
 def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
         mailbox_exists: Callable[[str], bool] = _inbox_only,
-        trace: Callable[[int, str], None] | None = None) -> Result:
+        trace: Callable[[int, str], None] | None = None, max_cpu_time: float = MAX_CPU_TIME,
+        result: Result | None = None) -> Result:
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
     test (RFC 5490), by default only the INBOX exists; `trace` hears (line, what happened) for
-    each test and command, for `sieve-test --trace`."""
+    each test and command, for `sieve-test --trace`; `result` goes on from an earlier
+    script's (a sequence of global and personal scripts)."""
+    import time
+
     machine = _Machine(message, envelope, max_actions, max_redirects, "variables" in compiled.extensions)
+    if result is not None:
+        machine.result = result
+        result.implicit_keep = True
     machine.trace = trace
     machine.environment = environment if environment is not None else default_environment()
     machine.mailbox_exists = mailbox_exists
+    machine.includes = compiled.includes
+    machine.max_cpu_time = max_cpu_time
+    machine.deadline = time.process_time() + max_cpu_time
+    if compiled.includes or "include" in compiled.extensions:
+        machine.variables = variables.Scope({})
     try:
         machine.block(compiled.commands)
-    except _Stop:
+    except (_Stop, _Return):
         pass
     if machine.result.implicit_keep:
         machine.result.implicit_flags = variables.flags_of(machine.variables.get(variables.FLAGS, ""))
     return machine.result
+
+
+def run_sequence(scripts: list[Compiled], message: Message, envelope: Envelope, **options: object) -> Result:
+    """Run scripts one after another on one result, by Pigeonhole's rule for sieve_before and
+    sieve_after: the next script runs only when the one before ended with a keep in effect,
+    implicit or explicit; a keep of a script that is not the last to run only means "go on"
+    (it stores nothing).  `options` are run()'s.  A SieveRuntimeError says in `.script`
+    which script (its index) failed."""
+    result: Result | None = None
+    for index, compiled in enumerate(scripts):
+        if result is not None:
+            result.actions = [a for a in result.actions if a.type != "keep"]  # the one before kept: go on
+        start = len(result.actions) if result is not None else 0
+        try:
+            result = run(compiled, message, envelope, result=result, **options)  # type: ignore[arg-type]
+        except SieveRuntimeError as exc:
+            exc.script = index
+            raise
+        if not (result.implicit_keep or any(a.type == "keep" for a in result.actions[start:])):
+            break
+    return result if result is not None else Result()
 
 
 class _Machine:
@@ -166,8 +206,13 @@ class _Machine:
         self.max_redirects = max_redirects
         self.result = Result()
         self.expand = expand  # "variables" was required: ${...} in strings are replaced
-        self.variables: dict[str, str] = {}
+        self.variables: MutableMapping[str, str] = {}
         self.match_vars: list[str] = []
+        self.includes: dict[tuple[str, str], Compiled] = {}
+        self.once: set[tuple[str, str]] = set()
+        self.steps = 0
+        self.deadline = 0.0
+        self.max_cpu_time = MAX_CPU_TIME
         self.environment: dict[str, str] = {}
         self.mailbox_exists: Callable[[str], bool] = _inbox_only
         self.trace: Callable[[int, str], None] | None = None
@@ -204,12 +249,31 @@ class _Machine:
             else:
                 self.command(node)
 
+    def _tick(self, line: int) -> None:
+        """Every 256 commands and tests: the CPU time limit."""
+        self.steps += 1
+        if not self.steps & 255:
+            import time
+
+            if time.process_time() > self.deadline:
+                raise SieveRuntimeError(line, f"more than {self.max_cpu_time:g} s of CPU time")
+
     def command(self, node: Node) -> None:
         name = node.name
+        self._tick(node.line)
         if self.trace is not None:
             self.trace(node.line, _describe(node, self))
         if name == "stop":
             raise _Stop
+        if name == "return":
+            raise _Return
+        if name == "include":
+            self._include(node)
+            return
+        if name == "global":
+            if isinstance(self.variables, variables.Scope):
+                self.variables.declare(self.sl(node.args[0]))
+            return
         if name == "keep":
             self._add(Action("keep", flags=self.flags(node), line=node.line), cancels=True)
         elif name == "discard":
@@ -236,6 +300,25 @@ class _Machine:
                 raise SieveRuntimeError(node.line, f"more than {self.max_redirects} redirects")
             self._add(Action("redirect", address=address, copy=copy, line=node.line), cancels=not copy)
 
+    def _include(self, node: Node) -> None:
+        key = ("global" if "global" in node.tags else "personal", str(node.args[0]))
+        compiled = self.includes.get(key)
+        if compiled is None:
+            return  # :optional, and there is no such script
+        if "once" in node.tags and key in self.once:
+            return
+        self.once.add(key)
+        saved = (self.variables, self.expand, self.match_vars)
+        shared = self.variables.shared if isinstance(self.variables, variables.Scope) else {}
+        self.variables, self.expand, self.match_vars = (variables.Scope(shared), "variables" in compiled.extensions,
+                                                        [])
+        try:
+            self.block(compiled.commands)
+        except _Return:
+            pass
+        finally:
+            self.variables, self.expand, self.match_vars = saved
+
     def _add(self, action: Action, cancels: bool) -> None:
         if cancels:
             self.result.implicit_keep = False
@@ -248,6 +331,7 @@ class _Machine:
     # -- tests --------------------------------------------------------------------------------------
 
     def test(self, node: Node) -> bool:
+        self._tick(node.line)
         result = self._test(node)
         if self.trace is not None and node.name not in ("not", "allof", "anyof", "true", "false"):
             self.trace(node.line, f"{_describe(node, self)}: {'true' if result else 'false'}")

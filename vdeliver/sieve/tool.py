@@ -1,7 +1,8 @@
 """`vdeliver sieve-test`: compile a script and run it against a message, delivering nothing.
 
     vdeliver sieve-test [--json] [-f SENDER] [-r RECIPIENT] [-a ORIGINAL_RECIPIENT]
-                        [-m DEFAULT_MAILBOX] [--trace] SCRIPT [MESSAGE]
+                        [-m DEFAULT_MAILBOX] [--trace] [--personal-dir DIR] [--global-dir DIR]
+                        SCRIPT [MESSAGE]
 
 Like Pigeonhole's sieve-test: the message comes from MESSAGE or standard input; nothing is
 stored or sent.  Text output for people; `--json` prints one object for scripts and
@@ -38,6 +39,9 @@ def _parser() -> _Parser:
     p.add_argument("-m", dest="mailbox", default="INBOX", metavar="DEFAULT_MAILBOX",
                    help="where keep and the implicit keep store (default INBOX)")
     p.add_argument("--trace", action="store_true", help="show each test with its result and each command, by line")
+    p.add_argument("--personal-dir", metavar="DIR",
+                   help="where include finds personal scripts, DIR/NAME.sieve (default: the script's directory)")
+    p.add_argument("--global-dir", metavar="DIR", help="where include :global finds scripts (default: none)")
     p.add_argument("script", metavar="SCRIPT")
     p.add_argument("message", nargs="?", metavar="MESSAGE", help="the message (default: standard input)")
     return p
@@ -61,8 +65,19 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     status, errors = "ok", []
     result = interpreter.Result()
+    import os
+
+    def resolve(location: str, name: str) -> bytes | None:
+        folder = (args.personal_dir or os.path.dirname(os.path.abspath(args.script))) if location == "personal" \
+            else args.global_dir
+        try:
+            with open(os.path.join(folder, name + ".sieve"), "rb") as f:
+                return f.read()
+        except (OSError, TypeError):
+            return None
+
     try:
-        compiled = compile_script(source)
+        compiled = compile_script(source, resolve=resolve)
     except SieveError as exc:
         status, errors = "compile-error", exc.errors
     else:

@@ -15,6 +15,7 @@ all of them are collected (the first one raises with the others in `.errors`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdeliver.sieve.errors import SieveError
@@ -25,7 +26,7 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
-    "mailbox", "date", "ihave", "body",
+    "mailbox", "date", "ihave", "body", "include",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -88,6 +89,11 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "removeflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
     ("command", "redirect"): Signature(("string",), dict(_COPY)),
     ("command", "error"): Signature(("string",), extension="ihave"),
+    ("command", "include"): Signature(("string",), {
+        "personal": TagSpec("location"), "global": TagSpec("location"), "once": TagSpec("once"),
+        "optional": TagSpec("optional")}, extension="include"),
+    ("command", "return"): Signature(extension="include"),
+    ("command", "global"): Signature(("strings",), extension="include"),
     # tests
     ("test", "true"): Signature(),
     ("test", "false"): Signature(),
@@ -175,28 +181,87 @@ class Node:
 class Compiled:
     commands: tuple[Node, ...]
     extensions: frozenset[str]
+    # include (RFC 6609): every script the include tree names, compiled with this one, by
+    # (location, name); an :optional one that does not exist is absent.
+    includes: dict[tuple[str, str], Compiled] = field(default_factory=dict)
 
 
-def compile_script(script: str | bytes) -> Compiled:
-    """Parse and validate; SieveError (with every error found in `.errors`) if it cannot run."""
-    return validate(parse(script))
+# Resolves an include: (":personal" or ":global" location without the colon, name) -> the
+# script's source, or None when there is no such script.
+Resolver = Callable[[str, str], "bytes | None"]
+MAX_INCLUDE_DEPTH = 10  # Pigeonhole's sieve_include_max_nesting_depth
+MAX_INCLUDES = 255  # Pigeonhole's sieve_include_max_includes: scripts in one include tree
 
 
-def validate(script: Script) -> Compiled:
-    v = _Validator()
+def compile_script(script: str | bytes, *, resolve: Resolver | None = None, max_size: int = 1 << 20) -> Compiled:
+    """Parse and validate; SieveError (with every error found in `.errors`) if it cannot run.
+    `resolve` finds the scripts `include` names (none without it)."""
+    return validate(parse(script, max_size=max_size), resolve=resolve, max_size=max_size)
+
+
+def validate(script: Script, *, resolve: Resolver | None = None, max_size: int = 1 << 20,
+             _tree: _IncludeTree | None = None) -> Compiled:
+    tree = _tree if _tree is not None else _IncludeTree(resolve, max_size)
+    v = _Validator(tree)
     commands = v.commands(script.commands, top=True)
     if v.errors:
         first = v.errors[0]
         error = SieveError(first.line, first.message)
         error.errors = v.errors
         raise error
-    return Compiled(commands, frozenset(v.required))
+    return Compiled(commands, frozenset(v.required), tree.compiled)
+
+
+class _IncludeTree:
+    """What one compilation shares across the scripts it includes: the compiled ones, the
+    chain being compiled (a script in it again is a cycle), and the resolver."""
+
+    def __init__(self, resolve: Resolver | None, max_size: int) -> None:
+        self.resolve = resolve
+        self.max_size = max_size
+        self.compiled: dict[tuple[str, str], Compiled] = {}
+        self.missing: set[tuple[str, str]] = set()
+        self.chain: list[tuple[str, str]] = []
+
+    def include(self, key: tuple[str, str], optional: bool) -> str:
+        """Compile the included script once; "" or why it cannot be included."""
+        if key in self.chain:
+            return f"circular include of {key[0]} script '{key[1]}'"
+        if key in self.compiled or (optional and key in self.missing):
+            return ""
+        if len(self.chain) >= MAX_INCLUDE_DEPTH:
+            return f"includes nested more than {MAX_INCLUDE_DEPTH} deep"
+        if len(self.compiled) >= MAX_INCLUDES:
+            return f"more than {MAX_INCLUDES} scripts included"
+        source = self.resolve(*key) if self.resolve is not None else None
+        if source is None:
+            if optional:
+                self.missing.add(key)
+                return ""
+            return f"included {key[0]} script '{key[1]}' does not exist"
+        self.chain.append(key)
+        try:
+            self.compiled[key] = validate(parse(source, max_size=self.max_size), _tree=self)
+        except SieveError as exc:
+            where = "; ".join(str(e) for e in exc.errors)
+            return f"failed to compile included {key[0]} script '{key[1]}': {where}"
+        finally:
+            self.chain.pop()
+        return ""
+
+
+def valid_script_name(name: str) -> bool:
+    """A script name as ManageSieve allows it (RFC 5804 1.6), and one that stays in its
+    directory: not empty, no '/', no control characters, at most 255 characters."""
+    return 0 < len(name) <= 255 and "/" not in name and name not in (".", "..") and not any(
+        ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in name)
 
 
 class _Validator:
-    def __init__(self) -> None:
+    def __init__(self, tree: _IncludeTree) -> None:
         self.errors: list[SieveError] = []
         self.required: set[str] = set()
+        self.tree = tree
 
     def error(self, line: int, message: str) -> None:
         self.errors.append(SieveError(line, message))
@@ -328,13 +393,38 @@ class _Validator:
         elif sig.optional_first and "variables" not in self.required:
             self.error(line, f"{kind} '{name}' takes a variable name only when \"variables\" is required")
         self._check_tags(kind, name, tags, line)
-        if name == "set" and args and not _is_variable_name(str(args[0])):
+        if name == "set" and args and not self._variable_name(str(args[0])):
             self.error(line, f"invalid variable name '{args[0]}'")
+        if name == "global" and args:
+            if "variables" not in self.required:
+                self.error(line, "the global command needs require \"variables\"")
+            for var in args[0] if isinstance(args[0], list) else []:
+                if not _is_variable_name(str(var)):
+                    self.error(line, f"invalid variable name '{var}'")
+        if name == "include" and args:
+            self._include(tags, str(args[0]), line)
         if name == "redirect" and args and not ("variables" in self.required and "${" in str(args[0])):
             why = redirect_address(str(args[0]))[1]
             if why:
                 self.error(line, f"specified redirect address '{args[0]}' is invalid: {why}")
         return tags, args
+
+    def _variable_name(self, name: str) -> bool:
+        if "include" in self.required and name[:7].lower() == "global.":
+            return _is_variable_name(name[7:])  # RFC 6609 3.5: the "global" namespace
+        return _is_variable_name(name)
+
+    def _include(self, tags: dict[str, object], name: str, line: int) -> None:
+        if "variables" in self.required and "${" in name:
+            self.error(line, "the include command needs a constant script name, not one with variables")
+            return
+        if not valid_script_name(name):
+            self.error(line, f"invalid script name '{name}'")
+            return
+        location = "global" if "global" in tags else "personal"
+        why = self.tree.include((location, name), bool(tags.get("optional")))
+        if why:
+            self.error(line, why)
 
     def _value(self, arg: Argument, want: str, what: str) -> object:
         if want == "number":

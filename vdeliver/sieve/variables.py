@@ -14,6 +14,8 @@ flag commands do to the script's state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, MutableMapping
+
 MAX_VALUE = 4096
 FLAGS = " flags"  # the internal variable: a name no script can write
 _SYSTEM = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft", "\\Recent")}
@@ -24,7 +26,49 @@ def _is_name(name: str) -> bool:
         c == "_" or (c.isascii() and c.isalnum()) for c in name)
 
 
-def expand(text: str, variables: dict[str, str], match_vars: list[str]) -> str:
+class Scope(MutableMapping[str, str]):
+    """One script's variables when include (RFC 6609) is in use: a name the script declared
+    with `global`, and any `global.NAME`, lives in the table all scripts of the run share
+    (`shared`); every other name is the script's own.  The imap4flags internal variable is
+    shared too: the flags the implicit keep stores with are the run's."""
+
+    __slots__ = ("own", "shared", "declared")
+
+    def __init__(self, shared: dict[str, str]) -> None:
+        self.own: dict[str, str] = {}
+        self.shared = shared
+        self.declared: set[str] = set()
+
+    def declare(self, names: list[str]) -> None:
+        self.declared.update(n.lower() for n in names)
+
+    def _where(self, name: str) -> tuple[dict[str, str], str]:
+        if name.startswith("global."):
+            return self.shared, name[7:]
+        if name in self.declared or name == FLAGS:
+            return self.shared, name
+        return self.own, name
+
+    def __getitem__(self, name: str) -> str:
+        table, key = self._where(name)
+        return table[key]
+
+    def __setitem__(self, name: str, value: str) -> None:
+        table, key = self._where(name)
+        table[key] = value
+
+    def __delitem__(self, name: str) -> None:
+        table, key = self._where(name)
+        del table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.own)
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+
+def expand(text: str, variables: Mapping[str, str], match_vars: list[str]) -> str:
     out: list[str] = []
     pos = 0
     while True:
@@ -42,7 +86,7 @@ def expand(text: str, variables: dict[str, str], match_vars: list[str]) -> str:
             index = int(name)
             out.append(match_vars[index] if index < len(match_vars) else "")
             pos = end + 1
-        elif _is_name(name):
+        elif _is_name(name) or (name[:7].lower() == "global." and _is_name(name[7:])):
             out.append(variables.get(name.lower(), ""))
             pos = end + 1
         else:
