@@ -10,10 +10,11 @@ it, up to `Part.end`, so a nested loop or `:anychild` takes a slice.
   boundary parameter, or whose boundary never appears, has no children.  A part of a
   multipart/digest without a Content-Type is message/rfc822.
 - A message/rfc822 part has one child: the message it holds, with that message's header.
-- Limits against hostile messages: multiparts and messages nested more than MAX_DEPTH deep
-  are read as leaves (their body is not split), and once MAX_PARTS parts are read no more
-  are made (the rest of the message belongs to no part).  Both are Dovecot's defaults
-  (message_max_nested_mime_parts, message_max_total_mime_parts).
+- Limits against hostile messages, Dovecot's defaults (message_max_nested_mime_parts,
+  message_max_total_mime_parts) with the same effect as in Pigeonhole: a part more than
+  MAX_DEPTH levels below the message is a leaf (its body is not split further), and the
+  message has at most MAX_PARTS parts, itself included (the parts past that are not read:
+  no loop, :anychild or extracttext sees them).
 - Header values are read as Message reads the top-level header (`headers.decode_value`).
 - Content-Type and Content-Disposition parameters follow RFC 2045 and RFC 2231 (continuations
   `name*0`, `name*1` joined; `name*=charset'lang'%XX` decoded to Unicode).
@@ -111,7 +112,7 @@ def parse(raw: bytes) -> list[Part]:
         index = len(parts) - 1
         children: list[tuple[int, int, int, str, int]] = []
         room = MAX_PARTS - len(parts) - len(stack)
-        if depth < MAX_DEPTH and room > 0:
+        if depth <= MAX_DEPTH and room > 0:
             if part.content_type.startswith("multipart/") and params.get("boundary"):
                 child_default = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
                 ranges = _split(raw, body_start, end, params["boundary"].encode("utf-8", "replace"))
