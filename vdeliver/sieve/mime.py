@@ -5,8 +5,9 @@ them: the message itself first, then every part depth-first, in the order they a
 (RFC 5703 section 3, and Pigeonhole's order).  A part's descendants are the parts right after
 it, up to `Part.end`, so a nested loop or `:anychild` takes a slice.
 
-- A multipart is split at its boundary lines (a line that begins with `--BOUNDARY`, as
-  Dovecot reads them); the preamble and the epilogue are not parts.  A multipart without a
+- A multipart is split at its boundary lines (`--BOUNDARY`, `--BOUNDARY--` for the last,
+  blanks after them allowed); the preamble and the epilogue are not parts.  Dovecot also
+  takes a line that only starts with a boundary (`--BOUNDARYjunk`) for one; vdeliver does not.  A multipart without a
   boundary parameter, or whose boundary never appears, has no children.  A part of a
   multipart/digest without a Content-Type is message/rfc822.
 - A message/rfc822 part has one child: the message it holds, with that message's header.
@@ -131,9 +132,9 @@ def parse(raw: bytes) -> list[Part]:
 
 def _split(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
     """The ranges between the delimiter lines of the multipart body raw[start:end] (RFC 2046
-    section 5.1.1: the line end before a delimiter belongs to it).  As Dovecot reads them, a
-    line that starts with --BOUNDARY is a delimiter, and one that goes on with -- the last."""
-    delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[^\n]*(?:\n|\Z)", re.MULTILINE)
+    section 5.1.1: the line end before a delimiter belongs to it): a line that is --BOUNDARY,
+    and --BOUNDARY-- the last, blanks after them allowed."""
+    delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?(?:\n|\Z)", re.MULTILINE)
     out: list[tuple[int, int]] = []
     begin = -1
     for m in delimiter.finditer(raw, start, end):
@@ -354,7 +355,7 @@ def text(part: Part) -> str:
 
 def html_text(html: str) -> str:
     """The text of an HTML document: tags dropped (a block element leaves a blank), script
-    and style skipped, entities decoded, runs of blanks made one."""
+    and style skipped, entities decoded, runs of blanks made one, one blank at the end."""
     from html.parser import HTMLParser
 
     pieces: list[str] = []
@@ -385,4 +386,5 @@ def html_text(html: str) -> str:
         parser.close()
     except (AssertionError, ValueError):  # html.parser on a broken declaration
         pass
-    return re.sub(r"\s+", " ", "".join(pieces)).lstrip()
+    words = re.sub(r"\s+", " ", "".join(pieces)).strip()
+    return words + " " if words else ""  # ends with a blank, as Pigeonhole's (Dovecot's html2text)
