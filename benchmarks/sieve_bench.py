@@ -26,7 +26,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,8 @@ def rules() -> bytes:
                     f'not header :contains "subject" "[ok]")')
         else:
             test = f'header :matches "subject" "*ticket #{i}*"'
-        action = f'\tfileinto "Rules.R{i}";\n\tstop;' if i % 5 else f'\taddflag "\\\\Flagged";\n\tfileinto "Rules.R{i}";'
+        action = (f'\tfileinto "Rules.R{i}";\n\tstop;' if i % 5 else
+                  f'\taddflag "\\\\Flagged";\n\tfileinto "Rules.R{i}";')
         out.append(f"if {test}\n{{\n{action}\n}}")
     return ("\n".join(out) + "\n").encode()
 

@@ -23,9 +23,14 @@ from vdeliver.sieve import headers, match, variables
 from vdeliver.sieve.errors import SieveError
 from vdeliver.sieve.validator import Compiled, Node, redirect_address
 
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.sieve.mime import Part
+
 MAX_ACTIONS = 32
 MAX_REDIRECTS = 4
 MAX_CPU_TIME = 30.0  # seconds of CPU for one message (Pigeonhole's sieve_max_cpu_time)
+MAX_PART_VISITS = 100_000  # foreverypart iterations and parts read by :anychild, per run (RFC 5703)
 
 
 class SieveRuntimeError(SieveError):
@@ -48,6 +53,15 @@ class Message:
     fields: list[tuple[str, bytes]]  # (lower-case name, raw value with its folding)
     size: int
     raw: bytes = b""  # the whole message, for the body test (empty: no body to test)
+    mime_parts: list[Part] | None = field(default=None, repr=False, compare=False)  # parsed when first asked
+
+    def parts(self) -> list[Part]:
+        """The MIME parts, the message itself first (vdeliver.sieve.mime), read once."""
+        if self.mime_parts is None:
+            from vdeliver.sieve import mime
+
+            self.mime_parts = mime.parse(self.raw)
+        return self.mime_parts
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Message:
@@ -126,6 +140,9 @@ class _Stop(Exception):
 
 class _Return(Exception):
     """`return` (RFC 6609): back to the script that included this one."""
+class _Break(Exception):
+    def __init__(self, name: str | None) -> None:
+        self.name = name  # None: the innermost loop
 
 
 def default_environment() -> dict[str, str]:
@@ -216,6 +233,8 @@ class _Machine:
         self.environment: dict[str, str] = {}
         self.mailbox_exists: Callable[[str], bool] = _inbox_only
         self.trace: Callable[[int, str], None] | None = None
+        self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
+        self.part_visits = 0
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -289,6 +308,17 @@ class _Machine:
             target = variables.FLAGS if node.args[0] is None else self.s(node.args[0]).lower()
             current = self.variables.get(target, "")
             self.variables[target] = variables.change_flags(name, current, self.sl(node.args[1]))
+        elif name == "foreverypart":
+            self._foreverypart(node)
+        elif name == "break":
+            raise _Break(str(node.tags["name"]) if "name" in node.tags else None)
+        elif name == "extracttext":
+            from vdeliver.sieve import mime
+
+            text = mime.text(self.message.parts()[self.loop_parts[-1]])
+            if "first" in node.tags:
+                text = text[:int(str(node.tags["first"]))]
+            self.variables[self.s(node.args[0]).lower()] = variables.limit(variables.modify(text, node.tags))
         elif name == "error":
             raise SieveRuntimeError(node.line, f"error: {self.s(node.args[0])}")
         elif name == "redirect":
@@ -318,6 +348,39 @@ class _Machine:
             pass
         finally:
             self.variables, self.expand, self.match_vars = saved
+    def _foreverypart(self, node: Node) -> None:
+        """RFC 5703 section 3: the block once per part, the message itself first; a loop inside
+        another visits the parts below the outer loop's current part."""
+        parts = self.message.parts()
+        first, end = (self.loop_parts[-1] + 1, parts[self.loop_parts[-1]].end) if self.loop_parts else (0, len(parts))
+        for index in range(first, end):
+            self._visit(node.line, 1)
+            self.loop_parts.append(index)
+            try:
+                self.block(node.block or ())
+            except _Break as exc:
+                if exc.name is None or exc.name == node.tags.get("name"):
+                    return
+                raise
+            finally:
+                self.loop_parts.pop()
+
+    def _visit(self, line: int, count: int) -> None:
+        self.part_visits += count
+        if self.part_visits > MAX_PART_VISITS:
+            raise SieveRuntimeError(line, f"MIME parts visited more than {MAX_PART_VISITS} times")
+
+    def _mime_parts(self, node: Node) -> list[Part] | None:
+        """The parts a :mime test reads: the current part of the innermost loop, and with
+        :anychild every part below it too; None for the message's own header (outside a loop,
+        without :anychild)."""
+        if not self.loop_parts and "anychild" not in node.tags:
+            return None
+        parts = self.message.parts()
+        index = self.loop_parts[-1] if self.loop_parts else 0
+        scope = parts[index:parts[index].end] if "anychild" in node.tags else parts[index:index + 1]
+        self._visit(node.line, len(scope))
+        return scope
 
     def _add(self, action: Action, cancels: bool) -> None:
         if cancels:
@@ -350,6 +413,9 @@ class _Machine:
         if name == "anyof":
             return any(self.test(t) for t in node.tests)
         if name == "exists":
+            scope = self._mime_parts(node) if "mime" in node.tags else None
+            if scope is not None:
+                return all(any(p.values(h) for p in scope) for h in self.sl(node.args[0]))
             return all(self.message.values(h) for h in self.sl(node.args[0]))
         if name == "size":
             limit = int(str(node.args[0]))
@@ -415,7 +481,18 @@ class _Machine:
 
     def _fields(self, node: Node, name: str, *, decode: bool = True) -> list[str]:
         """The values of a header field; with :index N only the Nth (from the end with :last)."""
-        values = self.message.values(name) if decode else self.message.unfolded(name)
+        scope = self._mime_parts(node) if "mime" in node.tags else None
+        if scope is not None:
+            values = [v for p in scope for v in p.values(name, decode)]
+        else:
+            values = self.message.values(name) if decode else self.message.unfolded(name)
+        if "mime" in node.tags:
+            option = next((o for o in ("type", "subtype", "contenttype", "param") if o in node.tags), None)
+            if option is not None:
+                from vdeliver.sieve import mime
+
+                params = self.sl(node.tags["param"]) if option == "param" else []
+                values = [o for v in values for o in mime.option_values(v, name, option, params)]
         index = node.tags.get("index")
         if not isinstance(index, int):
             return values

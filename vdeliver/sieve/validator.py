@@ -26,7 +26,7 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
-    "mailbox", "date", "ihave", "body", "include",
+    "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext",
 })
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
@@ -67,6 +67,12 @@ _ADDRESS_PART = {
 _COPY = {"copy": TagSpec("copy", None, "copy")}
 _FLAGS = {"flags": TagSpec("flags", "strings", "imap4flags")}
 _INDEX = {"index": TagSpec("index", "number", "index"), "last": TagSpec("last", None, "index")}
+# RFC 5703 section 4: :mime and its options (the options need :mime; rules_5703 checks it)
+_MIME = {"mime": TagSpec("mime", None, "mime"), "anychild": TagSpec("anychild", None, "mime")}
+_MIME_OPTIONS = {"type": TagSpec("mime-option", None, "mime"), "subtype": TagSpec("mime-option", None, "mime"),
+                 "contenttype": TagSpec("mime-option", None, "mime"),
+                 "param": TagSpec("mime-option", "strings", "mime")}
+MAX_LOOP_NESTING = 4  # foreverypart loops in one another (Pigeonhole's SIEVE_MAX_LOOP_DEPTH)
 _MODIFIERS = {  # RFC 5229 section 4: one per precedence group
     "lower": TagSpec("case"), "upper": TagSpec("case"), "lowerfirst": TagSpec("first"),
     "upperfirst": TagSpec("first"), "quotewildcard": TagSpec("quote"), "length": TagSpec("length"),
@@ -94,17 +100,24 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
         "optional": TagSpec("optional")}, extension="include"),
     ("command", "return"): Signature(extension="include"),
     ("command", "global"): Signature(("strings",), extension="include"),
+    ("command", "foreverypart"): Signature(tags={"name": TagSpec("name", "string")}, block=True,
+                                           extension="foreverypart"),
+    ("command", "break"): Signature(tags={"name": TagSpec("name", "string")}, extension="foreverypart"),
+    ("command", "extracttext"): Signature(("string",), {**_MODIFIERS, "first": TagSpec("first-n", "number")},
+                                          extension="extracttext"),
     # tests
     ("test", "true"): Signature(),
     ("test", "false"): Signature(),
     ("test", "not"): Signature(tests="one"),
     ("test", "allof"): Signature(tests="list"),
     ("test", "anyof"): Signature(tests="list"),
-    ("test", "exists"): Signature(("strings",)),
+    ("test", "exists"): Signature(("strings",), dict(_MIME)),
     ("test", "size"): Signature(("number",), {"over": TagSpec("size"), "under": TagSpec("size")},
                                 required_groups=("size",)),
-    ("test", "header"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_INDEX}),
-    ("test", "address"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART, **_INDEX}),
+    ("test", "header"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_INDEX, **_MIME,
+                                                            **_MIME_OPTIONS}),
+    ("test", "address"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART, **_INDEX,
+                                                             **_MIME}),
     ("test", "envelope"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH, **_ADDRESS_PART},
                                     extension="envelope"),
     ("test", "string"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="variables"),
@@ -204,6 +217,7 @@ def validate(script: Script, *, resolve: Resolver | None = None, max_size: int =
     tree = _tree if _tree is not None else _IncludeTree(resolve, max_size)
     v = _Validator(tree)
     commands = v.commands(script.commands, top=True)
+    v.extracttext_needs()
     if v.errors:
         first = v.errors[0]
         error = SieveError(first.line, first.message)
@@ -262,6 +276,8 @@ class _Validator:
         self.errors: list[SieveError] = []
         self.required: set[str] = set()
         self.tree = tree
+        self.require_lines: dict[str, int] = {}
+        self.loops: list[str | None] = []  # the names of the foreverypart loops around (None: unnamed)
 
     def error(self, line: int, message: str) -> None:
         self.errors.append(SieveError(line, message))
@@ -314,6 +330,7 @@ class _Validator:
         for name in cmd.arguments[0].values:
             if name in EXTENSIONS:
                 self.required.add(name)
+                self.require_lines.setdefault(name, cmd.line)
             elif name in NOT_YET:
                 self.error(cmd.line, f"extension '{name}' is not supported by vdeliver yet ({NOT_YET[name]})")
             else:
@@ -338,8 +355,47 @@ class _Validator:
         elif not sig.block and block is not None:
             self.error(line, f"the {name} command takes no block")
         elif block is not None:
+            loop = name == "foreverypart"
+            if loop:
+                self.loops.append(str(tags["name"]) if "name" in tags else None)
             body = self.commands(block)
+            if loop:
+                self.loops.pop()
+        if name in ("foreverypart", "break", "extracttext") or "mime" in sig.tags:
+            self.rules_5703(kind, name, tags, args, line)
         return Node(name, line, tags, args, sub, body)
+
+    def rules_5703(self, kind: str, name: str, tags: dict[str, object], args: tuple[object, ...],
+                   line: int) -> None:
+        """RFC 5703: break and extracttext inside a foreverypart loop (break :name inside one of
+        that name), loops nested at most MAX_LOOP_NESTING deep, :mime's options with :mime, and
+        extracttext into a variable a script may set."""
+        if name == "foreverypart" and len(self.loops) + 1 > MAX_LOOP_NESTING:
+            self.error(line, f"the nested foreverypart loop exceeds the nesting limit (<= {MAX_LOOP_NESTING} levels)")
+        elif name == "break" and "name" in tags and str(tags["name"]) not in self.loops:
+            self.error(line, f"the break command is not placed inside a foreverypart loop named '{tags['name']}'")
+        elif name in ("break", "extracttext") and not self.loops:
+            self.error(line, f"the {name} command is not placed inside a foreverypart loop")
+        if name == "extracttext" and args and not _is_variable_name(str(args[0])):
+            self.error(line, "cannot assign to match variable" if str(args[0]).isdigit()
+                       else f"invalid variable name '{args[0]}'")
+        if "mime" not in tags:
+            for option in ("anychild", "type", "subtype", "contenttype", "param"):
+                if option in tags:
+                    self.error(line, f"the :{option} tag for the {name} {kind} cannot be specified without "
+                                     "the :mime tag")
+
+    def extracttext_needs(self) -> None:
+        """RFC 5703 section 7: extracttext needs foreverypart and variables."""
+        if "extracttext" not in self.required:
+            return
+        line = self.require_lines.get("extracttext", 0)
+        for needed in ("foreverypart", "variables"):
+            if needed not in self.required:
+                error = SieveError(line, f"the extracttext extension cannot be used without the {needed} extension")
+                at = next((i for i, e in enumerate(self.errors) if e.line > line), len(self.errors))
+                self.errors.insert(at, error)
+                return
 
     def _arguments(self, kind: str, name: str, sig: Signature, arguments: tuple[Argument, ...],
                    line: int) -> tuple[dict[str, object], tuple[object, ...]]:
