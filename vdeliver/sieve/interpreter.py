@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from vdeliver.sieve import headers, match, variables
 from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.spamtest import SpamConfig
 from vdeliver.sieve.validator import Compiled, Node
 
 MAX_ACTIONS = 32
@@ -139,15 +140,17 @@ def _inbox_only(name: str) -> bool:
 def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
         mailbox_exists: Callable[[str], bool] = _inbox_only,
-        trace: Callable[[int, str], None] | None = None) -> Result:
+        trace: Callable[[int, str], None] | None = None, spam: SpamConfig | None = None) -> Result:
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
     test (RFC 5490), by default only the INBOX exists; `trace` hears (line, what happened) for
-    each test and command, for `sieve-test --trace`."""
+    each test and command, for `sieve-test --trace`; `spam` where spamtest and virustest find
+    the scanners' verdicts (by default SpamAssassin's and clamav-milter's headers)."""
     machine = _Machine(message, envelope, max_actions, max_redirects, "variables" in compiled.extensions)
     machine.trace = trace
     machine.environment = environment if environment is not None else default_environment()
     machine.mailbox_exists = mailbox_exists
+    machine.spam = spam if spam is not None else SpamConfig()
     try:
         machine.block(compiled.commands)
     except _Stop:
@@ -171,6 +174,7 @@ class _Machine:
         self.environment: dict[str, str] = {}
         self.mailbox_exists: Callable[[str], bool] = _inbox_only
         self.trace: Callable[[int, str], None] | None = None
+        self.spam = SpamConfig()
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -285,9 +289,20 @@ class _Machine:
             types = self.sl(node.tags["content"]) if transform == "content" else ["text"]
             return self._match(node, body.values(self.message.raw, transform, types), self.sl(node.args[0]))
         if name == "ihave":
-            from vdeliver.sieve.validator import EXTENSIONS
+            from vdeliver.sieve.validator import EXTENSIONS, unusable
 
-            return all(n in EXTENSIONS for n in self.sl(node.args[0]))
+            return all(n in EXTENSIONS and unusable(n) is None for n in self.sl(node.args[0]))
+        if name in ("spamtest", "virustest"):
+            from vdeliver.sieve import spamtest
+
+            first = lambda h: next(iter(self.message.values(h)), None)  # noqa: E731
+            config = self.spam.spamtest if name == "spamtest" else self.spam.virustest
+            try:
+                value, tested = spamtest.value(config, first, name, "percent" in node.tags)
+            except SieveError as exc:
+                raise SieveRuntimeError(node.line, exc.message) from None
+            counted = [value] if tested or "count" not in node.tags else []  # RFC 5235 3.1
+            return self._match(node, counted, self.sl(node.args[0]))
         if name == "string":
             values = self.sl(node.args[0])
             if "count" in node.tags:
@@ -349,7 +364,14 @@ class _Machine:
             return match.matches_any("value", comparator, [str(len(values))], keys, str(node.tags["count"]))
         if "value" in node.tags:
             return match.matches_any("value", comparator, values, keys, str(node.tags["value"]))
-        kind = next((m for m in ("is", "contains", "matches") if m in node.tags), "is")
+        kind = next((m for m in ("is", "contains", "matches", "regex") if m in node.tags), "is")
+        if kind == "regex":
+            from vdeliver.sieve import regex
+
+            groups = regex.match_any(comparator, values, keys, capture=self.expand)
+            if groups is not None and self.expand:
+                self.match_vars = groups
+            return groups is not None
         if kind != "matches" or not self.expand:
             return match.matches_any(kind, comparator, values, keys)
         for value in values:  # the first value and key that match set ${0}, ${1}, ...
