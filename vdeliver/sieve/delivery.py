@@ -18,6 +18,13 @@ message is kept in the INBOX instead, and the log says so), keywords, and flags 
     script = ".dovecot.sieve"
     max_actions = 32
     max_redirects = 4
+    # spamtest / virustest (RFC 5235): Pigeonhole's sieve_spamtest_* and sieve_virustest_*
+    # settings without the prefix; by default SpamAssassin's X-Spam-Status (score, required)
+    # and clamav-milter's X-Virus-Status (docs/sieve.md, vdeliver/sieve/spamtest.py)
+    spamtest_status_type = "score"   # score, strlen or text
+    spamtest_status_header = "X-Spam-Status: ^[[:alpha:]]+, score=(...)"
+    spamtest_max_header = "..."      # or spamtest_max_value = 5.0; spamtest_text_value0..10
+    virustest_status_type = "text"   # and virustest_status_header, ..., virustest_text_value0..5
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from vdeliver.config import Config, ConfigError, read_table
 from vdeliver.hooks import Log
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
+from vdeliver.sieve import spamtest
 
-KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int"}
+KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
+        **spamtest.KEYS}
 MAX_LOG = 64 << 10  # the <script>.log starts again past this size
 
 
@@ -42,6 +51,7 @@ class Settings:
     max_actions: int = 32
     max_redirects: int = 4
     max_script_size: int = 1 << 20
+    spam: spamtest.SpamConfig = spamtest.DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +67,11 @@ class Store:
 
 def settings(cfg: Config) -> Settings:
     values = read_table(cfg, "sieve", KEYS)
+    spam = {k: values.pop(k) for k in list(values) if k in spamtest.KEYS}
+    try:
+        values["spam"] = spamtest.from_settings(spam)
+    except ValueError as exc:
+        raise ConfigError(cfg.where("sieve", str(exc).split()[0]), str(exc)) from None
     s = Settings(**values)  # type: ignore[arg-type]
     if "/" in s.script or s.script in ("", ".", ".."):
         raise ConfigError(cfg.where("sieve", "script"), "must be a file name in the home directory")
@@ -102,7 +117,7 @@ def _run(cfg: Config, opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepar
             data = data.partition(b"\n")[2]  # the mbox From_ line is not a header
         envelope = interpreter.Envelope(msg.sender, rcpt.address)
         result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope,
-                                 max_actions=opts.max_actions, max_redirects=opts.max_redirects,
+                                 max_actions=opts.max_actions, max_redirects=opts.max_redirects, spam=opts.spam,
                                  mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except SieveError as exc:
         raise _KeepInbox("; ".join(str(e) for e in exc.errors)) from None

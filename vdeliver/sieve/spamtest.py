@@ -66,6 +66,9 @@ class SpamConfig:
     virustest: TestConfig = CLAMAV
 
 
+DEFAULT = SpamConfig()
+
+
 _KINDS = {"status_type": "str", "status_header": "str", "max_header": "str", "max_value": "float"}
 # The [sieve] keys (config.read_table kinds) this module reads.
 KEYS: dict[str, str] = {
@@ -79,6 +82,8 @@ STATUS_TYPES = ("score", "strlen", "text")
 def from_settings(values: dict[str, object]) -> SpamConfig:
     """SpamConfig from the [sieve] keys in KEYS (others ignored); a test none of whose keys
     is set keeps its default.  ValueError names a bad key."""
+    from vdeliver.sieve import regex
+
     tests: dict[str, TestConfig] = {}
     for test, default, most in (("spamtest", SPAMASSASSIN, 10), ("virustest", CLAMAV, 5)):
         mine = {k[len(test) + 1:]: v for k, v in values.items() if k.startswith(test + "_")}
@@ -89,6 +94,14 @@ def from_settings(values: dict[str, object]) -> SpamConfig:
         if status_type not in STATUS_TYPES:
             raise ValueError(f"{test}_status_type must be one of {', '.join(STATUS_TYPES)}")
         texts = tuple(str(mine.get(f"text_value{i}", "")) for i in range(most + 1))
+        for key in ("status_header", "max_header"):
+            spec = str(mine.get(key, ""))
+            try:
+                pattern = _spec(spec)[1] if spec else None
+                if pattern is not None:
+                    regex.translate(pattern)
+            except (ValueError, regex.RegexError) as exc:
+                raise ValueError(f"{test}_{key} is not 'Header-Name' or 'Header-Name: ERE': {exc}") from None
         max_value = mine.get("max_value")
         tests[test] = TestConfig(str(mine.get("status_header", "")), status_type, str(mine.get("max_header", "")),
                                  float(max_value) if isinstance(max_value, (int, float)) else None, texts)
