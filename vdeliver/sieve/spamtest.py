@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 from vdeliver.sieve.errors import SieveError
 
-_NUMBER = r"(-?[[:digit:]]+([.,][[:digit:]]+)?)"
+_NUMBER = "-?[[:digit:]]+[.,]?[[:digit:]]*"  # POSIX ERE has no (?:...): the verdict must be group 1
 
 
 @dataclass(frozen=True, slots=True)
-class TestConfig:
+class ScanConfig:
     """One test's settings (Pigeonhole's sieve_spamtest_* or sieve_virustest_*)."""
 
     status_header: str = ""  # "" : not configured, the test always sees "0"
@@ -51,19 +51,19 @@ class TestConfig:
     text_values: tuple[str, ...] = ()  # index X: the verdict text that gives X ("" for none)
 
 
-SPAMASSASSIN = TestConfig(
-    status_header=r"X-Spam-Status: ^[[:alpha:]]+, score=" + _NUMBER,
+SPAMASSASSIN = ScanConfig(
+    status_header=f"X-Spam-Status: ^[[:alpha:]]+, score=({_NUMBER})",
     status_type="score",
-    max_header=r"X-Spam-Status: ^[[:alpha:]]+, score=-?[[:digit:]]+([.,][[:digit:]]+)? required=" + _NUMBER,
+    max_header=f"X-Spam-Status: ^[[:alpha:]]+, score={_NUMBER} required=({_NUMBER})",
 )
-CLAMAV = TestConfig(status_header="X-Virus-Status: ^([[:alpha:]]+)", status_type="text",
+CLAMAV = ScanConfig(status_header="X-Virus-Status: ^([[:alpha:]]+)", status_type="text",
                     text_values=("", "Clean", "", "", "", "Infected"))
 
 
 @dataclass(frozen=True, slots=True)
 class SpamConfig:
-    spamtest: TestConfig = SPAMASSASSIN
-    virustest: TestConfig = CLAMAV
+    spamtest: ScanConfig = SPAMASSASSIN
+    virustest: ScanConfig = CLAMAV
 
 
 DEFAULT = SpamConfig()
@@ -84,7 +84,7 @@ def from_settings(values: dict[str, object]) -> SpamConfig:
     is set keeps its default.  ValueError names a bad key."""
     from vdeliver.sieve import regex
 
-    tests: dict[str, TestConfig] = {}
+    tests: dict[str, ScanConfig] = {}
     for test, default, most in (("spamtest", SPAMASSASSIN, 10), ("virustest", CLAMAV, 5)):
         mine = {k[len(test) + 1:]: v for k, v in values.items() if k.startswith(test + "_")}
         if not mine:
@@ -103,7 +103,7 @@ def from_settings(values: dict[str, object]) -> SpamConfig:
             except (ValueError, regex.RegexError) as exc:
                 raise ValueError(f"{test}_{key} is not 'Header-Name' or 'Header-Name: ERE': {exc}") from None
         max_value = mine.get("max_value")
-        tests[test] = TestConfig(str(mine.get("status_header", "")), status_type, str(mine.get("max_header", "")),
+        tests[test] = ScanConfig(str(mine.get("status_header", "")), status_type, str(mine.get("max_header", "")),
                                  float(max_value) if isinstance(max_value, (int, float)) else None, texts)
     return SpamConfig(tests["spamtest"], tests["virustest"])
 
@@ -171,7 +171,7 @@ def _extract(spec: str, first_value: str | None) -> str | None:
     return groups[1]
 
 
-def value(config: TestConfig, header: Callable[[str], str | None], test: str, percent: bool) -> tuple[str, bool]:
+def value(config: ScanConfig, header: Callable[[str], str | None], test: str, percent: bool) -> tuple[str, bool]:
     """(the normalized value, whether a verdict was found).  `header(name)` gives the first
     field of that name, or None.  SieveError when the configuration itself is wrong."""
     most = 5 if test == "virustest" else 10
@@ -186,7 +186,7 @@ def value(config: TestConfig, header: Callable[[str], str | None], test: str, pe
     return str(int(score * (most - 1) + 1.001)), True
 
 
-def _score(config: TestConfig, get: Callable[[str], str | None], most: int) -> float | None:
+def _score(config: ScanConfig, get: Callable[[str], str | None], most: int) -> float | None:
     """The ratio 0..1, or None: not tested."""
     from vdeliver.sieve import regex
 
