@@ -377,3 +377,13 @@ def test_verdicts_as_pigeonhole(oracle: Pigeonhole, script: str) -> None:
         assert exc.line in [n for n, _ in theirs.errors], (exc, theirs.errors)
     else:
         assert theirs.ok, theirs.output
+
+
+def test_the_examples_in_the_docs_compile_and_run() -> None:
+    text = (ROOT / "docs" / "sieve.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```sieve\n")[1:]]
+    assert len(blocks) >= 2
+    for block in blocks:
+        compile_script(block.encode())
+    listed = b"From: a@example.org\r\nSubject: [dev-team] release\r\n\r\nbody\r\n"
+    assert stores(blocks[0], listed) == ["Lists.dev-team"]
