@@ -26,6 +26,13 @@ is then also stored in the INBOX: it is never lost.
     max_redirects = 4
     sendmail = "/usr/sbin/sendmail"
     sendmail_timeout = 60    # seconds
+    # spamtest / virustest (RFC 5235): Pigeonhole's sieve_spamtest_* and sieve_virustest_*
+    # settings without the prefix; by default SpamAssassin's X-Spam-Status (score, required)
+    # and clamav-milter's X-Virus-Status (docs/sieve.md, vdeliver/sieve/spamtest.py)
+    spamtest_status_type = "score"   # score, strlen or text
+    spamtest_status_header = "X-Spam-Status: ^[[:alpha:]]+, score=(...)"
+    spamtest_max_header = "..."      # or spamtest_max_value = 5.0; spamtest_text_value0..10
+    virustest_status_type = "text"   # and virustest_status_header, ..., virustest_text_value0..5
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from vdeliver.config import Config, ConfigError, read_table
 from vdeliver.hooks import Log
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
+from vdeliver.sieve import spamtest
 
 if TYPE_CHECKING:
     from vdeliver.sieve.interpreter import Message
@@ -46,7 +54,7 @@ if TYPE_CHECKING:
 
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
-        "max_cpu_time": "float"}
+        "max_cpu_time": "float", **spamtest.KEYS}
 MAX_LOG = 64 << 10  # the <script>.log starts again past this size
 
 
@@ -63,6 +71,7 @@ class Settings:
     after: tuple[str, ...] = ()  # and last
     global_dir: str = ""  # where `include :global "NAME"` finds NAME.sieve
     max_cpu_time: float = 30.0
+    spam: spamtest.SpamConfig = spamtest.DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +87,11 @@ class Store:
 
 def settings(cfg: Config) -> Settings:
     values = read_table(cfg, "sieve", KEYS)
+    spam = {k: values.pop(k) for k in list(values) if k in spamtest.KEYS}
+    try:
+        values["spam"] = spamtest.from_settings(spam)
+    except ValueError as exc:
+        raise ConfigError(cfg.where("sieve", str(exc).split()[0]), str(exc)) from None
     s = Settings(**values)  # type: ignore[arg-type]
     if "/" in s.script or s.script in ("", ".", ".."):
         raise ConfigError(cfg.where("sieve", "script"), "must be a file name in the home directory")
@@ -181,6 +195,7 @@ def _run(opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: 
     try:
         result = interpreter.run_sequence(compiled, message, envelope, max_actions=opts.max_actions,
                                           max_redirects=opts.max_redirects, max_cpu_time=opts.max_cpu_time,
+                                          spam=opts.spam,
                                           mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except interpreter.SieveRuntimeError as exc:
         path, personal = paths[exc.script]

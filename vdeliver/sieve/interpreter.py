@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from vdeliver.sieve import headers, match, variables
 from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.spamtest import SpamConfig
 from vdeliver.sieve.validator import Compiled, Node, redirect_address
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
@@ -164,12 +165,13 @@ def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
         mailbox_exists: Callable[[str], bool] = _inbox_only,
         trace: Callable[[int, str], None] | None = None, max_cpu_time: float = MAX_CPU_TIME,
-        result: Result | None = None) -> Result:
+        result: Result | None = None, spam: SpamConfig | None = None) -> Result:
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
     test (RFC 5490), by default only the INBOX exists; `trace` hears (line, what happened) for
     each test and command, for `sieve-test --trace`; `result` goes on from an earlier
-    script's (a sequence of global and personal scripts)."""
+    script's (a sequence of global and personal scripts); `spam` where spamtest and virustest
+    find the scanners' verdicts (by default SpamAssassin's and clamav-milter's headers)."""
     import time
 
     machine = _Machine(message, envelope, max_actions, max_redirects, "variables" in compiled.extensions)
@@ -184,6 +186,7 @@ def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions
     machine.deadline = time.process_time() + max_cpu_time
     if compiled.includes or "include" in compiled.extensions:
         machine.variables = variables.Scope({})
+    machine.spam = spam if spam is not None else SpamConfig()
     try:
         machine.block(compiled.commands)
     except (_Stop, _Return):
@@ -235,6 +238,7 @@ class _Machine:
         self.trace: Callable[[int, str], None] | None = None
         self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
         self.part_visits = 0
+        self.spam = SpamConfig()
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -437,9 +441,20 @@ class _Machine:
             types = self.sl(node.tags["content"]) if transform == "content" else ["text"]
             return self._match(node, body.values(self.message.raw, transform, types), self.sl(node.args[0]))
         if name == "ihave":
-            from vdeliver.sieve.validator import EXTENSIONS
+            from vdeliver.sieve.validator import EXTENSIONS, unusable
 
-            return all(n in EXTENSIONS for n in self.sl(node.args[0]))
+            return all(n in EXTENSIONS and unusable(n) is None for n in self.sl(node.args[0]))
+        if name in ("spamtest", "virustest"):
+            from vdeliver.sieve import spamtest
+
+            first = lambda h: next(iter(self.message.values(h)), None)  # noqa: E731
+            config = self.spam.spamtest if name == "spamtest" else self.spam.virustest
+            try:
+                value, tested = spamtest.value(config, first, name, "percent" in node.tags)
+            except SieveError as exc:
+                raise SieveRuntimeError(node.line, exc.message) from None
+            counted = [value] if tested or "count" not in node.tags else []  # RFC 5235 3.1
+            return self._match(node, counted, self.sl(node.args[0]))
         if name == "string":
             values = self.sl(node.args[0])
             if "count" in node.tags:
@@ -512,7 +527,14 @@ class _Machine:
             return match.matches_any("value", comparator, [str(len(values))], keys, str(node.tags["count"]))
         if "value" in node.tags:
             return match.matches_any("value", comparator, values, keys, str(node.tags["value"]))
-        kind = next((m for m in ("is", "contains", "matches") if m in node.tags), "is")
+        kind = next((m for m in ("is", "contains", "matches", "regex") if m in node.tags), "is")
+        if kind == "regex":
+            from vdeliver.sieve import regex
+
+            groups = regex.match_any(comparator, values, keys, capture=self.expand)
+            if groups is not None and self.expand:
+                self.match_vars = groups
+            return groups is not None
         if kind != "matches" or not self.expand:
             return match.matches_any(kind, comparator, values, keys)
         for value in values:  # the first value and key that match set ${0}, ${1}, ...

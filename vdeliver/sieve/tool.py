@@ -2,12 +2,14 @@
 
     vdeliver sieve-test [--json] [-f SENDER] [-r RECIPIENT] [-a ORIGINAL_RECIPIENT]
                         [-m DEFAULT_MAILBOX] [--trace] [--personal-dir DIR] [--global-dir DIR]
-                        SCRIPT [MESSAGE]
+                        [--config FILE] SCRIPT [MESSAGE]
 
 Like Pigeonhole's sieve-test: the message comes from MESSAGE or standard input; nothing is
 stored or sent.  Text output for people; `--json` prints one object for scripts and
 webmail (status, errors with their lines, the actions in execution order, the implicit
-keep).  Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
+keep).  `--config FILE` takes the [sieve] settings of that configuration (the limits, and
+where spamtest and virustest read the scanners' verdicts), as delivery would; without it,
+the defaults.  Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def _parser() -> _Parser:
     p.add_argument("--personal-dir", metavar="DIR",
                    help="where include finds personal scripts, DIR/NAME.sieve (default: the script's directory)")
     p.add_argument("--global-dir", metavar="DIR", help="where include :global finds scripts (default: none)")
+    p.add_argument("--config", metavar="FILE", help="read the [sieve] settings of this configuration file")
     p.add_argument("script", metavar="SCRIPT")
     p.add_argument("message", nargs="?", metavar="MESSAGE", help="the message (default: standard input)")
     return p
@@ -52,6 +55,21 @@ def main(argv: list[str]) -> int:
     from vdeliver.sieve import interpreter
     from vdeliver.sieve.validator import compile_script
 
+    run_opts: dict[str, object] = {}
+    if args.config:
+        from vdeliver.config import load
+        from vdeliver.errors import DeliveryError
+        from vdeliver.sieve.delivery import settings
+
+        try:
+            opts = settings(load(args.config))
+        except DeliveryError as exc:
+            sys.stderr.write(f"vdeliver sieve-test: {exc}\n")
+            return EXIT_USAGE
+        run_opts = {"max_actions": opts.max_actions, "max_redirects": opts.max_redirects, "spam": opts.spam,
+                    "max_cpu_time": opts.max_cpu_time}
+        if args.global_dir is None and opts.global_dir:
+            args.global_dir = opts.global_dir
     try:
         with open(args.script, "rb") as f:
             source = f.read()
@@ -87,7 +105,8 @@ def main(argv: list[str]) -> int:
             if args.trace:
                 def trace(line: int, text: str) -> None:
                     (sys.stderr if args.json else sys.stdout).write(f"trace: line {line}: {text}\n")
-            result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope, trace=trace)
+            result = interpreter.run(compiled, interpreter.Message.from_bytes(data), envelope, trace=trace,
+                                     **run_opts)  # type: ignore[arg-type]
         except SieveError as exc:
             status, errors = "runtime-error", exc.errors
             result = interpreter.Result()

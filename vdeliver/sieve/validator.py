@@ -26,8 +26,10 @@ from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, T
 EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
-    "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext",
+    "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
+    "spamtestplus", "virustest",
 })
+IMPLIES = {"spamtestplus": ("spamtest",)}  # RFC 5235 3.2: spamtestplus brings the spamtest test
 NOT_YET = {
     "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
     "duplicate": "issue 18", "enotify": "issue 18", "notify": "issue 18",
@@ -59,6 +61,7 @@ _COMPARATOR = {"comparator": TagSpec("comparator", "string")}
 _MATCH = {
     "is": TagSpec("match"), "contains": TagSpec("match"), "matches": TagSpec("match"),
     "value": TagSpec("match", "string", "relational"), "count": TagSpec("match", "string", "relational"),
+    "regex": TagSpec("match", None, "regex"),
 }
 _ADDRESS_PART = {
     "all": TagSpec("address-part"), "localpart": TagSpec("address-part"), "domain": TagSpec("address-part"),
@@ -76,6 +79,7 @@ MAX_LOOP_NESTING = 4  # foreverypart loops in one another (Pigeonhole's SIEVE_MA
 _MODIFIERS = {  # RFC 5229 section 4: one per precedence group
     "lower": TagSpec("case"), "upper": TagSpec("case"), "lowerfirst": TagSpec("first"),
     "upperfirst": TagSpec("first"), "quotewildcard": TagSpec("quote"), "length": TagSpec("length"),
+    "quoteregex": TagSpec("quote", None, "regex"),
 }
 
 SIGNATURES: dict[tuple[str, str], Signature] = {
@@ -134,7 +138,20 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
                                                                 "zone": TagSpec("zone", "string")}, extension="date"),
     ("test", "hasflag"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="imap4flags",
                                    optional_first=True),
+    ("test", "spamtest"): Signature(("string",), {**_COMPARATOR, **_MATCH,
+                                                  "percent": TagSpec("percent", None, "spamtestplus")},
+                                    extension="spamtest"),
+    ("test", "virustest"): Signature(("string",), {**_COMPARATOR, **_MATCH}, extension="virustest"),
 }
+
+
+def unusable(name: str) -> str | None:
+    """Why an extension of EXTENSIONS cannot be used here (regex without google-re2), or None."""
+    if name == "regex":
+        from vdeliver.sieve import regex
+
+        return regex.unavailable()
+    return None
 
 
 def _is_variable_name(name: str) -> bool:
@@ -317,8 +334,8 @@ class _Validator:
         if "ihave" not in self.required:
             return False  # the test itself is refused by node()
         names = [v for a in cmd.tests[0].arguments if isinstance(a, StringList) for v in a.values]
-        if all(n in EXTENSIONS for n in names):
-            self.required.update(names)
+        if all(n in EXTENSIONS and unusable(n) is None for n in names):
+            self.required.update(names + [i for n in names for i in IMPLIES.get(n, ())])
             return False
         return True
 
@@ -328,8 +345,10 @@ class _Validator:
             self.error(cmd.line, "require takes one string list of extension names")
             return
         for name in cmd.arguments[0].values:
-            if name in EXTENSIONS:
-                self.required.add(name)
+            if name in EXTENSIONS and (why := unusable(name)) is not None:
+                self.error(cmd.line, why)
+            elif name in EXTENSIONS:
+                self.required.update((name, *IMPLIES.get(name, ())))
                 self.require_lines.setdefault(name, cmd.line)
             elif name in NOT_YET:
                 self.error(cmd.line, f"extension '{name}' is not supported by vdeliver yet ({NOT_YET[name]})")
@@ -449,6 +468,8 @@ class _Validator:
         elif sig.optional_first and "variables" not in self.required:
             self.error(line, f"{kind} '{name}' takes a variable name only when \"variables\" is required")
         self._check_tags(kind, name, tags, line)
+        if "regex" in tags and args:
+            self._check_regex(tags, args[-1], positional[-1].line)
         if name == "set" and args and not self._variable_name(str(args[0])):
             self.error(line, f"invalid variable name '{args[0]}'")
         if name == "global" and args:
@@ -526,6 +547,23 @@ class _Validator:
             relation = tags.get(tag)
             if isinstance(relation, str) and relation.lower() not in RELATIONS:
                 self.error(line, f"':{tag}' needs one of {', '.join(RELATIONS)}, not '{relation}'")
+
+    def _check_regex(self, tags: dict[str, object], keys: object, line: int) -> None:
+        """:regex: the comparator can do it, and each key that is a constant (no variable in
+        it) compiles, as in Pigeonhole; a key built from variables is checked when it runs."""
+        from vdeliver.sieve import regex, variables
+
+        comparator = str(tags.get("comparator", "i;ascii-casemap"))
+        if comparator not in regex.COMPARATORS:
+            self.error(line, "regex match type only supports i;octet and i;ascii-casemap comparators")
+            return
+        for key in keys if isinstance(keys, list) else [keys]:
+            if "variables" in self.required and variables.expand(str(key), {}, []) != key:
+                continue
+            try:
+                regex.check(str(key), comparator)
+            except regex.RegexError as exc:
+                self.error(line, f"invalid regular expression '{str(key)[:128]}' for regex match: {exc}")
 
     def _tests(self, kind: str, name: str, sig: Signature, tests: tuple[Test, ...], test_list: bool,
                line: int) -> tuple[Node, ...]:

@@ -5,7 +5,7 @@ flag commands do to the script's state.
   `:matches` that succeeded (`${0}` the whole value); an unknown variable is "", a reference
   that is not well formed (`${}`, `${a b}`) stays as written; expansion is one pass.
 - `set` modifiers apply by precedence: :lower/:upper, then :lowerfirst/:upperfirst, then
-  :quotewildcard, then :length.  A value is cut at MAX_VALUE characters (Pigeonhole's
+  :quotewildcard or :quoteregex, then :length.  A value is cut at MAX_VALUE characters (Pigeonhole's
   sieve_variables_max_variable_size, 4 KiB).
 - Flags are kept as one space-separated string, in the internal variable FLAGS unless a
   command names another; a flag appears once, compared without case, system flags written
@@ -105,6 +105,10 @@ def modify(value: str, tags: dict[str, object]) -> str:
         value = value[0].upper() + value[1:]
     if "quotewildcard" in tags:
         value = value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
+    elif "quoteregex" in tags:
+        from vdeliver.sieve.regex import quote
+
+        value = quote(value)
     if "length" in tags:
         value = str(len(value))
     return value
