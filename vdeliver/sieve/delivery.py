@@ -39,59 +39,77 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vdeliver.config import Config, ConfigError, read_table
-from vdeliver.hooks import Log
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
-from vdeliver.sieve import spamtest
 
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
+    from vdeliver.hooks import Log
+    from vdeliver.sieve.compiled import Compiled
     from vdeliver.sieve.interpreter import Message
-    from vdeliver.sieve.validator import Compiled
+    from vdeliver.sieve.spamtest import SpamConfig
 
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
-        "max_cpu_time": "float", **spamtest.KEYS}
+        "max_cpu_time": "float"}  # and spamtest.KEYS: read only when one of them is set
+SPAM_PREFIXES = ("spamtest_", "virustest_")
 MAX_LOG = 64 << 10  # the <script>.log starts again past this size
 
 
-@dataclass(frozen=True, slots=True)
 class Settings:
-    enabled: bool = False
-    script: str = ".dovecot.sieve"
-    max_actions: int = 32
-    max_redirects: int = 4
-    max_script_size: int = 1 << 20
-    sendmail: str = "/usr/sbin/sendmail"
-    sendmail_timeout: float = 60.0
-    before: tuple[str, ...] = ()  # global scripts (files, or directories of *.sieve) run first
-    after: tuple[str, ...] = ()  # and last
-    global_dir: str = ""  # where `include :global "NAME"` finds NAME.sieve
-    max_cpu_time: float = 30.0
-    spam: spamtest.SpamConfig = spamtest.DEFAULT
+    """[sieve], checked (plain classes here: dataclasses cost more to import than a script
+    costs to run)."""
+
+    __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
+                 "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam")
+
+    def __init__(self, enabled: bool = False, script: str = ".dovecot.sieve", max_actions: int = 32,
+                 max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
+                 sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
+                 global_dir: str = "", max_cpu_time: float = 30.0, spam: SpamConfig | None = None) -> None:
+        self.enabled = enabled
+        self.script = script
+        self.max_actions = max_actions
+        self.max_redirects = max_redirects
+        self.max_script_size = max_script_size
+        self.sendmail = sendmail
+        self.sendmail_timeout = sendmail_timeout
+        self.before = before  # global scripts (files, or directories of *.sieve) run first
+        self.after = after  # and last
+        self.global_dir = global_dir  # where `include :global "NAME"` finds NAME.sieve
+        self.max_cpu_time = max_cpu_time
+        self.spam = spam  # None: the defaults (SpamAssassin's and clamav-milter's headers)
 
 
-@dataclass(frozen=True, slots=True)
 class Store:
     """One mailbox to store into: its format, path, and whether it may be created."""
 
-    format: str
-    path: str
-    create: bool
-    folder: str  # as the script named it ("INBOX" for keep and the implicit keep)
-    flags: tuple[str, ...] = ()  # imap4flags: stored with the message (Maildir system flags)
+    __slots__ = ("format", "path", "create", "folder", "flags")
+
+    def __init__(self, format: str, path: str, create: bool, folder: str,
+                 flags: tuple[str, ...] = ()) -> None:
+        self.format = format
+        self.path = path
+        self.create = create
+        self.folder = folder  # as the script named it ("INBOX" for keep and the implicit keep)
+        self.flags = flags  # imap4flags: stored with the message
 
 
 def settings(cfg: Config) -> Settings:
-    values = read_table(cfg, "sieve", KEYS)
-    spam = {k: values.pop(k) for k in list(values) if k in spamtest.KEYS}
-    try:
-        values["spam"] = spamtest.from_settings(spam)
-    except ValueError as exc:
-        raise ConfigError(cfg.where("sieve", str(exc).split()[0]), str(exc)) from None
+    kinds = KEYS
+    if any(key.startswith(SPAM_PREFIXES) for key in cfg.table("sieve")):
+        from vdeliver.sieve import spamtest
+
+        kinds = {**KEYS, **spamtest.KEYS}
+    values = read_table(cfg, "sieve", kinds)
+    spam = {k: values.pop(k) for k in list(values) if k.startswith(SPAM_PREFIXES)}
+    if spam:
+        try:
+            values["spam"] = spamtest.from_settings(spam)
+        except ValueError as exc:
+            raise ConfigError(cfg.where("sieve", str(exc).split()[0]), str(exc)) from None
     s = Settings(**values)  # type: ignore[arg-type]
     if "/" in s.script or s.script in ("", ".", ".."):
         raise ConfigError(cfg.where("sieve", "script"), "must be a file name in the home directory")
@@ -125,13 +143,15 @@ def global_scripts(paths: tuple[str, ...]) -> list[str]:
     return found
 
 
-@dataclass(slots=True)
 class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    stores: list[Store]
-    redirects: list[str]
+    __slots__ = ("stores", "redirects")
+
+    def __init__(self, stores: list[Store], redirects: list[str]) -> None:
+        self.stores = stores
+        self.redirects = redirects
 
 
 def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
@@ -227,12 +247,14 @@ def _message(msg: Prepared, whole: bool) -> Message:
 
 def _compile(opts: Settings, path: str, home: str) -> Compiled:
     """A script compiled, with the scripts it includes: personal ones from <home>/sieve (the
-    user's, as managesieved keeps them), global ones from [sieve] global_dir."""
-    from vdeliver.sieve.validator import compile_script
+    user's, as managesieved keeps them), global ones from [sieve] global_dir.  From the cache
+    (cache.py) when the script and all it includes are as they were."""
+    from vdeliver.sieve import cache
 
     source = _read(path, opts.max_script_size)
 
-    def resolve(location: str, name: str) -> bytes | None:
+    def reread(key: tuple[str, str]) -> bytes | None:
+        location, name = key
         folder = os.path.join(home, "sieve") if location == "personal" else opts.global_dir
         if not folder:
             return None
@@ -241,7 +263,20 @@ def _compile(opts: Settings, path: str, home: str) -> Compiled:
         except _KeepInbox:
             return None
 
-    return compile_script(source, resolve=resolve, max_size=opts.max_script_size)
+    hit = cache.load(path, source, reread)
+    if hit is not None:
+        return hit
+    from vdeliver.sieve.validator import compile_script
+
+    included: dict[tuple[str, str], bytes | None] = {}
+
+    def resolve(location: str, name: str) -> bytes | None:
+        included[(location, name)] = text = reread((location, name))
+        return text
+
+    compiled = compile_script(source, resolve=resolve, max_size=opts.max_script_size)
+    cache.store(path, source, included, compiled)
+    return compiled
 
 
 def redirect(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, addresses: list[str],

@@ -25,23 +25,44 @@ Standard library only, imported when a script runs.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
+if TYPE_CHECKING:
+    import re
 
 SEPARATOR = "+"
 # Codecs Python has that are not MIME charsets: they read backslash escapes or domain names.
 _NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "punycode", "idna"})
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_DOT_ATOM = re.compile(r"[^\s\x00-\x1f\x7f()<>\[\]:;@\\,.\"]+(?:\.[^\s\x00-\x1f\x7f()<>\[\]:;@\\,.\"]+)*")
-_ENCODED = re.compile(r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
-_BETWEEN_WORDS = re.compile(r"(\?=)\s+(=\?)")
+_NOT_ATEXT = frozenset('()<>[]:;@\\,."') | {chr(c) for c in range(33)} | {"\x7f"}
+# `re` is imported only where a value needs it (an encoded word): importing it costs more than
+# a 30-rule script takes to run.
+_ENCODED = r"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?="
+_BETWEEN_WORDS = r"(\?=)\s+(=\?)"
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
-@dataclass(frozen=True, slots=True)
+def _dot_atom(text: str) -> bool:
+    """RFC 5322's dot-atom: atoms of atext (any character but specials, blanks and controls)
+    joined by single dots."""
+    return all(atom and not any(c in _NOT_ATEXT or c.isspace() for c in atom) for atom in text.split("."))
+
+
 class Address:
-    localpart: str
-    domain: str  # "" when the address has none
-    valid: bool = True  # False: only :all sees it (no domain, or not an address at all)
+    __slots__ = ("localpart", "domain", "valid")
+
+    def __init__(self, localpart: str, domain: str, valid: bool = True) -> None:
+        self.localpart = localpart
+        self.domain = domain  # "" when the address has none
+        self.valid = valid  # False: only :all sees it (no domain, or not an address at all)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Address) and (self.localpart, self.domain, self.valid) == (
+            other.localpart, other.domain, other.valid)
+
+    def __hash__(self) -> int:
+        return hash((self.localpart, self.domain, self.valid))
+
+    def __repr__(self) -> str:
+        return f"Address(localpart={self.localpart!r}, domain={self.domain!r}, valid={self.valid})"
 
     def part(self, name: str, separator: str = SEPARATOR) -> str | None:
         """The address part a test asked for; None when there is no such part (RFC 5233: a
@@ -64,7 +85,7 @@ class Address:
         if not self.domain:
             return self.localpart
         local = self.localpart
-        if not _DOT_ATOM.fullmatch(local):
+        if not _dot_atom(local):
             local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
         return f"{local}@{self.domain}"
 
@@ -75,7 +96,18 @@ class Address:
 def unfold(raw: bytes) -> str:
     """A header field's value unfolded, trimmed and taken as UTF-8, encoded words left as they
     are: what an address list is parsed from."""
-    return re.sub(rb"\r?\n(?=[ \t])", b"", raw).decode("utf-8", "replace").strip(" \t\r\n")
+    if b"\n" in raw:  # a line break before a blank goes (with its CR)
+        lines = raw.split(b"\n")
+        out = [lines[0]]
+        for line in lines[1:]:
+            if line[:1] in (b" ", b"\t"):
+                if out[-1].endswith(b"\r"):
+                    out[-1] = out[-1][:-1]
+                out.append(line)
+            else:
+                out.append(b"\n" + line)
+        raw = b"".join(out)
+    return raw.decode("utf-8", "replace").strip(" \t\r\n")
 
 
 def decode_value(raw: bytes) -> str:
@@ -83,8 +115,10 @@ def decode_value(raw: bytes) -> str:
     text = unfold(raw)
     if "=?" not in text:
         return text
-    text = _BETWEEN_WORDS.sub(r"\1\2", text)  # blanks between two encoded words are not text
-    return _ENCODED.sub(_decode_word, text)
+    import re
+
+    text = re.sub(_BETWEEN_WORDS, r"\1\2", text)  # blanks between two encoded words are not text
+    return re.sub(_ENCODED, _decode_word, text)
 
 
 def _decode_word(m: re.Match[str]) -> str:
@@ -95,14 +129,17 @@ def _decode_word(m: re.Match[str]) -> str:
         if codecs.lookup(charset).name in _NOT_CHARSETS:
             return m.group(0)
         if encoding == "B":
-            import base64
+            import binascii
 
-            data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+            if not set(payload) <= _BASE64:
+                raise ValueError("not base64")  # as base64.b64decode(validate=True) refuses it
+            data = binascii.a2b_base64(payload + "=" * (-len(payload) % 4))
         else:
             import quopri
 
             data = quopri.decodestring(payload.replace("_", " ").encode("ascii"), header=True)
-        return _SURROGATE.sub("\ufffd", data.decode(charset, "replace"))
+        text = data.decode(charset, "replace")
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
     except (ValueError, LookupError, UnicodeError):
         return m.group(0)
 
@@ -243,3 +280,17 @@ def _unquote(local: str) -> str:
             out.append(ch)
         i += 1
     return "".join(out)
+
+
+def redirect_address(text: str) -> tuple[str, str]:
+    """The address `redirect` sends to, from its argument (`a@b`, `<a@b>` or `Name <a@b>`):
+    (the address, "") or ("", why it is not one)."""
+    if not text.strip():
+        return "", "empty address"
+    found = addresses(unfold(text.encode("utf-8", "surrogateescape")))
+    if len(found) != 1:
+        return "", "not a single address"
+    address = found[0]
+    if not address.valid or not address.localpart or not address.domain:
+        return "", "not an address of the form local-part@domain"
+    return str(address.part("all")), ""

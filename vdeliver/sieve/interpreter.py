@@ -16,17 +16,16 @@ the message in the INBOX (a failing script never loses mail).
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass, field
-
 from vdeliver.sieve import headers, match, variables
 from vdeliver.sieve.errors import SieveError
-from vdeliver.sieve.spamtest import SpamConfig
-from vdeliver.sieve.validator import Compiled, Node, redirect_address
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
+    from collections.abc import Callable, MutableMapping
+
+    from vdeliver.sieve.compiled import Compiled, Node
     from vdeliver.sieve.mime import Part
+    from vdeliver.sieve.spamtest import SpamConfig
 
 MAX_ACTIONS = 32
 MAX_REDIRECTS = 4
@@ -40,21 +39,26 @@ class SieveRuntimeError(SieveError):
     script = 0  # in a sequence (run_sequence), which script failed
 
 
-@dataclass(frozen=True, slots=True)
 class Envelope:
-    sender: str  # "" for the null sender <>
-    recipient: str  # the final recipient, user@domain
-    original_recipient: str = ""
+    __slots__ = ("sender", "recipient", "original_recipient")
+
+    def __init__(self, sender: str, recipient: str, original_recipient: str = "") -> None:
+        self.sender = sender  # "" for the null sender <>
+        self.recipient = recipient  # the final recipient, user@domain
+        self.original_recipient = original_recipient
 
 
-@dataclass(slots=True)
 class Message:
     """What the tests see of a message: its header fields in order and its size."""
 
-    fields: list[tuple[str, bytes]]  # (lower-case name, raw value with its folding)
-    size: int
-    raw: bytes = b""  # the whole message, for the body test (empty: no body to test)
-    mime_parts: list[Part] | None = field(default=None, repr=False, compare=False)  # parsed when first asked
+    __slots__ = ("fields", "size", "raw", "mime_parts")
+
+    def __init__(self, fields: list[tuple[str, bytes]], size: int, raw: bytes = b"",
+                 mime_parts: list[Part] | None = None) -> None:
+        self.fields = fields  # (lower-case name, raw value with its folding)
+        self.size = size
+        self.raw = raw  # the whole message, for the body test (empty: no body to test)
+        self.mime_parts = mime_parts  # parsed when first asked
 
     def parts(self) -> list[Part]:
         """The MIME parts, the message itself first (vdeliver.sieve.mime), read once."""
@@ -96,15 +100,33 @@ class Message:
         return [headers.unfold(raw) for field_name, raw in self.fields if field_name == name]
 
 
-@dataclass(frozen=True, slots=True)
 class Action:
-    type: str  # keep, fileinto, redirect, discard
-    mailbox: str = ""
-    address: str = ""
-    copy: bool = False
-    flags: tuple[str, ...] = ()
-    create: bool = False
-    line: int = field(default=0, compare=False)
+    """One action, as sieve-test --json shows it; two are the same action when all but their
+    line are equal (RFC 5228 2.10.3: the second is not done again)."""
+
+    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line")
+
+    def __init__(self, type: str, mailbox: str = "", address: str = "", copy: bool = False,
+                 flags: tuple[str, ...] = (), create: bool = False, line: int = 0) -> None:
+        self.type = type  # keep, fileinto, redirect, discard
+        self.mailbox = mailbox
+        self.address = address
+        self.copy = copy
+        self.flags = flags
+        self.create = create
+        self.line = line
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.type, self.mailbox, self.address, self.copy, self.flags, self.create)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Action) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Action{self._key()!r}"
 
     def to_json(self) -> dict[str, object]:
         if self.type == "keep":
@@ -117,11 +139,17 @@ class Action:
         return {"type": self.type}
 
 
-@dataclass(slots=True)
 class Result:
-    actions: list[Action] = field(default_factory=list)
-    implicit_keep: bool = True
-    implicit_flags: tuple[str, ...] = ()  # imap4flags: the flags the implicit keep stores with
+    __slots__ = ("actions", "implicit_keep", "implicit_flags")
+
+    def __init__(self, actions: list[Action] | None = None, implicit_keep: bool = True,
+                 implicit_flags: tuple[str, ...] = ()) -> None:
+        self.actions: list[Action] = actions if actions is not None else []
+        self.implicit_keep = implicit_keep
+        self.implicit_flags = implicit_flags  # imap4flags: the flags the implicit keep stores with
+
+    def __repr__(self) -> str:
+        return f"Result({self.actions!r}, implicit_keep={self.implicit_keep}, {self.implicit_flags!r})"
 
     def stores(self, inbox: str = "INBOX") -> list[str]:
         """The folders the message goes into, each once, in order (the implicit keep last)."""
@@ -186,7 +214,7 @@ def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions
     machine.deadline = time.process_time() + max_cpu_time
     if compiled.includes or "include" in compiled.extensions:
         machine.variables = variables.Scope({})
-    machine.spam = spam if spam is not None else SpamConfig()
+    machine.spam = spam
     try:
         machine.block(compiled.commands)
     except (_Stop, _Return):
@@ -238,7 +266,7 @@ class _Machine:
         self.trace: Callable[[int, str], None] | None = None
         self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
         self.part_visits = 0
-        self.spam = SpamConfig()
+        self.spam: SpamConfig | None = None  # None: the defaults, built when a spamtest runs
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -327,7 +355,7 @@ class _Machine:
             raise SieveRuntimeError(node.line, f"error: {self.s(node.args[0])}")
         elif name == "redirect":
             copy = bool(node.tags.get("copy"))
-            address, why = redirect_address(self.s(node.args[0]))
+            address, why = headers.redirect_address(self.s(node.args[0]))
             if why:
                 raise SieveRuntimeError(node.line, f"redirect address '{self.s(node.args[0])}' is invalid: {why}")
             if sum(a.type == "redirect" for a in self.result.actions) >= self.max_redirects:
@@ -448,7 +476,8 @@ class _Machine:
             from vdeliver.sieve import spamtest
 
             first = lambda h: next(iter(self.message.values(h)), None)  # noqa: E731
-            config = self.spam.spamtest if name == "spamtest" else self.spam.virustest
+            spam = self.spam if self.spam is not None else spamtest.SpamConfig()
+            config = spam.spamtest if name == "spamtest" else spam.virustest
             try:
                 value, tested = spamtest.value(config, first, name, "percent" in node.tags)
             except SieveError as exc:

@@ -18,7 +18,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vdeliver.sieve.compiled import Compiled, Node
 from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.headers import redirect_address
 from vdeliver.sieve.parser import parse
 from vdeliver.sieve.tree import Argument, Command, Number, Script, StringList, Tag, Test
 
@@ -176,44 +178,6 @@ def _encoded_character(m: re.Match[str]) -> str:
             raise ValueError(f"invalid Unicode character in '{m.group(0)}'")
         out.append(chr(code))
     return "".join(out)
-
-
-def redirect_address(text: str) -> tuple[str, str]:
-    """The address `redirect` sends to, from its argument (`a@b`, `<a@b>` or `Name <a@b>`):
-    (the address, "") or ("", why it is not one)."""
-    from vdeliver.sieve import headers
-
-    if not text.strip():
-        return "", "empty address"
-    found = headers.addresses(headers.unfold(text.encode("utf-8", "surrogateescape")))
-    if len(found) != 1:
-        return "", "not a single address"
-    address = found[0]
-    if not address.valid or not address.localpart or not address.domain:
-        return "", "not an address of the form local-part@domain"
-    return str(address.part("all")), ""
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    """A checked command or test: tags by name (a flag's value is True), positional
-    arguments as str, list of str or int, and its tests and block."""
-
-    name: str
-    line: int
-    tags: dict[str, object]
-    args: tuple[object, ...]
-    tests: tuple[Node, ...] = ()
-    block: tuple[Node, ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Compiled:
-    commands: tuple[Node, ...]
-    extensions: frozenset[str]
-    # include (RFC 6609): every script the include tree names, compiled with this one, by
-    # (location, name); an :optional one that does not exist is absent.
-    includes: dict[tuple[str, str], Compiled] = field(default_factory=dict)
 
 
 # Resolves an include: (":personal" or ":global" location without the colon, name) -> the

@@ -14,7 +14,9 @@ flag commands do to the script's state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 MAX_VALUE = 4096
 FLAGS = " flags"  # the internal variable: a name no script can write
@@ -26,46 +28,44 @@ def _is_name(name: str) -> bool:
         c == "_" or (c.isascii() and c.isalnum()) for c in name)
 
 
-class Scope(MutableMapping[str, str]):
+class Scope(dict[str, str]):
     """One script's variables when include (RFC 6609) is in use: a name the script declared
     with `global`, and any `global.NAME`, lives in the table all scripts of the run share
-    (`shared`); every other name is the script's own.  The imap4flags internal variable is
-    shared too: the flags the implicit keep stores with are the run's."""
+    (`shared`); every other name is the script's own (this dict).  The imap4flags internal
+    variable is shared too: the flags the implicit keep stores with are the run's.  (A dict,
+    not a MutableMapping: collections.abc costs an import on the delivery path.)"""
 
-    __slots__ = ("own", "shared", "declared")
+    __slots__ = ("shared", "declared")
 
     def __init__(self, shared: dict[str, str]) -> None:
-        self.own: dict[str, str] = {}
+        super().__init__()
         self.shared = shared
         self.declared: set[str] = set()
 
     def declare(self, names: list[str]) -> None:
         self.declared.update(n.lower() for n in names)
 
-    def _where(self, name: str) -> tuple[dict[str, str], str]:
+    def _shared_key(self, name: str) -> str | None:
         if name.startswith("global."):
-            return self.shared, name[7:]
+            return name[7:]
         if name in self.declared or name == FLAGS:
-            return self.shared, name
-        return self.own, name
+            return name
+        return None
 
     def __getitem__(self, name: str) -> str:
-        table, key = self._where(name)
-        return table[key]
+        key = self._shared_key(name)
+        return super().__getitem__(name) if key is None else self.shared[key]
+
+    def get(self, name: str, default: str = "") -> str:  # type: ignore[override]
+        key = self._shared_key(name)
+        return super().get(name, default) if key is None else self.shared.get(key, default)
 
     def __setitem__(self, name: str, value: str) -> None:
-        table, key = self._where(name)
-        table[key] = value
-
-    def __delitem__(self, name: str) -> None:
-        table, key = self._where(name)
-        del table[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.own)
-
-    def __len__(self) -> int:
-        return len(self.own)
+        key = self._shared_key(name)
+        if key is None:
+            super().__setitem__(name, value)
+        else:
+            self.shared[key] = value
 
 
 def expand(text: str, variables: Mapping[str, str], match_vars: list[str]) -> str:
