@@ -1,4 +1,5 @@
-"""The package's import graph, computed from the source, counting imports inside functions:
+"""The package's import graph, computed from the source, counting imports inside functions
+(not those under `if TYPE_CHECKING:`, which never run):
 no import circle, and no upward import (docs/architecture.md draws the layers).
 
 A module imports only from its own layer or from layers below it.  Every module must be
@@ -19,13 +20,27 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _type_only(tree: ast.AST) -> set[int]:
+    """The ids of the import nodes under `if TYPE_CHECKING:`: seen by mypy, never run."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            found.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return found
+
+
 def import_graph() -> dict[str, set[str]]:
-    """module -> the vdeliver modules it imports (anywhere in its body)."""
+    """module -> the vdeliver modules it imports (anywhere in its body, but for the imports
+    under `if TYPE_CHECKING:`, which only mypy sees)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        type_only = _type_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

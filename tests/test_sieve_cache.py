@@ -1,4 +1,4 @@
-"""The compiled-script cache (vdeliver/sieve/cache.py): compiled once, used only while the script
+"""The compiled-script cache (vdeliver/sieve/compiled.py): compiled once, used only while the script
 and everything it includes are byte for byte the same, never trusted when another user could
 have written it, and a delivery with a cache hit imports nothing of the compiler."""
 
@@ -13,7 +13,8 @@ import pytest
 
 from tests.helpers import IS_ROOT
 from tests.test_sieve_validator import VALID
-from vdeliver.sieve import cache, compiled
+from vdeliver.sieve import compiled
+from vdeliver.sieve import compiled as cache
 from vdeliver.sieve.validator import compile_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def _setup(tmp_path: Path) -> tuple[Path, dict[tuple[str, str], bytes | None]]:
         included[(location, name)] = text = reread((location, name), tmp_path)
         return text
 
-    cache.store(str(script), MAIN, included, compile_script(MAIN, resolve=resolve))
+    cache.store_cached(str(script), MAIN, included, compile_script(MAIN, resolve=resolve))
     return script, included
 
 
@@ -57,18 +58,18 @@ def test_a_hit_while_nothing_changed(tmp_path: Path) -> None:
     script, _ = _setup(tmp_path)
     path = Path(cache.path_for(str(script)))
     assert path.exists() and path.stat().st_mode & 0o777 == 0o600
-    hit = cache.load(str(script), MAIN, lambda key: reread(key, tmp_path))
+    hit = cache.load_cached(str(script), MAIN, lambda key: reread(key, tmp_path))
     assert hit == compile_script(MAIN, resolve=lambda _loc, name: reread(("personal", name), tmp_path))
 
 
 def test_a_changed_script_or_include_is_a_miss(tmp_path: Path) -> None:
     script, _ = _setup(tmp_path)
     changed = MAIN.replace(b"Main", b"Mine")  # same length: size and a same-second mtime would not tell
-    assert cache.load(str(script), changed, lambda key: reread(key, tmp_path)) is None
+    assert cache.load_cached(str(script), changed, lambda key: reread(key, tmp_path)) is None
     (tmp_path / "other.sieve").write_bytes(OTHER.replace(b"Other", b"Otter"))
-    assert cache.load(str(script), MAIN, lambda key: reread(key, tmp_path)) is None
+    assert cache.load_cached(str(script), MAIN, lambda key: reread(key, tmp_path)) is None
     (tmp_path / "other.sieve").unlink()
-    assert cache.load(str(script), MAIN, lambda key: reread(key, tmp_path)) is None
+    assert cache.load_cached(str(script), MAIN, lambda key: reread(key, tmp_path)) is None
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "group-writable", "symlink", "other-owner"])
@@ -89,11 +90,11 @@ def test_a_cache_that_cannot_be_trusted_is_ignored(tmp_path: Path, damage: str) 
         if not IS_ROOT:
             pytest.skip("needs root to give the file to another user")
         os.chown(path, 65534, 65534)
-    assert cache.load(str(script), MAIN, lambda key: reread(key, tmp_path)) is None
+    assert cache.load_cached(str(script), MAIN, lambda key: reread(key, tmp_path)) is None
 
 
 def test_an_unwritable_directory_means_no_cache(tmp_path: Path) -> None:
-    cache.store(str(tmp_path / "missing" / "x.sieve"), b"keep;", {}, compile_script(b"keep;"))
+    cache.store_cached(str(tmp_path / "missing" / "x.sieve"), b"keep;", {}, compile_script(b"keep;"))
     assert not list(tmp_path.rglob("*.vdc*"))
 
 

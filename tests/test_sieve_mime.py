@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from tests.sieve_oracle import Pigeonhole, assert_same_verdict
 from vdeliver.sieve import mime
 from vdeliver.sieve.errors import SieveError
-from vdeliver.sieve.interpreter import MAX_PART_VISITS, Envelope, Message, Result, SieveRuntimeError, run
+from vdeliver.sieve.extensions import MAX_PART_VISITS
+from vdeliver.sieve.interpreter import Envelope, Message, Result, SieveRuntimeError, run
 from vdeliver.sieve.validator import compile_script
 
 ENVELOPE = Envelope("alice@example.org", "fred@example.com")

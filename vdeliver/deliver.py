@@ -257,7 +257,11 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 done.append((store, _store(cfg, store, msg, log, notes, flags.get(store.path, ()))))  # noqa: PERF401 - recorded as each completes, for the undo
             # Redirects go once every store stands (a store can be taken back, a sent message
             # cannot).  One that is not sent leaves the message in the INBOX.
-            sent = sieve.redirect(cfg, rcpt, home, msg, redirects, log) if redirects else []
+            sent: "list[str]" = []
+            if redirects:
+                from vdeliver.sieve import redirect
+
+                sent = redirect.send(cfg, rcpt, home, msg, redirects, log)
             if len(sent) < len(redirects) and all(s.path != target.path for s in stores):
                 stores.append(target)
                 done.append((target, _store(cfg, target, msg, log, notes)))

@@ -35,7 +35,6 @@ is then also stored in the INBOX: it is never lost.
     virustest_status_type = "text"   # and virustest_status_header, ..., virustest_text_value0..5
 """
 
-from __future__ import annotations
 
 import os
 import time
@@ -68,7 +67,7 @@ class Settings:
     def __init__(self, enabled: bool = False, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
                  sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
-                 global_dir: str = "", max_cpu_time: float = 30.0, spam: SpamConfig | None = None) -> None:
+                 global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None) -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -97,7 +96,7 @@ class Store:
         self.flags = flags  # imap4flags: stored with the message
 
 
-def settings(cfg: Config) -> Settings:
+def settings(cfg: Config) -> "Settings":
     kinds = KEYS
     if any(key.startswith(SPAM_PREFIXES) for key in cfg.table("sieve")):
         from vdeliver.sieve import spamtest
@@ -149,13 +148,13 @@ class Plan:
 
     __slots__ = ("stores", "redirects")
 
-    def __init__(self, stores: list[Store], redirects: list[str]) -> None:
+    def __init__(self, stores: "list[Store]", redirects: list[str]) -> None:
         self.stores = stores
         self.redirects = redirects
 
 
-def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
-         log: Log | None, folders: str = "") -> Plan | None:
+def plan(cfg: Config, rcpt: Recipient, home: str, inbox: "Store", msg: Prepared,
+         log: "Log | None", folders: str = "") -> "Plan | None":
     """The mailboxes to store the message into, in order, and the addresses to redirect to;
     None when no script runs (the user has none, and there are no global ones).  `home` is
     the user's home (config.home_template() expanded); `folders` where the folders `fileinto`
@@ -177,7 +176,7 @@ def plan(cfg: Config, rcpt: Recipient, home: str, inbox: Store, msg: Prepared,
     try:
         return _run(opts, rcpt, inbox, msg, folders, home, sequence, log)
     except _KeepInbox as why:
-        _report(log, why.script or script, rcpt, str(why), why.personal)
+        report(log, why.script or script, rcpt, str(why), why.personal)
         return Plan([inbox], [])
 
 
@@ -190,24 +189,24 @@ class _KeepInbox(Exception):
         self.personal = personal
 
 
-def _run(opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: str, home: str,
-         sequence: list[tuple[str, bool]], log: Log | None) -> Plan:
+def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folders: str, home: str,
+         sequence: list[tuple[str, bool]], log: "Log | None") -> "Plan":
     """Run the scripts in order on one result (interpreter.run_sequence: Pigeonhole's rule for
     sieve_before and sieve_after).  A script that does not compile is skipped (and reported),
     as if it kept; one that fails while it runs sends the message to the INBOX alone."""
     from vdeliver.sieve import interpreter
     from vdeliver.sieve.errors import SieveError
 
-    compiled: list[Compiled] = []
+    compiled: "list[Compiled]" = []
     paths: list[tuple[str, bool]] = []
     for path, personal in sequence:
         try:
             compiled.append(_compile(opts, path, home))
             paths.append((path, personal))
         except _KeepInbox as why:
-            _report(log, path, rcpt, f"{why}; script skipped", personal)
+            report(log, path, rcpt, f"{why}; script skipped", personal)
         except SieveError as exc:
-            _report(log, path, rcpt, "; ".join(str(e) for e in exc.errors) + "; script skipped", personal)
+            report(log, path, rcpt, "; ".join(str(e) for e in exc.errors) + "; script skipped", personal)
     if not compiled:
         return Plan([inbox], [])
     message = _message(msg, any("body" in c.extensions for c in compiled))
@@ -221,7 +220,7 @@ def _run(opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: 
         path, personal = paths[exc.script]
         raise _KeepInbox("; ".join(str(e) for e in exc.errors), path, personal) from None
     own = next((p for p, personal in paths if personal), paths[-1][0])  # where the user reads about it
-    stores: list[Store] = []
+    stores: "list[Store]" = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
         flags = next((a.flags for a in result.actions
@@ -229,14 +228,14 @@ def _run(opts: Settings, rcpt: Recipient, inbox: Store, msg: Prepared, folders: 
                      result.implicit_flags)
         store = _folder(inbox, folders, folder, create)
         if store is None:
-            _report(log, own, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
+            report(log, own, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
             store = inbox
         if all(s.path != store.path for s in stores):
             stores.append(Store(store.format, store.path, store.create, store.folder, flags))
     return Plan(stores, [a.address for a in result.actions if a.type == "redirect"])
 
 
-def _message(msg: Prepared, whole: bool) -> Message:
+def _message(msg: Prepared, whole: bool) -> "Message":
     from vdeliver.sieve import interpreter
 
     data = b"".join(msg.spool.chunks()) if whole else msg.spool.head(1 << 20)
@@ -245,11 +244,11 @@ def _message(msg: Prepared, whole: bool) -> Message:
     return interpreter.Message.from_bytes(data)
 
 
-def _compile(opts: Settings, path: str, home: str) -> Compiled:
+def _compile(opts: "Settings", path: str, home: str) -> "Compiled":
     """A script compiled, with the scripts it includes: personal ones from <home>/sieve (the
     user's, as managesieved keeps them), global ones from [sieve] global_dir.  From the cache
-    (cache.py) when the script and all it includes are as they were."""
-    from vdeliver.sieve import cache
+    (compiled.load_cached) when the script and all it includes are as they were."""
+    from vdeliver.sieve import compiled as form
 
     source = _read(path, opts.max_script_size)
 
@@ -263,7 +262,7 @@ def _compile(opts: Settings, path: str, home: str) -> Compiled:
         except _KeepInbox:
             return None
 
-    hit = cache.load(path, source, reread)
+    hit = form.load_cached(path, source, reread)
     if hit is not None:
         return hit
     from vdeliver.sieve.validator import compile_script
@@ -275,101 +274,8 @@ def _compile(opts: Settings, path: str, home: str) -> Compiled:
         return text
 
     compiled = compile_script(source, resolve=resolve, max_size=opts.max_script_size)
-    cache.store(path, source, included, compiled)
+    form.store_cached(path, source, included, compiled)
     return compiled
-
-
-def redirect(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, addresses: list[str],
-             log: Log | None) -> list[str]:
-    """Send the message on to each address; those it was sent to.  Never raises: a redirect
-    that cannot be sent is logged (syslog and <script>.log) and the caller keeps the message."""
-    opts = settings(cfg)
-    script = os.path.join(home, opts.script)
-    try:
-        data = original(msg, cfg.mbox_escape)
-    except OSError as exc:
-        _report(log, script, rcpt, f"redirect: cannot read the message: {exc.strerror}")
-        return []
-    seen = _delivered_to(data)
-    sent: list[str] = []
-    for address in addresses:
-        if address.lower() in seen:
-            _report(log, script, rcpt, f"redirect to <{address}>: not sent, the message was already delivered "
-                                       "there (Delivered-To)")
-            continue
-        why = _send(opts, msg.sender, address, data)
-        if why:
-            _report(log, script, rcpt, f"redirect to <{address}> failed: {why}")
-            continue
-        sent.append(address)
-        if log is not None:
-            try:
-                log.info(f"sieve: to=<{rcpt.address}>: redirected to <{address}>")
-            except Exception:  # noqa: BLE001 - a log line never changes a delivery
-                pass
-    return sent
-
-
-def original(msg: Prepared, escape: str) -> bytes:
-    """The message as it came, from the spool: without the mbox From_ line, its closing empty
-    line and our Return-Path, with our Delivered-To line.  mboxrd escaping is undone; mboxo's
-    cannot be (a `>From ` it made looks like one that came), so it stays."""
-    data = b"".join(msg.spool.chunks())
-    mbox = data.startswith(b"From ")
-    if mbox:
-        data = data.partition(b"\n")[2]
-        if data.endswith(b"\n\n"):
-            data = data[:-1]
-    if data[:12].lower() == b"return-path:":
-        data = data.partition(b"\n")[2]
-    if mbox and escape == "mboxrd":
-        import re
-
-        data = re.sub(rb"(?m)^>(>*From )", rb"\1", data)
-    return data
-
-
-def _delivered_to(data: bytes) -> set[str]:
-    """The addresses of the Delivered-To lines in the message's header, lower case."""
-    end = data.find(b"\n\n")
-    found: set[str] = set()
-    for line in data[: end if end >= 0 else len(data)].split(b"\n"):
-        if line[:13].lower() == b"delivered-to:":
-            found.add(line[13:].strip().decode("utf-8", "replace").lower())
-    return found
-
-
-def _send(opts: Settings, sender: str, address: str, data: bytes) -> str:
-    """Hand the message to sendmail; "" when it took it, else why not."""
-    import subprocess
-
-    if not address or address.startswith("-") or any(ord(c) < 33 or c in "<>()," for c in address):
-        return "not an address"
-    try:
-        child = subprocess.Popen([opts.sendmail, "-oi", "-f", sender or "<>", address], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
-                                 start_new_session=True)  # its own group: all of it ends at the deadline
-    except OSError as exc:
-        return f"cannot run {opts.sendmail}: {exc.strerror}"
-    with child:  # closes the pipes and waits, whatever happens
-        try:
-            _out, err = child.communicate(data, timeout=opts.sendmail_timeout)
-        except subprocess.TimeoutExpired:
-            import signal
-
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            return f"{opts.sendmail} did not finish in {opts.sendmail_timeout:g} s"
-        except OSError as exc:  # it closed its input early (EPIPE)
-            child.kill()
-            return f"{opts.sendmail} did not take the message: {exc.strerror}"
-    done = subprocess.CompletedProcess(child.args, child.returncode, None, err)
-    if done.returncode != 0:
-        detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        return f"{opts.sendmail} exit status {done.returncode}" + (f": {detail[-1][:200]}" if detail else "")
-    return ""
 
 
 def _read(path: str, limit: int, follow: bool = True) -> bytes:
@@ -391,7 +297,7 @@ def _read(path: str, limit: int, follow: bool = True) -> bytes:
     return data
 
 
-def _folder(inbox: Store, folders: str, name: str, create: bool) -> Store | None:
+def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | None":
     """Where a folder of that name lives for this user, or None if it does not exist and may
     not be created (or the name is not a safe one: it must stay inside `folders`)."""
     if name.upper() == "INBOX":
@@ -441,7 +347,7 @@ def _mutf7(text: str) -> str:
     return "".join(out)
 
 
-def _report(log: Log | None, script: str, rcpt: Recipient, text: str, personal: bool = True) -> None:
+def report(log: "Log | None", script: str, rcpt: Recipient, text: str, personal: bool = True) -> None:
     """One syslog line, and for the user's own script the same line appended to <script>.log
     for the user to read (a global script's errors are the administrator's: syslog only)."""
     if log is not None:

@@ -23,7 +23,6 @@
 Standard library only, imported when a script runs.
 """
 
-from __future__ import annotations
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
@@ -121,7 +120,7 @@ def decode_value(raw: bytes) -> str:
     return re.sub(_ENCODED, _decode_word, text)
 
 
-def _decode_word(m: re.Match[str]) -> str:
+def _decode_word(m: "re.Match[str]") -> str:
     charset, encoding, payload = m.group(1).split("*", 1)[0], m.group(2).upper(), m.group(3)
     try:
         import codecs
@@ -147,12 +146,12 @@ def _decode_word(m: re.Match[str]) -> str:
 # -- address lists -----------------------------------------------------------------------------------
 
 
-def addresses(value: str) -> list[Address]:
+def addresses(value: str) -> "list[Address]":
     """The mailboxes of an address-list header value."""
     return [_mailbox(entry) for entry in _entries(_without_comments(value))]
 
 
-def envelope_address(raw: str) -> Address:
+def envelope_address(raw: str) -> "Address":
     """An envelope address (`user@domain`, `<user@domain>`, `<>` for the null sender)."""
     text = raw.strip()
     if text.startswith("<") and text.endswith(">"):
@@ -222,7 +221,7 @@ def _entries(text: str) -> list[str]:
     return [e.strip() for e in entries if e.strip()]
 
 
-def _mailbox(entry: str) -> Address:
+def _mailbox(entry: str) -> "Address":
     start = entry.rfind("<")
     if start >= 0:
         end = entry.find(">", start)
@@ -241,7 +240,7 @@ def _strip_route(text: str) -> str:
     return text
 
 
-def _addr_spec(text: str) -> Address:
+def _addr_spec(text: str) -> "Address":
     text = text.strip()
     at = _last_unquoted_at(text)
     local, domain = (text[:at], text[at + 1:]) if at >= 0 else (text, "")

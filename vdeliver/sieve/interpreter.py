@@ -14,10 +14,10 @@ Limits a hostile script cannot pass: actions per message (`max_actions`) and red
 the message in the INBOX (a failing script never loses mail).
 """
 
-from __future__ import annotations
 
 from vdeliver.sieve import headers, match, variables
-from vdeliver.sieve.errors import SieveError
+from vdeliver.sieve.errors import Return, Stop
+from vdeliver.sieve.errors import SieveRuntimeError as SieveRuntimeError  # callers find it here
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
@@ -30,13 +30,6 @@ if TYPE_CHECKING:
 MAX_ACTIONS = 32
 MAX_REDIRECTS = 4
 MAX_CPU_TIME = 30.0  # seconds of CPU for one message (Pigeonhole's sieve_max_cpu_time)
-MAX_PART_VISITS = 100_000  # foreverypart iterations and parts read by :anychild, per run (RFC 5703)
-
-
-class SieveRuntimeError(SieveError):
-    """The script failed while it ran: the message goes to the INBOX, the error to the log."""
-
-    script = 0  # in a sequence (run_sequence), which script failed
 
 
 class Envelope:
@@ -51,16 +44,17 @@ class Envelope:
 class Message:
     """What the tests see of a message: its header fields in order and its size."""
 
-    __slots__ = ("fields", "size", "raw", "mime_parts")
+    __slots__ = ("fields", "size", "raw", "mime_parts", "_memo")
 
     def __init__(self, fields: list[tuple[str, bytes]], size: int, raw: bytes = b"",
-                 mime_parts: list[Part] | None = None) -> None:
+                 mime_parts: "list[Part] | None" = None) -> None:
         self.fields = fields  # (lower-case name, raw value with its folding)
         self.size = size
         self.raw = raw  # the whole message, for the body test (empty: no body to test)
         self.mime_parts = mime_parts  # parsed when first asked
+        self._memo: "dict[tuple[str, str], list[str]]" = {}  # (how, name) -> values, each read once
 
-    def parts(self) -> list[Part]:
+    def parts(self) -> "list[Part]":
         """The MIME parts, the message itself first (vdeliver.sieve.mime), read once."""
         if self.mime_parts is None:
             from vdeliver.sieve import mime
@@ -69,7 +63,7 @@ class Message:
         return self.mime_parts
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Message:
+    def from_bytes(cls, data: bytes) -> "Message":
         """The header of an RFC 5322 message (CRLF or LF line ends) and its whole size."""
         end = len(data)
         for sep in (b"\r\n\r\n", b"\n\n"):
@@ -91,13 +85,21 @@ class Message:
     def values(self, name: str) -> list[str]:
         """Every field of that name, unfolded and with RFC 2047 encoded words decoded."""
         name = name.lower()
-        return [headers.decode_value(raw) for field_name, raw in self.fields if field_name == name]
+        found = self._memo.get(("decoded", name))
+        if found is None:
+            found = self._memo["decoded", name] = [headers.decode_value(raw) for field_name, raw in self.fields
+                                                   if field_name == name]
+        return found
 
     def unfolded(self, name: str) -> list[str]:
         """Every field of that name, unfolded but with its encoded words as written: what an
         address list is parsed from (a decoded display name can hold a comma)."""
         name = name.lower()
-        return [headers.unfold(raw) for field_name, raw in self.fields if field_name == name]
+        found = self._memo.get(("unfolded", name))
+        if found is None:
+            found = self._memo["unfolded", name] = [headers.unfold(raw) for field_name, raw in self.fields
+                                                    if field_name == name]
+        return found
 
 
 class Action:
@@ -142,9 +144,9 @@ class Action:
 class Result:
     __slots__ = ("actions", "implicit_keep", "implicit_flags")
 
-    def __init__(self, actions: list[Action] | None = None, implicit_keep: bool = True,
+    def __init__(self, actions: "list[Action] | None" = None, implicit_keep: bool = True,
                  implicit_flags: tuple[str, ...] = ()) -> None:
-        self.actions: list[Action] = actions if actions is not None else []
+        self.actions: "list[Action]" = actions if actions is not None else []
         self.implicit_keep = implicit_keep
         self.implicit_flags = implicit_flags  # imap4flags: the flags the implicit keep stores with
 
@@ -163,17 +165,6 @@ class Result:
         return folders
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Return(Exception):
-    """`return` (RFC 6609): back to the script that included this one."""
-class _Break(Exception):
-    def __init__(self, name: str | None) -> None:
-        self.name = name  # None: the innermost loop
-
-
 def default_environment() -> dict[str, str]:
     """RFC 5183's items as vdeliver answers them; the caller adds remote-host and remote-ip."""
     import os
@@ -189,11 +180,11 @@ def _inbox_only(name: str) -> bool:
     return name.upper() == "INBOX"
 
 
-def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions: int = MAX_ACTIONS,
+def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_actions: int = MAX_ACTIONS,
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
-        mailbox_exists: Callable[[str], bool] = _inbox_only,
-        trace: Callable[[int, str], None] | None = None, max_cpu_time: float = MAX_CPU_TIME,
-        result: Result | None = None, spam: SpamConfig | None = None) -> Result:
+        mailbox_exists: "Callable[[str], bool]" = _inbox_only,
+        trace: "Callable[[int, str], None] | None" = None, max_cpu_time: float = MAX_CPU_TIME,
+        result: "Result | None" = None, spam: "SpamConfig | None" = None) -> "Result":
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
     test (RFC 5490), by default only the INBOX exists; `trace` hears (line, what happened) for
@@ -217,20 +208,20 @@ def run(compiled: Compiled, message: Message, envelope: Envelope, *, max_actions
     machine.spam = spam
     try:
         machine.block(compiled.commands)
-    except (_Stop, _Return):
+    except (Stop, Return):
         pass
     if machine.result.implicit_keep:
         machine.result.implicit_flags = variables.flags_of(machine.variables.get(variables.FLAGS, ""))
     return machine.result
 
 
-def run_sequence(scripts: list[Compiled], message: Message, envelope: Envelope, **options: object) -> Result:
+def run_sequence(scripts: "list[Compiled]", message: "Message", envelope: "Envelope", **options: object) -> "Result":
     """Run scripts one after another on one result, by Pigeonhole's rule for sieve_before and
     sieve_after: the next script runs only when the one before ended with a keep in effect,
     implicit or explicit; a keep of a script that is not the last to run only means "go on"
     (it stores nothing).  `options` are run()'s.  A SieveRuntimeError says in `.script`
     which script (its index) failed."""
-    result: Result | None = None
+    result: "Result | None" = None
     for index, compiled in enumerate(scripts):
         if result is not None:
             result.actions = [a for a in result.actions if a.type != "keep"]  # the one before kept: go on
@@ -246,7 +237,7 @@ def run_sequence(scripts: list[Compiled], message: Message, envelope: Envelope, 
 
 
 class _Machine:
-    def __init__(self, message: Message, envelope: Envelope, max_actions: int, max_redirects: int,
+    def __init__(self, message: "Message", envelope: "Envelope", max_actions: int, max_redirects: int,
                  expand: bool) -> None:
         self.message = message
         self.envelope = envelope
@@ -254,19 +245,20 @@ class _Machine:
         self.max_redirects = max_redirects
         self.result = Result()
         self.expand = expand  # "variables" was required: ${...} in strings are replaced
-        self.variables: MutableMapping[str, str] = {}
+        self.variables: "MutableMapping[str, str]" = {}
         self.match_vars: list[str] = []
-        self.includes: dict[tuple[str, str], Compiled] = {}
+        self.includes: "dict[tuple[str, str], Compiled]" = {}
         self.once: set[tuple[str, str]] = set()
+        self.address_memo: dict[str, list[headers.Address]] = {}  # an address list is parsed once
         self.steps = 0
         self.deadline = 0.0
         self.max_cpu_time = MAX_CPU_TIME
         self.environment: dict[str, str] = {}
-        self.mailbox_exists: Callable[[str], bool] = _inbox_only
-        self.trace: Callable[[int, str], None] | None = None
+        self.mailbox_exists: "Callable[[str], bool]" = _inbox_only
+        self.trace: "Callable[[int, str], None] | None" = None
         self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
         self.part_visits = 0
-        self.spam: SpamConfig | None = None  # None: the defaults, built when a spamtest runs
+        self.spam: "SpamConfig | None" = None  # None: the defaults, built when a spamtest runs
 
     def s(self, value: object) -> str:
         """One string argument, its variables expanded."""
@@ -276,14 +268,14 @@ class _Machine:
     def sl(self, value: object) -> list[str]:
         return [self.s(v) for v in _strings(value)]
 
-    def flags(self, node: Node) -> tuple[str, ...]:
+    def flags(self, node: "Node") -> tuple[str, ...]:
         if "flags" in node.tags:
             return variables.flags_of(" ".join(self.sl(node.tags["flags"])))
         return variables.flags_of(self.variables.get(variables.FLAGS, ""))
 
     # -- commands ------------------------------------------------------------------------------
 
-    def block(self, nodes: tuple[Node, ...]) -> None:
+    def block(self, nodes: "tuple[Node, ...]") -> None:
         taken = False  # in an if/elsif/else chain: a branch already ran
         for node in nodes:
             if node.name == "if":
@@ -309,22 +301,15 @@ class _Machine:
             if time.process_time() > self.deadline:
                 raise SieveRuntimeError(line, f"more than {self.max_cpu_time:g} s of CPU time")
 
-    def command(self, node: Node) -> None:
+    def command(self, node: "Node") -> None:
         name = node.name
         self._tick(node.line)
         if self.trace is not None:
-            self.trace(node.line, _describe(node, self))
+            from vdeliver.sieve.extensions import describe
+
+            self.trace(node.line, describe(node, self))
         if name == "stop":
-            raise _Stop
-        if name == "return":
-            raise _Return
-        if name == "include":
-            self._include(node)
-            return
-        if name == "global":
-            if isinstance(self.variables, variables.Scope):
-                self.variables.declare(self.sl(node.args[0]))
-            return
+            raise Stop
         if name == "keep":
             self._add(Action("keep", flags=self.flags(node), line=node.line), cancels=True)
         elif name == "discard":
@@ -340,19 +325,6 @@ class _Machine:
             target = variables.FLAGS if node.args[0] is None else self.s(node.args[0]).lower()
             current = self.variables.get(target, "")
             self.variables[target] = variables.change_flags(name, current, self.sl(node.args[1]))
-        elif name == "foreverypart":
-            self._foreverypart(node)
-        elif name == "break":
-            raise _Break(str(node.tags["name"]) if "name" in node.tags else None)
-        elif name == "extracttext":
-            from vdeliver.sieve import mime
-
-            text = mime.text(self.message.parts()[self.loop_parts[-1]])
-            if "first" in node.tags:
-                text = text[:int(str(node.tags["first"]))]
-            self.variables[self.s(node.args[0]).lower()] = variables.limit(variables.modify(text, node.tags))
-        elif name == "error":
-            raise SieveRuntimeError(node.line, f"error: {self.s(node.args[0])}")
         elif name == "redirect":
             copy = bool(node.tags.get("copy"))
             address, why = headers.redirect_address(self.s(node.args[0]))
@@ -361,60 +333,12 @@ class _Machine:
             if sum(a.type == "redirect" for a in self.result.actions) >= self.max_redirects:
                 raise SieveRuntimeError(node.line, f"more than {self.max_redirects} redirects")
             self._add(Action("redirect", address=address, copy=copy, line=node.line), cancels=not copy)
+        else:  # include, foreverypart and the others of extensions.py
+            from vdeliver.sieve import extensions
 
-    def _include(self, node: Node) -> None:
-        key = ("global" if "global" in node.tags else "personal", str(node.args[0]))
-        compiled = self.includes.get(key)
-        if compiled is None:
-            return  # :optional, and there is no such script
-        if "once" in node.tags and key in self.once:
-            return
-        self.once.add(key)
-        saved = (self.variables, self.expand, self.match_vars)
-        shared = self.variables.shared if isinstance(self.variables, variables.Scope) else {}
-        self.variables, self.expand, self.match_vars = (variables.Scope(shared), "variables" in compiled.extensions,
-                                                        [])
-        try:
-            self.block(compiled.commands)
-        except _Return:
-            pass
-        finally:
-            self.variables, self.expand, self.match_vars = saved
-    def _foreverypart(self, node: Node) -> None:
-        """RFC 5703 section 3: the block once per part, the message itself first; a loop inside
-        another visits the parts below the outer loop's current part."""
-        parts = self.message.parts()
-        first, end = (self.loop_parts[-1] + 1, parts[self.loop_parts[-1]].end) if self.loop_parts else (0, len(parts))
-        for index in range(first, end):
-            self._visit(node.line, 1)
-            self.loop_parts.append(index)
-            try:
-                self.block(node.block or ())
-            except _Break as exc:
-                if exc.name is None or exc.name == node.tags.get("name"):
-                    return
-                raise
-            finally:
-                self.loop_parts.pop()
+            extensions.command(self, node)
 
-    def _visit(self, line: int, count: int) -> None:
-        self.part_visits += count
-        if self.part_visits > MAX_PART_VISITS:
-            raise SieveRuntimeError(line, f"MIME parts visited more than {MAX_PART_VISITS} times")
-
-    def _mime_parts(self, node: Node) -> list[Part] | None:
-        """The parts a :mime test reads: the current part of the innermost loop, and with
-        :anychild every part below it too; None for the message's own header (outside a loop,
-        without :anychild)."""
-        if not self.loop_parts and "anychild" not in node.tags:
-            return None
-        parts = self.message.parts()
-        index = self.loop_parts[-1] if self.loop_parts else 0
-        scope = parts[index:parts[index].end] if "anychild" in node.tags else parts[index:index + 1]
-        self._visit(node.line, len(scope))
-        return scope
-
-    def _add(self, action: Action, cancels: bool) -> None:
+    def _add(self, action: "Action", cancels: bool) -> None:
         if cancels:
             self.result.implicit_keep = False
         if action in self.result.actions:
@@ -425,14 +349,16 @@ class _Machine:
 
     # -- tests --------------------------------------------------------------------------------------
 
-    def test(self, node: Node) -> bool:
+    def test(self, node: "Node") -> bool:
         self._tick(node.line)
         result = self._test(node)
         if self.trace is not None and node.name not in ("not", "allof", "anyof", "true", "false"):
-            self.trace(node.line, f"{_describe(node, self)}: {'true' if result else 'false'}")
+            from vdeliver.sieve.extensions import describe
+
+            self.trace(node.line, f"{describe(node, self)}: {'true' if result else 'false'}")
         return result
 
-    def _test(self, node: Node) -> bool:
+    def _test(self, node: "Node") -> bool:
         name = node.name
         if name == "true":
             return True
@@ -455,35 +381,6 @@ class _Machine:
         if name == "header":
             values = [v for h in self.sl(node.args[0]) for v in self._fields(node, h)]
             return self._match(node, values, self.sl(node.args[1]))
-        if name == "environment":
-            value = self.environment.get(self.s(node.args[0]).lower())
-            return value is not None and self._match(node, [value], self.sl(node.args[1]))
-        if name == "mailboxexists":
-            return all(self.mailbox_exists(m) for m in self.sl(node.args[0]))
-        if name in ("date", "currentdate"):
-            return self._date(node)
-        if name == "body":
-            from vdeliver.sieve import body
-
-            transform = "raw" if "raw" in node.tags else "content" if "content" in node.tags else "text"
-            types = self.sl(node.tags["content"]) if transform == "content" else ["text"]
-            return self._match(node, body.values(self.message.raw, transform, types), self.sl(node.args[0]))
-        if name == "ihave":
-            from vdeliver.sieve.validator import EXTENSIONS, unusable
-
-            return all(n in EXTENSIONS and unusable(n) is None for n in self.sl(node.args[0]))
-        if name in ("spamtest", "virustest"):
-            from vdeliver.sieve import spamtest
-
-            first = lambda h: next(iter(self.message.values(h)), None)  # noqa: E731
-            spam = self.spam if self.spam is not None else spamtest.SpamConfig()
-            config = spam.spamtest if name == "spamtest" else spam.virustest
-            try:
-                value, tested = spamtest.value(config, first, name, "percent" in node.tags)
-            except SieveError as exc:
-                raise SieveRuntimeError(node.line, exc.message) from None
-            counted = [value] if tested or "count" not in node.tags else []  # RFC 5235 3.1
-            return self._match(node, counted, self.sl(node.args[0]))
         if name == "string":
             values = self.sl(node.args[0])
             if "count" in node.tags:
@@ -495,7 +392,7 @@ class _Machine:
             return self._match(node, values, self.sl(node.args[1]))
         if name == "address":
             parts = [self._part(node, a) for h in self.sl(node.args[0])
-                     for v in self._fields(node, h, decode=False) for a in headers.addresses(v)]
+                     for v in self._fields(node, h, decode=False) for a in self._addresses(v)]
             return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
         if name == "envelope":
             parts = []
@@ -504,26 +401,22 @@ class _Machine:
                 if raw is not None:
                     parts.append(self._part(node, headers.envelope_address(raw)))
             return self._match(node, [p for p in parts if p is not None], self.sl(node.args[1]))
-        raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
+        from vdeliver.sieve import extensions  # date, body, spamtest and the others
 
-    def _date(self, node: Node) -> bool:
-        from vdeliver.sieve import dates
+        return extensions.test(self, node)
 
-        zone = self.s(node.tags["zone"]) if "zone" in node.tags else None
-        if zone is not None and not dates.valid_zone(zone):
-            zone = None  # not a zone: ignored (the local zone), as Pigeonhole does with a warning
-        date_part = self.s(node.args[-2]).lower()
-        if date_part not in dates.PARTS:
-            return False
-        if node.name == "currentdate":
-            moments = [dates.now()]
-        else:
-            # The whole field is the date (as Pigeonhole reads it: no date out of Received lines).
-            moments = [m for v in self._fields(node, self.s(node.args[0])) if (m := dates.parse_header(v))]
-        values = [dates.part(dates.in_zone(m, zone, "originalzone" in node.tags), date_part) for m in moments]
-        return self._match(node, values, self.sl(node.args[-1]))
+    def _addresses(self, value: str) -> "list[headers.Address]":
+        found = self.address_memo.get(value)
+        if found is None:
+            found = self.address_memo[value] = headers.addresses(value)
+        return found
 
-    def _fields(self, node: Node, name: str, *, decode: bool = True) -> list[str]:
+    def _mime_parts(self, node: "Node") -> "list[Part] | None":
+        from vdeliver.sieve import extensions
+
+        return extensions.mime_parts(self, node)
+
+    def _fields(self, node: "Node", name: str, *, decode: bool = True) -> list[str]:
         """The values of a header field; with :index N only the Nth (from the end with :last)."""
         scope = self._mime_parts(node) if "mime" in node.tags else None
         if scope is not None:
@@ -544,13 +437,13 @@ class _Machine:
             return []
         return [values[-index] if "last" in node.tags else values[index - 1]]
 
-    def _part(self, node: Node, address: headers.Address) -> str | None:
+    def _part(self, node: "Node", address: headers.Address) -> str | None:
         for part in ("localpart", "domain", "user", "detail"):
             if part in node.tags:
                 return address.part(part)
         return address.part("all")
 
-    def _match(self, node: Node, values: list[str], keys: list[str]) -> bool:
+    def _match(self, node: "Node", values: list[str], keys: list[str]) -> bool:
         comparator = str(node.tags.get("comparator", "i;ascii-casemap"))
         if "count" in node.tags:
             return match.matches_any("value", comparator, [str(len(values))], keys, str(node.tags["count"]))
@@ -573,23 +466,6 @@ class _Machine:
                     self.match_vars = [value, *groups]
                     return True
         return False
-
-
-def _describe(node: Node, machine: _Machine) -> str:
-    """A command or test as the trace shows it: its name, tags and arguments, expanded."""
-    words = [node.name]
-    for tag, value in node.tags.items():
-        words.append(f":{tag}" if value is True else f":{tag} {_show(value, machine)}")
-    words += [_show(a, machine) for a in node.args if a is not None]
-    return " ".join(words)
-
-
-def _show(value: object, machine: _Machine) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(f'"{machine.s(v)}"' for v in value) + "]"
-    if isinstance(value, int):
-        return str(value)
-    return f'"{machine.s(value)}"'
 
 
 def _strings(value: object) -> list[str]:

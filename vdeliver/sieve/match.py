@@ -26,7 +26,6 @@ Where Pigeonhole (Debian's sieve-test) was asked and what we do:
   refuses "EQ" at compile time.
 """
 
-from __future__ import annotations
 
 _FOLD = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 

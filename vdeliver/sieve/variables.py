@@ -12,7 +12,6 @@ flag commands do to the script's state.
   as IMAP spells them (`\\Seen`).
 """
 
-from __future__ import annotations
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ class Scope(dict[str, str]):
             self.shared[key] = value
 
 
-def expand(text: str, variables: Mapping[str, str], match_vars: list[str]) -> str:
+def expand(text: str, variables: "Mapping[str, str]", match_vars: list[str]) -> str:
     out: list[str] = []
     pos = 0
     while True:
