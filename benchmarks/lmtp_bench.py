@@ -1,7 +1,7 @@
 """Messages per second through vdeliver-lmtpd (and, beside it, Dovecot's LMTP server).
 
     python -m benchmarks.lmtp_bench [--messages N] [--clients 1,8] [--formats mbox,maildir]
-                                    [--servers vdeliver,dovecot] [--size BYTES]
+                                    [--servers vdeliver,dovecot] [--size BYTES] [--sieve]
 
 Each run builds a private mail tree under /tmp, starts the server privately (as root it
 serves as the vmail user, as in production), and drives it with `clients` concurrent
@@ -54,12 +54,14 @@ def _vmail() -> tuple[str, int, int] | None:
 
 
 class Tree:
-    """A private mail tree: vbox/<domain>/u<i> (mbox) and home/<domain>/u<i>/Maildir."""
+    """A private mail tree: vbox/<domain>/u<i> (mbox) and home/<domain>/u<i>/Maildir; with
+    `sieve`, each user's home holds the 30-rule script of sieve_bench as the active script."""
 
-    def __init__(self, fmt: str, users: int) -> None:
+    def __init__(self, fmt: str, users: int, sieve: bool = False) -> None:
         self.base = tempfile.mkdtemp(prefix="lmtp-bench-", dir="/tmp")
         os.chmod(self.base, 0o755)
         self.fmt = fmt
+        self.sieve = sieve
         self.owner = _vmail()
         self.vbox = os.path.join(self.base, "vbox")
         self.home = os.path.join(self.base, "home")
@@ -80,6 +82,24 @@ class Tree:
                     os.makedirs(os.path.join(md, sub), 0o700, exist_ok=True)
                 for d in (os.path.dirname(md), md, *(os.path.join(md, s) for s in ("tmp", "new", "cur"))):
                     self.own(d)
+            if sieve:
+                self._script(os.path.join(self.home, DOMAIN, f"u{i}"))
+
+    def _script(self, home: str) -> None:
+        from benchmarks.sieve_bench import FOLDERS, rules
+
+        os.makedirs(os.path.join(home, "sieve"), 0o700, exist_ok=True)
+        with open(os.path.join(home, "sieve", "rules.sieve"), "wb") as f:
+            f.write(rules())
+        os.symlink("sieve/rules.sieve", os.path.join(home, ".dovecot.sieve"))
+        for folder in FOLDERS:
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(home, "Maildir", f".{folder}", sub), 0o700, exist_ok=True)
+        if self.owner is not None:
+            for dirpath, dirnames, filenames in os.walk(home):
+                for name in [*dirnames, *filenames]:
+                    os.lchown(os.path.join(dirpath, name), self.owner[1], self.owner[2])
+            os.lchown(os.path.join(home, ".dovecot.sieve"), self.owner[1], self.owner[2])
 
     def own(self, path: str) -> None:
         if self.owner is not None:
@@ -139,7 +159,8 @@ def start_vdeliver(tree: Tree, clients: int) -> Server:
                 f'maildir_path = "{tree.home}/{{domain}}/{{user}}/Maildir"\n'
                 f'spool_dir = "{tree.base}/spool"\nlog = "none"\n'
                 + (f'user = "{tree.owner[0]}"\n' if tree.owner else "")
-                + f'\n[lmtp]\nsocket = "{sock}"\nmax_connections = {max(20, clients + 2)}\n')
+                + f'\n[lmtp]\nsocket = "{sock}"\nmax_connections = {max(20, clients + 2)}\n'
+                + ("\n[sieve]\nenabled = true\n" if tree.sieve else ""))
     os.chmod(conf, 0o644)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C", "PYTHONPATH": ROOT}
     proc = subprocess.Popen(["/usr/bin/python3", "-m", "vdeliver.lmtp.daemon", "-c", conf],
@@ -161,7 +182,7 @@ mail_location = {location}
 first_valid_uid = 0
 userdb {{
   driver = static
-  args = uid={uid} gid={gid} home={base}/dovecot-home/%d/%n
+  args = uid={uid} gid={gid} home={home}/%d/%n
 }}
 passdb {{
   driver = static
@@ -189,7 +210,12 @@ def start_dovecot(tree: Tree) -> Server:
         location = f"maildir:{tree.home}/%d/%n/Maildir"
     conf = os.path.join(tree.base, "dovecot.conf")
     with open(conf, "w") as f:
-        f.write(DOVECOT_CONF.format(base=tree.base, location=location, uid=tree.owner[1], gid=tree.owner[2]))
+        home = tree.home if tree.sieve else f"{tree.base}/dovecot-home"  # with sieve: the users' own homes
+        f.write(DOVECOT_CONF.format(base=tree.base, location=location, uid=tree.owner[1], gid=tree.owner[2],
+                                    home=home))
+        if tree.sieve:
+            f.write("protocol lmtp {\n  mail_plugins = $mail_plugins sieve\n}\n"
+                    "plugin {\n  sieve = file:~/sieve;active=~/.dovecot.sieve\n}\n")
     proc = subprocess.Popen([dovecot, "-F", "-c", conf], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     server = Server(proc, os.path.join(tree.base, "dovecot", "lmtp"))
@@ -209,11 +235,13 @@ def _client(sock: str, user: int, count: int, size: int, errors: list[str]) -> N
         errors.append(f"{type(exc).__name__}: {exc}")
 
 
-def run(messages: int, clients: int, fmt: str, server: str = "vdeliver", size: int = 3800) -> dict[str, object]:
-    """Deliver `messages` messages with `clients` concurrent LMTP connections; the rates."""
-    if fmt not in ("mbox", "maildir"):
-        raise ValueError(f"fmt must be mbox or maildir, not {fmt!r}")
-    tree = Tree(fmt, clients)
+def run(messages: int, clients: int, fmt: str, server: str = "vdeliver", size: int = 3800,
+        sieve: bool = False) -> dict[str, object]:
+    """Deliver `messages` messages with `clients` concurrent LMTP connections; the rates.
+    `sieve`: every user has the 30-rule script (Maildir only)."""
+    if fmt not in ("mbox", "maildir") or (sieve and fmt != "maildir"):
+        raise ValueError(f"fmt must be mbox or maildir (maildir with sieve), not {fmt!r}")
+    tree = Tree(fmt, clients, sieve)
     srv = start_vdeliver(tree, clients) if server == "vdeliver" else start_dovecot(tree)
     try:
         share = [messages // clients + (1 if i < messages % clients else 0) for i in range(clients)]
@@ -259,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="mbox,maildir")
     ap.add_argument("--servers", default="vdeliver,dovecot")
     ap.add_argument("--size", type=int, default=3800)
+    ap.add_argument("--sieve", action="store_true", help="each user has sieve_bench's 30-rule script (Maildir)")
     args = ap.parse_args(argv)
     print(f"{'server':10} {'format':8} {'clients':>7} {'msgs':>6} {'msg/s':>8} {'ms/msg':>8}  errors")
     for srv in args.servers.split(","):
         for fmt in args.formats.split(","):
             for clients in (int(c) for c in args.clients.split(",")):
                 try:
-                    r = run(args.messages, clients, fmt, srv, args.size)
+                    r = run(args.messages, clients, fmt, srv, args.size, args.sieve)
                 except RuntimeError as exc:
                     print(f"{srv:10} {fmt:8} {clients:>7}  skipped: {exc}")
                     continue

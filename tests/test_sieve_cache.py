@@ -132,3 +132,24 @@ def test_a_delivery_with_a_cache_hit_does_not_import_the_compiler(tmp_path: Path
     (home / "sieve" / "main.sieve").write_bytes(b'require "fileinto";\nfileinto "B";')  # same size
     assert "vdeliver.sieve.validator" in delivery()
     assert len(os.listdir(home / "Maildir" / ".B" / "new")) == 1
+
+
+def test_a_resident_server_reuses_a_compiled_script_until_it_changes(tmp_path: Path) -> None:
+    """In one process (the LMTP server): the memo serves the script while it and the script it
+    includes read the same; a change to either, even of the same size, is seen at once."""
+    from vdeliver.sieve import delivery
+
+    home = tmp_path / "home"
+    (home / "sieve").mkdir(parents=True)
+    (home / "sieve" / "inc.sieve").write_bytes(b'require "fileinto";\nfileinto "A";')
+    script = home / ".dovecot.sieve"
+    script.write_bytes(b'require "include";\ninclude "inc";')
+    opts = delivery.Settings()
+    first = delivery._compile(opts, str(script), str(home))
+    assert delivery._compile(opts, str(script), str(home)) is first  # from the memo
+    (home / "sieve" / "inc.sieve").write_bytes(b'require "fileinto";\nfileinto "B";')
+    changed = delivery._compile(opts, str(script), str(home))
+    assert changed is not first
+    assert changed.includes[("personal", "inc")].commands[0].args == ("B",)
+    script.write_bytes(b'require "include";\ninclude "inc";\n')
+    assert delivery._compile(opts, str(script), str(home)) is not changed

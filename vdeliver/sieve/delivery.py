@@ -262,20 +262,38 @@ def _compile(opts: "Settings", path: str, home: str) -> "Compiled":
         except _KeepInbox:
             return None
 
-    hit = form.load_cached(path, source, reread)
-    if hit is not None:
-        return hit
-    from vdeliver.sieve.validator import compile_script
+    included: dict[tuple[str, str], bytes | None] = {}  # what was read, for the memo and the cache
 
-    included: dict[tuple[str, str], bytes | None] = {}
-
-    def resolve(location: str, name: str) -> bytes | None:
-        included[(location, name)] = text = reread((location, name))
+    def read_now(key: tuple[str, str]) -> bytes | None:
+        included[key] = text = reread(key)
         return text
 
-    compiled = compile_script(source, resolve=resolve, max_size=opts.max_script_size)
-    form.store_cached(path, source, included, compiled)
-    return compiled
+    memo = _MEMO.get(path)  # a resident server (LMTP): the script as this process last compiled it
+    if memo is not None and memo[0] == source and all(read_now(key) == text for key, text in memo[1].items()):
+        return memo[2]
+    included.clear()
+    hit = form.load_cached(path, source, read_now)
+    if hit is None:
+        from vdeliver.sieve.validator import compile_script
+
+        included.clear()
+        hit = compile_script(source, resolve=lambda location, name: read_now((location, name)),
+                             max_size=opts.max_script_size)
+        form.store_cached(path, source, included, hit)
+    _remember(path, source, dict(included), hit)
+    return hit
+
+
+# Scripts this process compiled, by path, with the bytes they were compiled from: the LMTP
+# server reuses them while the files read the same (checked at every delivery, as the cache).
+_MEMO: dict[str, tuple[bytes, dict[tuple[str, str], bytes | None], "Compiled"]] = {}
+MEMO_SIZE = 1000
+
+
+def _remember(path: str, source: bytes, included: dict[tuple[str, str], bytes | None], compiled: "Compiled") -> None:
+    if len(_MEMO) >= MEMO_SIZE:
+        _MEMO.pop(next(iter(_MEMO)), None)  # the oldest goes
+    _MEMO[path] = (source, included, compiled)
 
 
 def _read(path: str, limit: int, follow: bool = True) -> bytes:
