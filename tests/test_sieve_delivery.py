@@ -577,3 +577,89 @@ def test_dovecot_config_names_the_same_global_scripts(tmp_path: Path) -> None:
     assert "  sieve_before = /etc/vdeliver/sieve/before.d\n  sieve_before2 = /etc/vdeliver/spam.sieve\n" in conf
     assert "  sieve_after = /etc/vdeliver/after.sieve\n" in conf
     assert "  sieve_global = /etc/vdeliver/sieve/global\n" in conf
+
+
+# -- special-use (RFC 8579) -------------------------------------------------------------------------------
+
+
+def test_fileinto_specialuse_finds_the_folder_by_its_flag(tmp_path: Path) -> None:
+    """`fileinto :specialuse "\\Junk" "Spam"` stores into the folder [sieve] special_use names for
+    \\Junk when it exists, and into "Spam" (with its :create) when it does not."""
+    text = b'require ["fileinto", "special-use", "mailbox"];\nfileinto :specialuse "\\\\Junk" :create "Spam";'
+    cfg = make_config(tmp_path, special_use={"\\Junk": "Junk Mail"})
+    script(tmp_path, text)
+    maildir.create(str(maildir_folder(tmp_path)))
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Spam"))) == 1  # no "Junk Mail" yet: the named folder
+    maildir.create(str(maildir_folder(tmp_path, "Junk Mail")))
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, "Junk Mail"))) == 1
+    assert len(messages(maildir_folder(tmp_path, "Spam"))) == 1
+
+
+def test_specialuse_exists(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)  # Debian's defaults: \Junk is "Junk"
+    script(tmp_path, b'require ["fileinto", "special-use"];\n'
+                     b'if specialuse_exists "\\\\Junk" { fileinto "Yes"; }\n'
+                     b'if specialuse_exists "Junk" ["\\\\Junk"] { fileinto "Also"; }\n'
+                     b'if specialuse_exists "INBOX" "\\\\Junk" { fileinto "Never"; }')
+    for name in ("", "Junk", "Yes", "Also", "Never"):
+        maildir.create(str(maildir_folder(tmp_path, name)))
+    run(tmp_path, cfg)
+    assert [len(messages(maildir_folder(tmp_path, n))) for n in ("Yes", "Also", "Never")] == [1, 1, 0]
+
+
+@pytest.mark.parametrize("value", [{"Junk": "Spam"}, {"\\Junk": ""}, "Junk"])
+def test_special_use_settings_are_checked(tmp_path: Path, value: object) -> None:
+    from vdeliver.sieve.delivery import settings
+
+    cfg = make_config(tmp_path)
+    cfg.tables["sieve"]["special_use"] = value
+    with pytest.raises(config.ConfigError, match="special_use"):
+        settings(cfg)
+
+
+def test_dovecot_lists_the_special_use_folder_vdeliver_filed_into(vmail: Account) -> None:
+    """The namespace block `vmailctl dovecot-config` writes gives Dovecot the same folder for
+    \\Junk as vdeliver's [sieve] special_use: LIST (SPECIAL-USE) shows it, holding the message."""
+    from vdeliver.accounts import dovecot as generated
+
+    require_root("Dovecot's mail processes switch to the vmail user")
+    root = MailRoot(world_tmpdir(), vmail)
+    try:
+        passwd = root.base / "passwd"
+        md = root.add_maildir("home.com", "fred")
+        passwd.write_text(f"fred@home.com:s3cret:{vmail.uid}:{vmail.gid}::{root.home}/home.com/fred::"
+                          "userdb_mail=maildir:~/Maildir\n")
+        passwd.chmod(0o644)
+        cfg = root.write_config()
+        cfg.write_text(cfg.read_text() + '\n[sieve]\nenabled = true\n\n[sieve.special_use]\n"\\\\Junk" = "Spam Box"\n')
+        (md.parent / "sieve").mkdir()
+        (md.parent / "sieve" / "main.sieve").write_bytes(b'require ["fileinto", "special-use", "mailbox"];\n'
+                                                         b'fileinto :specialuse "\\\\Junk" :create "Spam";')
+        (md.parent / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+        maildir.create(str(md / ".Spam Box"))
+        for path in (md.parent / "sieve", md.parent / "sieve" / "main.sieve", *(md / ".Spam Box").rglob("*"),
+                     md / ".Spam Box"):
+            os.chown(path, vmail.uid, vmail.gid)
+        os.lchown(md.parent / ".dovecot.sieve", vmail.uid, vmail.gid)
+        done = run_vdeliver(["-f", "alice@example.org", "-a", "home.com", "-a", "fred"], RAW, config=cfg,
+                            as_user=vmail)
+        assert done.returncode == 0, done.stderr
+        conf = generated.render_files(config.load(str(cfg)), lookup_uid=False)["conf.d/90-vdeliver-sieve.conf"]
+        namespace = conf[conf.index("namespace inbox {"):].replace("namespace inbox {",
+                                                                   "namespace inbox {\n  inbox = yes\n", 1)
+        with Dovecot(root, vmail, auth=passwd_file_auth(passwd), extra=namespace) as dc:
+            imap = dc.login("fred@home.com", "s3cret")
+            try:
+                status, listed = imap.list()
+                junk = [line for line in listed if isinstance(line, bytes) and b"\\Junk" in line]
+                assert status == "OK" and len(junk) == 1 and b"Spam Box" in junk[0], listed
+                status, data = imap.select('"Spam Box"', readonly=True)
+                assert status == "OK" and data[0] == b"1", data
+            finally:
+                imap.logout()
+    finally:
+        import shutil
+
+        shutil.rmtree(root.base, ignore_errors=True)

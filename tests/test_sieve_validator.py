@@ -148,3 +148,26 @@ def test_the_generated_sieve_extensions_offer_exactly_what_vdeliver_runs() -> No
         assert not refused.ok and refused.errors[0][0] == 1
     finally:
         oracle.close()
+
+
+SPECIAL_USE = [
+    b'require ["fileinto", "special-use"];\nfileinto :specialuse "\\\\Junk" "Spam";',
+    b'require ["fileinto", "special-use", "mailbox"];\nfileinto :specialuse "\\\\Junk" :create "Spam";',
+    b'require "special-use";\nif specialuse_exists "\\\\Junk" { keep; }',
+    b'require "special-use";\nif specialuse_exists "INBOX" ["\\\\Junk", "\\\\Sent"] { keep; }',
+    b'require ["fileinto", "special-use"];\nfileinto :specialuse "Junk" "Spam";',  # no backslash
+    b'require "special-use";\nif specialuse_exists "\\\\Bad flag" { keep; }',
+    b'require "fileinto";\nfileinto :specialuse "\\\\Junk" "Spam";',  # not required
+    b'require "special-use";\nif specialuse_exists { keep; }',
+]
+
+
+@pytest.mark.peers
+def test_special_use_same_verdict_as_pigeonhole() -> None:
+    """RFC 8579; Debian's Pigeonhole has it, off unless sieve_extensions names it."""
+    oracle = Pigeonhole.start("plugin {\n  sieve_extensions = +special-use\n}\n")
+    try:
+        for script in SPECIAL_USE:
+            assert_same_verdict(oracle, script, compile_script, SieveError)
+    finally:
+        oracle.close()

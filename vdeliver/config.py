@@ -235,13 +235,19 @@ def read_file(path: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]
 
 
 _MESSAGES = {"bool": "must be true or false", "int": "must be a whole number", "float": "must be a number",
-             "str": "must be a string", "strs": "must be a string or a list of strings"}
+             "str": "must be a string", "strs": "must be a string or a list of strings",
+             "table": "must be a table of strings (name = \"value\")"}
 
 
 def typed(where: str, value: object, kind: str) -> object:
     """The one type check of a configuration value, for every table: kind "bool", "int" (a
-    whole number, not negative), "float" (a number, not negative; returned as float), "str"
-    or "strs" (a string or a list of strings; returned as a tuple).  Raises ConfigError(where, ...)."""
+    whole number, not negative), "float" (a number, not negative; returned as float), "str",
+    "strs" (a string or a list of strings; returned as a tuple) or "table" (a table of
+    strings).  Raises ConfigError(where, ...)."""
+    if kind == "table":
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
+        raise ConfigError(where, _MESSAGES[kind])
     if kind == "strs":
         if isinstance(value, str):
             return (value,)

@@ -52,8 +52,10 @@ if TYPE_CHECKING:
 
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
-        "max_cpu_time": "float"}  # and spamtest.KEYS: read only when one of them is set
+        "max_cpu_time": "float", "special_use": "table"}  # and spamtest.KEYS: read only when one of them is set
 SPAM_PREFIXES = ("spamtest_", "virustest_")
+# The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
+SPECIAL_USE = {"\\Drafts": "Drafts", "\\Junk": "Junk", "\\Trash": "Trash", "\\Sent": "Sent"}
 MAX_LOG = 64 << 10  # the <script>.log starts again past this size
 
 
@@ -62,12 +64,13 @@ class Settings:
     costs to run)."""
 
     __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
-                 "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam")
+                 "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use")
 
     def __init__(self, enabled: bool = False, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
                  sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
-                 global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None) -> None:
+                 global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None,
+                 special_use: "dict[str, str] | None" = None) -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -80,6 +83,8 @@ class Settings:
         self.global_dir = global_dir  # where `include :global "NAME"` finds NAME.sieve
         self.max_cpu_time = max_cpu_time
         self.spam = spam  # None: the defaults (SpamAssassin's and clamav-milter's headers)
+        # special-use flag -> folder (RFC 6154, 8579): Debian's Dovecot defaults unless set
+        self.special_use = special_use if special_use is not None else dict(SPECIAL_USE)
 
 
 class Store:
@@ -123,6 +128,12 @@ def settings(cfg: Config) -> "Settings":
         for path in (value,) if isinstance(value, str) else value:
             if (path or key != "global_dir") and not path.startswith("/"):
                 raise ConfigError(cfg.where("sieve", key), f"must be an absolute path (got {path!r})")
+    from vdeliver.sieve.validator import valid_special_use
+
+    for flag, folder in s.special_use.items():
+        if not valid_special_use(flag) or not folder or "\n" in folder:
+            raise ConfigError(cfg.where("sieve", "special_use"),
+                              f"{flag!r} = {folder!r}: needs a special-use flag (\\Junk) and a folder name")
     return s
 
 
@@ -210,16 +221,26 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
     if not compiled:
         return Plan([inbox], [])
     message = _message(msg, any("body" in c.extensions for c in compiled))
+
+    def special_use(flag: str) -> str | None:
+        """The folder with that special-use flag ([sieve] special_use), if it exists."""
+        folder = next((f for k, f in opts.special_use.items() if k.lower() == flag.lower()), None)
+        return folder if folder is not None and _folder(inbox, folders, folder, False) is not None else None
+
     envelope = interpreter.Envelope(msg.sender, rcpt.address)
     try:
         result = interpreter.run_sequence(compiled, message, envelope, max_actions=opts.max_actions,
                                           max_redirects=opts.max_redirects, max_cpu_time=opts.max_cpu_time,
-                                          spam=opts.spam,
+                                          spam=opts.spam, special_use=special_use,
                                           mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except interpreter.SieveRuntimeError as exc:
         path, personal = paths[exc.script]
         raise _KeepInbox("; ".join(str(e) for e in exc.errors), path, personal) from None
     own = next((p for p, personal in paths if personal), paths[-1][0])  # where the user reads about it
+    for i, a in enumerate(result.actions):  # fileinto :specialuse: the folder with that flag, if any
+        target = special_use(a.specialuse) if a.type == "fileinto" and a.specialuse else None
+        if target is not None:
+            result.actions[i] = interpreter.Action("fileinto", target, copy=a.copy, flags=a.flags, line=a.line)
     stores: "list[Store]" = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)

@@ -53,6 +53,12 @@ def test(m: "_Machine", node: "Node") -> bool:
         return value is not None and m._match(node, [value], m.sl(node.args[1]))
     if name == "mailboxexists":
         return all(m.mailbox_exists(box) for box in m.sl(node.args[0]))
+    if name == "specialuse_exists":  # RFC 8579 section 4
+        flags = m.sl(node.args[1])
+        if node.args[0] is None:
+            return all(m.special_use(flag) is not None for flag in flags)
+        box = m.s(node.args[0])
+        return m.mailbox_exists(box) and all(_same_mailbox(m.special_use(flag), box) for flag in flags)
     if name in ("date", "currentdate"):
         return date(m, node)
     if name == "body":
@@ -78,6 +84,12 @@ def test(m: "_Machine", node: "Node") -> bool:
         counted = [value] if tested or "count" not in node.tags else []  # RFC 5235 3.1
         return m._match(node, counted, m.sl(node.args[0]))
     raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
+
+
+def _same_mailbox(found: "str | None", name: str) -> bool:
+    if found is None:
+        return False
+    return found.upper() == "INBOX" == name.upper() or found == name
 
 
 def include(m: "_Machine", node: "Node") -> None:

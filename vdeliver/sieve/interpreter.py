@@ -106,10 +106,10 @@ class Action:
     """One action, as sieve-test --json shows it; two are the same action when all but their
     line are equal (RFC 5228 2.10.3: the second is not done again)."""
 
-    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line")
+    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line", "specialuse")
 
     def __init__(self, type: str, mailbox: str = "", address: str = "", copy: bool = False,
-                 flags: tuple[str, ...] = (), create: bool = False, line: int = 0) -> None:
+                 flags: tuple[str, ...] = (), create: bool = False, line: int = 0, specialuse: str = "") -> None:
         self.type = type  # keep, fileinto, redirect, discard
         self.mailbox = mailbox
         self.address = address
@@ -117,9 +117,10 @@ class Action:
         self.flags = flags
         self.create = create
         self.line = line
+        self.specialuse = specialuse  # RFC 8579: the folder with this special-use flag, if there is one
 
     def _key(self) -> tuple[object, ...]:
-        return (self.type, self.mailbox, self.address, self.copy, self.flags, self.create)
+        return (self.type, self.mailbox, self.address, self.copy, self.flags, self.create, self.specialuse)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Action) and self._key() == other._key()
@@ -134,8 +135,11 @@ class Action:
         if self.type == "keep":
             return {"type": "keep", "flags": list(self.flags)}
         if self.type == "fileinto":
-            return {"type": "fileinto", "mailbox": self.mailbox, "flags": list(self.flags), "copy": self.copy,
-                    "create": self.create}
+            out: dict[str, object] = {"type": "fileinto", "mailbox": self.mailbox, "flags": list(self.flags),
+                                      "copy": self.copy, "create": self.create}
+            if self.specialuse:
+                out["specialuse"] = self.specialuse
+            return out
         if self.type == "redirect":
             return {"type": "redirect", "address": self.address, "copy": self.copy}
         return {"type": self.type}
@@ -176,6 +180,10 @@ def default_environment() -> dict[str, str]:
             "phase": "during", "version": __version__}
 
 
+def _no_special_use(flag: str) -> "str | None":
+    return None
+
+
 def _inbox_only(name: str) -> bool:
     return name.upper() == "INBOX"
 
@@ -183,11 +191,13 @@ def _inbox_only(name: str) -> bool:
 def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_actions: int = MAX_ACTIONS,
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
         mailbox_exists: "Callable[[str], bool]" = _inbox_only,
+        special_use: "Callable[[str], str | None] | None" = None,
         trace: "Callable[[int, str], None] | None" = None, max_cpu_time: float = MAX_CPU_TIME,
         result: "Result | None" = None, spam: "SpamConfig | None" = None) -> "Result":
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
-    test (RFC 5490), by default only the INBOX exists; `trace` hears (line, what happened) for
+    test (RFC 5490), by default only the INBOX exists; `special_use` the folder that has a
+    special-use flag (RFC 8579), None when none has it (the default); `trace` hears (line, what happened) for
     each test and command, for `sieve-test --trace`; `result` goes on from an earlier
     script's (a sequence of global and personal scripts); `spam` where spamtest and virustest
     find the scanners' verdicts (by default SpamAssassin's and clamav-milter's headers)."""
@@ -200,6 +210,7 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
     machine.trace = trace
     machine.environment = environment if environment is not None else default_environment()
     machine.mailbox_exists = mailbox_exists
+    machine.special_use = special_use if special_use is not None else _no_special_use
     machine.includes = compiled.includes
     machine.max_cpu_time = max_cpu_time
     machine.deadline = time.process_time() + max_cpu_time
@@ -255,6 +266,7 @@ class _Machine:
         self.max_cpu_time = MAX_CPU_TIME
         self.environment: dict[str, str] = {}
         self.mailbox_exists: "Callable[[str], bool]" = _inbox_only
+        self.special_use: "Callable[[str], str | None]" = _no_special_use
         self.trace: "Callable[[int, str], None] | None" = None
         self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
         self.part_visits = 0
@@ -317,7 +329,9 @@ class _Machine:
         elif name == "fileinto":
             copy = bool(node.tags.get("copy"))
             self._add(Action("fileinto", mailbox=self.s(node.args[0]), copy=copy, flags=self.flags(node),
-                             create=bool(node.tags.get("create")), line=node.line), cancels=not copy)
+                             create=bool(node.tags.get("create")), line=node.line,
+                             specialuse=self.s(node.tags["specialuse"]) if "specialuse" in node.tags else ""),
+                      cancels=not copy)
         elif name == "set":
             value = variables.modify(self.s(node.args[1]), node.tags)
             self.variables[self.s(node.args[0]).lower()] = variables.limit(value)

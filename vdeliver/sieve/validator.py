@@ -29,7 +29,7 @@ EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
-    "spamtestplus", "virustest",
+    "spamtestplus", "virustest", "special-use",
 })
 IMPLIES = {"spamtestplus": ("spamtest",)}  # RFC 5235 3.2: spamtestplus brings the spamtest test
 NOT_YET = {
@@ -93,7 +93,8 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "stop"): Signature(),
     ("command", "keep"): Signature(tags=dict(_FLAGS)),
     ("command", "discard"): Signature(),
-    ("command", "fileinto"): Signature(("string",), {**_COPY, **_FLAGS, "create": TagSpec("create", None, "mailbox")},
+    ("command", "fileinto"): Signature(("string",), {**_COPY, **_FLAGS, "create": TagSpec("create", None, "mailbox"),
+                                                     "specialuse": TagSpec("specialuse", "string", "special-use")},
                                        extension="fileinto"),
     ("command", "set"): Signature(("string", "string"), dict(_MODIFIERS), extension="variables"),
     ("command", "setflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
@@ -129,6 +130,7 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "string"): Signature(("strings", "strings"), {**_COMPARATOR, **_MATCH}, extension="variables"),
     ("test", "environment"): Signature(("string", "strings"), {**_COMPARATOR, **_MATCH}, extension="environment"),
     ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
+    ("test", "specialuse_exists"): Signature(("string", "strings"), extension="special-use", optional_first=True),
     ("test", "ihave"): Signature(("strings",), extension="ihave"),
     ("test", "body"): Signature(("strings",), {**_COMPARATOR, **_MATCH, "raw": TagSpec("transform"),
                                               "content": TagSpec("transform", "strings"), "text": TagSpec("transform")},
@@ -243,6 +245,19 @@ class _IncludeTree:
         finally:
             self.chain.pop()
         return ""
+
+
+def valid_special_use(flag: str) -> bool:
+    """RFC 8579 / RFC 6154: a special-use flag is a backslash and an IMAP atom (`\\Junk`)."""
+    return len(flag) > 1 and flag[0] == "\\" and all(33 <= ord(c) <= 126 and c not in '(){ %*"\\]' for c in flag[1:])
+
+
+def _special_use_flags(name: str, tags: dict[str, object], args: tuple[object, ...]) -> list[str]:
+    if name == "fileinto" and isinstance(tags.get("specialuse"), str):
+        return [str(tags["specialuse"])]
+    if name == "specialuse_exists" and args and isinstance(args[-1], list):
+        return [str(f) for f in args[-1]]
+    return []
 
 
 def valid_script_name(name: str) -> bool:
@@ -429,7 +444,7 @@ class _Validator:
         args = tuple(self._value(a, want, f"{kind} '{name}'") for a, want in zip(positional, shape, strict=True))
         if sig.optional_first and shape is not sig.positional:
             args = (None, *args)  # None: the default (imap4flags' internal variable)
-        elif sig.optional_first and "variables" not in self.required:
+        elif sig.optional_first and sig.extension == "imap4flags" and "variables" not in self.required:
             self.error(line, f"{kind} '{name}' takes a variable name only when \"variables\" is required")
         self._check_tags(kind, name, tags, line)
         if "regex" in tags and args:
@@ -442,6 +457,9 @@ class _Validator:
             for var in args[0] if isinstance(args[0], list) else []:
                 if not _is_variable_name(str(var)):
                     self.error(line, f"invalid variable name '{var}'")
+        for flag in _special_use_flags(name, tags, args):
+            if not ("variables" in self.required and "${" in flag) and not valid_special_use(flag):
+                self.error(line, f"invalid special-use flag '{flag}'")
         if name == "include" and args:
             self._include(tags, str(args[0]), line)
         if name == "redirect" and args and not ("variables" in self.required and "${" in str(args[0])):
