@@ -305,7 +305,8 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
     """Read back through a real Dovecot: a Maildir user's `.Caf&AOk-` is the folder "Café",
     `.Work.Reports` is Work/Reports under Maildir++'s '.', and an mbox user's ~/mail/Lists
     is the folder "Lists"; each holds the message, with the flags and keywords the script set
-    (Maildir: info letters and dovecot-keywords; mbox: Status, X-Status, X-Keywords)."""
+    (Maildir: info letters and dovecot-keywords; mbox: Status, X-Status, X-Keywords), and
+    subscribed, as `:create` made them."""
     require_root("Dovecot's mail processes switch to the vmail user")
     root = MailRoot(world_tmpdir(), vmail)
     try:
@@ -353,6 +354,10 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
                 imap = dc.login(address, "s3cret")
                 try:
                     listed = b" ".join(line for line in imap.list()[1] if isinstance(line, bytes))
+                    # :create subscribed each new folder, in Dovecot's subscriptions file
+                    subscribed = b" ".join(line for line in imap.lsub()[1] if isinstance(line, bytes))
+                    for folder in folders:
+                        assert folder == "INBOX" or folder.encode() in subscribed, (folder, subscribed)
                     for folder, want in folders.items():
                         assert folder.encode() in listed or folder == "INBOX", (folder, listed)
                         status, data = imap.select(f'"{folder}"', readonly=True)
@@ -663,3 +668,44 @@ def test_dovecot_lists_the_special_use_folder_vdeliver_filed_into(vmail: Account
         import shutil
 
         shutil.rmtree(root.base, ignore_errors=True)
+
+
+def test_create_subscribes_the_new_folder_once(tmp_path: Path) -> None:
+    """Dovecot's subscriptions file: its version 2 form for a new file; the old form (a name a
+    line) kept as it is; a folder already there is not added twice."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Work.Caf\xc3\xa9";')
+    run(tmp_path, cfg)
+    subs = maildir_folder(tmp_path) / "subscriptions"
+    assert subs.read_bytes() == b"V\t2\n\nWork\tCaf&AOk-\n"
+    import shutil
+
+    shutil.rmtree(maildir_folder(tmp_path, "Work.Caf&AOk-"))
+    subs.write_bytes(b"Old.Name\n")
+    run(tmp_path, cfg)
+    assert subs.read_bytes() == b"Old.Name\nWork.Caf&AOk-\n"
+    run(tmp_path, cfg)  # the folder exists now: nothing is created, nothing subscribed
+    assert subs.read_bytes() == b"Old.Name\nWork.Caf&AOk-\n"
+    assert not (maildir_folder(tmp_path) / "subscriptions.lock").exists()
+
+
+def test_mbox_create_subscribes_under_home_mail(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, fmt="mbox")
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Lists/dev";')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    run(tmp_path, cfg)
+    assert (h / "mail" / ".subscriptions").read_bytes() == b"V\t2\n\nLists\tdev\n"
+
+
+def test_a_script_that_creates_too_many_folders_keeps_the_mail_in_the_inbox(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, max_create=3)
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\n' +
+               b"".join(b'fileinto :create "F%d";\n' % i for i in range(4)))
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path))) == 1
+    assert sorted(os.listdir(maildir_folder(tmp_path))) == ["cur", "new", "tmp"]  # no folder made
+    assert "creates 4 folders for one message, more than 3" in (h / ".dovecot.sieve.log").read_text()
+    script(tmp_path, b'require ["fileinto", "mailbox"];\n' +
+           b"".join(b'fileinto :create "F%d";\n' % i for i in range(3)))
+    run(tmp_path, cfg)
+    assert all(len(messages(maildir_folder(tmp_path, f"F{i}"))) == 1 for i in range(3))

@@ -230,6 +230,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         stores = [target]
         flags: "dict[str, tuple[str, ...]]" = {}
         redirects: "list[str]" = []
+        planned = None
         table = cfg.tables.get("sieve")
         if table and table.get("enabled") is True:
             from vdeliver.config import home_template
@@ -269,6 +270,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
             for store, receipt in reversed(done):  # a later store failed: no copy may stay behind
                 _undo(cfg, store, receipt, log)
             raise
+        if planned is not None and planned.subscribe:
+            sieve.subscribe(planned.subscribe, log)  # folders the script created: IMAP clients show them
         stored = stores[0] if stores else target
         result = Result(stored, msg.input_size, msg.sender, notes)
         if len(stores) != 1 or stores[0] is not target or redirects:

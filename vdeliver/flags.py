@@ -163,7 +163,7 @@ def _keyword_slots(path: str, keywords: list[str]) -> dict[str, int]:
     found = _lookup(read_keywords(path), keywords)
     if len(found) == len(keywords):
         return found
-    with _DotLock(os.path.join(path, UIDLIST_LOCK)), _DotLock(os.path.join(path, KEYWORDS_FILE + ".lock")) as lock:
+    with DotLock(os.path.join(path, UIDLIST_LOCK)), DotLock(os.path.join(path, KEYWORDS_FILE + ".lock")) as lock:
         table = read_keywords(path)  # again, under the locks
         found = _lookup(table, keywords)
         free = [i for i in range(MAX_KEYWORDS) if i not in table]
@@ -182,7 +182,7 @@ def _lookup(table: dict[int, str], keywords: list[str]) -> dict[str, int]:
     return {k: by_name[k.lower()] for k in keywords if k.lower() in by_name}
 
 
-class _DotLock:
+class DotLock:
     """A dotlock as Dovecot's file_dotlock makes one: the lock file created with O_EXCL,
     waited for up to LOCK_WAIT seconds, broken when older than STALE seconds."""
 
@@ -190,7 +190,7 @@ class _DotLock:
         self.path = path
         self.fd = -1
 
-    def __enter__(self) -> _DotLock:
+    def __enter__(self) -> DotLock:
         deadline = time.monotonic() + LOCK_WAIT
         while True:
             try:

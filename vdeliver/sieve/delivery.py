@@ -50,9 +50,10 @@ if TYPE_CHECKING:
     from vdeliver.sieve.interpreter import Message
     from vdeliver.sieve.spamtest import SpamConfig
 
+# The [sieve] keys, and spamtest.KEYS: read only when one of them is set.
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
-        "max_cpu_time": "float", "special_use": "table"}  # and spamtest.KEYS: read only when one of them is set
+        "max_cpu_time": "float", "special_use": "table", "max_create": "int"}
 SPAM_PREFIXES = ("spamtest_", "virustest_")
 # The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
 SPECIAL_USE = {"\\Drafts": "Drafts", "\\Junk": "Junk", "\\Trash": "Trash", "\\Sent": "Sent"}
@@ -64,13 +65,14 @@ class Settings:
     costs to run)."""
 
     __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
-                 "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use")
+                 "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
+                 "max_create")
 
     def __init__(self, enabled: bool = False, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
                  sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
                  global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None,
-                 special_use: "dict[str, str] | None" = None) -> None:
+                 special_use: "dict[str, str] | None" = None, max_create: int = 10) -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -85,6 +87,7 @@ class Settings:
         self.spam = spam  # None: the defaults (SpamAssassin's and clamav-milter's headers)
         # special-use flag -> folder (RFC 6154, 8579): Debian's Dovecot defaults unless set
         self.special_use = special_use if special_use is not None else dict(SPECIAL_USE)
+        self.max_create = max_create  # folders one message may create (fileinto :create)
 
 
 class Store:
@@ -157,11 +160,15 @@ class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    __slots__ = ("stores", "redirects")
+    __slots__ = ("stores", "redirects", "subscribe")
 
-    def __init__(self, stores: "list[Store]", redirects: list[str]) -> None:
+    def __init__(self, stores: "list[Store]", redirects: list[str],
+                 subscribe: "list[tuple[str, list[str]]] | None" = None) -> None:
         self.stores = stores
         self.redirects = redirects
+        # Folders `fileinto :create` makes: (subscriptions file, the name's levels), to be
+        # subscribed once the message is stored, so that IMAP clients show them.
+        self.subscribe = subscribe if subscribe is not None else []
 
 
 def plan(cfg: Config, rcpt: Recipient, home: str, inbox: "Store", msg: Prepared,
@@ -253,7 +260,56 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
             store = inbox
         if all(s.path != store.path for s in stores):
             stores.append(Store(store.format, store.path, store.create, store.folder, flags))
-    return Plan(stores, [a.address for a in result.actions if a.type == "redirect"])
+    created = sum(1 for s in stores if s.create and s.folder.upper() != "INBOX")
+    if created > opts.max_create:
+        raise _KeepInbox(f"the script creates {created} folders for one message, more than {opts.max_create}; "
+                         "kept in the INBOX", own)
+    subscribe = [_subscription(inbox.format, folders, s.folder) for s in stores
+                 if s.create and s.folder.upper() != "INBOX"]
+    return Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe)
+
+
+def _subscription(fmt: str, folders: str, name: str) -> tuple[str, list[str]]:
+    """Where Dovecot keeps the subscriptions of this layout, and the folder's levels as it
+    writes them there (modified UTF-7): Maildir++ `<Maildir>/subscriptions`, mbox
+    `<home>/mail/.subscriptions`."""
+    if fmt == "maildir":
+        return os.path.join(folders, "subscriptions"), [_mutf7(p) for p in name.split(".")]
+    return os.path.join(folders, ".subscriptions"), [_mutf7(p) for p in name.split("/")]
+
+
+def subscribe(entries: list[tuple[str, list[str]]], log: "Log | None") -> None:
+    """Add folders to Dovecot's subscriptions file, as Dovecot writes it (version 2: a `V\t2`
+    line, an empty line, then one folder a line with its levels separated by tabs; a file in
+    the old form, one name a line with the hierarchy separator, stays in that form), under
+    its `subscriptions.lock` dotlock, replaced whole.  Never raises: a folder that could not
+    be subscribed is still there, and the log says so."""
+    from vdeliver.flags import DotLock
+
+    for path, levels in entries:
+        try:
+            with DotLock(path + ".lock") as lock:
+                try:
+                    with open(path, "rb") as f:
+                        old = f.read(1 << 20)
+                except FileNotFoundError:
+                    old = b""
+                lines = old.decode("utf-8", "replace").split("\n")
+                v2 = not old or lines[0] == "V\t2"
+                sep = "\t" if v2 else ("." if os.path.basename(path) == "subscriptions" else "/")
+                entry = sep.join(levels)
+                names = [n for n in (lines[2:] if v2 and old else lines) if n]
+                if entry in names:
+                    continue
+                names.append(entry)
+                text = ("V\t2\n\n" if v2 else "") + "".join(n + "\n" for n in names)
+                lock.replace(path, text.encode("utf-8"))
+        except OSError as exc:
+            if log is not None:
+                try:
+                    log.warning(f"sieve: cannot subscribe {'/'.join(levels)!r} in {path}: {exc.strerror or exc}")
+                except Exception:  # noqa: BLE001 - a log line never changes a delivery
+                    pass
 
 
 def _message(msg: Prepared, whole: bool) -> "Message":
