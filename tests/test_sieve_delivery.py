@@ -652,8 +652,7 @@ def test_dovecot_lists_the_special_use_folder_vdeliver_filed_into(vmail: Account
                             as_user=vmail)
         assert done.returncode == 0, done.stderr
         conf = generated.render_files(config.load(str(cfg)), lookup_uid=False)["conf.d/90-vdeliver-sieve.conf"]
-        namespace = conf[conf.index("namespace inbox {"):].replace("namespace inbox {",
-                                                                   "namespace inbox {\n  inbox = yes\n", 1)
+        namespace = conf[conf.index("namespace inbox {"):]
         with Dovecot(root, vmail, auth=passwd_file_auth(passwd), extra=namespace) as dc:
             imap = dc.login("fred@home.com", "s3cret")
             try:

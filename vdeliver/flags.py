@@ -58,6 +58,11 @@ def is_keyword(flag: str) -> bool:
     return bool(flag) and len(flag) <= 255 and all(33 <= ord(c) <= 126 and c not in _NOT_ATOM for c in flag)
 
 
+def valid_special_use(flag: str) -> bool:
+    """RFC 6154 / RFC 8579: a special-use flag is a backslash and an IMAP atom (`\\Junk`)."""
+    return len(flag) > 1 and flag[0] == "\\" and is_keyword(flag[1:])
+
+
 # -- mbox -----------------------------------------------------------------------------------------
 
 

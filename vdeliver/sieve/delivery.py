@@ -131,7 +131,7 @@ def settings(cfg: Config) -> "Settings":
         for path in (value,) if isinstance(value, str) else value:
             if (path or key != "global_dir") and not path.startswith("/"):
                 raise ConfigError(cfg.where("sieve", key), f"must be an absolute path (got {path!r})")
-    from vdeliver.sieve.validator import valid_special_use
+    from vdeliver.flags import valid_special_use
 
     for flag, folder in s.special_use.items():
         if not valid_special_use(flag) or not folder or "\n" in folder:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vdeliver.flags import valid_special_use
 from vdeliver.sieve.compiled import Compiled, Node
 from vdeliver.sieve.errors import SieveError
 from vdeliver.sieve.headers import redirect_address
@@ -245,11 +246,6 @@ class _IncludeTree:
         finally:
             self.chain.pop()
         return ""
-
-
-def valid_special_use(flag: str) -> bool:
-    """RFC 8579 / RFC 6154: a special-use flag is a backslash and an IMAP atom (`\\Junk`)."""
-    return len(flag) > 1 and flag[0] == "\\" and all(33 <= ord(c) <= 126 and c not in '(){ %*"\\]' for c in flag[1:])
 
 
 def _special_use_flags(name: str, tags: dict[str, object], args: tuple[object, ...]) -> list[str]:
