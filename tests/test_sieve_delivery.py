@@ -708,3 +708,39 @@ def test_a_script_that_creates_too_many_folders_keeps_the_mail_in_the_inbox(tmp_
            b"".join(b'fileinto :create "F%d";\n' % i for i in range(3)))
     run(tmp_path, cfg)
     assert all(len(messages(maildir_folder(tmp_path, f"F{i}"))) == 1 for i in range(3))
+
+
+def test_recipients_of_one_message_share_one_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LMTP server's transaction passes one dict for all its recipients: the message is
+    parsed once, and each script still sees its own recipient's Delivered-To line."""
+    from vdeliver.sieve import interpreter
+
+    cfg = make_config(tmp_path)
+    users = ("fred", "wilma", "barney")
+    for user in users:
+        h = tmp_path / "home" / "example.org" / user
+        (h / "sieve").mkdir(parents=True)
+        (h / "sieve" / "main.sieve").write_bytes(
+            b'require ["fileinto", "mailbox"];\nif header :is "delivered-to" "' + user.encode() +
+            b'@example.org" { fileinto :create "Mine"; }')
+        (h / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+    parsed: list[bytes] = []
+    real = interpreter.Message.from_bytes.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type, data: bytes) -> object:
+        parsed.append(data)
+        return real(cls, data)
+
+    monkeypatch.setattr(interpreter.Message, "from_bytes", classmethod(counting))
+    src = tmp_path / "in.eml"
+    src.write_bytes(RAW)
+    shared: dict[str, object] = {}
+    for user in users:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            deliver(cfg, Recipient("example.org", user), fd, "alice@example.org", shared=shared)
+        finally:
+            os.close(fd)
+        folder = tmp_path / "home" / "example.org" / user / "Maildir" / ".Mine"
+        assert len(messages(folder)) == 1, user
+    assert sum(b"Subject: weekly report" in data for data in parsed) == 1  # the message itself, once

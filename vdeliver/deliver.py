@@ -206,9 +206,11 @@ def _undo(cfg: Config, target: Target, receipt: object, log: "Log | None") -> No
 
 
 def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None,
-            log: "Log | None" = None) -> Result:
+            log: "Log | None" = None, shared: "dict[str, object] | None" = None) -> Result:
     """Read the message from fd and store it for rcpt.  Raises DeliveryError.  `log` hears
-    what crash recovery did to the mailbox (the caller's logger)."""
+    what crash recovery did to the mailbox (the caller's logger).  `shared`: one dict for all
+    the recipients of one message (the LMTP server's transaction), where Sieve keeps the
+    message parsed once."""
     from vdeliver import message
 
     if target is None:
@@ -244,7 +246,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 inbox = sieve.Store(target.format, target.path, target.create, "INBOX")
                 # Folders hang off the Maildir itself, even when +detail chose a folder as the INBOX.
                 folders = expand(cfg.maildir_path, rcpt) if target.format == "maildir" else ""
-                planned = sieve.plan(cfg, rcpt, home, inbox, msg, log, folders)
+                planned = sieve.plan(cfg, rcpt, home, inbox, msg, log, folders, shared)
                 if planned is not None:
                     stores = [Target(s.format, s.path, s.create) for s in planned.stores]
                     flags = {s.path: s.flags for s in planned.stores}

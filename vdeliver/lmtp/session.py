@@ -75,6 +75,7 @@ class _Txn:
         self.targets: list[tuple[str, Recipient, Target]] = []  # (as given, parsed, mailbox) per accepted RCPT
         self.spool = -1
         self.size = 0
+        self.shared: dict[str, object] = {}  # Sieve: the message parsed once for all recipients
 
     def close(self) -> None:
         if self.spool >= 0:
@@ -287,7 +288,7 @@ class Session:
             if not lock.acquire(timeout=txn.cfg.lock_timeout):
                 raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
             try:
-                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log)
+                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared)
             finally:
                 lock.release()
         except DeliveryError as exc:

@@ -172,12 +172,13 @@ class Plan:
 
 
 def plan(cfg: Config, rcpt: Recipient, home: str, inbox: "Store", msg: Prepared,
-         log: "Log | None", folders: str = "") -> "Plan | None":
+         log: "Log | None", folders: str = "", shared: "dict[str, object] | None" = None) -> "Plan | None":
     """The mailboxes to store the message into, in order, and the addresses to redirect to;
     None when no script runs (the user has none, and there are no global ones).  `home` is
     the user's home (config.home_template() expanded); `folders` where the folders `fileinto`
     names live: the user's Maildir (Maildir++ `.NAME` directories; by default the INBOX's
-    path) or, for mbox users, `<home>/mail`."""
+    path) or, for mbox users, `<home>/mail`.  `shared`: one dict for all the recipients of a
+    message (LMTP), so that it is parsed once."""
     if not folders:
         folders = inbox.path if inbox.format == "maildir" else os.path.join(home, "mail")
     opts = settings(cfg)
@@ -192,7 +193,7 @@ def plan(cfg: Config, rcpt: Recipient, home: str, inbox: "Store", msg: Prepared,
     if not sequence:
         return None
     try:
-        return _run(opts, rcpt, inbox, msg, folders, home, sequence, log)
+        return _run(opts, rcpt, inbox, msg, folders, home, sequence, log, shared)
     except _KeepInbox as why:
         report(log, why.script or script, rcpt, str(why), why.personal)
         return Plan([inbox], [])
@@ -208,7 +209,7 @@ class _KeepInbox(Exception):
 
 
 def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folders: str, home: str,
-         sequence: list[tuple[str, bool]], log: "Log | None") -> "Plan":
+         sequence: list[tuple[str, bool]], log: "Log | None", shared: "dict[str, object] | None") -> "Plan":
     """Run the scripts in order on one result (interpreter.run_sequence: Pigeonhole's rule for
     sieve_before and sieve_after).  A script that does not compile is skipped (and reported),
     as if it kept; one that fails while it runs sends the message to the INBOX alone."""
@@ -227,7 +228,7 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
             report(log, path, rcpt, "; ".join(str(e) for e in exc.errors) + "; script skipped", personal)
     if not compiled:
         return Plan([inbox], [])
-    message = _message(msg, any("body" in c.extensions for c in compiled))
+    message = _message(msg, any("body" in c.extensions for c in compiled), shared)
 
     def special_use(flag: str) -> str | None:
         """The folder with that special-use flag ([sieve] special_use), if it exists."""
@@ -312,13 +313,33 @@ def subscribe(entries: list[tuple[str, list[str]]], log: "Log | None") -> None:
                     pass
 
 
-def _message(msg: Prepared, whole: bool) -> "Message":
+_OURS = (b"return-path:", b"delivered-to:")
+
+
+def _message(msg: Prepared, whole: bool, shared: "dict[str, object] | None" = None) -> "Message":
+    """What the scripts see of the message.  `shared` (an LMTP transaction's, one for all its
+    recipients): the message as it came is parsed once, and each recipient's own lines (our
+    Return-Path and Delivered-To, which lead the record) are parsed and put in front."""
     from vdeliver.sieve import interpreter
 
     data = b"".join(msg.spool.chunks()) if whole else msg.spool.head(1 << 20)
     if data.startswith(b"From "):
         data = data.partition(b"\n")[2]  # the mbox From_ line is not a header
-    return interpreter.Message.from_bytes(data)
+    if shared is None:
+        return interpreter.Message.from_bytes(data)
+    cut = 0
+    for _ in _OURS:  # our lines: at most one of each, first
+        nl = data.find(b"\n", cut)
+        if nl < 0 or not data[cut:cut + 13].lower().startswith(_OURS):
+            break
+        cut = nl + 1
+    rest = data[cut:]
+    base = shared.get("message")
+    if not (isinstance(base, interpreter.Message) and shared.get("rest") == rest):
+        base = interpreter.Message.from_bytes(rest)
+        shared["message"], shared["rest"] = base, rest
+    own = interpreter.Message.from_bytes(data[:cut] + b"\n").fields if cut else []
+    return interpreter.Message(own + base.fields, len(data), data)
 
 
 def _compile(opts: "Settings", path: str, home: str) -> "Compiled":
