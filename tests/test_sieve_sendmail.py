@@ -1,7 +1,8 @@
 """Sieve end to end through the real sendmail pair of the paper (the incoming daemon queues one
 envelope per recipient, the outgoing queue run hands each to vdeliver as its mailer):
 
-- a user's script files the message into a new folder with flags, and redirects a copy to
+- a user's script files the message into a new folder with flags (which the user then sees
+  over IMAP from a real Dovecot), and redirects a copy to
   another virtual user; the redirect goes back into sendmail (a submission program speaking
   SMTP to the incoming daemon, as an MSP does), is queued, and the next queue run delivers
   it, with both Delivered-To lines, to the other user's mailbox;
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dovecot_harness import Dovecot, passwd_file_auth
 from tests.helpers import Account, MailRoot, mbox_messages
 from tests.sendmail_harness import HOSTNAME, IN_MC, OUT_MC, Site, need_sendmail, vdeliver_mailer
 from tests.smtp_capture import SmtpCapture
@@ -123,6 +125,25 @@ def test_a_script_files_flags_and_redirects_through_sendmail(hub: SieveHub) -> N
     assert b"Message-ID: <sieve-e2e@remote.example>" in copy
     delivered_to = [line for line in copy.split(b"\n") if line.startswith(b"Delivered-To:")]
     assert delivered_to == [b"Delivered-To: wilma@home.com", b"Delivered-To: fred@home.com"]
+    # and fred sees the folder over IMAP, subscribed, with the flag the script set
+    passwd = hub.root.base / "passwd"
+    passwd.write_text(f"fred@home.com:s3cret:{hub.root.owner.uid}:{hub.root.owner.gid}::{fred}::\n")
+    passwd.chmod(0o644)
+    with Dovecot(hub.root, hub.root.owner, auth=passwd_file_auth(passwd)) as dc:
+        imap = dc.login("fred@home.com", "s3cret")
+        try:
+            subscribed = b" ".join(line for line in imap.lsub()[1] if isinstance(line, bytes))
+            assert b"Lists/dev" in subscribed, subscribed
+            status, data = imap.select('"Lists/dev"', readonly=True)
+            assert status == "OK" and data[0] == b"1", data
+            status, fetched = imap.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            first = fetched[0]
+            assert status == "OK" and isinstance(first, tuple), fetched
+            assert b"\\Flagged" in first[0] and b"[dev] weekly build" in first[1]
+            status, data = imap.select("INBOX", readonly=True)
+            assert status == "OK" and data[0] == b"0", data
+        finally:
+            imap.logout()
 
 
 def test_a_broken_script_still_delivers_and_logs(hub: SieveHub) -> None:
