@@ -185,7 +185,7 @@ MAX_HEADER_SIZE = 2048  # bytes of an added value (Pigeonhole's sieve_editheader
 PROTECTED_DELETE = frozenset({"received", "auto-submitted", "x-sieve-redirected-from"})
 PROTECTED_ADD = frozenset({"x-sieve-redirected-from"})
 _FOLD_AT = 80  # Pigeonhole folds an added field at the last blank before this many characters
-_MIME_LINE = 76 - len("=?utf-8?q?" "?=")  # room for an encoded word's text on a line
+_MIME_LINE = 76 - len("=?utf-8?q??=")  # room for an encoded word's text on a line
 _LWSP = b" \t\n"
 
 
@@ -341,12 +341,8 @@ def test_text(value: str) -> str:
     trailing blanks trimmed (as Pigeonhole reads it; leading blanks stay)."""
     if "\r" in value or "\n" in value:
         value = value.replace("\r", "")
-        out = []
         lines = value.split("\n")
-        out.append(lines[0])
-        for line in lines[1:]:
-            out.append(line if line[:1] in (" ", "\t") else "\t" + line)
-        value = "".join(out)
+        value = lines[0] + "".join(line if line[:1] in (" ", "\t") else "\t" + line for line in lines[1:])
     return value.rstrip(" \t")
 
 
