@@ -8,8 +8,9 @@ Like Pigeonhole's sieve-test: the message comes from MESSAGE or standard input; 
 stored or sent.  Text output for people; `--json` prints one object for scripts and
 webmail (status, errors with their lines, the actions in execution order, the implicit
 keep, and "header", the new header, only when editheader changed it).  `--config FILE`
-takes the [sieve] settings of that configuration (the limits, and where spamtest and virustest read the scanners' verdicts), as delivery would; without it,
-the defaults.  Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
+takes the [sieve] settings of that configuration (the limits, and where spamtest and
+virustest read the scanners' verdicts), as delivery would; without it, the defaults.
+Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
 """
 
 from __future__ import annotations
