@@ -208,9 +208,10 @@ class Edits:
     field exactly as it came), and for an added field the text the tests see (None: decoded
     from the value as for any field)."""
 
-    __slots__ = ("entries", "prefix", "crlf")
+    __slots__ = ("entries", "prefix", "crlf", "changed")
 
     def __init__(self, message: "Message") -> None:
+        self.changed = False  # a field was added or deleted
         self.entries: list[tuple[str, bytes, bytes, str | None]] = []
         self.prefix = b""  # lines before the first field that are not fields (kept as they came)
         data = message.raw
@@ -265,6 +266,7 @@ def _editing(m: "_Machine") -> "Edits":
 
 
 def _changed(m: "_Machine", edits: "Edits") -> None:
+    edits.changed = True
     m.message.fields = [(name, value) for name, value, _, _ in edits.entries]
     m.message._memo.clear()
     m.address_memo.clear()

@@ -225,7 +225,7 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
         pass
     if machine.result.implicit_keep:
         machine.result.implicit_flags = variables.flags_of(machine.variables.get(variables.FLAGS, ""))
-    if message.edits is not None:
+    if message.edits is not None and message.edits.changed:
         machine.result.header = message.edits.header()
     return machine.result
 
