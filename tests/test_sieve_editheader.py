@@ -181,7 +181,7 @@ def test_protected_additions() -> None:
 def test_the_maximum_value_size() -> None:
     assert header_of(b'addheader "X-A" "' + b"a" * MAX_HEADER_SIZE + b'";', LF_MESSAGE) is not None
     assert compile_error(REQUIRE + b'\naddheader "X-A"\n  "' + b"a" * (MAX_HEADER_SIZE + 1) + b'";') == (
-        3, "addheader command: specified header value '" + "a" * 80 + "' is too large (2049 bytes)")
+        4, "addheader command: specified header value '" + "a" * 80 + "' is too large (2049 bytes)")
     assert "(2050 bytes)" in compile_error(REQUIRE + b'addheader "X-A" "' + "\u00e9".encode() * 1025 + b'";')[1]
     with pytest.raises(SieveError, match=r"line 3: addheader action: .* is too large \(2049 bytes\)"):
         header_of(b'set "v" "' + b"a" * 2049 + b'";\naddheader "X-A" "${v}";')
@@ -213,6 +213,20 @@ def test_compile_errors_carry_their_line(body: bytes, line: int, message: str) -
     assert got_line == line and message in got, got
 
 
+# Where Pigeonhole differs: it accepts an empty field name (and writes ": x"), and refuses
+# three positional arguments without a line ("code generation failed").
+PIGEONHOLE_DIFFERS = {b'addheader "" "x";', b'deleteheader "X-A" "v" "w";'}
+
+
+@pytest.mark.parametrize(("body", "line", "message"), ERRORS)
+def test_compile_errors_on_pigeonholes_lines(stored: Stored, body: bytes, line: int, message: str) -> None:
+    if body in PIGEONHOLE_DIFFERS:
+        pytest.skip("a documented difference")
+    theirs = stored.oracle.run(b'require "editheader";\n' + body)
+    # (":last" without ":index": Pigeonhole reports the error, then runs the script all the same)
+    assert line in [n for n, _ in theirs.errors], theirs.output
+
+
 def test_editheader_must_be_required() -> None:
     assert compile_error(b'addheader "X" "y";') == (1, "command 'addheader' needs require \"editheader\"")
     assert compile_error(b'\ndeleteheader "X";')[0] == 2
@@ -240,7 +254,7 @@ def test_sieve_test_json_shows_the_header_only_when_edited(tmp_path: Path) -> No
 
 # -- hypothesis: anything a script can give never breaks the header ---------------------------------
 
-_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=200)
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=200)
 _NAMES = st.one_of(_TEXT, st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=30))
 
 
@@ -311,7 +325,8 @@ VALUES = [
     "plain", "", "  padded  ", "caf\u00e9", "x\u00e9 y", "\u20ac" * 40, "a\nb", "a\r\nb", "ab\n", "\n ab", "a\x01b",
     "a\rb", "tab\there", "=?utf-8?q?x?=", "a =?b", "word " * 30, "w" * 120, "x " + "\u00e9" * 70,
     "mixed \u00e9t\u00e9 and more words to make it long enough to fold " * 3, "trailing   " * 12,
-    "\u00e9" * 30 + " " + "a" * 90, "caf\u00e9 " * 25,
+    "\u00e9" * 30 + " " + "a" * 90, "caf\u00e9 " * 25, "a" * 62 + "\u00e9" * 3 + " z", "a" * 61 + "\u00e9=?" * 9,
+    "\u00e9" * 21 + "a" + "\u20ac" * 30, "_?= " * 20 + "\u00e9",
 ]
 SCRIPTS = [
     b'addheader "X-Test" "${v}";',
@@ -327,14 +342,13 @@ EDITS = [
     b'deleteheader :is "x-spam" ["no", "maybe"];',
     b'deleteheader :matches "subject" "caf* report*";',
     b'deleteheader :index 2 :is "x-spam" "yes";',
-    b'deleteheader :count "eq" :comparator "i;ascii-numeric" "x-spam" "1";',
     b'deleteheader "Received";\ndeleteheader "auto-submitted";\naddheader "Received" "r";',
     b'addheader "X-Sieve-Redirected-From" "x";\ndeleteheader "x-sieve-redirected-from";',
-    b'addheader "X-N" "1";\naddheader "X-N" "2";\naddheader :last "X-N" "3";\ndeleteheader :index 2 "x-n";\n'
-    b'if header :count "eq" :comparator "i;ascii-numeric" "x-n" "2" { addheader "X-Two" "yes"; }',
+    (b'addheader "X-N" "1";\naddheader "X-N" "2";\naddheader :last "X-N" "3";\ndeleteheader :index 2 "x-n";\n'
+    b'if header :count "eq" :comparator "i;ascii-numeric" "x-n" "2" { addheader "X-Two" "yes"; }'),
     b'deleteheader "From";\nif not address :domain "from" "example.org" { addheader "X-Gone" "from"; }',
-    b'deleteheader "To";\naddheader "To" "Someone <new@example.net>";\n'
-    b'if address :is "to" "new@example.net" { addheader :last "X-New-To" "yes"; }',
+    (b'deleteheader "To";\naddheader "To" "Someone <new@example.net>";\n'
+    b'if address :is "to" "new@example.net" { addheader :last "X-New-To" "yes"; }'),
     b'addheader "X-Pad" "${hex:20}";\nif size :over 1K { addheader "X-Big" "yes"; }',
 ]
 

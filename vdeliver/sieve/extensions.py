@@ -442,21 +442,22 @@ def _encode_q(data: bytes, first_line_len: int) -> bytes:
     out += b"=?utf-8?q?"
     i = 0
     while i < len(data):
-        if left < 3:
+        c = data[i]
+        plain = c != 61 and c not in b"?_" and 32 <= c < 0x80
+        if left < (1 if plain else 3):  # the next character does not fit: a new encoded word
             while i > 0 and data[i] & 0xC0 == 0x80:  # not in the middle of a character
                 del out[-3:]
                 i -= 1
             out += b"?=\n\t=?utf-8?q?"
             left = _MIME_LINE - 1
-        c = data[i]
-        if c == 32:
-            out += b"_"
-        elif c in b"=?_" or c < 32 or c >= 0x80:
-            left -= 2
-            out += b"=%02X" % c
+            c = data[i]
+            plain = c != 61 and c not in b"?_" and 32 <= c < 0x80
+        if plain:
+            out += b"_" if c == 32 else bytes((c,))
+            left -= 1
         else:
-            out.append(c)
-        left -= 1
+            out += b"=%02X" % c
+            left -= 3
         i += 1
     return bytes(out + b"?=")
 
@@ -472,15 +473,15 @@ def _encode_b(data: bytes, first_line_len: int) -> bytes:
     while True:
         left = _MIME_LINE - line_len
         most = left // 4 * 3
-        while True:
-            most -= 1
-            if most < 0 or most > len(data):
+        while True:  # as many whole characters as fit
+            if most >= len(data):
                 most = len(data)
             else:
-                while 0 < most < len(data) and data[most] & 0xC0 == 0x80:
+                while most > 0 and data[most] & 0xC0 == 0x80:
                     most -= 1
-            if not ((most + 2) // 3 * 4 > left and most > 0):
+            if (most + 2) // 3 * 4 <= left or most == 0:
                 break
+            most -= 1
         if most > 0:
             out += b"=?utf-8?b?" + binascii.b2a_base64(data[:most], newline=False) + b"?="
         data = data[most:]
