@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.sieve_oracle import Pigeonhole
 from vdeliver.sieve.errors import SieveError
-from vdeliver.sieve.extensions import MAX_HEADER_SIZE
+from vdeliver.sieve.headers import MAX_HEADER_SIZE
 from vdeliver.sieve.interpreter import Envelope, Message, Result, run
 from vdeliver.sieve.validator import compile_script
 

@@ -8,7 +8,7 @@ The interpreter imports this module only when a script runs one of them: a deliv
 webmail's filter of headers, addresses and folders does not pay for loading it.
 """
 
-from vdeliver.sieve import variables
+from vdeliver.sieve import headers, variables
 from vdeliver.sieve.errors import Break, Return, SieveError, SieveRuntimeError
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
@@ -179,7 +179,6 @@ def _show(value: object, machine: "_Machine") -> str:
 
 # -- editheader (RFC 5293) ------------------------------------------------------------------------
 
-MAX_HEADER_SIZE = 2048  # bytes of an added value (Pigeonhole's sieve_editheader_max_header_size)
 # Pigeonhole's defaults: these may not be deleted, and X-Sieve-Redirected-From not added either
 # (an attempt is ignored, as Pigeonhole ignores it with a warning); Subject always may be.
 PROTECTED_DELETE = frozenset({"received", "auto-submitted", "x-sieve-redirected-from"})
@@ -187,19 +186,6 @@ PROTECTED_ADD = frozenset({"x-sieve-redirected-from"})
 _FOLD_AT = 80  # Pigeonhole folds an added field at the last blank before this many characters
 _MIME_LINE = 76 - len("=?utf-8?q??=")  # room for an encoded word's text on a line
 _LWSP = b" \t\n"
-
-
-def field_name_error(name: str) -> str:
-    """Why `name` is not a header field name (RFC 5322: 1*ftext, printable ASCII but ':'), or ""."""
-    if not name:
-        return "empty"
-    if any(not ("!" <= c <= "~") or c == ":" for c in name):
-        return "invalid"
-    return ""
-
-
-def value_too_large(value: str) -> bool:
-    return len(value.encode("utf-8", "surrogatepass")) > MAX_HEADER_SIZE
 
 
 class Edits:
@@ -245,8 +231,6 @@ class Edits:
                 self.prefix += line + b"\n"
 
     def values(self, name: str, decode: bool) -> list[str]:
-        from vdeliver.sieve import headers
-
         convert = headers.decode_value if decode else headers.unfold
         return [convert(value) if text is None else text for n, value, _, text in self.entries if n == name]
 
@@ -274,12 +258,12 @@ def _changed(m: "_Machine", edits: "Edits") -> None:
 
 def addheader(m: "_Machine", node: "Node") -> None:
     name, value = m.s(node.args[0]), m.s(node.args[1])
-    why = field_name_error(name)
+    why = headers.field_name_error(name)
     if why:
         raise SieveRuntimeError(node.line, f"addheader action: specified field name '{name[:80]}' is {why}")
     if name.lower() in PROTECTED_ADD:
         return  # Pigeonhole: "modification denied", a warning
-    if value_too_large(value):
+    if headers.value_too_large(value):
         size = len(value.encode("utf-8", "surrogatepass"))
         raise SieveRuntimeError(node.line, f"addheader action: specified header value '{value[:80]}' is too large "
                                            f"({size} bytes)")
@@ -297,7 +281,7 @@ def addheader(m: "_Machine", node: "Node") -> None:
 
 def deleteheader(m: "_Machine", node: "Node") -> None:
     name = m.s(node.args[0])
-    why = field_name_error(name)
+    why = headers.field_name_error(name)
     if why:
         raise SieveRuntimeError(node.line, f"deleteheader action: specified field name '{name[:80]}' is {why}")
     lower = name.lower()
@@ -323,8 +307,6 @@ def deleteheader(m: "_Machine", node: "Node") -> None:
             continue
         if patterns is not None:
             entry = entries[i]
-            from vdeliver.sieve import headers
-
             text = headers.decode_value(entry[1]) if entry[3] is None else entry[3]
             if not m._match(node, [text], patterns):
                 continue

@@ -464,16 +464,16 @@ class _Validator:
     def _editheader(self, name: str, args: tuple[object, ...], positional: list[Argument]) -> None:
         """RFC 5293: a constant field name must be one (1*ftext), and a constant added value
         at most MAX_HEADER_SIZE bytes (one built from variables is checked when it runs)."""
-        from vdeliver.sieve import extensions
+        from vdeliver.sieve import headers
 
         field, line = str(args[0]), positional[0].line
         constant = "variables" not in self.required or "${" not in field
-        why = extensions.field_name_error(field) if constant else ""
+        why = headers.field_name_error(field) if constant else ""
         if why:
             self.error(line, f"{name} command: specified field name '{field[:80]}' is {why}")
         if name == "addheader" and len(args) > 1:
             value, line = str(args[1]), positional[1].line
-            if ("variables" not in self.required or "${" not in value) and extensions.value_too_large(value):
+            if ("variables" not in self.required or "${" not in value) and headers.value_too_large(value):
                 size = len(value.encode("utf-8", "surrogatepass"))
                 self.error(line, f"addheader command: specified header value '{value[:80]}' is too large "
                                  f"({size} bytes)")
