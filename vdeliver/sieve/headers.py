@@ -293,3 +293,21 @@ def redirect_address(text: str) -> tuple[str, str]:
     if not address.valid or not address.localpart or not address.domain:
         return "", "not an address of the form local-part@domain"
     return str(address.part("all")), ""
+
+
+# -- editheader (RFC 5293) -------------------------------------------------------------------------
+
+MAX_HEADER_SIZE = 2048  # bytes of an added value (Pigeonhole's sieve_editheader_max_header_size)
+
+
+def field_name_error(name: str) -> str:
+    """Why `name` is not a header field name (RFC 5322: 1*ftext, printable ASCII but ':'), or ""."""
+    if not name:
+        return "empty"
+    if any(not ("!" <= c <= "~") or c == ":" for c in name):
+        return "invalid"
+    return ""
+
+
+def value_too_large(value: str) -> bool:
+    return len(value.encode("utf-8", "surrogatepass")) > MAX_HEADER_SIZE

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, MutableMapping
 
     from vdeliver.sieve.compiled import Compiled, Node
+    from vdeliver.sieve.extensions import Edits
     from vdeliver.sieve.mime import Part
     from vdeliver.sieve.spamtest import SpamConfig
 
@@ -42,9 +43,11 @@ class Envelope:
 
 
 class Message:
-    """What the tests see of a message: its header fields in order and its size."""
+    """What the tests see of a message: its header fields in order and its size.  Once
+    editheader changes the header, `edits` (extensions.Edits) holds each field's raw bytes
+    too, and answers values() and unfolded(); `fields` then follows the edited header."""
 
-    __slots__ = ("fields", "size", "raw", "mime_parts", "_memo")
+    __slots__ = ("fields", "size", "raw", "mime_parts", "_memo", "edits")
 
     def __init__(self, fields: list[tuple[str, bytes]], size: int, raw: bytes = b"",
                  mime_parts: "list[Part] | None" = None) -> None:
@@ -53,6 +56,7 @@ class Message:
         self.raw = raw  # the whole message, for the body test (empty: no body to test)
         self.mime_parts = mime_parts  # parsed when first asked
         self._memo: "dict[tuple[str, str], list[str]]" = {}  # (how, name) -> values, each read once
+        self.edits: "Edits | None" = None  # editheader changed the header (extensions.py)
 
     def parts(self) -> "list[Part]":
         """The MIME parts, the message itself first (vdeliver.sieve.mime), read once."""
@@ -86,6 +90,8 @@ class Message:
         """Every field of that name, unfolded and with RFC 2047 encoded words decoded."""
         name = name.lower()
         found = self._memo.get(("decoded", name))
+        if found is None and self.edits is not None:
+            found = self._memo["decoded", name] = self.edits.values(name, True)
         if found is None:
             found = self._memo["decoded", name] = [headers.decode_value(raw) for field_name, raw in self.fields
                                                    if field_name == name]
@@ -96,6 +102,8 @@ class Message:
         address list is parsed from (a decoded display name can hold a comma)."""
         name = name.lower()
         found = self._memo.get(("unfolded", name))
+        if found is None and self.edits is not None:
+            found = self._memo["unfolded", name] = self.edits.values(name, False)
         if found is None:
             found = self._memo["unfolded", name] = [headers.unfold(raw) for field_name, raw in self.fields
                                                     if field_name == name]
@@ -146,13 +154,18 @@ class Action:
 
 
 class Result:
-    __slots__ = ("actions", "implicit_keep", "implicit_flags")
+    """The actions in execution order, the implicit keep and its flags, and `header`: None
+    when no editheader command changed the header, else the whole new header block as it
+    is to be stored (LF line ends, no empty line at its end; see extensions.Edits)."""
+
+    __slots__ = ("actions", "implicit_keep", "implicit_flags", "header")
 
     def __init__(self, actions: "list[Action] | None" = None, implicit_keep: bool = True,
-                 implicit_flags: tuple[str, ...] = ()) -> None:
+                 implicit_flags: tuple[str, ...] = (), header: bytes | None = None) -> None:
         self.actions: "list[Action]" = actions if actions is not None else []
         self.implicit_keep = implicit_keep
         self.implicit_flags = implicit_flags  # imap4flags: the flags the implicit keep stores with
+        self.header = header  # editheader (RFC 5293): the edited header block, or None
 
     def __repr__(self) -> str:
         return f"Result({self.actions!r}, implicit_keep={self.implicit_keep}, {self.implicit_flags!r})"
@@ -223,6 +236,8 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
         pass
     if machine.result.implicit_keep:
         machine.result.implicit_flags = variables.flags_of(machine.variables.get(variables.FLAGS, ""))
+    if message.edits is not None and message.edits.changed:
+        machine.result.header = message.edits.header()
     return machine.result
 
 

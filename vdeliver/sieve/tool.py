@@ -7,9 +7,10 @@
 Like Pigeonhole's sieve-test: the message comes from MESSAGE or standard input; nothing is
 stored or sent.  Text output for people; `--json` prints one object for scripts and
 webmail (status, errors with their lines, the actions in execution order, the implicit
-keep).  `--config FILE` takes the [sieve] settings of that configuration (the limits, and
-where spamtest and virustest read the scanners' verdicts), as delivery would; without it,
-the defaults.  Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
+keep, and "header", the new header, only when editheader changed it).  `--config FILE`
+takes the [sieve] settings of that configuration (the limits, and where spamtest and
+virustest read the scanners' verdicts), as delivery would; without it, the defaults.
+Exit 0 when the script compiled and ran, 1 when it did not, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def main(argv: list[str]) -> int:
     if args.json:
         out = {"status": status, "errors": [{"line": e.line, "message": e.message} for e in errors],
                "actions": [a.to_json() for a in result.actions], "implicit_keep": result.implicit_keep}
+        if result.header is not None:  # editheader changed the header: the new one, LF line ends
+            out["header"] = result.header.decode("utf-8", "replace")
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
     else:
         for e in errors:

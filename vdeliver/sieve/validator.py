@@ -30,7 +30,7 @@ EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
-    "spamtestplus", "virustest", "special-use",
+    "spamtestplus", "virustest", "special-use", "editheader",
 })
 IMPLIES = {"spamtestplus": ("spamtest",)}  # RFC 5235 3.2: spamtestplus brings the spamtest test
 NOT_YET = {
@@ -58,6 +58,7 @@ class Signature:
     extension: str | None = None
     required_groups: tuple[str, ...] = ()
     optional_first: bool = False  # the first positional argument may be left out (imap4flags' variable)
+    optional_last: bool = False  # the last positional argument may be left out (None; deleteheader's patterns)
 
 
 _COMPARATOR = {"comparator": TagSpec("comparator", "string")}
@@ -113,6 +114,10 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "break"): Signature(tags={"name": TagSpec("name", "string")}, extension="foreverypart"),
     ("command", "extracttext"): Signature(("string",), {**_MODIFIERS, "first": TagSpec("first-n", "number")},
                                           extension="extracttext"),
+    ("command", "addheader"): Signature(("string", "string"), {"last": TagSpec("last")}, extension="editheader"),
+    ("command", "deleteheader"): Signature(("string", "strings"), {
+        **_COMPARATOR, **_MATCH, "index": TagSpec("index", "number"), "last": TagSpec("last")},
+        extension="editheader", optional_last=True),
     # tests
     ("test", "true"): Signature(),
     ("test", "false"): Signature(),
@@ -433,18 +438,24 @@ class _Validator:
         shape = sig.positional
         if sig.optional_first and len(positional) == len(shape) - 1:
             shape = shape[1:]
+        elif sig.optional_last and len(positional) == len(shape) - 1:
+            shape = shape[:-1]
         if len(positional) != len(shape):
             self.error(line, f"{kind} '{name}' takes {len(sig.positional)} positional argument(s), "
                              f"not {len(positional)}")
             return tags, ()
         args = tuple(self._value(a, want, f"{kind} '{name}'") for a, want in zip(positional, shape, strict=True))
-        if sig.optional_first and shape is not sig.positional:
+        if sig.optional_last and len(shape) < len(sig.positional):
+            args = (*args, None)  # None: left out (deleteheader without value patterns)
+        elif sig.optional_first and shape is not sig.positional:
             args = (None, *args)  # None: the default (imap4flags' internal variable)
         elif sig.optional_first and sig.extension == "imap4flags" and "variables" not in self.required:
             self.error(line, f"{kind} '{name}' takes a variable name only when \"variables\" is required")
         self._check_tags(kind, name, tags, line)
-        if "regex" in tags and args:
+        if "regex" in tags and args and args[-1] is not None:
             self._check_regex(tags, args[-1], positional[-1].line)
+        if name in ("addheader", "deleteheader") and args:
+            self._editheader(name, args, positional)
         if name == "set" and args and not self._variable_name(str(args[0])):
             self.error(line, f"invalid variable name '{args[0]}'")
         if name == "global" and args:
@@ -463,6 +474,23 @@ class _Validator:
             if why:
                 self.error(line, f"specified redirect address '{args[0]}' is invalid: {why}")
         return tags, args
+
+    def _editheader(self, name: str, args: tuple[object, ...], positional: list[Argument]) -> None:
+        """RFC 5293: a constant field name must be one (1*ftext), and a constant added value
+        at most MAX_HEADER_SIZE bytes (one built from variables is checked when it runs)."""
+        from vdeliver.sieve import headers
+
+        field, line = str(args[0]), positional[0].line
+        constant = "variables" not in self.required or "${" not in field
+        why = headers.field_name_error(field) if constant else ""
+        if why:
+            self.error(line, f"{name} command: specified field name '{field[:80]}' is {why}")
+        if name == "addheader" and len(args) > 1:
+            value, line = str(args[1]), positional[1].line
+            if ("variables" not in self.required or "${" not in value) and headers.value_too_large(value):
+                size = len(value.encode("utf-8", "surrogatepass"))
+                self.error(line, f"addheader command: specified header value '{value[:80]}' is too large "
+                                 f"({size} bytes)")
 
     def _variable_name(self, name: str) -> bool:
         if "include" in self.required and name[:7].lower() == "global.":
@@ -509,10 +537,10 @@ class _Validator:
             return value
 
     def _check_tags(self, kind: str, name: str, tags: dict[str, object], line: int) -> None:
-        if "last" in tags and "index" not in tags:
-            self.error(line, f"the :last tag for the {name} test cannot be given without :index")
+        if "last" in tags and "index" not in tags and name != "addheader":
+            self.error(line, f"the :last tag for the {name} {kind} cannot be given without :index")
         index = tags.get("index")
-        if isinstance(index, int) and index < 1:
+        if isinstance(index, int) and index < 1 and name != "deleteheader":  # deleteheader :index 0: all
             self.error(line, ":index counts from 1")
         comparator = tags.get("comparator")
         if isinstance(comparator, str):
