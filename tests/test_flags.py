@@ -108,3 +108,23 @@ def test_with_header_of_a_spooled_record(tmp_path: Path) -> None:
         assert msg.with_header(b"") is msg
     finally:
         msg.close()
+
+
+@given(st.binary(max_size=200).filter(lambda b: b"\n\n" not in b), st.binary(max_size=200),
+       st.lists(st.binary(min_size=1, max_size=30).filter(lambda b: b"\n" not in b), max_size=5),
+       st.integers(1, 64), st.integers(0, 500), st.booleans())
+def test_a_new_header_replaces_exactly_the_old_one(header: bytes, body: bytes, lines: list[bytes], size: int,
+                                                   n: int, from_line: bool) -> None:
+    """message.Prepared.with_new_header (editheader): the record is the From_ line, the new
+    header, and the rest from the empty line on, byte for byte; its sizes agree."""
+    from_ = b"From a@b Sat Dec  5 10:00:00 2026\n" if from_line else b""
+    record = from_ + header + b"\n\n" + body
+    new = b"".join(b"X-" + line.replace(b"From ", b"") + b"\n" for line in lines)
+    msg = prepared(record, "/tmp")
+    edited = msg.with_new_header(new, mbox=False)
+    want = from_ + new + b"\n" + body
+    if not header:  # the record starts with its empty line: header + "\n\n" puts one more before it
+        want = from_ + new + b"\n\n" + body
+    assert b"".join(edited.spool.chunks(size)) == want
+    assert edited.spool.head(n) == want[:n]
+    assert edited.length == len(want) and edited.lf_count == want.count(b"\n")

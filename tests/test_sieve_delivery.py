@@ -744,3 +744,48 @@ def test_recipients_of_one_message_share_one_parse(tmp_path: Path, monkeypatch: 
         folder = tmp_path / "home" / "example.org" / user / "Maildir" / ".Mine"
         assert len(messages(folder)) == 1, user
     assert sum(b"Subject: weekly report" in data for data in parsed) == 1  # the message itself, once
+
+
+# -- editheader at delivery ----------------------------------------------------------------------------
+
+
+def test_editheader_changes_what_is_stored_and_sent(tmp_path: Path) -> None:
+    """Every copy (the folder, the INBOX, the redirect) carries the edited header; the body is
+    as it came; our Delivered-To stays, so the loop protection stays."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["editheader", "fileinto", "mailbox", "copy"];\n'
+                     b'addheader "X-Filed" "by sieve";\ndeleteheader "subject";\n'
+                     b'deleteheader "delivered-to";\n'
+                     b'fileinto :create "Work";\nredirect :copy "bob@example.net";\nkeep;')
+    run(tmp_path, cfg, RAW + b"From the body\n")
+    [folder] = messages(maildir_folder(tmp_path, "Work"))
+    [inbox] = messages(maildir_folder(tmp_path))
+    [(_args, sent_copy)] = sent(tmp_path)
+    for copy in (folder, inbox, sent_copy):
+        head, _, body = copy.partition(b"\n\n")
+        assert b"X-Filed: by sieve" in head and b"Subject:" not in head
+        assert b"Delivered-To: fred@example.org" in head
+        assert body == b"hello\nFrom the body\n"
+
+
+def test_editheader_cannot_set_mbox_state(tmp_path: Path) -> None:
+    """An mbox reader keeps flags in Status / X-Status / X-Keywords: a script cannot add them."""
+    cfg = make_config(tmp_path, fmt="mbox")
+    script(tmp_path, b'require "editheader";\naddheader "Status" "RO";\naddheader "X-Keywords" "x";\n'
+                     b'addheader "X-Ok" "yes";')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    run(tmp_path, cfg)
+    data = (tmp_path / "mbox" / "example.org" / "fred").read_bytes()
+    assert b"X-Ok: yes" in data and b"\nStatus:" not in data and b"X-Keywords" not in data
+    assert data.startswith(b"From alice@example.org ") and data.endswith(b"hello\n\n")
+
+
+def test_sieve_runs_unless_switched_off(tmp_path: Path) -> None:
+    """No [sieve] table at all: users' scripts run (the default); `enabled = false` stops them."""
+    base = {"format": "maildir", "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
+            "spool_dir": str(tmp_path), "hostname": "unit.test", "log": "none", "create_mailbox": True}
+    script(tmp_path, b"discard;")
+    run(tmp_path, config.build(base))
+    assert messages(maildir_folder(tmp_path)) == []
+    run(tmp_path, config.build({**base, "sieve": {"enabled": False}}))
+    assert len(messages(maildir_folder(tmp_path))) == 1

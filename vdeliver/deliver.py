@@ -228,13 +228,14 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         spool_threshold=cfg.spool_threshold,
         spool_dir=cfg.spool_dir,
     )
+    spooled = msg  # closed at the end, whatever copy of the record was stored
     try:
         stores = [target]
         flags: "dict[str, tuple[str, ...]]" = {}
         redirects: "list[str]" = []
         planned = None
-        table = cfg.tables.get("sieve")
-        if table and table.get("enabled") is True:
+        table = cfg.tables.get("sieve") or {}
+        if table.get("enabled", True) is not False:  # users' Sieve scripts run unless switched off
             from vdeliver.config import home_template
 
             home = expand(home_template(cfg), rcpt)
@@ -251,6 +252,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                     stores = [Target(s.format, s.path, s.create) for s in planned.stores]
                     flags = {s.path: s.flags for s in planned.stores}
                     redirects = planned.redirects
+                    if planned.header is not None:  # editheader: every copy carries the edited header
+                        msg = msg.with_new_header(planned.header, is_mbox)
                     # The INBOX first: a Maildir it creates must exist before folders inside it.
                     stores.sort(key=lambda t: t.path != target.path)
         notes: list[str] = []
@@ -282,6 +285,6 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         return result
     finally:
         try:
-            msg.close()
+            spooled.close()
         except OSError:  # the spool only; whatever the store did stands
             pass

@@ -221,7 +221,7 @@ class HeaderView:
 
     __slots__ = ("spool", "lines", "cut", "length")
 
-    def __init__(self, spool: "Spool | HeaderView", lines: bytes) -> None:
+    def __init__(self, spool: "Spool | HeaderView | Spliced", lines: bytes) -> None:
         first = spool.head(1 << 16)
         nl = first.find(b"\n")
         self.spool, self.lines = spool, lines
@@ -250,12 +250,40 @@ class HeaderView:
         pass  # the spool is the message's own, closed with it
 
 
+class Spliced:
+    """A spool read with its first `skip` bytes replaced by `prefix`: a record whose header
+    a Sieve script edited (the body is never copied)."""
+
+    __slots__ = ("spool", "prefix", "skip", "length")
+
+    def __init__(self, spool: "Spool | HeaderView | Spliced", prefix: bytes, skip: int) -> None:
+        self.spool, self.prefix, self.skip = spool, prefix, skip
+        self.length: int = len(prefix) + spool.length - skip
+
+    def head(self, n: int) -> bytes:
+        return (self.prefix + self.spool.head(n + self.skip)[self.skip:])[:n]
+
+    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
+        yield self.prefix
+        pending = self.skip
+        for chunk in self.spool.chunks(size):
+            if pending >= len(chunk):
+                pending -= len(chunk)
+                continue
+            yield chunk[pending:]
+            pending = 0
+
+    def close(self) -> None:
+        pass  # the spool is the message's own, closed with it
+
+
 class Prepared:
     """The record to store: `spool` holds it; sizes for Maildir names and logs."""
 
     __slots__ = ("spool", "sender", "length", "lf_count", "input_size", "had_from_line")
 
-    def __init__(self, spool: "Spool | HeaderView", sender: str, length: int, lf_count: int, input_size: int,
+    def __init__(self, spool: "Spool | HeaderView | Spliced", sender: str, length: int, lf_count: int,
+                 input_size: int,
                  had_from_line: bool) -> None:
         self.spool, self.sender = spool, sender
         self.length, self.lf_count = length, lf_count  # the record as stored, and its line feeds
@@ -269,6 +297,31 @@ class Prepared:
 
     def close(self) -> None:
         self.spool.close()
+
+    def with_new_header(self, block: bytes, mbox: bool) -> "Prepared":
+        """The same record with its header block replaced by `block` (LF line ends, without
+        the empty line that ends it): a Sieve script's editheader.  For an mbox the lines a
+        mail reader keeps its state in are taken out again (a script never sets a flag that
+        way), and a header line that would read as a From_ line is escaped."""
+        head = self.spool.head(MAX_HEADER + (1 << 16))
+        start = head.find(b"\n") + 1 if head.startswith(b"From ") else 0
+        if head[start:start + 1] == b"\n":
+            end = start - 1  # no header at all: the empty line comes first
+        else:
+            end = head.find(b"\n\n", start)
+            if end < 0:
+                return self  # no end of the header in reach: leave the record as it is
+        if block and not block.endswith(b"\n"):
+            block += b"\n"
+        if mbox:
+            block = _filter_headers(block, MBOX_STRIP, b"")[0]
+            block = b"".join(b">" + line if line.startswith(b"From ") else line
+                             for line in block.splitlines(keepends=True))
+        prefix = head[:start] + block
+        view = Spliced(self.spool, prefix, end + 1)
+        old_lf = head[:end + 1].count(b"\n")
+        return Prepared(view, self.sender, view.length, self.lf_count - old_lf + prefix.count(b"\n"),
+                        self.input_size, self.had_from_line)
 
     def with_header(self, lines: bytes) -> "Prepared":
         """The same record with header lines after its From_ line (the start for Maildir)."""

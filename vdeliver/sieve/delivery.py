@@ -1,6 +1,6 @@
 """Running a user's Sieve script at delivery: the script -> where the message is stored.
 
-Called by deliver.deliver() once `[sieve] enabled = true` and the user has an active script
+Called by deliver.deliver() (unless `[sieve] enabled = false`) when the user has an active script
 (`<home>/.dovecot.sieve`, managesieved's link).  It decides and does no storing itself:
 plan() returns the mailboxes to store into, each once; deliver.py stores into all of them
 and undoes the ones done when a later one fails, so a retry never finds a copy.
@@ -20,7 +20,7 @@ fails (sendmail missing, its exit status, the deadline) is logged.  Either way t
 is then also stored in the INBOX: it is never lost.
 
     [sieve]
-    enabled = false          # run users' scripts (in progress: opt in)
+    enabled = true           # run users' scripts (false: never, whatever they have)
     script = ".dovecot.sieve"
     max_actions = 32
     max_redirects = 4
@@ -68,7 +68,7 @@ class Settings:
                  "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
                  "max_create")
 
-    def __init__(self, enabled: bool = False, script: str = ".dovecot.sieve", max_actions: int = 32,
+    def __init__(self, enabled: bool = True, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
                  sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
                  global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None,
@@ -160,12 +160,13 @@ class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    __slots__ = ("stores", "redirects", "subscribe")
+    __slots__ = ("stores", "redirects", "subscribe", "header")
 
     def __init__(self, stores: "list[Store]", redirects: list[str],
-                 subscribe: "list[tuple[str, list[str]]] | None" = None) -> None:
+                 subscribe: "list[tuple[str, list[str]]] | None" = None, header: "bytes | None" = None) -> None:
         self.stores = stores
         self.redirects = redirects
+        self.header = header  # editheader: the header block every copy is stored and sent with
         # Folders `fileinto :create` makes: (subscriptions file, the name's levels), to be
         # subscribed once the message is stored, so that IMAP clients show them.
         self.subscribe = subscribe if subscribe is not None else []
@@ -267,7 +268,12 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
                          "kept in the INBOX", own)
     subscribe = [_subscription(inbox.format, folders, s.folder) for s in stores
                  if s.create and s.folder.upper() != "INBOX"]
-    return Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe)
+    header = result.header
+    if header is not None:
+        ours = b"delivered-to: " + rcpt.address.lower().encode("utf-8", "surrogateescape")
+        if msg.spool.head(4096).lower().find(ours) >= 0 and ours not in header.lower():
+            header = b"Delivered-To: " + rcpt.address.encode("utf-8", "surrogateescape") + b"\n" + header
+    return Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe, header)
 
 
 def _subscription(fmt: str, folders: str, name: str) -> tuple[str, list[str]]:
