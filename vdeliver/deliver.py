@@ -18,6 +18,7 @@ TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows
 if TYPE_CHECKING:
     from vdeliver.hooks import Log
     from vdeliver.message import Prepared
+    from vdeliver.sieve.delivery import Plan
 
 
 class Target:
@@ -205,12 +206,35 @@ def _undo(cfg: Config, target: Target, receipt: object, log: "Log | None") -> No
                 pass
 
 
+def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", refuse: bool,
+              target: Target, log: "Log | None") -> "tuple[list[Target], list[str]]":
+    """What a script's reject comes to (docs/sieve.md): refused in the protocol (LMTP's 550,
+    the CLI's exit 77 and its reason in sendmail's DSN), or after acceptance ([sieve]
+    reject_mode) a notification to the sender instead of the message, or the message kept.
+    Returns the stores and redirects left."""
+    reason = planned.reject or "rejected"
+    if refuse or planned.reject_mode == "refuse":
+        raise fail(f"rejected by the recipient's filter: {reason}", "", "5.7.1")
+    if planned.reject_mode == "mdn":
+        from vdeliver.sieve import redirect
+
+        if redirect.reject_mdn(cfg, rcpt, home, msg, reason, log):
+            return [], []
+    elif log is not None:
+        try:
+            log.info(f"sieve: to=<{rcpt.address}>: reject not carried out (reject_mode = keep): {reason}")
+        except Exception:  # noqa: BLE001 - a log line never changes a delivery
+            pass
+    return [target], []
+
+
 def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None,
-            log: "Log | None" = None, shared: "dict[str, object] | None" = None) -> Result:
+            log: "Log | None" = None, shared: "dict[str, object] | None" = None, refuse: bool = False) -> Result:
     """Read the message from fd and store it for rcpt.  Raises DeliveryError.  `log` hears
     what crash recovery did to the mailbox (the caller's logger).  `shared`: one dict for all
     the recipients of one message (the LMTP server's transaction), where Sieve keeps the
-    message parsed once."""
+    message parsed once.  `refuse`: the caller can still refuse the message in its protocol
+    (LMTP, before its reply), so a script's reject always refuses."""
     from vdeliver import message
 
     if target is None:
@@ -254,6 +278,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                     redirects = planned.redirects
                     if planned.header is not None:  # editheader: every copy carries the edited header
                         msg = msg.with_new_header(planned.header, is_mbox)
+                    if planned.reject is not None:  # reject / ereject (RFC 5429): nothing is stored
+                        stores, redirects = _rejected(cfg, rcpt, home, msg, planned, refuse, target, log)
                     # The INBOX first: a Maildir it creates must exist before folders inside it.
                     stores.sort(key=lambda t: t.path != target.path)
         notes: list[str] = []

@@ -14,6 +14,7 @@ EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 
 # The only place a status becomes an exit code.  Keys are enhanced status codes;
 # a code that is not listed falls back on its class: 2 -> 0, 5 -> 69, else 75.
@@ -23,6 +24,7 @@ _EXIT_BY_DSN = {
     "5.2.2": EX_CANTCREAT,  # mailbox full (only when over_quota = "bounce")
     "5.3.4": EX_UNAVAILABLE,  # message too big for the configured limit
     "5.4.6": EX_UNAVAILABLE,  # mail loop (Delivered-To already present)
+    "5.7.1": EX_NOPERM,  # refused by the user's Sieve reject (RFC 5429)
 }
 
 

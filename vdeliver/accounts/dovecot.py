@@ -239,6 +239,9 @@ def mail_conf(s: Settings) -> str:
     )
 
 
+PIGEONHOLE_LACKS = frozenset({"ereject"})
+
+
 def sieve_conf(s: Settings) -> str:
     """Pigeonhole's settings, so that managesieved and webmail keep scripts where vdeliver runs
     them and can only save what vdeliver implements (docs/sieve.md)."""
@@ -246,7 +249,9 @@ def sieve_conf(s: Settings) -> str:
 
     # All of them, the two default comparators too: with the list set, Pigeonhole knows only
     # what it names (a script requiring "comparator-i;octet" would be refused otherwise).
-    extensions = " ".join(sorted(EXTENSIONS))
+    # ereject (RFC 5429) is vdeliver's only: Debian's Pigeonhole (0.5.19) does not know it and
+    # would warn at every start; managesieved refuses a script that requires it.
+    extensions = " ".join(sorted(EXTENSIONS - PIGEONHOLE_LACKS))
     sv = s.sieve
     scripts = ""
     for key, paths in (("sieve_before", sv.before), ("sieve_after", sv.after)):

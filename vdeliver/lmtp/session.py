@@ -288,7 +288,7 @@ class Session:
             if not lock.acquire(timeout=txn.cfg.lock_timeout):
                 raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
             try:
-                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared)
+                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared, refuse=True)
             finally:
                 lock.release()
         except DeliveryError as exc:

@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 # The [sieve] keys, and spamtest.KEYS: read only when one of them is set.
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
-        "max_cpu_time": "float", "special_use": "table", "max_create": "int"}
+        "max_cpu_time": "float", "special_use": "table", "max_create": "int", "reject_mode": "str"}
+REJECT_MODES = ("refuse", "mdn", "keep")
 SPAM_PREFIXES = ("spamtest_", "virustest_")
 # The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
 SPECIAL_USE = {"\\Drafts": "Drafts", "\\Junk": "Junk", "\\Trash": "Trash", "\\Sent": "Sent"}
@@ -66,13 +67,14 @@ class Settings:
 
     __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
                  "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
-                 "max_create")
+                 "max_create", "reject_mode")
 
     def __init__(self, enabled: bool = True, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
                  sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
                  global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None,
-                 special_use: "dict[str, str] | None" = None, max_create: int = 10) -> None:
+                 special_use: "dict[str, str] | None" = None, max_create: int = 10,
+                 reject_mode: str = "refuse") -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -88,6 +90,7 @@ class Settings:
         # special-use flag -> folder (RFC 6154, 8579): Debian's Dovecot defaults unless set
         self.special_use = special_use if special_use is not None else dict(SPECIAL_USE)
         self.max_create = max_create  # folders one message may create (fileinto :create)
+        self.reject_mode = reject_mode  # the CLI's reject: refuse (exit 77), mdn, or keep
 
 
 class Store:
@@ -131,6 +134,8 @@ def settings(cfg: Config) -> "Settings":
         for path in (value,) if isinstance(value, str) else value:
             if (path or key != "global_dir") and not path.startswith("/"):
                 raise ConfigError(cfg.where("sieve", key), f"must be an absolute path (got {path!r})")
+    if s.reject_mode not in REJECT_MODES:
+        raise ConfigError(cfg.where("sieve", "reject_mode"), f"must be one of {', '.join(REJECT_MODES)}")
     from vdeliver.flags import valid_special_use
 
     for flag, folder in s.special_use.items():
@@ -160,13 +165,15 @@ class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    __slots__ = ("stores", "redirects", "subscribe", "header")
+    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode")
 
     def __init__(self, stores: "list[Store]", redirects: list[str],
                  subscribe: "list[tuple[str, list[str]]] | None" = None, header: "bytes | None" = None) -> None:
         self.stores = stores
         self.redirects = redirects
         self.header = header  # editheader: the header block every copy is stored and sent with
+        self.reject: str | None = None  # reject / ereject (RFC 5429): the reason, one line
+        self.reject_mode = "refuse"  # [sieve] reject_mode: what the CLI does with it
         # Folders `fileinto :create` makes: (subscriptions file, the name's levels), to be
         # subscribed once the message is stored, so that IMAP clients show them.
         self.subscribe = subscribe if subscribe is not None else []
@@ -273,7 +280,18 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
         ours = b"delivered-to: " + rcpt.address.lower().encode("utf-8", "surrogateescape")
         if msg.spool.head(4096).lower().find(ours) >= 0 and ours not in header.lower():
             header = b"Delivered-To: " + rcpt.address.encode("utf-8", "surrogateescape") + b"\n" + header
-    return Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe, header)
+    plan = Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe, header)
+    rejected = next((a for a in result.actions if a.type in ("reject", "ereject")), None)
+    if rejected is not None:
+        plan.reject = one_line(rejected.reason) or "rejected"
+        plan.reject_mode = opts.reject_mode
+    return plan
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A reason as an SMTP reply or a DSN can carry it: printable ASCII on one line."""
+    flat = " ".join(text.split())
+    return "".join(c if " " <= c <= "~" else "?" for c in flat)[:limit]
 
 
 def _subscription(fmt: str, folders: str, name: str) -> tuple[str, list[str]]:

@@ -14,7 +14,7 @@ from vdeliver.sieve.errors import Break, Return, SieveError, SieveRuntimeError
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
     from vdeliver.sieve.compiled import Node
-    from vdeliver.sieve.interpreter import Message, _Machine
+    from vdeliver.sieve.interpreter import Action, Message, _Machine
     from vdeliver.sieve.mime import Part
 
 
@@ -41,6 +41,18 @@ def command(m: "_Machine", node: "Node") -> None:
         if "first" in node.tags:
             text = text[:int(str(node.tags["first"]))]
         m.variables[m.s(node.args[0]).lower()] = variables.limit(variables.modify(text, node.tags))
+    elif name in ("reject", "ereject"):  # RFC 5429
+        from vdeliver.sieve.interpreter import Action
+
+        for done in m.result.actions:
+            if done.type in ("reject", "ereject"):
+                raise SieveRuntimeError(node.line, "duplicate reject/ereject action not allowed (the first is on "
+                                                   f"line {done.line})")
+        action = Action(name, reason=m.s(node.args[0]), line=node.line)
+        for done in m.result.actions:
+            reject_conflict(m, done, action)
+        m.rejected = True
+        m._add(action, cancels=True)
     elif name == "error":
         raise SieveRuntimeError(node.line, f"error: {m.s(node.args[0])}")
     elif name == "addheader":
@@ -89,6 +101,21 @@ def test(m: "_Machine", node: "Node") -> bool:
         counted = [value] if tested or "count" not in node.tags else []  # RFC 5235 3.1
         return m._match(node, counted, m.sl(node.args[0]))
     raise SieveRuntimeError(node.line, f"test '{name}' cannot run")  # the validator lets none through
+
+
+def reject_conflict(m: "_Machine", action: "Action", reject: "Action | None" = None) -> None:
+    """RFC 5429 section 2.1: reject and ereject cannot stand beside an action that delivers
+    the message (keep, fileinto, redirect, with or without :copy) or that answers the sender
+    (vacation).  The error is on the reject's line, as Pigeonhole reports it."""
+    if reject is None:
+        reject = next(a for a in m.result.actions if a.type in ("reject", "ereject"))
+    if action.type in ("keep", "fileinto", "redirect"):
+        what = "store" if action.type != "redirect" else "redirect"
+        raise SieveRuntimeError(reject.line, f"reject/ereject action conflicts with other action: the {what} action "
+                                             f"(line {action.line}) tries to deliver the message")
+    if action.type == "vacation":
+        raise SieveRuntimeError(reject.line, "reject/ereject action conflicts with other action: the vacation "
+                                             f"action (line {action.line}) also sends a response to the sender")
 
 
 def _same_mailbox(found: "str | None", name: str) -> bool:

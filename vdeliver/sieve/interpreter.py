@@ -114,10 +114,11 @@ class Action:
     """One action, as sieve-test --json shows it; two are the same action when all but their
     line are equal (RFC 5228 2.10.3: the second is not done again)."""
 
-    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line", "specialuse")
+    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line", "specialuse", "reason")
 
     def __init__(self, type: str, mailbox: str = "", address: str = "", copy: bool = False,
-                 flags: tuple[str, ...] = (), create: bool = False, line: int = 0, specialuse: str = "") -> None:
+                 flags: tuple[str, ...] = (), create: bool = False, line: int = 0, specialuse: str = "",
+                 reason: str = "") -> None:
         self.type = type  # keep, fileinto, redirect, discard
         self.mailbox = mailbox
         self.address = address
@@ -126,9 +127,11 @@ class Action:
         self.create = create
         self.line = line
         self.specialuse = specialuse  # RFC 8579: the folder with this special-use flag, if there is one
+        self.reason = reason  # reject / ereject (RFC 5429)
 
     def _key(self) -> tuple[object, ...]:
-        return (self.type, self.mailbox, self.address, self.copy, self.flags, self.create, self.specialuse)
+        return (self.type, self.mailbox, self.address, self.copy, self.flags, self.create, self.specialuse,
+                self.reason)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Action) and self._key() == other._key()
@@ -150,6 +153,8 @@ class Action:
             return out
         if self.type == "redirect":
             return {"type": "redirect", "address": self.address, "copy": self.copy}
+        if self.type in ("reject", "ereject"):
+            return {"type": "reject", "reason": self.reason, "ereject": self.type == "ereject"}
         return {"type": self.type}
 
 
@@ -275,6 +280,7 @@ class _Machine:
         self.match_vars: list[str] = []
         self.includes: "dict[tuple[str, str], Compiled]" = {}
         self.once: set[tuple[str, str]] = set()
+        self.rejected = False  # a reject or ereject action is in the result (RFC 5429)
         self.address_memo: dict[str, list[headers.Address]] = {}  # an address list is parsed once
         self.steps = 0
         self.deadline = 0.0
@@ -368,6 +374,10 @@ class _Machine:
             extensions.command(self, node)
 
     def _add(self, action: "Action", cancels: bool) -> None:
+        if action.type in ("keep", "fileinto", "redirect") and self.rejected:
+            from vdeliver.sieve.extensions import reject_conflict
+
+            reject_conflict(self, action)
         if cancels:
             self.result.implicit_keep = False
         if action in self.result.actions:

@@ -110,3 +110,60 @@ def _send(opts: "Settings", sender: str, address: str, data: bytes) -> str:
         detail = done.stderr.decode("utf-8", "replace").strip().splitlines()
         return f"{opts.sendmail} exit status {done.returncode}" + (f": {detail[-1][:200]}" if detail else "")
     return ""
+
+
+def reject_mdn(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, reason: str, log: "Log | None") -> bool:
+    """RFC 5429 section 2.1.1 after acceptance: a message disposition notification (RFC 3798,
+    `deleted`) to the envelope sender, from `<>`, instead of storing the message.  True when
+    sendmail took it; False (nothing sent) for a bounce or an auto-submitted message (never
+    answered), or when it could not be sent: then the caller keeps the message."""
+    import time
+    from email.utils import formatdate, make_msgid
+
+    opts = settings(cfg)
+    script = os.path.join(home, opts.script)
+    try:
+        data = original(msg, cfg.mbox_escape)
+    except OSError:
+        return False
+    head = data.split(b"\n\n", 1)[0]
+    auto = [line for line in head.split(b"\n") if line.lower().startswith(b"auto-submitted:")]
+    if not msg.sender or any(line.split(b":", 1)[1].strip().lower() != b"no" for line in auto):
+        report(log, script, rcpt, "reject: no notification to a bounce or an automatic message; kept")
+        return False
+    message_id = next((line.split(b":", 1)[1].strip() for line in head.split(b"\n")
+                       if line.lower().startswith(b"message-id:")), b"")
+    boundary = f"vdeliver-mdn-{os.getpid()}-{int(time.time() * 1000)}"
+    host = cfg.host()
+    text = (
+        f"From: Mail Delivery Subsystem <MAILER-DAEMON@{host}>\n"
+        f"To: <{msg.sender}>\n"
+        f"Subject: Automatically rejected mail\n"
+        f"Date: {formatdate(localtime=True)}\n"
+        f"Message-ID: {make_msgid(domain=host)}\n"
+        "Auto-Submitted: auto-replied (rejected)\n"
+        "MIME-Version: 1.0\n"
+        f'Content-Type: multipart/report; report-type=disposition-notification; boundary="{boundary}"\n'
+        "\n"
+        f"--{boundary}\n"
+        "Content-Type: text/plain; charset=us-ascii\n\n"
+        f"Your message to <{rcpt.address}> was automatically rejected:\n{reason}\n\n"
+        f"--{boundary}\n"
+        "Content-Type: message/disposition-notification\n\n"
+        f"Reporting-UA: {host}; vdeliver\n"
+        f"Final-Recipient: rfc822; {rcpt.address}\n"
+        + (f"Original-Message-ID: {message_id.decode('ascii', 'replace')}\n" if message_id else "")
+        + "Disposition: automatic-action/MDN-sent-automatically; deleted\n\n"
+        f"--{boundary}\n"
+        "Content-Type: text/rfc822-headers\n\n"
+    ).encode("utf-8", "replace") + head + f"\n\n--{boundary}--\n".encode()
+    why = _send(opts, "", msg.sender, text)
+    if why:
+        report(log, script, rcpt, f"reject: the notification to <{msg.sender}> was not sent ({why}); kept")
+        return False
+    if log is not None:
+        try:
+            log.info(f"sieve: to=<{rcpt.address}>: rejected, notification sent to <{msg.sender}>")
+        except Exception:  # noqa: BLE001 - a log line never changes a delivery
+            pass
+    return True

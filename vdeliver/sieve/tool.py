@@ -137,6 +137,9 @@ def _text(result: object, mailbox: str) -> str:
             lines.append(f" * store message in folder: {a.mailbox}" + ("  (copy)" if a.copy else ""))
         elif a.type == "redirect":
             lines.append(f" * redirect message to: <{a.address}>" + ("  (copy)" if a.copy else ""))
+        elif a.type in ("reject", "ereject"):
+            reason = a.reason.replace("\r", "").replace("\n", "??")  # one line, as Pigeonhole shows it
+            lines.append(f" * {'e' if a.type == 'ereject' else ''}reject message with reason: {reason}")
         else:
             lines.append(f" * {a.type}")
     if not result.actions:

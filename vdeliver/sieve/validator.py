@@ -30,11 +30,11 @@ EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
-    "spamtestplus", "virustest", "special-use", "editheader",
+    "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject",
 })
 IMPLIES = {"spamtestplus": ("spamtest",)}  # RFC 5235 3.2: spamtestplus brings the spamtest test
 NOT_YET = {
-    "vacation": "issue 18", "vacation-seconds": "issue 18", "reject": "issue 18", "ereject": "issue 18",
+    "vacation": "issue 18", "vacation-seconds": "issue 18",
     "duplicate": "issue 18", "enotify": "issue 18", "notify": "issue 18",
 }
 COMPARATORS = ("i;octet", "i;ascii-casemap", "i;ascii-numeric")
@@ -104,6 +104,8 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "removeflag"): Signature(("string", "strings"), extension="imap4flags", optional_first=True),
     ("command", "redirect"): Signature(("string",), dict(_COPY)),
     ("command", "error"): Signature(("string",), extension="ihave"),
+    ("command", "reject"): Signature(("string",), extension="reject"),
+    ("command", "ereject"): Signature(("string",), extension="ereject"),
     ("command", "include"): Signature(("string",), {
         "personal": TagSpec("location"), "global": TagSpec("location"), "once": TagSpec("once"),
         "optional": TagSpec("optional")}, extension="include"),
