@@ -82,7 +82,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("vdeliver", "vdeliver.errors", "vdeliver.hooks", "vdeliver.log", "vdeliver.fileio", "vdeliver.privileges",
               "vdeliver.unixd")),
     ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking")),
-    ("stores", ("vdeliver.mbox", "vdeliver.maildir", "vdeliver.flags")),
+    ("stores", ("vdeliver.mbox", "vdeliver.maildir", "vdeliver.flags", "vdeliver.tracking")),
     ("recovery", ("vdeliver.recovery",)),
     ("sieve", ("vdeliver.sieve.*",)),
     ("delivery", ("vdeliver.deliver",)),

@@ -61,6 +61,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE INDEX aliases_target ON aliases (target)",
         "CREATE INDEX forwards_target ON forwards (target)",
     ]),
+    (3, "tracking: what delivery remembers (Sieve duplicate, deduplication, vacation)", [
+        """CREATE TABLE tracking (
+            kind VARCHAR(16) NOT NULL,
+            mailbox VARCHAR(320) NOT NULL,
+            key VARCHAR(1000) NOT NULL,
+            expires BIGINT NOT NULL,
+            PRIMARY KEY (kind, mailbox, key)
+        )""",
+        "CREATE INDEX tracking_expires ON tracking (expires)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

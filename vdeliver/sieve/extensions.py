@@ -42,13 +42,11 @@ def command(m: "_Machine", node: "Node") -> None:
             text = text[:int(str(node.tags["first"]))]
         m.variables[m.s(node.args[0]).lower()] = variables.limit(variables.modify(text, node.tags))
     elif name in ("reject", "ereject"):  # RFC 5429
-        from vdeliver.sieve.interpreter import Action
-
         for done in m.result.actions:
             if done.type in ("reject", "ereject"):
                 raise SieveRuntimeError(node.line, "duplicate reject/ereject action not allowed (the first is on "
                                                    f"line {done.line})")
-        action = Action(name, reason=m.s(node.args[0]), line=node.line)
+        action = m.action(name, reason=m.s(node.args[0]), line=node.line)
         for done in m.result.actions:
             reject_conflict(m, done, action)
         m.rejected = True

@@ -373,6 +373,10 @@ class _Machine:
 
             extensions.command(self, node)
 
+    def action(self, type: str, **fields: object) -> "Action":
+        """A new Action (for extensions.py, which cannot import this module)."""
+        return Action(type, **fields)  # type: ignore[arg-type]
+
     def _add(self, action: "Action", cancels: bool) -> None:
         if action.type in ("keep", "fileinto", "redirect") and self.rejected:
             from vdeliver.sieve.extensions import reject_conflict
