@@ -76,9 +76,12 @@ class Tracker:
                     import psycopg
                 except ImportError:
                     raise TrackingError("PostgreSQL needs psycopg 3: pip install 'vdeliver[postgres]'") from None
+                from psycopg.conninfo import conninfo_to_dict
+
                 ms = int(self.timeout * 1000)
+                given = str(conninfo_to_dict(self.dsn).get("options") or "")  # kept (a search_path, say)
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
-                                             options=f"-c statement_timeout={ms} -c lock_timeout={ms}")
+                                             options=f"{given} -c statement_timeout={ms} -c lock_timeout={ms}".strip())
             else:
                 import sqlite3
 
