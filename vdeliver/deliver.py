@@ -303,6 +303,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
             raise
         if planned is not None and planned.subscribe:
             sieve.subscribe(planned.subscribe, log)  # folders the script created: IMAP clients show them
+        if planned is not None and planned.track is not None:
+            sieve.record(planned, log)  # duplicate (RFC 7352): this message is seen now
         stored = stores[0] if stores else target
         result = Result(stored, msg.input_size, msg.sender, notes)
         if len(stores) != 1 or stores[0] is not target or redirects:

@@ -49,11 +49,13 @@ if TYPE_CHECKING:
     from vdeliver.sieve.compiled import Compiled
     from vdeliver.sieve.interpreter import Message
     from vdeliver.sieve.spamtest import SpamConfig
+    from vdeliver.tracking import Tracker
 
 # The [sieve] keys, and spamtest.KEYS: read only when one of them is set.
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
-        "max_cpu_time": "float", "special_use": "table", "max_create": "int", "reject_mode": "str"}
+        "max_cpu_time": "float", "special_use": "table", "max_create": "int", "reject_mode": "str",
+        "duplicate_period": "int", "duplicate_max_period": "int"}
 REJECT_MODES = ("refuse", "mdn", "keep")
 SPAM_PREFIXES = ("spamtest_", "virustest_")
 # The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
@@ -67,14 +69,15 @@ class Settings:
 
     __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
                  "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
-                 "max_create", "reject_mode")
+                 "max_create", "reject_mode", "duplicate_period", "duplicate_max_period")
 
     def __init__(self, enabled: bool = True, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
                  sendmail_timeout: float = 60.0, before: tuple[str, ...] = (), after: tuple[str, ...] = (),
                  global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None,
                  special_use: "dict[str, str] | None" = None, max_create: int = 10,
-                 reject_mode: str = "refuse") -> None:
+                 reject_mode: str = "refuse", duplicate_period: int = 43200,
+                 duplicate_max_period: int = 172800) -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -91,6 +94,8 @@ class Settings:
         self.special_use = special_use if special_use is not None else dict(SPECIAL_USE)
         self.max_create = max_create  # folders one message may create (fileinto :create)
         self.reject_mode = reject_mode  # the CLI's reject: refuse (exit 77), mdn, or keep
+        self.duplicate_period = duplicate_period  # RFC 7352 without :seconds (Pigeonhole: 12 h)
+        self.duplicate_max_period = duplicate_max_period  # and at most (Pigeonhole: 2 days)
 
 
 class Store:
@@ -165,7 +170,7 @@ class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode")
+    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode", "track")
 
     def __init__(self, stores: "list[Store]", redirects: list[str],
                  subscribe: "list[tuple[str, list[str]]] | None" = None, header: "bytes | None" = None) -> None:
@@ -174,6 +179,8 @@ class Plan:
         self.header = header  # editheader: the header block every copy is stored and sent with
         self.reject: str | None = None  # reject / ereject (RFC 5429): the reason, one line
         self.reject_mode = "refuse"  # [sieve] reject_mode: what the CLI does with it
+        # duplicate (RFC 7352): (tracker, mailbox, [(key, seconds, last)]) to record once stored
+        self.track: "tuple[Tracker, str, list[tuple[str, int, bool]]] | None" = None
         # Folders `fileinto :create` makes: (subscriptions file, the name's levels), to be
         # subscribed once the message is stored, so that IMAP clients show them.
         self.subscribe = subscribe if subscribe is not None else []
@@ -201,7 +208,7 @@ def plan(cfg: Config, rcpt: Recipient, home: str, inbox: "Store", msg: Prepared,
     if not sequence:
         return None
     try:
-        return _run(opts, rcpt, inbox, msg, folders, home, sequence, log, shared)
+        return _run(cfg, opts, rcpt, inbox, msg, folders, home, sequence, log, shared)
     except _KeepInbox as why:
         report(log, why.script or script, rcpt, str(why), why.personal)
         return Plan([inbox], [])
@@ -216,7 +223,7 @@ class _KeepInbox(Exception):
         self.personal = personal
 
 
-def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folders: str, home: str,
+def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folders: str, home: str,
          sequence: list[tuple[str, bool]], log: "Log | None", shared: "dict[str, object] | None") -> "Plan":
     """Run the scripts in order on one result (interpreter.run_sequence: Pigeonhole's rule for
     sieve_before and sieve_after).  A script that does not compile is skipped (and reported),
@@ -237,6 +244,23 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
     if not compiled:
         return Plan([inbox], [])
     message = _message(msg, any("body" in c.extensions for c in compiled), shared)
+    own_script = next((p for p, personal in paths if personal), paths[-1][0])
+    tracked: list[tuple[str, int, bool]] = []
+    tracker: list[Tracker] = []  # opened when a duplicate test first runs
+
+    def duplicate(key: str, seconds: int | None, last: bool) -> bool:
+        from vdeliver.tracking import Tracker, TrackingError
+
+        period = min(opts.duplicate_period if seconds is None else seconds, opts.duplicate_max_period)
+        try:
+            if not tracker:
+                tracker.append(Tracker.from_config(cfg))
+            tracked.append((key, period, last))
+            return tracker[0].seen("duplicate", rcpt.address, key)
+        except (TrackingError, ConfigError) as exc:
+            report(log, own_script, rcpt, f"duplicate: cannot read the tracking store ({exc}); taken as not seen")
+            return False
+
 
     def special_use(flag: str) -> str | None:
         """The folder with that special-use flag ([sieve] special_use), if it exists."""
@@ -247,7 +271,7 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
     try:
         result = interpreter.run_sequence(compiled, message, envelope, max_actions=opts.max_actions,
                                           max_redirects=opts.max_redirects, max_cpu_time=opts.max_cpu_time,
-                                          spam=opts.spam, special_use=special_use,
+                                          spam=opts.spam, special_use=special_use, duplicate=duplicate,
                                           mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except interpreter.SieveRuntimeError as exc:
         path, personal = paths[exc.script]
@@ -281,6 +305,8 @@ def _run(opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Prepared, folde
         if msg.spool.head(4096).lower().find(ours) >= 0 and ours not in header.lower():
             header = b"Delivered-To: " + rcpt.address.encode("utf-8", "surrogateescape") + b"\n" + header
     plan = Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe, header)
+    if tracked and tracker:
+        plan.track = (tracker[0], rcpt.address, tracked)
     rejected = next((a for a in result.actions if a.type in ("reject", "ereject")), None)
     if rejected is not None:
         plan.reject = one_line(rejected.reason) or "rejected"
@@ -301,6 +327,27 @@ def _subscription(fmt: str, folders: str, name: str) -> tuple[str, list[str]]:
     if fmt == "maildir":
         return os.path.join(folders, "subscriptions"), [_mutf7(p) for p in name.split(".")]
     return os.path.join(folders, ".subscriptions"), [_mutf7(p) for p in name.split("/")]
+
+
+def record(plan: "Plan", log: "Log | None") -> None:
+    """After the message is stored: the IDs its duplicate tests looked at are recorded (RFC
+    7352: only a message that was delivered counts as seen).  Never raises."""
+    if plan.track is None:
+        return
+    from vdeliver.tracking import TrackingError
+
+    tracker, mailbox, tracked = plan.track
+    try:
+        for key, seconds, last in tracked:
+            tracker.claim("duplicate", mailbox, key, seconds, refresh=last)
+    except TrackingError as exc:
+        if log is not None:
+            try:
+                log.warning(f"sieve: to=<{mailbox}>: duplicate: not recorded ({exc})")
+            except Exception:  # noqa: BLE001 - a log line never changes a delivery
+                pass
+    finally:
+        tracker.close()
 
 
 def subscribe(entries: list[tuple[str, list[str]]], log: "Log | None") -> None:

@@ -68,6 +68,8 @@ def test(m: "_Machine", node: "Node") -> bool:
         return value is not None and m._match(node, [value], m.sl(node.args[1]))
     if name == "mailboxexists":
         return all(m.mailbox_exists(box) for box in m.sl(node.args[0]))
+    if name == "duplicate":  # RFC 7352
+        return duplicate(m, node)
     if name == "specialuse_exists":  # RFC 8579 section 4
         flags = m.sl(node.args[1])
         if node.args[0] is None:
@@ -114,6 +116,24 @@ def reject_conflict(m: "_Machine", action: "Action", reject: "Action | None" = N
     if action.type == "vacation":
         raise SieveRuntimeError(reject.line, "reject/ereject action conflicts with other action: the vacation "
                                              f"action (line {action.line}) also sends a response to the sender")
+
+
+def duplicate(m: "_Machine", node: "Node") -> bool:
+    """RFC 7352: whether a message with this ID (its Message-ID, the field :header names, or
+    :uniqueid) was seen within the period; the ID is recorded once the delivery succeeds (the
+    caller's `m.duplicate`).  No ID (no such field): false, nothing recorded."""
+    if "uniqueid" in node.tags:
+        unique = m.s(node.tags["uniqueid"])
+    else:
+        field = m.s(node.tags["header"]) if "header" in node.tags else "message-id"
+        values = m.message.values(field)
+        unique = values[0].strip() if values else ""
+    if not unique:
+        return False
+    handle = m.s(node.tags["handle"]) if "handle" in node.tags else ""
+    seconds = node.tags.get("seconds")
+    return m.duplicate(f"{handle}\x00{unique}", int(seconds) if isinstance(seconds, int) else None,
+                       "last" in node.tags)
 
 
 def _same_mailbox(found: "str | None", name: str) -> bool:

@@ -198,6 +198,10 @@ def default_environment() -> dict[str, str]:
             "phase": "during", "version": __version__}
 
 
+def _never_seen(key: str, seconds: "int | None", last: bool) -> bool:
+    return False  # no tracking store (sieve-test): nothing was seen before
+
+
 def _no_special_use(flag: str) -> "str | None":
     return None
 
@@ -210,12 +214,14 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
         max_redirects: int = MAX_REDIRECTS, environment: dict[str, str] | None = None,
         mailbox_exists: "Callable[[str], bool]" = _inbox_only,
         special_use: "Callable[[str], str | None] | None" = None,
+        duplicate: "Callable[[str, int | None, bool], bool] | None" = None,
         trace: "Callable[[int, str], None] | None" = None, max_cpu_time: float = MAX_CPU_TIME,
         result: "Result | None" = None, spam: "SpamConfig | None" = None) -> "Result":
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
     test (RFC 5490), by default only the INBOX exists; `special_use` the folder that has a
-    special-use flag (RFC 8579), None when none has it (the default); `trace` hears (line, what happened) for
+    special-use flag (RFC 8579), None when none has it (the default); `duplicate(key, seconds,
+    last)` answers RFC 7352's test (by default nothing was seen); `trace` hears (line, what happened) for
     each test and command, for `sieve-test --trace`; `result` goes on from an earlier
     script's (a sequence of global and personal scripts); `spam` where spamtest and virustest
     find the scanners' verdicts (by default SpamAssassin's and clamav-milter's headers)."""
@@ -229,6 +235,7 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
     machine.environment = environment if environment is not None else default_environment()
     machine.mailbox_exists = mailbox_exists
     machine.special_use = special_use if special_use is not None else _no_special_use
+    machine.duplicate = duplicate if duplicate is not None else _never_seen
     machine.includes = compiled.includes
     machine.max_cpu_time = max_cpu_time
     machine.deadline = time.process_time() + max_cpu_time
@@ -288,6 +295,7 @@ class _Machine:
         self.environment: dict[str, str] = {}
         self.mailbox_exists: "Callable[[str], bool]" = _inbox_only
         self.special_use: "Callable[[str], str | None]" = _no_special_use
+        self.duplicate: "Callable[[str, int | None, bool], bool]" = _never_seen
         self.trace: "Callable[[int, str], None] | None" = None
         self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
         self.part_visits = 0

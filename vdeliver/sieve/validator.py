@@ -30,12 +30,11 @@ EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
-    "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject",
+    "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject", "duplicate",
 })
 IMPLIES = {"spamtestplus": ("spamtest",)}  # RFC 5235 3.2: spamtestplus brings the spamtest test
 NOT_YET = {
-    "vacation": "issue 18", "vacation-seconds": "issue 18",
-    "duplicate": "issue 18", "enotify": "issue 18", "notify": "issue 18",
+    "vacation": "issue 18", "vacation-seconds": "issue 18", "enotify": "issue 18", "notify": "issue 18",
 }
 COMPARATORS = ("i;octet", "i;ascii-casemap", "i;ascii-numeric")
 RELATIONS = ("gt", "ge", "lt", "le", "eq", "ne")
@@ -140,6 +139,9 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
     ("test", "specialuse_exists"): Signature(("string", "strings"), extension="special-use", optional_first=True),
     ("test", "ihave"): Signature(("strings",), extension="ihave"),
+    ("test", "duplicate"): Signature((), {  # RFC 7352
+        "handle": TagSpec("handle", "string"), "header": TagSpec("id", "string"), "uniqueid": TagSpec("id", "string"),
+        "seconds": TagSpec("seconds", "number"), "last": TagSpec("last")}, extension="duplicate"),
     ("test", "body"): Signature(("strings",), {**_COMPARATOR, **_MATCH, "raw": TagSpec("transform"),
                                               "content": TagSpec("transform", "strings"), "text": TagSpec("transform")},
                                 extension="body"),
@@ -539,7 +541,7 @@ class _Validator:
             return value
 
     def _check_tags(self, kind: str, name: str, tags: dict[str, object], line: int) -> None:
-        if "last" in tags and "index" not in tags and name != "addheader":
+        if "last" in tags and "index" not in tags and name not in ("addheader", "duplicate"):
             self.error(line, f"the :last tag for the {name} {kind} cannot be given without :index")
         index = tags.get("index")
         if isinstance(index, int) and index < 1 and name != "deleteheader":  # deleteheader :index 0: all
