@@ -47,6 +47,7 @@ SCHEMA: "dict[str, tuple[object, str, tuple[str, ...] | None]]" = {
     "hostname": ("", "str", None),
     "maildir_tmp_max_age": (36 * 3600, "int", None),
     "mbox_journal": (True, "bool", None),
+    "dedup_seconds": (0, "int", None),
 }
 
 # Tables read by other parts of vdeliver (accounts, servers); each validates its own.
@@ -89,6 +90,7 @@ class Config:
     hostname: str
     maildir_tmp_max_age: int
     mbox_journal: bool
+    dedup_seconds: int
 
     def __init__(self, path: str = "", tables: "dict[str, dict[str, object]] | None" = None) -> None:
         for key, (default, _kind, _allowed) in SCHEMA.items():

@@ -122,7 +122,7 @@ class Result:
     sender used, notes (stale locks broken on the way), and when a Sieve script decided,
     every mailbox it stored into (none: discarded)."""
 
-    __slots__ = ("target", "size", "sender", "notes", "sieve", "redirected")
+    __slots__ = ("target", "size", "sender", "notes", "sieve", "redirected", "duplicate")
 
     def __init__(self, target: Target, size: int, sender: str, notes: "list[str]") -> None:
         self.target = target
@@ -131,9 +131,12 @@ class Result:
         self.notes = notes
         self.sieve: "list[str] | None" = None
         self.redirected: "list[str]" = []
+        self.duplicate = False  # dropped by dedup_seconds
 
     def where(self) -> str:
         """The log line's `(...)`: the mailbox, or what the script did."""
+        if self.duplicate:
+            return "duplicate dropped (dedup_seconds)"
         if self.sieve is None:
             return f"{self.target.format} {self.target.path}"
         where = [f"{self.target.format} " + ", ".join(self.sieve)] if self.sieve else []
@@ -206,6 +209,53 @@ def _undo(cfg: Config, target: Target, receipt: object, log: "Log | None") -> No
                 pass
 
 
+def _dedup_claim(cfg: Config, rcpt: Recipient, msg: "Prepared",
+                 log: "Log | None") -> "tuple[object, str] | None":
+    """dedup_seconds (as maildrop's `reformail -D` is used): claim (Message-ID, envelope
+    sender) for this mailbox on the tracking store.  None: no deduplication for this message
+    (no Message-ID, or the store cannot answer: the message is delivered, and the log says
+    why); (None, key): a copy was delivered within the window; (tracker, key): claimed."""
+    from vdeliver.message import header_value
+    from vdeliver.tracking import Tracker, TrackingError
+
+    message_id = header_value(msg.spool.head(1 << 20), b"message-id").strip()
+    if not message_id:
+        return None
+    key = f"{msg.sender}\x00{message_id.decode('utf-8', 'replace')}"
+    try:
+        tracker = Tracker.from_config(cfg)
+        if tracker.claim("dedup", rcpt.address, key, cfg.dedup_seconds):
+            return tracker, key
+        tracker.close()
+    except TrackingError as exc:
+        _say(log, f"dedup: to=<{rcpt.address}>: the tracking store cannot answer ({exc}); delivered")
+        return None
+    _say(log, f"dedup: to=<{rcpt.address}>: duplicate of {message_id.decode('utf-8', 'replace')} from "
+              f"<{msg.sender}> within {cfg.dedup_seconds} s: dropped")
+    return None, key
+
+
+def _dedup_release(dedup: "tuple[object, str]", rcpt: Recipient, log: "Log | None") -> None:
+    from vdeliver.tracking import Tracker, TrackingError
+
+    tracker, key = dedup
+    if isinstance(tracker, Tracker):
+        try:
+            tracker.release("dedup", rcpt.address, key)
+        except TrackingError as exc:
+            _say(log, f"dedup: to=<{rcpt.address}>: claim not released ({exc}): a retry within the window "
+                      "will be dropped as a duplicate")
+        tracker.close()
+
+
+def _say(log: "Log | None", text: str) -> None:
+    if log is not None:
+        try:
+            log.warning(text)
+        except Exception:  # noqa: BLE001 - a log line never changes a delivery
+            pass
+
+
 def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", refuse: bool,
               target: Target, log: "Log | None") -> "tuple[list[Target], list[str]]":
     """What a script's reject comes to (docs/sieve.md): refused in the protocol (LMTP's 550,
@@ -253,6 +303,13 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         spool_dir=cfg.spool_dir,
     )
     spooled = msg  # closed at the end, whatever copy of the record was stored
+    dedup = _dedup_claim(cfg, rcpt, msg, log) if cfg.dedup_seconds > 0 else None
+    if dedup is not None and dedup[0] is None:
+        msg.close()  # a copy of this message was delivered here within dedup_seconds
+        result = Result(target, msg.input_size, msg.sender, [])
+        result.sieve = []
+        result.duplicate = True
+        return result
     try:
         stores = [target]
         flags: "dict[str, tuple[str, ...]]" = {}
@@ -300,11 +357,15 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         except BaseException:
             for store, receipt in reversed(done):  # a later store failed: no copy may stay behind
                 _undo(cfg, store, receipt, log)
+            if dedup is not None and dedup[0] is not None:
+                _dedup_release(dedup, rcpt, log)  # not delivered: the retry must not be dropped
             raise
         if planned is not None and planned.subscribe:
             sieve.subscribe(planned.subscribe, log)  # folders the script created: IMAP clients show them
         if planned is not None and planned.track is not None:
             sieve.record(planned, log)  # duplicate (RFC 7352): this message is seen now
+        if dedup is not None and hasattr(dedup[0], "close"):
+            dedup[0].close()  # the claim stands: a copy is stored
         stored = stores[0] if stores else target
         result = Result(stored, msg.input_size, msg.sender, notes)
         if len(stores) != 1 or stores[0] is not target or redirects:

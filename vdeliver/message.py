@@ -41,6 +41,22 @@ MBOX_STRIP = frozenset(
 
 
 
+def header_value(data: bytes, name: bytes) -> bytes:
+    """The first value of a header field (`name` in lower case) in a record's header block,
+    unfolded; b"" when there is none."""
+    end = data.find(b"\n\n")
+    lines = data[: end if end >= 0 else len(data)].split(b"\n")
+    for i, line in enumerate(lines):
+        if line[: len(name) + 1].lower() == name + b":":
+            value = line[len(name) + 1:]
+            for more in lines[i + 1:]:
+                if more[:1] not in (b" ", b"\t"):
+                    break
+                value += more
+            return value.strip()
+    return b""
+
+
 def sanitize_sender(sender: str) -> str:
     """Make an envelope sender safe for a From_ line and a header value."""
     s = sender.strip()

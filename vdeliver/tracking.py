@@ -139,6 +139,11 @@ class Tracker:
                           (expires, kind, mailbox.lower(), key))
         return False
 
+    def release(self, kind: str, mailbox: str, key: str) -> None:
+        """Forget a claim whose action did not happen (a delivery that failed after it)."""
+        self._execute("DELETE FROM tracking WHERE kind = ? AND mailbox = ? AND key = ?",
+                      (kind, mailbox.lower(), key[:MAX_KEY]))
+
     def seen(self, kind: str, mailbox: str, key: str, now: float | None = None) -> bool:
         """Whether an unexpired row is there (nothing is written)."""
         now = time.time() if now is None else now
