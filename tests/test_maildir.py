@@ -213,11 +213,25 @@ def test_wrong_owner_is_refused(md: Path, msg: Prepared) -> None:
 
 def test_leftover_of_a_killed_delivery_is_finished_not_copied(md: Path, msg: Prepared) -> None:
     """Killed between link() and unlink(): the retry finds tmp/NAME == new/NAME and stops."""
-    name = maildir.unique_name(HOST, msg.length, msg.rfc822_size)
+    from tests.test_locking import dead_pid
+
+    name = maildir.unique_name(HOST, msg.length, msg.rfc822_size).replace(f"P{os.getpid()}R", f"P{dead_pid()}R")
     (md / "tmp" / name).write_bytes(RECORD)
     os.link(md / "tmp" / name, md / "new" / name)
     assert deliver(md, msg) == name
     assert listing(md) == {"tmp": [], "new": [name], "cur": []}
+
+
+def test_the_same_bytes_delivered_at_once_are_two_messages(md: Path, msg: Prepared) -> None:
+    """A linked tmp/ file whose writer still runs (this host, its pid alive) is a concurrent
+    delivery of the same message (two envelopes for one mailbox, say), not a leftover: both
+    copies stay."""
+    name = maildir.unique_name(HOST, msg.length, msg.rfc822_size)  # this process: alive
+    (md / "tmp" / name).write_bytes(RECORD)
+    os.link(md / "tmp" / name, md / "new" / name)
+    new = deliver(md, msg)
+    assert new != name and (md / "new" / new).read_bytes() == RECORD
+    assert len(listing(md)["new"]) == 2
 
 
 def test_a_different_linked_tmp_file_is_not_taken_for_ours(md: Path, msg: Prepared) -> None:

@@ -249,11 +249,22 @@ def _dedup_release(dedup: "tuple[object, str]", rcpt: Recipient, log: "Log | Non
 
 
 def _say(log: "Log | None", text: str) -> None:
-    if log is not None:
-        try:
-            log.warning(text)
-        except Exception:  # noqa: BLE001 - a log line never changes a delivery
-            pass
+    from vdeliver.log import tell
+
+    tell(log, text)
+
+
+def _vacation(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", log: "Log | None") -> None:
+    """A script's vacation reply (vdeliver.sieve.respond), after the message is stored; nothing
+    here can fail the delivery."""
+    try:
+        from vdeliver.sieve import respond
+
+        assert planned.vacation is not None
+        said = respond.reply(cfg, rcpt, home, msg, planned.vacation, log)
+    except Exception as exc:  # noqa: BLE001 - the message is stored: a reply problem is only logged
+        said = f"vacation: not sent ({type(exc).__name__}: {exc})"
+    _say(log, f"sieve: to=<{rcpt.address}>: {said}")
 
 
 def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", refuse: bool,
@@ -270,11 +281,10 @@ def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned:
 
         if redirect.reject_mdn(cfg, rcpt, home, msg, reason, log):
             return [], []
-    elif log is not None:
-        try:
-            log.info(f"sieve: to=<{rcpt.address}>: reject not carried out (reject_mode = keep): {reason}")
-        except Exception:  # noqa: BLE001 - a log line never changes a delivery
-            pass
+    else:
+        from vdeliver.log import tell
+
+        tell(log, f"sieve: to=<{rcpt.address}>: reject not carried out (reject_mode = keep): {reason}", info=True)
     return [target], []
 
 
@@ -364,6 +374,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
             sieve.subscribe(planned.subscribe, log)  # folders the script created: IMAP clients show them
         if planned is not None and planned.track is not None:
             sieve.record(planned, log)  # duplicate (RFC 7352): this message is seen now
+        if planned is not None and planned.vacation is not None and stores:
+            _vacation(cfg, rcpt, home, msg, planned, log)  # stored: the reply may go
         if dedup is not None and hasattr(dedup[0], "close"):
             dedup[0].close()  # the claim stands: a copy is stored
         stored = stores[0] if stores else target

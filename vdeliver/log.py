@@ -20,6 +20,10 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
+if TYPE_CHECKING:
+    from vdeliver.hooks import Log
+
 _FACILITIES = {
     "mail": 2 << 3,
     "user": 1 << 3,
@@ -79,6 +83,17 @@ def _escaped(text: str, extra: str) -> str:
         else:
             out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
     return "".join(out)
+
+
+def tell(log: "Log | None", text: str, info: bool = False) -> None:
+    """One line to the caller's logger, if it has one; never raises: a log line never changes
+    a delivery (the message may be stored already)."""
+    if log is None:
+        return
+    try:
+        (log.info if info else log.warning)(text)
+    except Exception:  # noqa: BLE001 - see above
+        pass
 
 
 def escape(text: str) -> str:

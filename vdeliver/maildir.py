@@ -306,7 +306,7 @@ def deliver(
     try:
         tfd = _open_sub(mfd, "tmp", path)
         nfd = _open_sub(mfd, "new", path)
-        leftover = _linked_leftover(tfd, msg)
+        leftover = _linked_leftover(tfd, msg, host)
         if leftover is not None:
             # sendmail's retry of a delivery killed between link() and unlink(): the message
             # is already in the Maildir.  Finish that delivery instead of storing a copy.
@@ -454,8 +454,27 @@ def clean_tmp(tmpdir: "str | int", max_age: int, now: "float | None" = None) -> 
     return removed
 
 
-def _linked_leftover(tfd: int, msg: Prepared) -> "str | None":
-    """A tmp/ file with a second link (in new/ or cur/) holding exactly this record.
+def _writer_alive(name: str, host: str) -> bool:
+    """Whether the delivery that wrote tmp/NAME, on this host, is still running (P<pid> in our
+    names): then the file is a concurrent delivery of the same bytes (the same message for the
+    same recipient twice at once), not a leftover, and both copies stay.  A file another host
+    wrote (a shared Maildir), or not named by us, cannot be asked: it counts as a leftover."""
+    pid_at = name.find("P", name.find(".M"))
+    end = name.find("R", pid_at)
+    if pid_at < 0 or end < 0 or not name[pid_at + 1:end].isdigit() or f".{escape_host(host)}," not in name:
+        return False
+    try:
+        os.kill(int(name[pid_at + 1:end]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists (another user's)
+    return True
+
+
+def _linked_leftover(tfd: int, msg: Prepared, host: str = "") -> "str | None":
+    """A tmp/ file with a second link (in new/ or cur/) holding exactly this record, left by a
+    delivery that is no longer running.
 
     Only a delivery killed after link() and before unlink() leaves one; tmp/ is
     normally empty, so this costs one directory read.  The size in our file names
@@ -474,6 +493,8 @@ def _linked_leftover(tfd: int, msg: Prepared) -> "str | None":
         except OSError:
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2 or st.st_size != msg.length:
+            continue
+        if host and _writer_alive(name, host):
             continue
         if _same_bytes(name, tfd, msg):
             return name

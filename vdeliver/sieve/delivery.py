@@ -40,6 +40,7 @@ import os
 import time
 
 from vdeliver.config import Config, ConfigError, read_table
+from vdeliver.log import tell
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
 
@@ -47,7 +48,7 @@ TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows
 if TYPE_CHECKING:
     from vdeliver.hooks import Log
     from vdeliver.sieve.compiled import Compiled
-    from vdeliver.sieve.interpreter import Message
+    from vdeliver.sieve.interpreter import Action, Message
     from vdeliver.sieve.spamtest import SpamConfig
     from vdeliver.tracking import Tracker
 
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
 KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects": "int", "max_script_size": "int",
         "sendmail": "str", "sendmail_timeout": "float", "before": "strs", "after": "strs", "global_dir": "str",
         "max_cpu_time": "float", "special_use": "table", "max_create": "int", "reject_mode": "str",
-        "duplicate_period": "int", "duplicate_max_period": "int"}
+        "duplicate_period": "int", "duplicate_max_period": "int", "vacation_default_period": "int",
+        "vacation_min_period": "int", "vacation_max_period": "int", "vacation_never_reply": "strs",
+        "vacation_spam_header": "str"}
 REJECT_MODES = ("refuse", "mdn", "keep")
 SPAM_PREFIXES = ("spamtest_", "virustest_")
 # The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
@@ -69,7 +72,8 @@ class Settings:
 
     __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
                  "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
-                 "max_create", "reject_mode", "duplicate_period", "duplicate_max_period")
+                 "max_create", "reject_mode", "duplicate_period", "duplicate_max_period", "vacation_default_period",
+                 "vacation_min_period", "vacation_max_period", "vacation_never_reply", "vacation_spam_header")
 
     def __init__(self, enabled: bool = True, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
@@ -77,7 +81,9 @@ class Settings:
                  global_dir: str = "", max_cpu_time: float = 30.0, spam: "SpamConfig | None" = None,
                  special_use: "dict[str, str] | None" = None, max_create: int = 10,
                  reject_mode: str = "refuse", duplicate_period: int = 43200,
-                 duplicate_max_period: int = 172800) -> None:
+                 duplicate_max_period: int = 172800, vacation_default_period: int = 7 * 86400,
+                 vacation_min_period: int = 86400, vacation_max_period: int = 0,
+                 vacation_never_reply: tuple[str, ...] = (), vacation_spam_header: str = "X-Spam-Flag: YES") -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -96,6 +102,12 @@ class Settings:
         self.reject_mode = reject_mode  # the CLI's reject: refuse (exit 77), mdn, or keep
         self.duplicate_period = duplicate_period  # RFC 7352 without :seconds (Pigeonhole: 12 h)
         self.duplicate_max_period = duplicate_max_period  # and at most (Pigeonhole: 2 days)
+        # vacation (RFC 5230): Pigeonhole's sieve_vacation_{default,min,max}_period; 0: no most
+        self.vacation_default_period = vacation_default_period
+        self.vacation_min_period = vacation_min_period
+        self.vacation_max_period = vacation_max_period
+        self.vacation_never_reply = vacation_never_reply  # () : vacation.Rules' list
+        self.vacation_spam_header = vacation_spam_header  # "Field: value" that marks spam ("": none)
 
 
 class Store:
@@ -170,7 +182,7 @@ class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode", "track")
+    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode", "track", "vacation")
 
     def __init__(self, stores: "list[Store]", redirects: list[str],
                  subscribe: "list[tuple[str, list[str]]] | None" = None, header: "bytes | None" = None) -> None:
@@ -181,6 +193,7 @@ class Plan:
         self.reject_mode = "refuse"  # [sieve] reject_mode: what the CLI does with it
         # duplicate (RFC 7352): (tracker, mailbox, [(key, seconds, last)]) to record once stored
         self.track: "tuple[Tracker, str, list[tuple[str, int, bool]]] | None" = None
+        self.vacation: "Action | None" = None  # a vacation action: answered once the message is stored
         # Folders `fileinto :create` makes: (subscriptions file, the name's levels), to be
         # subscribed once the message is stored, so that IMAP clients show them.
         self.subscribe = subscribe if subscribe is not None else []
@@ -272,6 +285,8 @@ def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Pr
         result = interpreter.run_sequence(compiled, message, envelope, max_actions=opts.max_actions,
                                           max_redirects=opts.max_redirects, max_cpu_time=opts.max_cpu_time,
                                           spam=opts.spam, special_use=special_use, duplicate=duplicate,
+                                          vacation_periods=(opts.vacation_default_period, opts.vacation_min_period,
+                                                            opts.vacation_max_period),
                                           mailbox_exists=lambda name: _folder(inbox, folders, name, False) is not None)
     except interpreter.SieveRuntimeError as exc:
         path, personal = paths[exc.script]
@@ -307,6 +322,7 @@ def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Pr
     plan = Plan(stores, [a.address for a in result.actions if a.type == "redirect"], subscribe, header)
     if tracked and tracker:
         plan.track = (tracker[0], rcpt.address, tracked)
+    plan.vacation = next((a for a in result.actions if a.type == "vacation"), None)
     rejected = next((a for a in result.actions if a.type in ("reject", "ereject")), None)
     if rejected is not None:
         plan.reject = one_line(rejected.reason) or "rejected"
@@ -341,11 +357,7 @@ def record(plan: "Plan", log: "Log | None") -> None:
         for key, seconds, last in tracked:
             tracker.claim("duplicate", mailbox, key, seconds, refresh=last)
     except TrackingError as exc:
-        if log is not None:
-            try:
-                log.warning(f"sieve: to=<{mailbox}>: duplicate: not recorded ({exc})")
-            except Exception:  # noqa: BLE001 - a log line never changes a delivery
-                pass
+        tell(log, f"sieve: to=<{mailbox}>: duplicate: not recorded ({exc})")
     finally:
         tracker.close()
 
@@ -377,11 +389,7 @@ def subscribe(entries: list[tuple[str, list[str]]], log: "Log | None") -> None:
                 text = ("V\t2\n\n" if v2 else "") + "".join(n + "\n" for n in names)
                 lock.replace(path, text.encode("utf-8"))
         except OSError as exc:
-            if log is not None:
-                try:
-                    log.warning(f"sieve: cannot subscribe {'/'.join(levels)!r} in {path}: {exc.strerror or exc}")
-                except Exception:  # noqa: BLE001 - a log line never changes a delivery
-                    pass
+            tell(log, f"sieve: cannot subscribe {'/'.join(levels)!r} in {path}: {exc.strerror or exc}")
 
 
 _OURS = (b"return-path:", b"delivered-to:")
@@ -537,11 +545,7 @@ def _mutf7(text: str) -> str:
 def report(log: "Log | None", script: str, rcpt: Recipient, text: str, personal: bool = True) -> None:
     """One syslog line, and for the user's own script the same line appended to <script>.log
     for the user to read (a global script's errors are the administrator's: syslog only)."""
-    if log is not None:
-        try:
-            log.warning(f"sieve: to=<{rcpt.address}>: {script}: {text}")
-        except Exception:  # noqa: BLE001 - a log line never changes a delivery
-            pass
+    tell(log, f"sieve: to=<{rcpt.address}>: {script}: {text}")
     if not personal:
         return
     try:

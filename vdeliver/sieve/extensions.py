@@ -51,6 +51,8 @@ def command(m: "_Machine", node: "Node") -> None:
             reject_conflict(m, done, action)
         m.rejected = True
         m._add(action, cancels=True)
+    elif name == "vacation":  # RFC 5230, 6131
+        vacation(m, node)
     elif name == "error":
         raise SieveRuntimeError(node.line, f"error: {m.s(node.args[0])}")
     elif name == "addheader":
@@ -116,6 +118,43 @@ def reject_conflict(m: "_Machine", action: "Action", reject: "Action | None" = N
     if action.type == "vacation":
         raise SieveRuntimeError(reject.line, "reject/ereject action conflicts with other action: the vacation "
                                              f"action (line {action.line}) also sends a response to the sender")
+
+
+def vacation(m: "_Machine", node: "Node") -> None:
+    """The vacation action: what the reply is made of.  Whether one is sent (RFC 5230's rules,
+    once per sender and handle per period) is decided at delivery (vacation.py)."""
+    for done in m.result.actions:
+        if done.type == "vacation":
+            raise SieveRuntimeError(node.line, f"duplicate vacation action not allowed (the first is on line "
+                                               f"{done.line})")
+    default, least, most = m.vacation_periods
+    if "days" in node.tags or "seconds" in node.tags:
+        seconds = int(str(node.tags["days"])) * 86400 if "days" in node.tags else int(str(node.tags["seconds"]))
+        seconds = max(seconds, least)
+        if most:
+            seconds = min(seconds, most)
+    else:
+        seconds = default
+    reason = m.s(node.args[0])
+    subject = m.s(node.tags["subject"]) if "subject" in node.tags else ""
+    from_ = m.s(node.tags["from"]) if "from" in node.tags else ""
+    mime = "mime" in node.tags
+    if "handle" in node.tags:
+        handle = m.s(node.tags["handle"])
+    else:  # as Pigeonhole makes it, from the script's text (variables not expanded): a changed reply
+        # is a new one, answered again
+        raw_subject = str(node.tags["subject"]) if "subject" in node.tags else "<default-subject>"
+        raw_from = str(node.tags["from"]) if "from" in node.tags else "<default-from>"
+        handle = str(node.args[0]) + raw_subject + raw_from + ("<MIME>" if mime else "<NO-MIME>")
+    if from_:
+        from vdeliver.sieve.headers import redirect_address
+
+        if redirect_address(from_)[1]:
+            raise SieveRuntimeError(node.line, f"specified :from address '{from_}' is invalid for vacation action")
+    addresses = tuple(a for a in m.sl(node.tags["addresses"]) if a) if "addresses" in node.tags else ()
+    action = m.action("vacation", address=m.envelope.sender, reason=reason, line=node.line,
+                      vacation=m.vacation_record(from_, subject, seconds, handle, mime, addresses))
+    m._add(action, cancels=False)
 
 
 def duplicate(m: "_Machine", node: "Node") -> bool:
@@ -257,15 +296,10 @@ class Edits:
         self.changed = False  # a field was added or deleted
         self.entries: list[tuple[str, bytes, bytes, str | None]] = []
         self.prefix = b""  # lines before the first field that are not fields (kept as they came)
+        from vdeliver.sieve.headers import header_end
+
         data = message.raw
-        end = len(data)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            at = data.find(sep)
-            if 0 <= at < end:
-                end = at
-        if data.startswith((b"\r\n", b"\n")):
-            end = 0
-        head = data[:end]
+        head = data[:header_end(data)]
         self.crlf = b"\r\n" in head
         if not message.fields or not head:
             for name, value in message.fields:  # a Message built without its bytes

@@ -92,6 +92,33 @@ class Address:
 # -- header values ------------------------------------------------------------------------------
 
 
+def header_end(data: bytes) -> int:
+    """Where a message's header ends: the index of the empty line's break (CRLF or LF line
+    ends), len(data) when there is none, 0 when the message starts with it."""
+    if data.startswith((b"\r\n", b"\n")):
+        return 0
+    end = len(data)
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = data.find(sep)
+        if 0 <= at < end:
+            end = at
+    return end
+
+
+def split_fields(block: bytes) -> list[tuple[str, bytes]]:
+    """A header block's fields: (lower-case name, raw value with its folding as CRLF + the
+    continuation line).  A line that is neither a field nor a continuation is skipped."""
+    fields: list[tuple[str, bytes]] = []
+    for line in block.replace(b"\r\n", b"\n").split(b"\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            last_name, last_value = fields[-1]
+            fields[-1] = (last_name, last_value + b"\r\n" + line)
+        elif b":" in line:
+            raw_name, _, value = line.partition(b":")
+            fields.append((raw_name.strip().decode("ascii", "replace").lower(), value.lstrip(b" \t")))
+    return fields
+
+
 def unfold(raw: bytes) -> str:
     """A header field's value unfolded, trimmed and taken as UTF-8, encoded words left as they
     are: what an address list is parsed from."""

@@ -69,22 +69,7 @@ class Message:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Message":
         """The header of an RFC 5322 message (CRLF or LF line ends) and its whole size."""
-        end = len(data)
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            at = data.find(sep)
-            if 0 <= at < end:
-                end = at
-        if data.startswith((b"\r\n", b"\n")):
-            end = 0
-        fields: list[tuple[str, bytes]] = []
-        for line in data[:end].replace(b"\r\n", b"\n").split(b"\n"):
-            if line[:1] in (b" ", b"\t") and fields:
-                last_name, last_value = fields[-1]
-                fields[-1] = (last_name, last_value + b"\r\n" + line)
-            elif b":" in line:
-                raw_name, _, value = line.partition(b":")
-                fields.append((raw_name.strip().decode("ascii", "replace").lower(), value.lstrip(b" \t")))
-        return cls(fields, len(data), data)
+        return cls(headers.split_fields(data[:headers.header_end(data)]), len(data), data)
 
     def values(self, name: str) -> list[str]:
         """Every field of that name, unfolded and with RFC 2047 encoded words decoded."""
@@ -114,11 +99,12 @@ class Action:
     """One action, as sieve-test --json shows it; two are the same action when all but their
     line are equal (RFC 5228 2.10.3: the second is not done again)."""
 
-    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line", "specialuse", "reason")
+    __slots__ = ("type", "mailbox", "address", "copy", "flags", "create", "line", "specialuse", "reason",
+                 "vacation")
 
     def __init__(self, type: str, mailbox: str = "", address: str = "", copy: bool = False,
                  flags: tuple[str, ...] = (), create: bool = False, line: int = 0, specialuse: str = "",
-                 reason: str = "") -> None:
+                 reason: str = "", vacation: "Vacation | None" = None) -> None:
         self.type = type  # keep, fileinto, redirect, discard
         self.mailbox = mailbox
         self.address = address
@@ -127,11 +113,12 @@ class Action:
         self.create = create
         self.line = line
         self.specialuse = specialuse  # RFC 8579: the folder with this special-use flag, if there is one
-        self.reason = reason  # reject / ereject (RFC 5429)
+        self.reason = reason  # reject / ereject (RFC 5429), vacation (RFC 5230)
+        self.vacation = vacation  # vacation: what the reply is made of
 
     def _key(self) -> tuple[object, ...]:
         return (self.type, self.mailbox, self.address, self.copy, self.flags, self.create, self.specialuse,
-                self.reason)
+                self.reason, self.vacation._key() if self.vacation is not None else None)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Action) and self._key() == other._key()
@@ -155,7 +142,31 @@ class Action:
             return {"type": "redirect", "address": self.address, "copy": self.copy}
         if self.type in ("reject", "ereject"):
             return {"type": "reject", "reason": self.reason, "ereject": self.type == "ereject"}
+        if self.type == "vacation" and self.vacation is not None:
+            v = self.vacation
+            return {"type": "vacation", "to": self.address, "from": v.from_, "subject": v.subject,
+                    "reason": self.reason, "seconds": v.seconds, "handle": v.handle, "mime": v.mime}
         return {"type": self.type}
+
+
+class Vacation:
+    """A vacation action's reply (RFC 5230, 6131): `from_` and `subject` as the script gave
+    them ("" for the defaults), the period, the handle (the script's, or made from the reason,
+    subject, from and :mime as Pigeonhole makes it), the extra addresses of the user."""
+
+    __slots__ = ("from_", "subject", "seconds", "handle", "mime", "addresses")
+
+    def __init__(self, from_: str, subject: str, seconds: int, handle: str, mime: bool,
+                 addresses: tuple[str, ...]) -> None:
+        self.from_ = from_
+        self.subject = subject
+        self.seconds = seconds
+        self.handle = handle
+        self.mime = mime
+        self.addresses = addresses
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.from_, self.subject, self.seconds, self.handle, self.mime, self.addresses)
 
 
 class Result:
@@ -215,13 +226,16 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
         mailbox_exists: "Callable[[str], bool]" = _inbox_only,
         special_use: "Callable[[str], str | None] | None" = None,
         duplicate: "Callable[[str, int | None, bool], bool] | None" = None,
+        vacation_periods: "tuple[int, int, int]" = (7 * 86400, 86400, 0),
         trace: "Callable[[int, str], None] | None" = None, max_cpu_time: float = MAX_CPU_TIME,
         result: "Result | None" = None, spam: "SpamConfig | None" = None) -> "Result":
     """Run the script; SieveRuntimeError when it breaks a limit (the caller keeps the message).
     `environment` answers the environment test (RFC 5183); `mailbox_exists` the mailboxexists
     test (RFC 5490), by default only the INBOX exists; `special_use` the folder that has a
     special-use flag (RFC 8579), None when none has it (the default); `duplicate(key, seconds,
-    last)` answers RFC 7352's test (by default nothing was seen); `trace` hears (line, what happened) for
+    last)` answers RFC 7352's test (by default nothing was seen); `vacation_periods` (default,
+    least, most seconds; 0: no most) bound a vacation's period, as Pigeonhole's settings;
+    `trace` hears (line, what happened) for
     each test and command, for `sieve-test --trace`; `result` goes on from an earlier
     script's (a sequence of global and personal scripts); `spam` where spamtest and virustest
     find the scanners' verdicts (by default SpamAssassin's and clamav-milter's headers)."""
@@ -236,6 +250,7 @@ def run(compiled: "Compiled", message: "Message", envelope: "Envelope", *, max_a
     machine.mailbox_exists = mailbox_exists
     machine.special_use = special_use if special_use is not None else _no_special_use
     machine.duplicate = duplicate if duplicate is not None else _never_seen
+    machine.vacation_periods = vacation_periods
     machine.includes = compiled.includes
     machine.max_cpu_time = max_cpu_time
     machine.deadline = time.process_time() + max_cpu_time
@@ -296,6 +311,7 @@ class _Machine:
         self.mailbox_exists: "Callable[[str], bool]" = _inbox_only
         self.special_use: "Callable[[str], str | None]" = _no_special_use
         self.duplicate: "Callable[[str, int | None, bool], bool]" = _never_seen
+        self.vacation_periods = (7 * 86400, 86400, 0)  # vacation: default, least, most (0: none)
         self.trace: "Callable[[int, str], None] | None" = None
         self.loop_parts: list[int] = []  # foreverypart: the current part of each loop, innermost last
         self.part_visits = 0
@@ -385,8 +401,12 @@ class _Machine:
         """A new Action (for extensions.py, which cannot import this module)."""
         return Action(type, **fields)  # type: ignore[arg-type]
 
+    def vacation_record(self, from_: str, subject: str, seconds: int, handle: str, mime: bool,
+                        addresses: tuple[str, ...]) -> "Vacation":
+        return Vacation(from_, subject, seconds, handle, mime, addresses)
+
     def _add(self, action: "Action", cancels: bool) -> None:
-        if action.type in ("keep", "fileinto", "redirect") and self.rejected:
+        if action.type in ("keep", "fileinto", "redirect", "vacation") and self.rejected:
             from vdeliver.sieve.extensions import reject_conflict
 
             reject_conflict(self, action)

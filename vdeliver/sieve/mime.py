@@ -79,15 +79,7 @@ def split_header(data: bytes, start: int = 0, end: int | None = None) -> tuple[l
         return [], start + 1
     m = _BLANK.search(data, start, end)
     head_end, body_start = (m.start(), m.end()) if m else (end, end)
-    fields: list[tuple[str, bytes]] = []
-    for line in data[start:head_end].replace(b"\r\n", b"\n").split(b"\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            last_name, last_value = fields[-1]
-            fields[-1] = (last_name, last_value + b"\r\n" + line)
-        elif b":" in line:
-            raw_name, _, value = line.partition(b":")
-            fields.append((raw_name.strip().decode("ascii", "replace").lower(), value.lstrip(b" \t")))
-    return fields, body_start
+    return headers.split_fields(data[start:head_end]), body_start
 
 
 def parse(raw: bytes) -> list[Part]:

@@ -10,6 +10,7 @@ message in the INBOX too: it is never lost.  Imported only for a message a scrip
 import os
 
 from vdeliver.config import Config
+from vdeliver.log import tell
 from vdeliver.message import Prepared
 from vdeliver.recipient import Recipient
 from vdeliver.sieve.delivery import Settings, report, settings
@@ -42,11 +43,7 @@ def send(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, addresses: list
             report(log, script, rcpt, f"redirect to <{address}> failed: {why}")
             continue
         sent.append(address)
-        if log is not None:
-            try:
-                log.info(f"sieve: to=<{rcpt.address}>: redirected to <{address}>")
-            except Exception:  # noqa: BLE001 - a log line never changes a delivery
-                pass
+        tell(log, f"sieve: to=<{rcpt.address}>: redirected to <{address}>", info=True)
     return sent
 
 
@@ -161,9 +158,5 @@ def reject_mdn(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, reason: s
     if why:
         report(log, script, rcpt, f"reject: the notification to <{msg.sender}> was not sent ({why}); kept")
         return False
-    if log is not None:
-        try:
-            log.info(f"sieve: to=<{rcpt.address}>: rejected, notification sent to <{msg.sender}>")
-        except Exception:  # noqa: BLE001 - a log line never changes a delivery
-            pass
+    tell(log, f"sieve: to=<{rcpt.address}>: rejected, notification sent to <{msg.sender}>", info=True)
     return True

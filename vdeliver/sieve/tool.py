@@ -137,6 +137,16 @@ def _text(result: object, mailbox: str) -> str:
             lines.append(f" * store message in folder: {a.mailbox}" + ("  (copy)" if a.copy else ""))
         elif a.type == "redirect":
             lines.append(f" * redirect message to: <{a.address}>" + ("  (copy)" if a.copy else ""))
+        elif a.type == "vacation" and a.vacation is not None:
+            v = a.vacation
+            lines.append(" * send vacation message:")
+            lines.append(f"    => seconds : {v.seconds}")
+            if v.subject:
+                lines.append(f"    => subject : {v.subject}")
+            if v.from_:
+                lines.append(f"    => from    : {v.from_}")
+            lines.append(f"    => handle  : {v.handle}")
+            lines += ["", "START MESSAGE", a.reason.replace("\r\n", "\n").rstrip("\n"), "END MESSAGE", ""]
         elif a.type in ("reject", "ereject"):
             reason = a.reason.replace("\r", "").replace("\n", "??")  # one line, as Pigeonhole shows it
             lines.append(f" * {'e' if a.type == 'ereject' else ''}reject message with reason: {reason}")

@@ -30,11 +30,13 @@ EXTENSIONS = frozenset({
     "fileinto", "envelope", "comparator-i;octet", "comparator-i;ascii-casemap", "comparator-i;ascii-numeric",
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
-    "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject", "duplicate",
+    "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject", "duplicate", "vacation",
+    "vacation-seconds",
 })
-IMPLIES = {"spamtestplus": ("spamtest",)}  # RFC 5235 3.2: spamtestplus brings the spamtest test
+# RFC 5235 3.2: spamtestplus brings the spamtest test; RFC 6131: vacation-seconds brings vacation.
+IMPLIES = {"spamtestplus": ("spamtest",), "vacation-seconds": ("vacation",)}
 NOT_YET = {
-    "vacation": "issue 18", "vacation-seconds": "issue 18", "enotify": "issue 18", "notify": "issue 18",
+    "enotify": "issue 18", "notify": "issue 18",
 }
 COMPARATORS = ("i;octet", "i;ascii-casemap", "i;ascii-numeric")
 RELATIONS = ("gt", "ge", "lt", "le", "eq", "ne")
@@ -104,6 +106,11 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "redirect"): Signature(("string",), dict(_COPY)),
     ("command", "error"): Signature(("string",), extension="ihave"),
     ("command", "reject"): Signature(("string",), extension="reject"),
+    ("command", "vacation"): Signature(("string",), {  # RFC 5230, 6131
+        "days": TagSpec("period", "number"), "seconds": TagSpec("period", "number", "vacation-seconds"),
+        "subject": TagSpec("subject", "string"), "from": TagSpec("from", "string"),
+        "addresses": TagSpec("addresses", "strings"), "mime": TagSpec("mime"), "handle": TagSpec("handle", "string"),
+    }, extension="vacation"),
     ("command", "ereject"): Signature(("string",), extension="ereject"),
     ("command", "include"): Signature(("string",), {
         "personal": TagSpec("location"), "global": TagSpec("location"), "once": TagSpec("once"),
@@ -471,6 +478,10 @@ class _Validator:
         for flag in _special_use_flags(name, tags, args):
             if not ("variables" in self.required and "${" in flag) and not valid_special_use(flag):
                 self.error(line, f"invalid special-use flag '{flag}'")
+        if name == "vacation" and isinstance(tags.get("from"), str):
+            sender = str(tags["from"])
+            if not ("variables" in self.required and "${" in sender) and redirect_address(sender)[1]:
+                self.error(line, f"specified :from address '{sender}' is invalid for vacation action")
         if name == "include" and args:
             self._include(tags, str(args[0]), line)
         if name == "redirect" and args and not ("variables" in self.required and "${" in str(args[0])):

@@ -1,0 +1,147 @@
+"""vacation at delivery: one reply per sender and handle per period, from <>, with RFC 3834's
+headers; never to a list, a bounce, an automatic message, or a message not addressed to one of
+the user's addresses (the accounts database's aliases and alias domains count); the message is
+stored whatever happens to the reply; of processes delivering the same sender's mail at once,
+exactly one answers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_sieve_delivery import fake_sendmail, maildir_folder, messages, script, sent
+from tests.unit_helpers import RecordingLog
+from vdeliver import config
+from vdeliver.deliver import deliver
+from vdeliver.recipient import Recipient
+
+SCRIPT = b'require "vacation";\nvacation :days 7 :subject "Away" "I am away until Monday.";'
+MSG = (b"From: Alice <alice@example.org>\nTo: Fred <fred@example.org>\nSubject: lunch?\n"
+       b"Message-ID: <q1@example.org>\n\nAre you free?\n")
+
+
+def make_config(tmp_path: Path, **extra: object) -> config.Config:
+    tables: dict[str, object] = {
+        "format": "maildir", "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
+        "spool_dir": str(tmp_path), "log": "none", "create_mailbox": True, "hostname": "mx.example.org",
+        "sieve": {"sendmail": str(fake_sendmail(tmp_path))},
+        "tracking": {"database": str(tmp_path / "tracking.sqlite")},
+        "accounts": {"database": str(tmp_path / "accounts.sqlite")},
+    }
+    tables.update(extra)
+    return config.build(tables)
+
+
+def send(tmp_path: Path, cfg: config.Config, raw: bytes = MSG, sender: str = "alice@example.org",
+         log: RecordingLog | None = None) -> None:
+    src = tmp_path / f"in-{os.getpid()}.eml"
+    src.write_bytes(raw)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        deliver(cfg, Recipient("example.org", "fred"), fd, sender, log=log)
+    finally:
+        os.close(fd)
+
+
+def replies(tmp_path: Path) -> list[tuple[list[str], bytes]]:
+    return [(args, data) for args, data in sent(tmp_path) if b"Auto-Submitted: auto-replied" in data]
+
+
+def test_one_reply_per_sender_per_period(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, SCRIPT)
+    log = RecordingLog()
+    send(tmp_path, cfg, log=log)
+    send(tmp_path, cfg, MSG.replace(b"q1@", b"q2@"), log=log)
+    send(tmp_path, cfg, MSG.replace(b"alice@", b"bob@"), sender="bob@example.org", log=log)
+    assert len(messages(maildir_folder(tmp_path))) == 3  # every message stored
+    got = replies(tmp_path)
+    assert [args for args, _ in got] == [["-oi", "-f", "<>", "alice@example.org"],
+                                        ["-oi", "-f", "<>", "bob@example.org"]]
+    first = got[0][1]
+    assert b"\nSubject: Away\n" in b"\n" + first and b"In-Reply-To: <q1@example.org>" in first
+    assert b"I am away until Monday." in first
+    assert any("was answered within" in text for _level, text in log.lines)
+
+
+@pytest.mark.parametrize(("why", "raw", "sender"), [
+    ("a list", MSG.replace(b"Subject:", b"List-Id: <dev.example.org>\nSubject:"), "alice@example.org"),
+    ("a bounce", MSG, ""),
+    ("an automatic message", MSG.replace(b"Subject:", b"Auto-Submitted: auto-generated\nSubject:"),
+     "alice@example.org"),
+    ("a noreply sender", MSG, "noreply@example.org"),
+    ("not addressed to fred", MSG.replace(b"To: Fred <fred@example.org>", b"To: all@example.org"),
+     "alice@example.org"),
+])
+def test_no_reply(tmp_path: Path, why: str, raw: bytes, sender: str) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, SCRIPT)
+    send(tmp_path, cfg, raw, sender=sender)
+    assert replies(tmp_path) == [], why
+    assert len(messages(maildir_folder(tmp_path))) == 1
+
+
+def test_an_alias_from_the_accounts_database_is_fred_too(tmp_path: Path) -> None:
+    from vdeliver.accounts.engines import open_store
+    from vdeliver.accounts.settings import Settings
+
+    with open_store(Settings(database=str(tmp_path / "accounts.sqlite"))) as store:
+        store.domain_add("example.org")
+        store.domain_add("example.net", alias_of="example.org")
+        store.user_add("fred", "example.org", "", "maildir")
+        store.alias_add("info", "example.org", ["fred@example.org"])
+    cfg = make_config(tmp_path)
+    script(tmp_path, SCRIPT)
+    send(tmp_path, cfg, MSG.replace(b"To: Fred <fred@example.org>", b"To: info@example.org"))
+    send(tmp_path, cfg, MSG.replace(b"To: Fred <fred@example.org>", b"To: fred@example.net"),
+         sender="carol@example.org")
+    assert len(replies(tmp_path)) == 2
+
+
+def test_a_tracking_store_that_cannot_answer_means_no_reply(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, tracking={"database": str(tmp_path / "missing" / "t.sqlite")})
+    script(tmp_path, SCRIPT)
+    log = RecordingLog()
+    send(tmp_path, cfg, log=log)
+    assert replies(tmp_path) == [] and len(messages(maildir_folder(tmp_path))) == 1
+    assert any("vacation: not sent (tracking store" in text for _level, text in log.lines)
+
+
+def test_a_reply_that_cannot_be_sent_is_tried_again_next_time(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, SCRIPT)
+    fake_sendmail(tmp_path, status=75)
+    send(tmp_path, cfg)
+    fake_sendmail(tmp_path, status=0)
+    send(tmp_path, cfg, MSG.replace(b"q1@", b"q2@"))
+    assert len(sent(tmp_path)) == 2  # tried twice: the failed one gave its claim back
+    assert len(messages(maildir_folder(tmp_path))) == 2
+
+
+def _deliver_in_child(tmp_path: str) -> None:
+    path = Path(tmp_path)
+    send(path, make_config_no_sendmail_reset(path), MSG)
+
+
+def make_config_no_sendmail_reset(tmp_path: Path) -> config.Config:
+    return config.build({
+        "format": "maildir", "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
+        "spool_dir": str(tmp_path), "log": "none", "create_mailbox": True, "hostname": "mx.example.org",
+        "sieve": {"sendmail": str(tmp_path / "sendmail")},
+        "tracking": {"database": str(tmp_path / "tracking.sqlite")},
+    })
+
+
+def test_processes_delivering_at_once_send_one_reply(tmp_path: Path) -> None:
+    make_config(tmp_path)  # the fake sendmail
+    script(tmp_path, SCRIPT)
+    (tmp_path / "home" / "example.org" / "fred" / "Maildir").mkdir(parents=True, exist_ok=True)
+    for sub in ("cur", "new", "tmp"):
+        (tmp_path / "home" / "example.org" / "fred" / "Maildir" / sub).mkdir(exist_ok=True)
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        pool.map(_deliver_in_child, [str(tmp_path)] * 6)
+    assert len(messages(maildir_folder(tmp_path))) == 6
+    assert len(replies(tmp_path)) == 1
