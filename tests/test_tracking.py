@@ -85,3 +85,23 @@ def test_a_postgresql_that_is_down_is_an_error_not_a_hang() -> None:
     t = Tracker(dsn="host=/nonexistent-socket-dir dbname=x", timeout=2)
     with pytest.raises(TrackingError):
         t.claim("dup", "a@b", "k", 1)
+
+
+def test_vmailctl_purges_the_expired_rows(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    db = tmp_path / "t.sqlite"
+    t = Tracker(str(db))
+    t.claim("dup", "a@b", "old", 1, now=1000)
+    t.claim("dup", "a@b", "new", 10**9)
+    t.close()
+    conf = tmp_path / "vdeliver.toml"
+    conf.write_text(f'[tracking]\ndatabase = "{db}"\n')
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "vdeliver.accounts.vmailctl", "-c", str(conf), "db",
+                           "purge-tracking", "--json"], capture_output=True, text=True, cwd=root, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"removed": 1}
+    assert Tracker(str(db)).seen("dup", "a@b", "new")

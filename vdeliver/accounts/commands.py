@@ -23,6 +23,7 @@ from vdeliver.accounts.errors import (
     AccountsError,
     Conflict,
     InvalidName,
+    TemporaryError,
     UsageError,
 )
 
@@ -314,6 +315,9 @@ def cmd_check(ctx: Context) -> int:
 def cmd_db(ctx: Context) -> int:
     from vdeliver.accounts import schema
 
+    if ctx.args.verb == "purge-tracking":
+        return _purge_tracking(ctx)
+
     roles = ctx.args.roles
     for role in roles:
         if not role or len(role) > 63 or not (role[0].isascii() and (role[0].isalpha() or role[0] == "_")) \
@@ -331,6 +335,25 @@ def cmd_db(ctx: Context) -> int:
         for st in statements:
             store.execute(st)
     print(f"granted read-only access to the accounts tables: {', '.join(roles)}")
+    return EXIT_OK
+
+
+def _purge_tracking(ctx: Context) -> int:
+    from vdeliver.config import ConfigError
+    from vdeliver.tracking import Tracker, TrackingError
+
+    try:
+        tracker = Tracker.from_config(ctx.cfg)
+        removed = tracker.purge()
+        tracker.close()
+    except ConfigError as exc:
+        raise UsageError(f"{exc.where}: {exc.message}") from None
+    except TrackingError as exc:
+        raise TemporaryError(f"tracking store: {exc}") from None
+    if ctx.args.json:
+        print(json.dumps({"removed": removed}))
+    else:
+        print(f"removed {removed} expired tracking rows")
     return EXIT_OK
 
 

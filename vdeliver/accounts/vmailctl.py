@@ -167,6 +167,8 @@ def build_parser() -> _Parser:
     sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
              "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)", "roles+=ROLE")
     sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    sub(db, "purge-tracking", "remove the expired rows of the tracking store ([tracking]: Sieve duplicate, "
+        "dedup_seconds, vacation replies); run it daily from cron", json=True)
 
     sp = sub(top, "doctor", "check the installation as sendmail, vdeliver and Dovecot see it; exit 1 on problems",
              json=True)
