@@ -60,6 +60,31 @@ def test_readonly_role_reads_but_cannot_write(base: Path, pg_cluster: Cluster) -
                 conn.execute(sql)
 
 
+def test_tracking_role_claims_but_reads_no_accounts(base: Path, pg_cluster: Cluster) -> None:  # noqa: F811
+    """`vmailctl db grant-tracking vmail`: deliveries on [tracking] dsn claim and purge rows of
+    the tracking table (migration 3), and cannot read or touch the accounts."""
+    from vdeliver.tracking import Tracker
+
+    dsn = _database(pg_cluster, base)
+    config = write_config(base, f'dsn = "{dsn}"')
+    populate(config)
+    out = vmailctl(config, "db", "grant-tracking", "vdeliver_track")
+    assert out.returncode == 0, out.stderr
+    assert "read and write access to the tracking table: vdeliver_track" in out.stdout
+    import psycopg
+
+    role = dsn.replace("user=postgres", "user=vdeliver_track")
+    t = Tracker(dsn=role)
+    assert t.claim("vacation", "fred@example.org", "alice@example.org", 60)
+    assert not t.claim("vacation", "fred@example.org", "alice@example.org", 60)
+    assert t.purge() == 0
+    t.close()
+    with psycopg.connect(role, autocommit=True) as conn:
+        for sql in ("SELECT * FROM mailboxes", "UPDATE mailboxes SET password = '{PLAIN}x'", "SELECT * FROM meta"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql)
+
+
 def test_grant_readonly_refuses_bad_role_names_and_prints_sql(base: Path) -> None:
     config = write_config(base, f'database = "{base}/accounts.sqlite"')
     for bad in ("Robert'); DROP TABLE mailboxes;--", "a b", "", "x" * 64, "Upper"):

@@ -323,18 +323,21 @@ def cmd_db(ctx: Context) -> int:
         if not role or len(role) > 63 or not (role[0].isascii() and (role[0].isalpha() or role[0] == "_")) \
                 or not all(c.isascii() and (c.isalnum() or c == "_") for c in role) or role != role.lower():
             raise UsageError(f"invalid role name {role[:80]!r} (lower-case letters, digits and _)")
-    statements = [st for role in roles for st in schema.readonly_grants(role)]
+    grants = schema.tracking_grants if ctx.args.verb == "grant-tracking" else schema.readonly_grants
+    statements = [st for role in roles for st in grants(role)]
     if ctx.args.sql:
         print(";\n".join(statements) + ";")
         return EXIT_OK
     if ctx.settings.backend != "postgresql":
-        raise UsageError("db grant-readonly needs PostgreSQL ([accounts] dsn); SQLite has no roles: "
-                         "make the database file readable by the readers' group instead")
+        raise UsageError(f"db {ctx.args.verb} needs PostgreSQL ([accounts] dsn); SQLite has no roles: "
+                         "give the readers' group (or, for tracking, the vmail user) the file instead")
     store = ctx.store
     with store.transaction():
         for st in statements:
             store.execute(st)
-    print(f"granted read-only access to the accounts tables: {', '.join(roles)}")
+    what = "read and write access to the tracking table" if ctx.args.verb == "grant-tracking" else \
+        "read-only access to the accounts tables"
+    print(f"granted {what}: {', '.join(roles)}")
     return EXIT_OK
 
 

@@ -99,3 +99,16 @@ def readonly_grants(role: str) -> list[str]:
         f"REVOKE ALL ON {tables} FROM \"{role}\"",
         f"GRANT SELECT ON {tables} TO \"{role}\"",
     ]
+
+
+def tracking_grants(role: str) -> list[str]:
+    """PostgreSQL statements that let `role` (the delivering user's, created if missing)
+    read and write the tracking table ([tracking] dsn) and nothing else."""
+    return [
+        (f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+         f"THEN CREATE ROLE \"{role}\" LOGIN; END IF; END $$"),
+        (f"DO $$ BEGIN EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), '{role}'); "
+         f"EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), '{role}'); END $$"),
+        f"REVOKE ALL ON tracking FROM \"{role}\"",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON tracking TO \"{role}\"",
+    ]

@@ -167,6 +167,9 @@ def build_parser() -> _Parser:
     sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
              "nothing else: for Dovecot and the socketmap server ([accounts] readonly_dsn)", "roles+=ROLE")
     sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    sp = sub(db, "grant-tracking", "let PostgreSQL ROLE (created if missing) read and write the tracking table "
+             "and nothing else: for deliveries ([tracking] dsn)", "roles+=ROLE")
+    sp.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     sub(db, "purge-tracking", "remove the expired rows of the tracking store ([tracking]: Sieve duplicate, "
         "dedup_seconds, vacation replies); run it daily from cron", json=True)
 
