@@ -59,7 +59,8 @@ def test_exit_codes_table() -> None:
     assert errors.exit_code("5.1.2") == 67
     assert errors.exit_code("5.4.6") == 69
     assert errors.exit_code("5.2.2") == 73
-    assert errors.exit_code("5.7.1") == 69
+    assert errors.exit_code("5.7.1") == 77  # a Sieve reject: EX_NOPERM, its reason in the DSN
+    assert errors.exit_code("5.7.2") == 69
     for dsn in ("4.2.0", "4.3.0", "4.3.5", "4.2.2", "9.9.9", ""):
         assert errors.exit_code(dsn) == 75
 

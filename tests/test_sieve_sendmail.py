@@ -50,10 +50,11 @@ class SieveHub:
     out_cf: Path
     port: int
     root: MailRoot
+    capture: SmtpCapture
 
-    def send(self, rcpts: list[str], message: bytes = MESSAGE) -> None:
+    def send(self, rcpts: list[str], message: bytes = MESSAGE, sender: str = SENDER) -> None:
         with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.remote.example", timeout=30) as smtp:
-            assert smtp.sendmail(SENDER, rcpts, message) == {}
+            assert smtp.sendmail(sender, rcpts, message) == {}
 
     def deliver_queue(self, expected: int) -> None:
         self.site.wait_queue(expected)
@@ -93,12 +94,16 @@ def hub(vmail: Account, mailroot: MailRoot) -> Iterator[SieveHub]:
         out_cf = site.compile(OUT_MC, "out", replace=vdeliver_mailer(config), smart_host_port=capture.port)
         site.newaliases(out_cf)
         _in_cf, port, _ = site.serve(IN_MC, "in")
+        state = mailroot.base / "state"  # as /var/lib/vdeliver: the vmail user's
+        state.mkdir()
+        os.chown(state, vmail.uid, vmail.gid)
         submit = mailroot.base / "submit"
         # Debian's python3: it runs as the vmail user, who cannot enter root's home (the venv's)
         submit.write_text(SUBMIT.format(python="/usr/bin/python3", port=port, host=HOSTNAME))
         submit.chmod(0o755)
-        config.write_text(config.read_text() + f'\n[sieve]\nenabled = true\nsendmail = "{submit}"\n')
-        yield SieveHub(site, out_cf, port, mailroot)
+        config.write_text(config.read_text() + f'\n[sieve]\nenabled = true\nsendmail = "{submit}"\n'
+                          f'\n[tracking]\ndatabase = "{state}/tracking.sqlite"\n')
+        yield SieveHub(site, out_cf, port, mailroot, capture)
     finally:
         try:
             site.close()
@@ -167,3 +172,28 @@ def test_a_redirect_loop_between_two_users_ends(hub: SieveHub) -> None:
     assert len(mbox_messages(hub.root.vbox / "home.com" / "wilma")) == 1
     assert "already delivered there" in (wilma / ".dovecot.sieve.log").read_text()
     assert hub.site.queue_files() == []
+
+
+VACATION = (b'require "vacation";\n'
+            b'vacation :days 7 :subject "Away" "I am away until Monday; write to wilma@home.com.";')
+
+
+def test_a_vacation_reply_goes_out_once_per_sender(hub: SieveHub) -> None:
+    """Through sendmail and an SMTP capture standing in for the remote site: the first message
+    of a sender gets one reply, from <> with RFC 3834's headers; the second within the period
+    none; a list message none; every original is stored."""
+    hub.script("home.com", "fred", VACATION)
+    hub.send(["fred@home.com"])
+    hub.deliver_queue(1)
+    hub.deliver_queue(1)  # the reply, queued by the incoming daemon, leaves for the remote site
+    [reply] = hub.capture.wait_for(1, timeout=30)
+    assert reply.sender == "" and reply.recipients == [SENDER]
+    assert reply.header("Auto-Submitted") == "auto-replied" and reply.header("Subject") == "Away"
+    assert reply.header("In-Reply-To") == "<sieve-e2e@remote.example>"
+    hub.send(["fred@home.com"], MESSAGE.replace(b"sieve-e2e@", b"second@"))
+    hub.send(["fred@home.com"], MESSAGE.replace(b"Subject:", b"List-Id: <dev.remote.example>\r\nSubject:")
+             .replace(b"sieve-e2e@", b"list@"), sender="dev@remote.example")
+    hub.deliver_queue(2)
+    assert hub.site.queue_files() == []  # no second reply was queued
+    assert len(hub.capture.messages) == 1
+    assert len(mbox_messages(hub.root.vbox / "home.com" / "fred")) == 3
