@@ -254,17 +254,20 @@ def _say(log: "Log | None", text: str) -> None:
     tell(log, text)
 
 
-def _vacation(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", log: "Log | None") -> None:
-    """A script's vacation reply (vdeliver.sieve.respond), after the message is stored; nothing
-    here can fail the delivery."""
-    try:
-        from vdeliver.sieve import respond
+def _respond(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", log: "Log | None") -> None:
+    """A script's vacation reply and notifications (vdeliver.sieve.respond), after the message
+    is stored; nothing here can fail the delivery."""
+    from vdeliver.sieve import respond
 
-        assert planned.vacation is not None
-        said = respond.reply(cfg, rcpt, home, msg, planned.vacation, log)
-    except Exception as exc:  # noqa: BLE001 - the message is stored: a reply problem is only logged
-        said = f"vacation: not sent ({type(exc).__name__}: {exc})"
-    _say(log, f"sieve: to=<{rcpt.address}>: {said}")
+    for action in ([planned.vacation] if planned.vacation is not None else []) + planned.notify:
+        try:
+            if action.type == "vacation":
+                said = respond.reply(cfg, rcpt, home, msg, action, log)
+            else:
+                said = respond.notify(cfg, rcpt, msg, action, log)
+        except Exception as exc:  # noqa: BLE001 - the message is stored: a sending problem is only logged
+            said = f"{action.type}: not sent ({type(exc).__name__}: {exc})"
+        _say(log, f"sieve: to=<{rcpt.address}>: {said}")
 
 
 def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", refuse: bool,
@@ -374,8 +377,8 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
             sieve.subscribe(planned.subscribe, log)  # folders the script created: IMAP clients show them
         if planned is not None and planned.track is not None:
             sieve.record(planned, log)  # duplicate (RFC 7352): this message is seen now
-        if planned is not None and planned.vacation is not None and stores:
-            _vacation(cfg, rcpt, home, msg, planned, log)  # stored: the reply may go
+        if planned is not None and (planned.vacation is not None or planned.notify) and stores:
+            _respond(cfg, rcpt, home, msg, planned, log)  # stored: the reply and notifications may go
         if dedup is not None and hasattr(dedup[0], "close"):
             dedup[0].close()  # the claim stands: a copy is stored
         stored = stores[0] if stores else target

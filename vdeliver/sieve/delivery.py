@@ -58,7 +58,7 @@ KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects
         "max_cpu_time": "float", "special_use": "table", "max_create": "int", "reject_mode": "str",
         "duplicate_period": "int", "duplicate_max_period": "int", "vacation_default_period": "int",
         "vacation_min_period": "int", "vacation_max_period": "int", "vacation_never_reply": "strs",
-        "vacation_spam_header": "str"}
+        "vacation_spam_header": "str", "notify_per_hour": "int"}
 REJECT_MODES = ("refuse", "mdn", "keep")
 SPAM_PREFIXES = ("spamtest_", "virustest_")
 # The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
@@ -73,7 +73,8 @@ class Settings:
     __slots__ = ("enabled", "script", "max_actions", "max_redirects", "max_script_size", "sendmail",
                  "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
                  "max_create", "reject_mode", "duplicate_period", "duplicate_max_period", "vacation_default_period",
-                 "vacation_min_period", "vacation_max_period", "vacation_never_reply", "vacation_spam_header")
+                 "vacation_min_period", "vacation_max_period", "vacation_never_reply", "vacation_spam_header",
+                 "notify_per_hour")
 
     def __init__(self, enabled: bool = True, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
@@ -83,7 +84,8 @@ class Settings:
                  reject_mode: str = "refuse", duplicate_period: int = 43200,
                  duplicate_max_period: int = 172800, vacation_default_period: int = 7 * 86400,
                  vacation_min_period: int = 86400, vacation_max_period: int = 0,
-                 vacation_never_reply: tuple[str, ...] = (), vacation_spam_header: str = "X-Spam-Flag: YES") -> None:
+                 vacation_never_reply: tuple[str, ...] = (), vacation_spam_header: str = "X-Spam-Flag: YES",
+                 notify_per_hour: int = 10) -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -108,6 +110,7 @@ class Settings:
         self.vacation_max_period = vacation_max_period
         self.vacation_never_reply = vacation_never_reply  # () : vacation.Rules' list
         self.vacation_spam_header = vacation_spam_header  # "Field: value" that marks spam ("": none)
+        self.notify_per_hour = notify_per_hour  # enotify: notifications per mailbox and hour
 
 
 class Store:
@@ -182,7 +185,8 @@ class Plan:
     """What the script decided: the mailboxes to store into, in order, and the addresses to
     redirect to once they are all stored."""
 
-    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode", "track", "vacation")
+    __slots__ = ("stores", "redirects", "subscribe", "header", "reject", "reject_mode", "track", "vacation",
+                 "notify")
 
     def __init__(self, stores: "list[Store]", redirects: list[str],
                  subscribe: "list[tuple[str, list[str]]] | None" = None, header: "bytes | None" = None) -> None:
@@ -194,6 +198,7 @@ class Plan:
         # duplicate (RFC 7352): (tracker, mailbox, [(key, seconds, last)]) to record once stored
         self.track: "tuple[Tracker, str, list[tuple[str, int, bool]]] | None" = None
         self.vacation: "Action | None" = None  # a vacation action: answered once the message is stored
+        self.notify: "list[Action]" = []  # enotify actions: sent once the message is stored
         # Folders `fileinto :create` makes: (subscriptions file, the name's levels), to be
         # subscribed once the message is stored, so that IMAP clients show them.
         self.subscribe = subscribe if subscribe is not None else []
@@ -323,6 +328,7 @@ def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Pr
     if tracked and tracker:
         plan.track = (tracker[0], rcpt.address, tracked)
     plan.vacation = next((a for a in result.actions if a.type == "vacation"), None)
+    plan.notify = [a for a in result.actions if a.type == "notify"]
     rejected = next((a for a in result.actions if a.type in ("reject", "ereject")), None)
     if rejected is not None:
         plan.reject = one_line(rejected.reason) or "rejected"

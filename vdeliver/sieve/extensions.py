@@ -53,6 +53,8 @@ def command(m: "_Machine", node: "Node") -> None:
         m._add(action, cancels=True)
     elif name == "vacation":  # RFC 5230, 6131
         vacation(m, node)
+    elif name == "notify":  # RFC 5435, 5436
+        notify_command(m, node)
     elif name == "error":
         raise SieveRuntimeError(node.line, f"error: {m.s(node.args[0])}")
     elif name == "addheader":
@@ -72,6 +74,20 @@ def test(m: "_Machine", node: "Node") -> bool:
         return all(m.mailbox_exists(box) for box in m.sl(node.args[0]))
     if name == "duplicate":  # RFC 7352
         return duplicate(m, node)
+    if name == "valid_notify_method":  # RFC 5435 5.1
+        from vdeliver.sieve import notify
+
+        try:
+            return all(bool(notify.parse(uri)) for uri in m.sl(node.args[0]))
+        except ValueError:
+            return False
+    if name == "notify_method_capability":  # RFC 5435 5.2, RFC 5436 2.2: mailto is "maybe" online
+        from vdeliver.sieve import notify
+
+        uri, capability = m.s(node.args[0]), m.s(node.args[1]).lower()
+        if notify.scheme(uri) != "mailto" or capability != "online":
+            return False
+        return m._match(node, ["maybe"], m.sl(node.args[2]))
     if name == "specialuse_exists":  # RFC 8579 section 4
         flags = m.sl(node.args[1])
         if node.args[0] is None:
@@ -118,6 +134,26 @@ def reject_conflict(m: "_Machine", action: "Action", reject: "Action | None" = N
     if action.type == "vacation":
         raise SieveRuntimeError(reject.line, "reject/ereject action conflicts with other action: the vacation "
                                              f"action (line {action.line}) also sends a response to the sender")
+
+
+def notify_command(m: "_Machine", node: "Node") -> None:
+    """The notify action (sent after the message is stored, respond.py).  Its details ride in
+    the action's `vacation` record: from, importance (as `seconds`), options (as `addresses`)."""
+    from vdeliver.sieve import notify
+
+    uri = m.s(node.args[0])
+    try:
+        notify.parse(uri)
+    except ValueError as exc:
+        raise SieveRuntimeError(node.line, f"notify: {exc}") from None
+    importance = m.s(node.tags["importance"]) if "importance" in node.tags else "2"
+    if importance not in ("1", "2", "3"):
+        raise SieveRuntimeError(node.line, f"invalid :importance value for notify command: {importance}")
+    from_ = m.s(node.tags["from"]) if "from" in node.tags else ""
+    message = m.s(node.tags["message"]) if "message" in node.tags else ""
+    options = tuple(m.sl(node.tags["options"])) if "options" in node.tags else ()
+    record = m.vacation_record(from_, "", int(importance), "", False, options)
+    m._add(m.action("notify", address=uri, reason=message, line=node.line, vacation=record), cancels=False)
 
 
 def vacation(m: "_Machine", node: "Node") -> None:

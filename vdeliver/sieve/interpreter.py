@@ -142,6 +142,10 @@ class Action:
             return {"type": "redirect", "address": self.address, "copy": self.copy}
         if self.type in ("reject", "ereject"):
             return {"type": "reject", "reason": self.reason, "ereject": self.type == "ereject"}
+        if self.type == "notify" and self.vacation is not None:
+            n = self.vacation
+            return {"type": "notify", "method": self.address, "from": n.from_, "importance": n.seconds,
+                    "message": self.reason, "options": list(n.addresses)}
         if self.type == "vacation" and self.vacation is not None:
             v = self.vacation
             return {"type": "vacation", "to": self.address, "from": v.from_, "subject": v.subject,

@@ -68,6 +68,53 @@ def reply(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, action: "Actio
         tracker.close()
 
 
+def notify(cfg: Config, rcpt: Recipient, msg: Prepared, action: "Action", log: "Log | None") -> str:
+    """Send an enotify mailto notification (RFC 5436), once the message is stored: not for an
+    automatic message (its Auto-Submitted other than `no`: section 2.7's loop rule), at most
+    `[sieve] notify_per_hour` per mailbox (on the tracking store), from `<>`."""
+    import time
+
+    from vdeliver.sieve import notify as mailto
+    from vdeliver.sieve.delivery import _message, settings
+    from vdeliver.sieve.redirect import _send
+    from vdeliver.tracking import Tracker, TrackingError
+
+    n = action.vacation
+    assert n is not None
+    opts = settings(cfg)
+    message = _message(msg, False)
+    for value in message.values("auto-submitted"):
+        if value.split(";", 1)[0].strip().lower() != "no":
+            return f"notify: not sent (the message is automatic: Auto-Submitted: {value[:40]})"
+    try:
+        uri = mailto.parse(action.address)
+    except ValueError as exc:
+        return f"notify: not sent ({exc})"
+    if not uri.to:
+        return "notify: not sent (the mailto URI names no recipient)"
+    try:
+        tracker = Tracker.from_config(cfg)
+    except Exception as exc:  # noqa: BLE001 - a bad [tracking] table: no notification, said
+        return f"notify: not sent (tracking store: {exc})"
+    try:
+        hour = int(time.time() // 3600)
+        if not any(tracker.claim("notify", rcpt.address, f"{hour}:{slot}", 3600)
+                   for slot in range(opts.notify_per_hour)):
+            return f"notify: not sent (more than {opts.notify_per_hour} this hour)"
+        subjects = message.values("subject")
+        data = mailto.compose(uri=uri, sender_of_message=msg.sender or "<>",
+                              subject_of_message=subjects[0] if subjects else "", recipient=rcpt.address,
+                              from_=n.from_, message=action.reason, importance=n.seconds, hostname=cfg.host())
+        failed = [f"<{to}>: {why}" for to in uri.to if (why := _send(opts, "", to, data))]
+        if failed:
+            return "notify: not sent to " + "; ".join(failed)
+        return "notify: sent to " + ", ".join(f"<{to}>" for to in uri.to)
+    except TrackingError as exc:
+        return f"notify: not sent (tracking store: {exc})"
+    finally:
+        tracker.close()
+
+
 def own_addresses(cfg: Config, rcpt: Recipient) -> tuple[set[str], str]:
     """The addresses that route to this mailbox: the recipient's, its aliases' and the same
     user in the domain's alias domains, from the accounts database ([accounts] readonly_dsn,

@@ -137,6 +137,16 @@ def _text(result: object, mailbox: str) -> str:
             lines.append(f" * store message in folder: {a.mailbox}" + ("  (copy)" if a.copy else ""))
         elif a.type == "redirect":
             lines.append(f" * redirect message to: <{a.address}>" + ("  (copy)" if a.copy else ""))
+        elif a.type == "notify" and a.vacation is not None:
+            from vdeliver.sieve import notify
+
+            uri = notify.parse(a.address)
+            lines.append(f" * send notification with method '{notify.scheme(a.address)}:':")
+            lines.append(f"    => importance   : {a.vacation.seconds}")
+            if uri.subject:
+                lines.append(f"    => subject      : {uri.subject}")
+            lines.append("    => recipients   :")
+            lines += [f"       + To: {to}" for to in uri.to] or ["       NONE, action has no effect"]
         elif a.type == "vacation" and a.vacation is not None:
             v = a.vacation
             lines.append(" * send vacation message:")

@@ -31,12 +31,12 @@ EXTENSIONS = frozenset({
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
     "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject", "duplicate", "vacation",
-    "vacation-seconds",
+    "vacation-seconds", "enotify",
 })
 # RFC 5235 3.2: spamtestplus brings the spamtest test; RFC 6131: vacation-seconds brings vacation.
 IMPLIES = {"spamtestplus": ("spamtest",), "vacation-seconds": ("vacation",)}
 NOT_YET = {
-    "enotify": "issue 18", "notify": "issue 18",
+    "notify": "the old draft; require \"enotify\" (RFC 5435)",
 }
 COMPARATORS = ("i;octet", "i;ascii-casemap", "i;ascii-numeric")
 RELATIONS = ("gt", "ge", "lt", "le", "eq", "ne")
@@ -84,7 +84,7 @@ MAX_LOOP_NESTING = 4  # foreverypart loops in one another (Pigeonhole's SIEVE_MA
 _MODIFIERS = {  # RFC 5229 section 4: one per precedence group
     "lower": TagSpec("case"), "upper": TagSpec("case"), "lowerfirst": TagSpec("first"),
     "upperfirst": TagSpec("first"), "quotewildcard": TagSpec("quote"), "length": TagSpec("length"),
-    "quoteregex": TagSpec("quote", None, "regex"),
+    "quoteregex": TagSpec("quote", None, "regex"), "encodeurl": TagSpec("encodeurl", None, "enotify"),
 }
 
 SIGNATURES: dict[tuple[str, str], Signature] = {
@@ -106,6 +106,9 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "redirect"): Signature(("string",), dict(_COPY)),
     ("command", "error"): Signature(("string",), extension="ihave"),
     ("command", "reject"): Signature(("string",), extension="reject"),
+    ("command", "notify"): Signature(("string",), {  # RFC 5435
+        "from": TagSpec("from", "string"), "importance": TagSpec("importance", "string"),
+        "options": TagSpec("options", "strings"), "message": TagSpec("message", "string")}, extension="enotify"),
     ("command", "vacation"): Signature(("string",), {  # RFC 5230, 6131
         "days": TagSpec("period", "number"), "seconds": TagSpec("period", "number", "vacation-seconds"),
         "subject": TagSpec("subject", "string"), "from": TagSpec("from", "string"),
@@ -146,6 +149,9 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("test", "mailboxexists"): Signature(("strings",), extension="mailbox"),
     ("test", "specialuse_exists"): Signature(("string", "strings"), extension="special-use", optional_first=True),
     ("test", "ihave"): Signature(("strings",), extension="ihave"),
+    ("test", "valid_notify_method"): Signature(("strings",), extension="enotify"),
+    ("test", "notify_method_capability"): Signature(("string", "string", "strings"), {**_COMPARATOR, **_MATCH},
+                                                    extension="enotify"),
     ("test", "duplicate"): Signature((), {  # RFC 7352
         "handle": TagSpec("handle", "string"), "header": TagSpec("id", "string"), "uniqueid": TagSpec("id", "string"),
         "seconds": TagSpec("seconds", "number"), "last": TagSpec("last")}, extension="duplicate"),
@@ -482,6 +488,8 @@ class _Validator:
             sender = str(tags["from"])
             if not ("variables" in self.required and "${" in sender) and redirect_address(sender)[1]:
                 self.error(line, f"specified :from address '{sender}' is invalid for vacation action")
+        if name == "notify" and args:
+            self._notify(tags, args, line)
         if name == "include" and args:
             self._include(tags, str(args[0]), line)
         if name == "redirect" and args and not ("variables" in self.required and "${" in str(args[0])):
@@ -511,6 +519,29 @@ class _Validator:
         if "include" in self.required and name[:7].lower() == "global.":
             return _is_variable_name(name[7:])  # RFC 6609 3.5: the "global" namespace
         return _is_variable_name(name)
+
+    def _notify(self, tags: dict[str, object], args: tuple[object, ...], line: int) -> None:
+        """RFC 5435 / 5436's checks of the constant parts of a notify command."""
+        from vdeliver.sieve import notify
+
+        def constant(text: str) -> bool:
+            return not ("variables" in self.required and "${" in text)
+
+        uri = str(args[0])
+        if constant(uri):
+            try:
+                notify.parse(uri)
+            except ValueError as exc:
+                self.error(line, f"notify command: {exc}")
+        importance = tags.get("importance")
+        if isinstance(importance, str) and constant(importance) and importance not in ("1", "2", "3"):
+            self.error(line, f"invalid :importance value for notify command: {importance}")
+        for option in tags.get("options") or []:  # type: ignore[attr-defined]
+            if constant(str(option)) and not notify.valid_option(str(option)):
+                self.error(line, f"notify command: invalid option name specified in option '{option}'")
+        sender = tags.get("from")
+        if isinstance(sender, str) and constant(sender) and redirect_address(sender)[1]:
+            self.error(line, f"notify command: specified :from address '{sender}' is invalid")
 
     def _include(self, tags: dict[str, object], name: str, line: int) -> None:
         if "variables" in self.required and "${" in name:

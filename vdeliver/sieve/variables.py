@@ -108,6 +108,10 @@ def modify(value: str, tags: dict[str, object]) -> str:
         from vdeliver.sieve.regex import quote
 
         value = quote(value)
+    if "encodeurl" in tags:  # RFC 5435 4.1: after the others but :length
+        from vdeliver.sieve.notify import encode_url
+
+        value = encode_url(value)
     if "length" in tags:
         value = str(len(value))
     return value
