@@ -60,9 +60,9 @@ def test_the_id_and_the_period_the_test_asks_about() -> None:
     def last() -> tuple[object, ...]:
         return asked[-1]
 
-    assert check(b"if duplicate") and last() == ("\x00<d1@x>", None, False)
-    assert check(b'if duplicate :header "subject" :handle "h" :seconds 60 :last') and last() == ("h\x00hi", 60, True)
-    assert check(b'set "v" "abc";\nif duplicate :uniqueid "${v}"') and last() == ("\x00abc", None, False)
+    assert check(b"if duplicate") and last() == ("\x1f<d1@x>", None, False)
+    assert check(b'if duplicate :header "subject" :handle "h" :seconds 60 :last') and last() == ("h\x1fhi", 60, True)
+    assert check(b'set "v" "abc";\nif duplicate :uniqueid "${v}"') and last() == ("\x1fabc", None, False)
     count = len(asked)
     assert not check(b"if duplicate", MSG.replace(b"Message-ID: <d1@x>\r\n", b""))  # no ID: never a duplicate
     assert len(asked) == count

@@ -78,6 +78,11 @@ def test_postgresql_claims_and_races(pg_schema_conninfo: str) -> None:  # noqa: 
     assert not t.claim("dup", "fred@example.org", "<m1@x>", 60, now=1030)
     assert t.claim("dup", "fred@example.org", "<m1@x>", 60, now=1061)
     assert sorted(_race("", pg_schema_conninfo)) == [False] * 15 + [True]
+    # keys as senders and headers give them: a NUL, bad bytes (surrogates), 5000 characters
+    for odd in ("a\x00b", "caf\udce9", "x" * 5000):
+        assert t.claim("dup", "fred@example.org", odd, 60)
+        assert not t.claim("dup", "fred@example.org", odd, 60) and t.seen("dup", "fred@example.org", odd)
+    assert t.claim("dup", "fred@example.org", "x" * 4999 + "y", 60)  # a long key keeps its digest apart
     t.close()
 
 

@@ -221,7 +221,7 @@ def _dedup_claim(cfg: Config, rcpt: Recipient, msg: "Prepared",
     message_id = header_value(msg.spool.head(1 << 20), b"message-id").strip()
     if not message_id:
         return None
-    key = f"{msg.sender}\x00{message_id.decode('utf-8', 'replace')}"
+    key = f"{msg.sender}\x1f{message_id.decode('utf-8', 'replace')}"
     try:
         tracker = Tracker.from_config(cfg)
         if tracker.claim("dedup", rcpt.address, key, cfg.dedup_seconds):

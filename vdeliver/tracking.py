@@ -41,6 +41,18 @@ TABLE = """CREATE TABLE IF NOT EXISTS tracking (
 MAX_KEY = 1000
 
 
+def _key(text: str) -> str:
+    """A key either engine stores: no NUL (PostgreSQL's text has none), valid UTF-8 (a
+    header's bad bytes come as surrogates), and at most MAX_KEY characters (a longer one
+    keeps its start and a digest of the whole)."""
+    clean = text.replace("\x00", "\x1f").encode("utf-8", "replace").decode("utf-8")
+    if len(clean) > MAX_KEY:
+        import hashlib
+
+        clean = clean[:MAX_KEY - 65] + "#" + hashlib.sha256(clean.encode("utf-8")).hexdigest()
+    return clean
+
+
 class TrackingError(Exception):
     """The tracking store cannot answer now (missing, locked past its deadline, down)."""
 
@@ -127,22 +139,22 @@ class Tracker:
         there has its expiry moved to now + seconds too (and False is still returned)."""
         now = time.time() if now is None else now
         expires = int(now + seconds)
-        key = key[:MAX_KEY]
+        key = _key(key)
         written = self._execute(
             "INSERT INTO tracking (kind, mailbox, key, expires) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (kind, mailbox, key) DO UPDATE SET expires = excluded.expires "
-            "WHERE tracking.expires <= ?", (kind, mailbox.lower(), key, expires, int(now)))
+            "WHERE tracking.expires <= ?", (kind, _key(mailbox.lower()), key, expires, int(now)))
         if written:
             return True
         if refresh:
             self._execute("UPDATE tracking SET expires = ? WHERE kind = ? AND mailbox = ? AND key = ?",
-                          (expires, kind, mailbox.lower(), key))
+                          (expires, kind, _key(mailbox.lower()), key))
         return False
 
     def release(self, kind: str, mailbox: str, key: str) -> None:
         """Forget a claim whose action did not happen (a delivery that failed after it)."""
         self._execute("DELETE FROM tracking WHERE kind = ? AND mailbox = ? AND key = ?",
-                      (kind, mailbox.lower(), key[:MAX_KEY]))
+                      (kind, _key(mailbox.lower()), _key(key)))
 
     def seen(self, kind: str, mailbox: str, key: str, now: float | None = None) -> bool:
         """Whether an unexpired row is there (nothing is written)."""
@@ -152,7 +164,7 @@ class Tracker:
         if self.dsn:
             sql = sql.replace("?", "%s")
         try:
-            return conn.execute(sql, (kind, mailbox.lower(), key[:MAX_KEY], int(now))).fetchone() is not None
+            return conn.execute(sql, (kind, _key(mailbox.lower()), _key(key), int(now))).fetchone() is not None
         except Exception as exc:  # noqa: BLE001
             self.close()
             raise TrackingError(f"{self._where()}: {exc}") from None

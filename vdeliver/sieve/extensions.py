@@ -207,7 +207,7 @@ def duplicate(m: "_Machine", node: "Node") -> bool:
         return False
     handle = m.s(node.tags["handle"]) if "handle" in node.tags else ""
     seconds = node.tags.get("seconds")
-    return m.duplicate(f"{handle}\x00{unique}", int(seconds) if isinstance(seconds, int) else None,
+    return m.duplicate(f"{handle}\x1f{unique}", int(seconds) if isinstance(seconds, int) else None,
                        "last" in node.tags)
 
 

@@ -47,7 +47,7 @@ def reply(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, action: "Actio
     why = rules_mod.refusal(message.fields, sender, own, rules)
     if why:
         return f"vacation: not sent ({why})" + (f"; {note}" if note else "")
-    key = f"{sender.lower()}\x00{v.handle}"
+    key = f"{sender.lower()}\x1f{v.handle}"
     try:
         tracker = Tracker.from_config(cfg)
     except Exception as exc:  # noqa: BLE001 - a bad [tracking] table: no reply, said
