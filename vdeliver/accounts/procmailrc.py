@@ -189,6 +189,10 @@ def _parse(lines: list[_Line]) -> list[_Item]:
             if ln is None:
                 return items, False
             t = ln.text
+            if depth > 0 and len(t) > 1 and t.endswith("}") and t[-2] in " \t" and not t.startswith(":"):
+                pending.append(_Line(ln.number, "}", ln.raw))  # `{ VAR=value }` on one line
+                t = t[:-1].rstrip()
+                ln = _Line(ln.number, t, ln.raw)
             if t.startswith("}"):
                 rest = t[1:].strip()
                 if rest:
@@ -290,6 +294,9 @@ def _expand(text: str, env: dict[str, _Value], *, match_var: bool = False, quote
         if c == "`":
             raise _Unconvertible("a command in backquotes: its output is not known when converting")
         if shell and c == "\\" and i + 1 < n:
+            # As sh: inside double quotes a backslash stays unless it quotes $ ` " or itself.
+            if quote and text[i + 1] not in '$`"\\':
+                out.append(c)
             out.append(text[i + 1])
             i += 2
             continue
