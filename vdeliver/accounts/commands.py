@@ -479,6 +479,27 @@ def cmd_sieve(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_from_procmailrc(args: argparse.Namespace) -> int:
+    """`vmailctl sieve from-procmailrc FILE`: the Sieve on stdout, what was left out on stderr."""
+    from vdeliver.accounts import procmailrc
+    from vdeliver.accounts.errors import EXIT_USAGE
+
+    try:
+        result = procmailrc.convert_file(args.file, home=args.home)
+    except procmailrc.ProcmailrcError as exc:
+        sys.stderr.write(f"vmailctl: error: {exc}\n")
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(result.script)
+        sys.stdout.flush()
+        for s in result.skipped:
+            where = f"{s.file}: " if s.file else f"{args.file}: "
+            sys.stderr.write(f"vmailctl: {where}line {s.line}: not converted: {s.reason}\n")
+    return EXIT_ERROR if result.skipped else EXIT_OK
+
+
 def cmd_doctor(ctx: Context) -> int:
     from vdeliver.accounts import doctor
 

@@ -43,6 +43,33 @@ configuration: -c FILE, else $VDELIVER_CONFIG, else /etc/vdeliver.toml
 ([accounts] and [maps] tables; see docs/accounts.md)."""
 
 
+FROM_PROCMAILRC = """Convert the recipes of a procmailrc (FILE) into one Sieve script, printed on standard output.
+Needs no database and no configuration; nothing is stored (`vmailctl sieve put` stores the result).
+
+Converted: recipes `:0` with their flags (H, B, D, c as :copy, A, a, E; the lock `:` is
+vdeliver's own business), header and body conditions in procmail's regular expressions
+(`^TO_`, `^TO`, `^FROM_DAEMON`, `^FROM_MAILER` expanded as procmailrc(5) defines them), `!`,
+`< N` and `> N`, `$` conditions over constant variables, `VAR ?? regex`, `\\/` into $MATCH;
+folders (mbox file, Maildir `dir/`, MH `dir/.`, Maildir++ `.Name/`) named relative to MAILDIR,
+/dev/null, `! address` forwards, nesting blocks, constant assignments, INCLUDERC and SWITCHRC.
+Each delivering recipe ends with `stop`, as procmail stops after it, unless it has the c flag.
+
+Not converted, each listed with its line and the reason: pipes to programs, filters (f, w),
+scoring conditions (w^x), program conditions (`? cmd`), backquote assignments and what uses
+them, patterns that do not name a header field (`^Field:`) or span header lines, h or b
+alone on a delivery, e, c on a nesting block.  These are left out of the script; the list is
+printed as comments at its top and on standard error.  docs/sieve.md ("Moving from
+procmail") says which patterns convert exactly.
+
+--json prints {"script": ..., "skipped": [{"line", "reason", "text"}], "converted": N,
+"notes": [...]}; notes are the settings ignored on purpose (LOGFILE, VERBOSE, ...)."""
+
+FROM_PROCMAILRC_EXIT = """exit codes:
+  0   every recipe converted
+  1   some recipes or lines were not converted (the script is still printed)
+  2   usage error, or FILE cannot be read"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() owns every exit code."""
 
@@ -162,6 +189,12 @@ def build_parser() -> _Parser:
     sub(sv, "delete", "delete a script (not the active one)", "address", "name")
     sub(sv, "check", "compile a script (default: the active one) and report every error with its line", "address",
         "name?", json=True)
+    sp = sub(sv, "from-procmailrc", "convert a procmailrc into one Sieve script; list what cannot be converted",
+             "file", json=True)
+    sp.description = FROM_PROCMAILRC
+    sp.epilog = FROM_PROCMAILRC_EXIT
+    sp.add_argument("--home", metavar="DIR", help="$HOME as the rcfile sees it (default: the directory of FILE); "
+                    "folders are named relative to MAILDIR, by default $HOME")
 
     db = verbs("db", "the accounts database itself")
     sp = sub(db, "grant-readonly", "let PostgreSQL ROLE (created if missing) read the accounts tables and "
@@ -265,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             args.args = rest
         if args.noun == "serve":
             return cmd_serve([args.server, *args.args], args.config)
+        if args.noun == "sieve" and args.verb == "from-procmailrc":
+            return commands.cmd_from_procmailrc(args)  # no configuration, no database
         ctx = commands.Context(args)
         return commands.COMMANDS[args.noun](ctx)
     except UsageError as exc:
