@@ -81,7 +81,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("vdeliver", "vdeliver.errors", "vdeliver.hooks", "vdeliver.log", "vdeliver.fileio", "vdeliver.privileges",
               "vdeliver.unixd")),
-    ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking")),
+    ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking", "vdeliver.srs")),
     ("stores", ("vdeliver.mbox", "vdeliver.maildir", "vdeliver.flags", "vdeliver.tracking")),
     ("recovery", ("vdeliver.recovery",)),
     ("sieve", ("vdeliver.sieve.*",)),

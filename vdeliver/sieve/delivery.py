@@ -58,7 +58,7 @@ KEYS = {"enabled": "bool", "script": "str", "max_actions": "int", "max_redirects
         "max_cpu_time": "float", "special_use": "table", "max_create": "int", "reject_mode": "str",
         "duplicate_period": "int", "duplicate_max_period": "int", "vacation_default_period": "int",
         "vacation_min_period": "int", "vacation_max_period": "int", "vacation_never_reply": "strs",
-        "vacation_spam_header": "str", "notify_per_hour": "int"}
+        "vacation_spam_header": "str", "notify_per_hour": "int", "srs_domain": "str", "srs_secret_file": "str"}
 REJECT_MODES = ("refuse", "mdn", "keep")
 SPAM_PREFIXES = ("spamtest_", "virustest_")
 # The folders Debian's Dovecot names in conf.d/15-mailboxes.conf, by their special-use flag.
@@ -74,7 +74,7 @@ class Settings:
                  "sendmail_timeout", "before", "after", "global_dir", "max_cpu_time", "spam", "special_use",
                  "max_create", "reject_mode", "duplicate_period", "duplicate_max_period", "vacation_default_period",
                  "vacation_min_period", "vacation_max_period", "vacation_never_reply", "vacation_spam_header",
-                 "notify_per_hour")
+                 "notify_per_hour", "srs_domain", "srs_secret_file")
 
     def __init__(self, enabled: bool = True, script: str = ".dovecot.sieve", max_actions: int = 32,
                  max_redirects: int = 4, max_script_size: int = 1 << 20, sendmail: str = "/usr/sbin/sendmail",
@@ -85,7 +85,7 @@ class Settings:
                  duplicate_max_period: int = 172800, vacation_default_period: int = 7 * 86400,
                  vacation_min_period: int = 86400, vacation_max_period: int = 0,
                  vacation_never_reply: tuple[str, ...] = (), vacation_spam_header: str = "X-Spam-Flag: YES",
-                 notify_per_hour: int = 10) -> None:
+                 notify_per_hour: int = 10, srs_domain: str = "", srs_secret_file: str = "") -> None:
         self.enabled = enabled
         self.script = script
         self.max_actions = max_actions
@@ -111,6 +111,8 @@ class Settings:
         self.vacation_never_reply = vacation_never_reply  # () : vacation.Rules' list
         self.vacation_spam_header = vacation_spam_header  # "Field: value" that marks spam ("": none)
         self.notify_per_hour = notify_per_hour  # enotify: notifications per mailbox and hour
+        self.srs_domain = srs_domain  # redirect: SRS0 envelope senders at this domain ("": off)
+        self.srs_secret_file = srs_secret_file
 
 
 class Store:
@@ -154,6 +156,11 @@ def settings(cfg: Config) -> "Settings":
         for path in (value,) if isinstance(value, str) else value:
             if (path or key != "global_dir") and not path.startswith("/"):
                 raise ConfigError(cfg.where("sieve", key), f"must be an absolute path (got {path!r})")
+    if bool(s.srs_domain) != bool(s.srs_secret_file):
+        raise ConfigError(cfg.where("sieve", "srs_domain" if not s.srs_domain else "srs_secret_file"),
+                          "srs_domain and srs_secret_file go together")
+    if s.srs_secret_file and not s.srs_secret_file.startswith("/"):
+        raise ConfigError(cfg.where("sieve", "srs_secret_file"), "must be an absolute path")
     if s.reject_mode not in REJECT_MODES:
         raise ConfigError(cfg.where("sieve", "reject_mode"), f"must be one of {', '.join(REJECT_MODES)}")
     from vdeliver.flags import valid_special_use

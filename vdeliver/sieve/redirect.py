@@ -33,12 +33,20 @@ def send(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, addresses: list
         return []
     seen = _delivered_to(data)
     sent: list[str] = []
+    sender = msg.sender
+    if opts.srs_domain and sender:
+        from vdeliver import srs
+
+        try:
+            sender = srs.forward(sender, opts.srs_domain, srs.read_secret(opts.srs_secret_file))
+        except srs.SrsError as exc:
+            report(log, script, rcpt, f"redirect: SRS not applied ({exc}); the original sender is kept")
     for address in addresses:
         if address.lower() in seen:
             report(log, script, rcpt, f"redirect to <{address}>: not sent, the message was already delivered "
                                        "there (Delivered-To)")
             continue
-        why = _send(opts, msg.sender, address, data)
+        why = _send(opts, sender, address, data)
         if why:
             report(log, script, rcpt, f"redirect to <{address}> failed: {why}")
             continue

@@ -111,6 +111,7 @@ class Backend:
         self.kind = "postgresql" if settings.dsn else "sqlite"
         self._shared: Any = None  # SQLite: one connection opened before root is given up
         self._shared_lock = threading.Lock()
+        self.srs: tuple[str, bytes] | None = None  # ([sieve] srs_domain, its secret): bounces to SRS0
 
     def prepare(self) -> None:
         """Called as root, before the server drops privileges: open the SQLite database now,
@@ -231,6 +232,10 @@ class Backend:
         self.serial()
 
     def lookup(self, map_name: str, key: str) -> str | None:
+        if self.srs is not None:
+            answer = self._srs(map_name, key)
+            if answer is not None:
+                return answer
         file_name = _file_name(map_name)
         if map_name == "VirtHost":
             text = self._render(self._run(self._whole), file_name)
@@ -256,6 +261,20 @@ class Backend:
             domain, local = key_parts(map_name, key)
             snap = self._run(lambda q: self._slice(q, domain, local))
         return parse_map(file_name, self._render(snap, file_name)).get(key.lower())
+
+    def _srs(self, map_name: str, key: str) -> str | None:
+        """A bounce to one of our SRS0 addresses (vdeliver.srs): the virtuser map sends it on to
+        the original sender, the incoming access map lets it in; a forged or stale one is
+        answered as any unknown address is."""
+        from vdeliver import srs
+
+        assert self.srs is not None
+        domain, secret = self.srs
+        if map_name == "virtuser":
+            return srs.reverse(key, domain, secret)
+        if map_name.startswith("access") and key[:3].lower() == "to:":
+            return "RELAY" if srs.reverse(key[3:], domain, secret) else None
+        return None
 
     def _render(self, snap: Any, file_name: str) -> str:
         from vdeliver.accounts.maps import render
@@ -292,4 +311,13 @@ def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None =
             import psycopg  # noqa: F401
         except ImportError:
             raise BackendConfigError("[accounts] dsn needs psycopg 3: pip install 'vdeliver[postgres]'") from None
-    return Backend(settings, cfg.host(), statement_timeout=statement_timeout)
+    backend = Backend(settings, cfg.host(), statement_timeout=statement_timeout)
+    sieve = cfg.table("sieve")
+    if sieve.get("srs_domain") and sieve.get("srs_secret_file"):
+        from vdeliver import srs
+
+        try:  # read as root, before the server gives it up: the secret may be root's
+            backend.srs = (str(sieve["srs_domain"]).lower(), srs.read_secret(str(sieve["srs_secret_file"])))
+        except srs.SrsError as exc:
+            raise BackendConfigError(f"[sieve] srs_secret_file: {exc}") from None
+    return backend
