@@ -98,3 +98,17 @@ def test_periods_follow_the_settings() -> None:
     text = b'require "vacation";\nvacation :days 30 "x";'
     r = run(compile_script(text), Message.from_bytes(MSG), ENVELOPE, vacation_periods=(3600, 0, 600))
     assert r.actions[0].vacation is not None and r.actions[0].vacation.seconds == 600  # the most
+
+
+@pytest.mark.parametrize(("start", "end", "answered"), [
+    ("2000-01-01", "2999-12-31", True),   # away now
+    ("2999-01-01", "2999-12-31", False),  # not yet
+    ("2000-01-01", "2000-12-31", False),  # back already
+])
+def test_a_date_bounded_vacation_as_webmail_writes_it(start: str, end: str, answered: bool) -> None:
+    """Roundcube's vacation form writes the dates as currentdate tests around the vacation."""
+    text = (b'require ["vacation", "date", "relational"];\n'
+            b'if allof (currentdate :value "ge" "date" "' + start.encode() + b'",\n'
+            b'          currentdate :value "le" "date" "' + end.encode() + b'")\n'
+            b'{\n  vacation :days 1 :subject "Out of office" "I am away.";\n}')
+    assert any(a.type == "vacation" for a in actions(text).actions) == answered

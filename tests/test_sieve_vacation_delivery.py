@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg import pg_cluster, pg_schema_conninfo  # noqa: F401 - fixtures
 from tests.test_sieve_delivery import fake_sendmail, maildir_folder, messages, script, sent
 from tests.unit_helpers import RecordingLog
 from vdeliver import config
@@ -121,27 +122,41 @@ def test_a_reply_that_cannot_be_sent_is_tried_again_next_time(tmp_path: Path) ->
     assert len(messages(maildir_folder(tmp_path))) == 2
 
 
-def _deliver_in_child(tmp_path: str) -> None:
+def _deliver_in_child(args: tuple[str, str]) -> None:
+    tmp_path, dsn = args
     path = Path(tmp_path)
-    send(path, make_config_no_sendmail_reset(path), MSG)
+    send(path, make_config_no_sendmail_reset(path, dsn), MSG)
 
 
-def make_config_no_sendmail_reset(tmp_path: Path) -> config.Config:
+def make_config_no_sendmail_reset(tmp_path: Path, dsn: str = "") -> config.Config:
     return config.build({
         "format": "maildir", "maildir_path": f"{tmp_path}/home/{{domain}}/{{user}}/Maildir",
         "spool_dir": str(tmp_path), "log": "none", "create_mailbox": True, "hostname": "mx.example.org",
         "sieve": {"sendmail": str(tmp_path / "sendmail")},
-        "tracking": {"database": str(tmp_path / "tracking.sqlite")},
+        "tracking": {"dsn": dsn} if dsn else {"database": str(tmp_path / "tracking.sqlite")},
     })
 
 
-def test_processes_delivering_at_once_send_one_reply(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_processes_delivering_at_once_send_one_reply(tmp_path: Path, engine: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    """Six deliveries of the same sender's mail at once, on one tracking store (a SQLite file,
+    or one PostgreSQL as two hubs share it): exactly one reply."""
+    dsn = ""
+    if engine == "postgresql":
+        import psycopg
+
+        from vdeliver.tracking import TABLE
+
+        dsn = request.getfixturevalue("pg_schema_conninfo")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(TABLE)
     make_config(tmp_path)  # the fake sendmail
     script(tmp_path, SCRIPT)
     (tmp_path / "home" / "example.org" / "fred" / "Maildir").mkdir(parents=True, exist_ok=True)
     for sub in ("cur", "new", "tmp"):
         (tmp_path / "home" / "example.org" / "fred" / "Maildir" / sub).mkdir(exist_ok=True)
     with multiprocessing.get_context("fork").Pool(6) as pool:
-        pool.map(_deliver_in_child, [str(tmp_path)] * 6)
+        pool.map(_deliver_in_child, [(str(tmp_path), dsn)] * 6)
     assert len(messages(maildir_folder(tmp_path))) == 6
     assert len(replies(tmp_path)) == 1
