@@ -160,3 +160,36 @@ def test_processes_delivering_at_once_send_one_reply(tmp_path: Path, engine: str
         pool.map(_deliver_in_child, [(str(tmp_path), dsn)] * 6)
     assert len(messages(maildir_folder(tmp_path))) == 6
     assert len(replies(tmp_path)) == 1
+
+
+def test_fcc_keeps_a_copy_of_the_reply(tmp_path: Path) -> None:
+    """RFC 8580: `:fcc "Sent" :create` stores what was sent, \\Seen, in that folder (created);
+    no reply, no copy."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["vacation", "fcc", "mailbox", "imap4flags"];\n'
+                     b'vacation :fcc "Sent" :create :flags "Auto" :subject "Away" "I am away.";')
+    send(tmp_path, cfg)
+    send(tmp_path, cfg, MSG.replace(b"q1@", b"q2@"))  # answered already: no second copy
+    sent_dir = maildir_folder(tmp_path, "Sent")
+    [name] = os.listdir(sent_dir / "cur")
+    assert name.endswith(":2,Sa")  # \Seen, and the keyword "Auto" (dovecot-keywords slot a)
+    copy = (sent_dir / "cur" / name).read_bytes()
+    assert b"Auto-Submitted: auto-replied" in copy and b"Subject: Away" in copy and b"I am away." in copy
+    assert (sent_dir / "dovecot-keywords").read_text() == "0 Auto\n"
+
+
+def test_fcc_into_a_missing_folder_without_create_keeps_no_copy(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["enotify", "fcc"];\nnotify :fcc "Notes" "mailto:fred@phone.example";')
+    log = RecordingLog()
+    send(tmp_path, cfg, log=log)
+    assert len(sent(tmp_path)) == 1 and not maildir_folder(tmp_path, "Notes").exists()
+    assert any("the :fcc folder does not exist" in text for _level, text in log.lines)
+
+
+def test_fcc_tags_need_fcc() -> None:
+    from vdeliver.sieve.errors import SieveError
+    from vdeliver.sieve.validator import compile_script
+
+    with pytest.raises(SieveError, match=":create tag of the vacation command needs :fcc"):
+        compile_script(b'require ["vacation", "mailbox"];\nvacation :create "x";')

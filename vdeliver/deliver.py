@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from vdeliver.hooks import Log
     from vdeliver.message import Prepared
     from vdeliver.sieve.delivery import Plan
+    from vdeliver.sieve.interpreter import Action
 
 
 class Target:
@@ -254,7 +255,8 @@ def _say(log: "Log | None", text: str) -> None:
     tell(log, text)
 
 
-def _respond(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", log: "Log | None") -> None:
+def _respond(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", target: Target,
+             folders: str, log: "Log | None") -> None:
     """A script's vacation reply and notifications (vdeliver.sieve.respond), after the message
     is stored; nothing here can fail the delivery."""
     from vdeliver.sieve import respond
@@ -262,12 +264,42 @@ def _respond(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: 
     for action in ([planned.vacation] if planned.vacation is not None else []) + planned.notify:
         try:
             if action.type == "vacation":
-                said = respond.reply(cfg, rcpt, home, msg, action, log)
+                said, sent = respond.reply(cfg, rcpt, home, msg, action, log)
             else:
-                said = respond.notify(cfg, rcpt, msg, action, log)
+                said, sent = respond.notify(cfg, rcpt, msg, action, log)
+            if sent:
+                said += _fcc(cfg, rcpt, home, target, folders, action, sent, log)
         except Exception as exc:  # noqa: BLE001 - the message is stored: a sending problem is only logged
             said = f"{action.type}: not sent ({type(exc).__name__}: {exc})"
         _say(log, f"sieve: to=<{rcpt.address}>: {said}")
+
+
+def _fcc(cfg: Config, rcpt: Recipient, home: str, target: Target, folders: str, action: "Action", sent: bytes,
+         log: "Log | None") -> str:
+    """RFC 8580: the copy of what was sent, stored as any message is (\\Seen and :flags)."""
+    from vdeliver.sieve import delivery as sieve
+
+    inbox = sieve.Store(target.format, target.path, target.create, "INBOX")
+    store = sieve.fcc_target(cfg, rcpt, home, inbox, folders, action)
+    if store is None:
+        return "; the :fcc folder does not exist: no copy kept"
+    from vdeliver import message
+    from vdeliver.fileio import anonymous_spool, write_all
+
+    fd = anonymous_spool(cfg.spool_dir, "fcc.")
+    try:
+        write_all(fd, sent)
+        os.lseek(fd, 0, os.SEEK_SET)
+        copy = message.prepare(fd, sender="", recipient=rcpt.address, mbox=store.format == "mbox",
+                               escape=cfg.mbox_escape, return_path=False, delivered_to=False,
+                               spool_threshold=cfg.spool_threshold, spool_dir=cfg.spool_dir)
+    finally:
+        os.close(fd)
+    try:
+        _store(cfg, Target(store.format, store.path, store.create), copy, log, [], store.flags)
+    finally:
+        copy.close()
+    return f"; a copy in {store.folder}"
 
 
 def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: "Plan", refuse: bool,
@@ -378,7 +410,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         if planned is not None and planned.track is not None:
             sieve.record(planned, log)  # duplicate (RFC 7352): this message is seen now
         if planned is not None and (planned.vacation is not None or planned.notify) and stores:
-            _respond(cfg, rcpt, home, msg, planned, log)  # stored: the reply and notifications may go
+            _respond(cfg, rcpt, home, msg, planned, target, folders, log)  # stored: the replies may go
         if dedup is not None and hasattr(dedup[0], "close"):
             dedup[0].close()  # the claim stands: a copy is stored
         stored = stores[0] if stores else target

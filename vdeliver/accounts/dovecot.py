@@ -239,7 +239,7 @@ def mail_conf(s: Settings) -> str:
     )
 
 
-PIGEONHOLE_LACKS = frozenset({"ereject"})
+PIGEONHOLE_LACKS = frozenset({"ereject", "fcc"})
 
 
 def sieve_conf(s: Settings) -> str:

@@ -375,6 +375,28 @@ def record(plan: "Plan", log: "Log | None") -> None:
         tracker.close()
 
 
+def fcc_target(cfg: Config, rcpt: Recipient, home: str, inbox: "Store", folders: str,
+               action: "Action") -> "Store | None":
+    """Where `:fcc` (RFC 8580) stores the copy of what a vacation or notify sent: the folder it
+    names (or the one with its :specialuse flag), created only with :create; None when there
+    is none."""
+    fcc = action.vacation.fcc if action.vacation is not None else None
+    if fcc is None:
+        return None
+    opts = settings(cfg)
+    if not folders:
+        folders = inbox.path if inbox.format == "maildir" else os.path.join(home, "mail")
+    name = fcc.mailbox
+    if fcc.specialuse:
+        special = next((f for k, f in opts.special_use.items() if k.lower() == fcc.specialuse.lower()), None)
+        if special is not None and _folder(inbox, folders, special, False) is not None:
+            name = special
+    store = _folder(inbox, folders, name, fcc.create)
+    if store is None:
+        return None
+    return Store(store.format, store.path, store.create, store.folder, ("\\Seen", *fcc.flags))
+
+
 def subscribe(entries: list[tuple[str, list[str]]], log: "Log | None") -> None:
     """Add folders to Dovecot's subscriptions file, as Dovecot writes it (version 2: a `V\t2`
     line, an empty line, then one folder a line with its levels separated by tabs; a file in

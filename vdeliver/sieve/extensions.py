@@ -152,7 +152,7 @@ def notify_command(m: "_Machine", node: "Node") -> None:
     from_ = m.s(node.tags["from"]) if "from" in node.tags else ""
     message = m.s(node.tags["message"]) if "message" in node.tags else ""
     options = tuple(m.sl(node.tags["options"])) if "options" in node.tags else ()
-    record = m.vacation_record(from_, "", int(importance), "", False, options)
+    record = m.vacation_record(from_, "", int(importance), "", False, options, node)
     m._add(m.action("notify", address=uri, reason=message, line=node.line, vacation=record), cancels=False)
 
 
@@ -189,7 +189,7 @@ def vacation(m: "_Machine", node: "Node") -> None:
             raise SieveRuntimeError(node.line, f"specified :from address '{from_}' is invalid for vacation action")
     addresses = tuple(a for a in m.sl(node.tags["addresses"]) if a) if "addresses" in node.tags else ()
     action = m.action("vacation", address=m.envelope.sender, reason=reason, line=node.line,
-                      vacation=m.vacation_record(from_, subject, seconds, handle, mime, addresses))
+                      vacation=m.vacation_record(from_, subject, seconds, handle, mime, addresses, node))
     m._add(action, cancels=False)
 
 

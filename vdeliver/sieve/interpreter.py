@@ -144,12 +144,18 @@ class Action:
             return {"type": "reject", "reason": self.reason, "ereject": self.type == "ereject"}
         if self.type == "notify" and self.vacation is not None:
             n = self.vacation
-            return {"type": "notify", "method": self.address, "from": n.from_, "importance": n.seconds,
-                    "message": self.reason, "options": list(n.addresses)}
+            out = {"type": "notify", "method": self.address, "from": n.from_, "importance": n.seconds,
+                   "message": self.reason, "options": list(n.addresses)}
+            if n.fcc is not None:
+                out["fcc"] = n.fcc.mailbox
+            return out
         if self.type == "vacation" and self.vacation is not None:
             v = self.vacation
-            return {"type": "vacation", "to": self.address, "from": v.from_, "subject": v.subject,
-                    "reason": self.reason, "seconds": v.seconds, "handle": v.handle, "mime": v.mime}
+            out = {"type": "vacation", "to": self.address, "from": v.from_, "subject": v.subject,
+                   "reason": self.reason, "seconds": v.seconds, "handle": v.handle, "mime": v.mime}
+            if v.fcc is not None:
+                out["fcc"] = v.fcc.mailbox
+            return out
         return {"type": self.type}
 
 
@@ -158,19 +164,36 @@ class Vacation:
     them ("" for the defaults), the period, the handle (the script's, or made from the reason,
     subject, from and :mime as Pigeonhole makes it), the extra addresses of the user."""
 
-    __slots__ = ("from_", "subject", "seconds", "handle", "mime", "addresses")
+    __slots__ = ("from_", "subject", "seconds", "handle", "mime", "addresses", "fcc")
 
     def __init__(self, from_: str, subject: str, seconds: int, handle: str, mime: bool,
-                 addresses: tuple[str, ...]) -> None:
+                 addresses: tuple[str, ...], fcc: "Fcc | None" = None) -> None:
         self.from_ = from_
         self.subject = subject
         self.seconds = seconds
         self.handle = handle
         self.mime = mime
         self.addresses = addresses
+        self.fcc = fcc  # RFC 8580: where a copy of what is sent is stored
 
     def _key(self) -> tuple[object, ...]:
-        return (self.from_, self.subject, self.seconds, self.handle, self.mime, self.addresses)
+        return (self.from_, self.subject, self.seconds, self.handle, self.mime, self.addresses,
+                self.fcc._key() if self.fcc is not None else None)
+
+
+class Fcc:
+    """`:fcc "Sent" [:create] [:flags ...] [:specialuse ...]` (RFC 8580)."""
+
+    __slots__ = ("mailbox", "create", "flags", "specialuse")
+
+    def __init__(self, mailbox: str, create: bool, flags: tuple[str, ...], specialuse: str) -> None:
+        self.mailbox = mailbox
+        self.create = create
+        self.flags = flags
+        self.specialuse = specialuse
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.mailbox, self.create, self.flags, self.specialuse)
 
 
 class Result:
@@ -406,8 +429,13 @@ class _Machine:
         return Action(type, **fields)  # type: ignore[arg-type]
 
     def vacation_record(self, from_: str, subject: str, seconds: int, handle: str, mime: bool,
-                        addresses: tuple[str, ...]) -> "Vacation":
-        return Vacation(from_, subject, seconds, handle, mime, addresses)
+                        addresses: tuple[str, ...], node: "Node | None" = None) -> "Vacation":
+        fcc = None
+        if node is not None and "fcc" in node.tags:
+            fcc = Fcc(self.s(node.tags["fcc"]), bool(node.tags.get("create")),
+                      self.flags(node) if "flags" in node.tags else (),
+                      self.s(node.tags["specialuse"]) if "specialuse" in node.tags else "")
+        return Vacation(from_, subject, seconds, handle, mime, addresses, fcc)
 
     def _add(self, action: "Action", cancels: bool) -> None:
         if action.type in ("keep", "fileinto", "redirect", "vacation") and self.rejected:

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
     from vdeliver.sieve.interpreter import Action
 
 
-def reply(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, action: "Action", log: "Log | None") -> str:
-    """Send the vacation reply if the rules allow it; what happened, for the log line."""
+def reply(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, action: "Action",
+          log: "Log | None") -> tuple[str, bytes]:
+    """Send the vacation reply if the rules allow it: (what happened, for the log line; the
+    reply sent, b"" when none was, for `:fcc`)."""
     from vdeliver.sieve import vacation as rules_mod
     from vdeliver.sieve.delivery import _message, settings
     from vdeliver.sieve.redirect import _send
@@ -46,29 +48,29 @@ def reply(cfg: Config, rcpt: Recipient, home: str, msg: Prepared, action: "Actio
     rules.spam_header = opts.vacation_spam_header
     why = rules_mod.refusal(message.fields, sender, own, rules)
     if why:
-        return f"vacation: not sent ({why})" + (f"; {note}" if note else "")
+        return f"vacation: not sent ({why})" + (f"; {note}" if note else ""), b""
     key = f"{sender.lower()}\x1f{v.handle}"
     try:
         tracker = Tracker.from_config(cfg)
     except Exception as exc:  # noqa: BLE001 - a bad [tracking] table: no reply, said
-        return f"vacation: not sent (tracking store: {exc})"
+        return f"vacation: not sent (tracking store: {exc})", b""
     try:
         if not tracker.claim("vacation", rcpt.address, key, v.seconds):
-            return f"vacation: not sent (<{sender}> was answered within {v.seconds} s)"
+            return f"vacation: not sent (<{sender}> was answered within {v.seconds} s)", b""
         data = rules_mod.compose(original=message.fields, sender=sender, recipient=rcpt.address, from_=v.from_,
                                  subject=v.subject or None, reason=action.reason, mime=v.mime, hostname=cfg.host())
         why = _send(opts, "", sender, data)
         if why:
             tracker.release("vacation", rcpt.address, key)  # not sent: the next message may answer
-            return f"vacation: not sent to <{sender}> ({why})"
-        return f"vacation: reply sent to <{sender}>" + (f"; {note}" if note else "")
+            return f"vacation: not sent to <{sender}> ({why})", b""
+        return f"vacation: reply sent to <{sender}>" + (f"; {note}" if note else ""), data
     except TrackingError as exc:
-        return f"vacation: not sent (tracking store: {exc})"
+        return f"vacation: not sent (tracking store: {exc})", b""
     finally:
         tracker.close()
 
 
-def notify(cfg: Config, rcpt: Recipient, msg: Prepared, action: "Action", log: "Log | None") -> str:
+def notify(cfg: Config, rcpt: Recipient, msg: Prepared, action: "Action", log: "Log | None") -> tuple[str, bytes]:
     """Send an enotify mailto notification (RFC 5436), once the message is stored: not for an
     automatic message (its Auto-Submitted other than `no`: section 2.7's loop rule), at most
     `[sieve] notify_per_hour` per mailbox (on the tracking store), from `<>`."""
@@ -85,32 +87,32 @@ def notify(cfg: Config, rcpt: Recipient, msg: Prepared, action: "Action", log: "
     message = _message(msg, False)
     for value in message.values("auto-submitted"):
         if value.split(";", 1)[0].strip().lower() != "no":
-            return f"notify: not sent (the message is automatic: Auto-Submitted: {value[:40]})"
+            return f"notify: not sent (the message is automatic: Auto-Submitted: {value[:40]})", b""
     try:
         uri = mailto.parse(action.address)
     except ValueError as exc:
-        return f"notify: not sent ({exc})"
+        return f"notify: not sent ({exc})", b""
     if not uri.to:
-        return "notify: not sent (the mailto URI names no recipient)"
+        return "notify: not sent (the mailto URI names no recipient)", b""
     try:
         tracker = Tracker.from_config(cfg)
     except Exception as exc:  # noqa: BLE001 - a bad [tracking] table: no notification, said
-        return f"notify: not sent (tracking store: {exc})"
+        return f"notify: not sent (tracking store: {exc})", b""
     try:
         hour = int(time.time() // 3600)
         if not any(tracker.claim("notify", rcpt.address, f"{hour}:{slot}", 3600)
                    for slot in range(opts.notify_per_hour)):
-            return f"notify: not sent (more than {opts.notify_per_hour} this hour)"
+            return f"notify: not sent (more than {opts.notify_per_hour} this hour)", b""
         subjects = message.values("subject")
         data = mailto.compose(uri=uri, sender_of_message=msg.sender or "<>",
                               subject_of_message=subjects[0] if subjects else "", recipient=rcpt.address,
                               from_=n.from_, message=action.reason, importance=n.seconds, hostname=cfg.host())
         failed = [f"<{to}>: {why}" for to in uri.to if (why := _send(opts, "", to, data))]
         if failed:
-            return "notify: not sent to " + "; ".join(failed)
-        return "notify: sent to " + ", ".join(f"<{to}>" for to in uri.to)
+            return "notify: not sent to " + "; ".join(failed), b""
+        return "notify: sent to " + ", ".join(f"<{to}>" for to in uri.to), data
     except TrackingError as exc:
-        return f"notify: not sent (tracking store: {exc})"
+        return f"notify: not sent (tracking store: {exc})", b""
     finally:
         tracker.close()
 

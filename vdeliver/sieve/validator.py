@@ -31,7 +31,7 @@ EXTENSIONS = frozenset({
     "copy", "relational", "subaddress", "variables", "encoded-character", "imap4flags", "environment", "index",
     "mailbox", "date", "ihave", "body", "include", "mime", "foreverypart", "extracttext", "regex", "spamtest",
     "spamtestplus", "virustest", "special-use", "editheader", "reject", "ereject", "duplicate", "vacation",
-    "vacation-seconds", "enotify",
+    "vacation-seconds", "enotify", "fcc",
 })
 # RFC 5235 3.2: spamtestplus brings the spamtest test; RFC 6131: vacation-seconds brings vacation.
 IMPLIES = {"spamtestplus": ("spamtest",), "vacation-seconds": ("vacation",)}
@@ -87,6 +87,12 @@ _MODIFIERS = {  # RFC 5229 section 4: one per precedence group
     "quoteregex": TagSpec("quote", None, "regex"), "encodeurl": TagSpec("encodeurl", None, "enotify"),
 }
 
+# RFC 8580: a copy of what vacation or notify sends, stored in a folder.
+_FCC = {
+    "fcc": TagSpec("fcc", "string", "fcc"), "create": TagSpec("create", None, "mailbox"),
+    "flags": TagSpec("flags", "strings", "imap4flags"), "specialuse": TagSpec("specialuse", "string", "special-use"),
+}
+
 SIGNATURES: dict[tuple[str, str], Signature] = {
     # commands
     ("command", "require"): Signature(("strings",)),
@@ -108,12 +114,13 @@ SIGNATURES: dict[tuple[str, str], Signature] = {
     ("command", "reject"): Signature(("string",), extension="reject"),
     ("command", "notify"): Signature(("string",), {  # RFC 5435
         "from": TagSpec("from", "string"), "importance": TagSpec("importance", "string"),
-        "options": TagSpec("options", "strings"), "message": TagSpec("message", "string")}, extension="enotify"),
+        "options": TagSpec("options", "strings"), "message": TagSpec("message", "string"), **_FCC},
+        extension="enotify"),
     ("command", "vacation"): Signature(("string",), {  # RFC 5230, 6131
         "days": TagSpec("period", "number"), "seconds": TagSpec("period", "number", "vacation-seconds"),
         "subject": TagSpec("subject", "string"), "from": TagSpec("from", "string"),
         "addresses": TagSpec("addresses", "strings"), "mime": TagSpec("mime"), "handle": TagSpec("handle", "string"),
-    }, extension="vacation"),
+        **_FCC}, extension="vacation"),
     ("command", "ereject"): Signature(("string",), extension="ereject"),
     ("command", "include"): Signature(("string",), {
         "personal": TagSpec("location"), "global": TagSpec("location"), "once": TagSpec("once"),
@@ -490,6 +497,10 @@ class _Validator:
                 self.error(line, f"specified :from address '{sender}' is invalid for vacation action")
         if name == "notify" and args:
             self._notify(tags, args, line)
+        if name in ("vacation", "notify") and "fcc" not in tags:
+            for tag in ("create", "flags", "specialuse"):
+                if tag in tags:
+                    self.error(line, f"the :{tag} tag of the {name} command needs :fcc (RFC 8580)")
         if name == "include" and args:
             self._include(tags, str(args[0]), line)
         if name == "redirect" and args and not ("variables" in self.required and "${" in str(args[0])):
