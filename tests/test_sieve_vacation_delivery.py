@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import MailRoot
 from tests.pg import pg_cluster, pg_schema_conninfo  # noqa: F401 - fixtures
 from tests.test_sieve_delivery import fake_sendmail, maildir_folder, messages, script, sent
 from tests.unit_helpers import RecordingLog
@@ -193,3 +194,61 @@ def test_fcc_tags_need_fcc() -> None:
 
     with pytest.raises(SieveError, match=":create tag of the vacation command needs :fcc"):
         compile_script(b'require ["vacation", "mailbox"];\nvacation :create "x";')
+
+
+@pytest.mark.peers
+def test_two_lmtp_servers_on_one_postgresql_send_one_reply(mailroot: MailRoot, pg_schema_conninfo: str) -> None:  # noqa: F811
+    """Two hubs: two vdeliver-lmtpd processes, each with its own socket, one PostgreSQL tracking
+    store.  The same sender's messages delivered through both at once get exactly one reply."""
+    import threading
+
+    import psycopg
+
+    from tests.helpers import IS_ROOT, world_tmpdir
+    from tests.test_lmtp_server import Lmtpd, transaction
+    from vdeliver.tracking import TABLE
+
+    if not IS_ROOT:
+        pytest.skip("vdeliver-lmtpd is started as root serving as vmail")
+    with psycopg.connect(pg_schema_conninfo, autocommit=True) as conn:
+        conn.execute(TABLE)
+    outbox = world_tmpdir("vdeliver-outbox-")
+    outbox.chmod(0o777)
+    fake_sendmail(outbox)
+    md = mailroot.add_maildir("example.org", "fred")
+    (md.parent / "sieve").mkdir()
+    (md.parent / "sieve" / "main.sieve").write_bytes(SCRIPT)
+    (md.parent / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+    for path in (md.parent / "sieve", md.parent / "sieve" / "main.sieve"):
+        os.chown(path, mailroot.owner.uid, mailroot.owner.gid)
+    os.lchown(md.parent / ".dovecot.sieve", mailroot.owner.uid, mailroot.owner.gid)
+    extra = (f'\n[sieve]\nsendmail = "{outbox}/sendmail"\n\n[tracking]\ndsn = "{pg_schema_conninfo}"\n')
+    servers: list[Lmtpd] = []
+    try:
+        for name in ("hub1", "hub2"):
+            rundir = mailroot.base / name
+            server = Lmtpd(mailroot, rundir)
+            mailroot.config.write_text(mailroot.config.read_text() + extra)
+            servers.append(server.start())
+        replies: list[dict[str, tuple[int, bytes]]] = []
+
+        def deliver_through(server: Lmtpd, n: int) -> None:
+            with server.client() as c:
+                replies.append(transaction(c, "alice@example.org", ["fred@example.org"],
+                                           MSG.replace(b"q1@", b"q%d@" % n)))
+
+        threads = [threading.Thread(target=deliver_through, args=(servers[i % 2], i)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r["fred@example.org"][0] == 250 for r in replies) and len(replies) == 6
+        assert len(os.listdir(md / "new")) == 6
+        assert len(replies_in(outbox)) == 1, "\n".join(s.log()[-2000:] for s in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def replies_in(outbox: Path) -> list[bytes]:
+    return [data for _args, data in sent(outbox) if b"Auto-Submitted: auto-replied" in data]
