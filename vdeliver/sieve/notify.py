@@ -77,30 +77,14 @@ def valid_option(option: str) -> bool:
 def compose(*, uri: Uri, sender_of_message: str, subject_of_message: str, recipient: str, from_: str,
             message: str, importance: int, hostname: str, now: "float | None" = None) -> bytes:
     """The notification (LF line ends)."""
-    import os
-    import time
-    from email.utils import formatdate
+    from vdeliver.sieve.vacation import _clean, _field, head
 
-    from vdeliver.sieve.vacation import _clean, _encode, _field
-
-    when = time.time() if now is None else now
-    author = recipient
-    if from_:
-        address, why = headers.redirect_address(from_)
-        author = _clean(from_) if not why and address else recipient
     subject = uri.subject or message or DEFAULT_SUBJECT
     about = (f"A message arrived for {recipient}\nFrom: {_clean(sender_of_message)}\n"
              f"Subject: {_clean(subject_of_message)}\n")
     body = uri.body or (message + "\n\n" if message else "") + about
-    lines = [
-        _field("From", _encode(author)),
-        _field("To", ", ".join(f"<{a}>" for a in uri.to)),
-        _field("Subject", _encode(subject)),
-        _field("Date", formatdate(when, localtime=True)),
-        _field("Message-ID", f"<{int(when * 1000)}.{os.getpid()}.{os.urandom(4).hex()}@"
-                             f"{_clean(hostname) or 'localhost'}>"),
-        _field("Auto-Submitted", "auto-notified"),
-    ]
+    lines = head(from_=from_, recipient=recipient, to=", ".join(f"<{a}>" for a in uri.to), subject=subject,
+                 hostname=hostname, auto="auto-notified", now=now)
     if importance != 2:
         lines.append(_field("Importance", "high" if importance == 1 else "low"))
         lines.append(_field("X-Priority", "1 (Highest)" if importance == 1 else "5 (Lowest)"))

@@ -136,9 +136,11 @@ def _ids(values: "Iterable[str]") -> list[str]:
     return found
 
 
-def compose(*, original: "list[tuple[str, bytes]]", sender: str, recipient: str, from_: str, subject: "str | None",
-            reason: str, mime: bool, hostname: str, now: "float | None" = None) -> bytes:
-    """The reply (LF line ends)."""
+def head(*, from_: str, recipient: str, to: str, subject: str, hostname: str, auto: str,
+         now: "float | None" = None) -> list[str]:
+    """The header lines every message vdeliver sends on a user's behalf begins with: From (the
+    script's address if it is one, else the user), To, Subject (encoded), Date, Message-ID and
+    Auto-Submitted (RFC 3834: `auto-replied` or `auto-notified`)."""
     import os
     import time
     from email.utils import formatdate
@@ -148,6 +150,20 @@ def compose(*, original: "list[tuple[str, bytes]]", sender: str, recipient: str,
     if from_:
         address, why = headers.redirect_address(from_)
         author = _clean(from_) if not why and address else recipient
+    return [
+        _field("From", _encode(author)),
+        _field("To", to),
+        _field("Subject", _encode(subject)),
+        _field("Date", formatdate(when, localtime=True)),
+        _field("Message-ID", f"<{int(when * 1000)}.{os.getpid()}.{os.urandom(4).hex()}@"
+                             f"{_clean(hostname) or 'localhost'}>"),
+        _field("Auto-Submitted", auto),
+    ]
+
+
+def compose(*, original: "list[tuple[str, bytes]]", sender: str, recipient: str, from_: str, subject: "str | None",
+            reason: str, mime: bool, hostname: str, now: "float | None" = None) -> bytes:
+    """The reply (LF line ends)."""
     if subject is None:
         originals = [headers.decode_value(raw) for name, raw in original if name == "subject"]
         subject = "Auto: " + (_clean(originals[0]) if originals and _clean(originals[0]) else "(no subject)")
@@ -155,15 +171,8 @@ def compose(*, original: "list[tuple[str, bytes]]", sender: str, recipient: str,
     references = _ids(_values(original, "references")) + message_id
     if len(references) > 20:  # RFC 5322 3.6.4: keep the first and the last ones
         references = references[:1] + references[-19:]
-    pid = os.getpid()
-    lines = [
-        _field("From", _encode(author)),
-        _field("To", f"<{_clean(sender)}>"),
-        _field("Subject", _encode(subject)),
-        _field("Date", formatdate(when, localtime=True)),
-        _field("Message-ID", f"<{int(when * 1000)}.{pid}.{os.urandom(4).hex()}@{_clean(hostname) or 'localhost'}>"),
-        _field("Auto-Submitted", "auto-replied"),
-    ]
+    lines = head(from_=from_, recipient=recipient, to=f"<{_clean(sender)}>", subject=subject, hostname=hostname,
+                 auto="auto-replied", now=now)
     if message_id:
         lines.append(_field("In-Reply-To", message_id[0]))
     if references:
@@ -171,8 +180,8 @@ def compose(*, original: "list[tuple[str, bytes]]", sender: str, recipient: str,
     lines.append("MIME-Version: 1.0\n")
     body = reason.replace("\r\n", "\n").replace("\r", "\n")
     if mime:
-        head, _, body = body.partition("\n\n")
-        for name, raw in headers.split_fields(head.encode("utf-8", "replace")):
+        entity, _, body = body.partition("\n\n")
+        for name, raw in headers.split_fields(entity.encode("utf-8", "replace")):
             if name.startswith("content-"):
                 lines.append(_field(name.title(), _clean(headers.unfold(raw))))
     else:
