@@ -201,3 +201,29 @@ def test_smtp_delivery_without_map_files_survives_a_database_outage(
             assert "Traceback" not in server_log(config)
     finally:
         cluster.destroy()
+
+
+def test_a_bounce_to_an_srs_address_routes_back_to_the_sender(site: Site) -> None:
+    """[sieve] srs_domain: sendmail -bt through the socket maps sends a bounce to one of our
+    SRS0 addresses on to the original sender, lets it in at the incoming access check, and
+    refuses a forged one as an unknown address."""
+    from vdeliver import srs
+
+    base = socket_dir(site)
+    secret = base / "srs-secret"
+    secret.write_bytes(b"a secret for the srs end to end test\n")
+    secret.chmod(0o600)  # read as root, before the server becomes vmail
+    config = write_config(base, f'database = "{base}/accounts.sqlite"')
+    config.write_text(config.read_text() + f'\n[sieve]\nsrs_domain = "srs.hub.example"\nsrs_secret_file = "{secret}"\n')
+    populate(config)
+    sock_out = site.compile(SOCK_OUT_MC, "out-sock", replace={PROD_OUT: str(base / "out.sock")})
+    sock_in = site.compile(SOCK_IN_MC, "in-sock", replace={PROD_IN: str(base / "in.sock")})
+    bounce = srs.forward("alice@partner.example", "srs.hub.example", srs.read_secret(str(secret)))
+    forged = bounce.replace("=partner.example=", "=evil.example=")
+    with running_server(config):
+        routes = site.address_test(sock_out, [bounce.lower(), forged.lower()])
+        access = map_test(site, sock_in, [("access", f"To:{bounce.lower()}"), ("access", f"To:{forged.lower()}")])
+    assert routes[bounce.lower()].startswith("$# esmtp $@ partner . example . $: alice < @ partner . example"), routes
+    assert "partner" not in routes[forged.lower()], routes  # no way back: the incoming check refuses it
+    assert "RELAY" in access[0] and "RELAY" not in access[1], access
+    assert "Traceback" not in server_log(config)

@@ -240,6 +240,8 @@ class Backend:
         if map_name == "VirtHost":
             text = self._render(self._run(self._whole), file_name)
             words = list(parse_map(file_name, text))
+            if self.srs is not None and self.srs[0] not in words:
+                words.append(self.srs[0])  # its bounces go through the virtusertable too
             return " ".join(words) if words else None
         if map_name == "aliases":
             from vdeliver.accounts.maps import alias_name
@@ -272,6 +274,8 @@ class Backend:
         domain, secret = self.srs
         if map_name == "virtuser":
             return srs.reverse(key, domain, secret)
+        if map_name == "virtuserdomains":
+            return domain if key.lower() == domain else None
         if map_name.startswith("access") and key[:3].lower() == "to:":
             return "RELAY" if srs.reverse(key[3:], domain, secret) else None
         return None
