@@ -95,12 +95,18 @@ def test_an_alias_from_the_accounts_database_is_fred_too(tmp_path: Path) -> None
         store.domain_add("example.net", alias_of="example.org")
         store.user_add("fred", "example.org", "", "maildir")
         store.alias_add("info", "example.org", ["fred@example.org"])
+        store.domain_add("catch.example")
+        store.catchall_set("catch.example", "fred@example.org")
     cfg = make_config(tmp_path)
     script(tmp_path, SCRIPT)
     send(tmp_path, cfg, MSG.replace(b"To: Fred <fred@example.org>", b"To: info@example.org"))
     send(tmp_path, cfg, MSG.replace(b"To: Fred <fred@example.org>", b"To: fred@example.net"),
          sender="carol@example.org")
-    assert len(replies(tmp_path)) == 2
+    send(tmp_path, cfg, MSG.replace(b"To: Fred <fred@example.org>", b"To: anything@catch.example"),
+         sender="dave@example.org")
+    send(tmp_path, cfg, MSG.replace(b"To: Fred <fred@example.org>", b"To: someone@example.com"),
+         sender="erin@example.org")  # not routed here: no reply
+    assert len(replies(tmp_path)) == 3
 
 
 def test_a_tracking_store_that_cannot_answer_means_no_reply(tmp_path: Path) -> None:

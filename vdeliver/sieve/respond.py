@@ -118,15 +118,17 @@ def notify(cfg: Config, rcpt: Recipient, msg: Prepared, action: "Action", log: "
 
 
 def own_addresses(cfg: Config, rcpt: Recipient) -> tuple[set[str], str]:
-    """The addresses that route to this mailbox: the recipient's, its aliases' and the same
-    user in the domain's alias domains, from the accounts database ([accounts] readonly_dsn,
-    dsn or database), read only.  (the addresses, a note when the database was not read)."""
+    """The addresses that route to this mailbox: the recipient's, its aliases', the same user
+    in the domain's alias domains, and `@domain` for a domain whose catch-all it is, from the
+    accounts database ([accounts] readonly_dsn, dsn or database), read only.  (the addresses,
+    a note when the database was not read)."""
     found = {rcpt.address.lower()}
     table = cfg.table("accounts")
     dsn = str(table.get("readonly_dsn") or table.get("dsn") or "")
     database = str(table.get("database") or "/var/lib/vdeliver/accounts.sqlite")
     aliases = "SELECT username, domain FROM aliases WHERE target = ?"
     alias_domains = "SELECT name FROM domains WHERE alias_of = ?"
+    catchalls = "SELECT name FROM domains WHERE catchall = ?"
     try:
         if dsn:
             import psycopg
@@ -134,6 +136,7 @@ def own_addresses(cfg: Config, rcpt: Recipient) -> tuple[set[str], str]:
             with psycopg.connect(dsn, connect_timeout=5) as conn:
                 rows = conn.execute(aliases.replace("?", "%s"), (rcpt.address.lower(),)).fetchall()
                 domains = conn.execute(alias_domains.replace("?", "%s"), (rcpt.domain.lower(),)).fetchall()
+                caught = conn.execute(catchalls.replace("?", "%s"), (rcpt.address.lower(),)).fetchall()
         else:
             import sqlite3
 
@@ -143,10 +146,12 @@ def own_addresses(cfg: Config, rcpt: Recipient) -> tuple[set[str], str]:
             try:
                 rows = lite.execute(aliases, (rcpt.address.lower(),)).fetchall()
                 domains = lite.execute(alias_domains, (rcpt.domain.lower(),)).fetchall()
+                caught = lite.execute(catchalls, (rcpt.address.lower(),)).fetchall()
             finally:
                 lite.close()
     except Exception as exc:  # noqa: BLE001 - sqlite3's or psycopg's: the reply goes on without them
         return found, f"the accounts database was not read ({exc})"
     found.update(f"{user}@{domain}".lower() for user, domain in rows)
     found.update(f"{rcpt.user}@{name}".lower() for (name,) in domains)
+    found.update(f"@{name}".lower() for (name,) in caught)  # every address of a domain whose catch-all it is
     return found, ""

@@ -76,6 +76,7 @@ def refusal(fields: "list[tuple[str, bytes]]", sender: str, own: "set[str]", rul
     if rules.check_recipient:
         named = {f"{a.localpart}@{a.domain}".lower() for n in ADDRESS_FIELDS for v in _values(fields, n)
                  for a in headers.addresses(v) if a.valid}
+        named |= {"@" + a.rpartition("@")[2] for a in named}  # "@domain" in own: a catch-all's domain
         if not named & own:
             return "not addressed to the user (To, Cc, Bcc, Resent-*)"
     return ""
