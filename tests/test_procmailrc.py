@@ -7,7 +7,7 @@ Three kinds of checks:
   ones listed, with their lines;
 - differential, against the real procmail: every corpus file and every message of
   tests/procmailrc/messages/ goes through `procmail -m` in a private $HOME (a recording
-  $SENDMAIL for forwards) and through the converted script in vdeliver's Sieve interpreter;
+  $SENDMAIL for forwards) and through the converted script in `vdeliver sieve-test --json`;
   the folders (and forwards) the message ends in must be the same.  Skipped cleanly without
   procmail, failed under VDELIVER_REQUIRE_PEERS=1;
 - hypothesis: any text as a procmailrc gives a script that compiles, or the converter's
@@ -69,6 +69,32 @@ def destinations(script: str, message: bytes, sender: str = SENDER) -> set[str]:
     if result.implicit_keep:
         out.add("INBOX")
     return out
+
+
+def sieve_test_destinations(script: str, message: bytes, where: Path) -> set[str]:
+    """The destinations `vdeliver sieve-test --json` gives (the tool a user runs): the same
+    reading as destinations(), through the command line."""
+    import json
+
+    (where / "converted.sieve").write_text(script)
+    (where / "message.eml").write_bytes(message)
+    done = subprocess.run([sys.executable, "-m", "vdeliver", "sieve-test", "--json", "-f", SENDER, "-r",
+                           "fred@example.com", str(where / "converted.sieve"), str(where / "message.eml")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60,
+                          check=False)
+    out = json.loads(done.stdout)
+    assert out["status"] == "ok", out
+    found: set[str] = set()
+    for a in out["actions"]:
+        if a["type"] == "fileinto":
+            found.add(a["mailbox"])
+        elif a["type"] == "keep":
+            found.add("INBOX")
+        elif a["type"] == "redirect":
+            found.add("!" + a["address"])
+    if out["implicit_keep"]:
+        found.add("INBOX")
+    return found
 
 
 # -- the corpus ----------------------------------------------------------------------------------------
@@ -374,7 +400,7 @@ def _compare(procmail: str, rcfile: Path) -> dict[str, tuple[set[str], set[str]]
         home.mkdir()
         message = msg.read_bytes()
         theirs = _procmail(procmail, rcfile, message, home)
-        ours = destinations(procmailrc.convert_file(str(rcfile), home=str(home)).script, message)
+        ours = sieve_test_destinations(procmailrc.convert_file(str(rcfile), home=str(home)).script, message, home)
         return msg.name, (theirs, ours)
 
     with ThreadPoolExecutor(_PARALLEL) as pool:
