@@ -348,14 +348,13 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         spool_dir=cfg.spool_dir,
     )
     spooled = msg  # closed at the end, whatever copy of the record was stored
-    dedup = _dedup_claim(cfg, rcpt, msg, log) if cfg.dedup_seconds > 0 else None
-    if dedup is not None and dedup[0] is None:
-        msg.close()  # a copy of this message was delivered here within dedup_seconds
-        result = Result(target, msg.input_size, msg.sender, [])
-        result.sieve = []
-        result.duplicate = True
-        return result
     try:
+        dedup = _dedup_claim(cfg, rcpt, msg, log) if cfg.dedup_seconds > 0 else None
+        if dedup is not None and dedup[0] is None:
+            dropped = Result(target, msg.input_size, msg.sender, [])  # delivered here within dedup_seconds
+            dropped.sieve = []
+            dropped.duplicate = True
+            return dropped
         stores = [target]
         flags: "dict[str, tuple[str, ...]]" = {}
         redirects: "list[str]" = []
