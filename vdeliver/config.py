@@ -51,7 +51,7 @@ SCHEMA: "dict[str, tuple[object, str, tuple[str, ...] | None]]" = {
 }
 
 # Tables read by other parts of vdeliver (accounts, servers); each validates its own.
-TABLES = ("accounts", "maps", "socketmap", "lmtp", "dovecot", "sieve", "tracking")
+TABLES = ("accounts", "maps", "socketmap", "lmtp", "dovecot", "sieve", "tracking", "webmail")
 
 
 class ConfigError(DeliveryError):

@@ -415,12 +415,13 @@ class _DryRun(Exception):
 def cmd_dovecot(ctx: Context) -> int:
     import importlib
 
+    name, what = ("webmail", "webmail") if ctx.args.noun == "webmail-config" else ("dovecot", "Dovecot")
     try:
-        mod = importlib.import_module("vdeliver.accounts.dovecot")
+        mod = importlib.import_module(f"vdeliver.accounts.{name}")
     except ModuleNotFoundError as exc:
-        if not exc.name or "vdeliver.accounts.dovecot".startswith(exc.name):
-            raise AccountsError("the Dovecot configuration generator is not installed "
-                                "(vdeliver.accounts.dovecot is missing)") from None
+        if not exc.name or f"vdeliver.accounts.{name}".startswith(exc.name):
+            raise AccountsError(f"the {what} configuration generator is not installed "
+                                f"(vdeliver.accounts.{name} is missing)") from None
         raise
     result = mod.render(ctx.cfg, list(ctx.args.args))
     if isinstance(result, str):
@@ -512,5 +513,6 @@ def cmd_doctor(ctx: Context) -> int:
 COMMANDS: dict[str, Callable[[Context], int]] = {
     "domain": cmd_domain, "user": cmd_user, "alias": cmd_alias, "forward": cmd_forward,
     "catchall": cmd_catchall, "maps": cmd_maps, "check": cmd_check, "import": cmd_import,
-    "dovecot-config": cmd_dovecot, "db": cmd_db, "doctor": cmd_doctor, "sieve": cmd_sieve,
+    "dovecot-config": cmd_dovecot, "webmail-config": cmd_dovecot, "db": cmd_db, "doctor": cmd_doctor,
+    "sieve": cmd_sieve,
 }

@@ -235,6 +235,8 @@ def build_parser() -> _Parser:
     # when the command runs: main() hands it every word after `dovecot-config` untouched.
     sub(top, "dovecot-config", "print (or write with --output DIR) the Dovecot configuration for this set-up; "
         "`vmailctl dovecot-config --help` lists its options")
+    sub(top, "webmail-config", "print (or write with --output DIR) Dovecot's ManageSieve service and Roundcube's "
+        "configuration for webmail on these accounts; `vmailctl webmail-config --help` lists its options")
     return p
 
 
@@ -270,7 +272,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Split `[-c FILE] dovecot-config WORDS...` so that WORDS reach the command untouched."""
+    """Split `[-c FILE] dovecot-config|webmail-config WORDS...` so that WORDS reach the command untouched."""
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -280,7 +282,7 @@ def _passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
             i += 1
         else:
             break
-    if i < len(argv) and argv[i] == "dovecot-config":
+    if i < len(argv) and argv[i] in ("dovecot-config", "webmail-config"):
         return argv[: i + 1], argv[i + 1 :]
     return argv, []
 
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(head)
         except SystemExit as exc:  # --help / --version: argparse printed it
             return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_OK
-        if args.noun == "dovecot-config":
+        if args.noun in ("dovecot-config", "webmail-config"):
             args.args = rest
         if args.noun == "serve":
             return cmd_serve([args.server, *args.args], args.config)
