@@ -29,7 +29,7 @@ def site(tmp_path: Path, text: str = "") -> Path:
 def test_the_three_files(tmp_path: Path) -> None:
     cfg = config.load(str(site(tmp_path, '[webmail]\nmanagesieve_port = 14190\nplugins = ["archive"]\n')))
     files = webmail.render_files(cfg)
-    assert list(files) == [webmail.MANAGESIEVE_FILE, webmail.SIEVE_FILE, webmail.ROUNDCUBE_FILE]
+    assert list(files) == [webmail.MANAGESIEVE_FILE, webmail.SIEVE_FILE, webmail.ROUNDCUBE_FILE, webmail.PLUGIN_FILE]
     managesieve = files[webmail.MANAGESIEVE_FILE]
     assert "protocols = $protocols sieve\n" in managesieve
     assert "    address = 127.0.0.1\n    port = 14190\n" in managesieve
@@ -45,7 +45,7 @@ def test_the_three_files(tmp_path: Path) -> None:
                  "$config['smtp_user'] = '';",
                  "$config['db_dsnw'] = 'sqlite:////var/lib/roundcube/db/roundcube.sqlite?mode=0640';"):
         assert line in php.splitlines(), line
-    assert "['managesieve', 'archive']" in php
+    assert "['managesieve', 'vdeliver', 'archive']" in php
 
 
 def test_the_sieve_extensions_are_exactly_what_vdeliver_runs(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_output_writes_once_and_then_is_up_to_date(tmp_path: Path) -> None:
     out = tmp_path / "etc"
     r = vmailctl(cfg_path, "webmail-config", "--output", str(out))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("wrote ") == 3
+    assert r.stdout.count("wrote ") == 4
     assert (out / "roundcube" / "vdeliver.inc.php").stat().st_mode & 0o777 == 0o644
     r = vmailctl(cfg_path, "webmail-config", "--output", str(out))
     assert r.stdout == f"{out}: up to date\n"
@@ -126,5 +126,9 @@ def test_php_accepts_the_fragment(tmp_path: Path) -> None:
     import json
 
     got = json.loads(r.stdout)
-    assert got["plugins"] == ["archive", "managesieve"]
+    assert got["plugins"] == ["archive", "managesieve", "vdeliver"]
     assert got["managesieve_mbox_encoding"] == "UTF-8" and got["managesieve_vacation"] == 1
+    plugin = tmp_path / "vdeliver.php"
+    plugin.write_text(webmail.render_files(config.load(str(site(tmp_path))))[webmail.PLUGIN_FILE])
+    r = subprocess.run([php, "-l", str(plugin)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
