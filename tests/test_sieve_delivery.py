@@ -184,9 +184,11 @@ def test_no_script_or_disabled_is_plain_delivery(tmp_path: Path) -> None:
 
 def test_mbox_user_folders_under_home_mail(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, fmt="mbox")
-    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Lists/dev";\nfileinto "Missing";')
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "Lists/dev";\nfileinto "Missing";\n'
+                         b'fileinto :create "Caf\xc3\xa9/Neu";')
     (tmp_path / "mbox" / "example.org").mkdir(parents=True)
     run(tmp_path, cfg)
+    assert (h / "mail" / "Caf&AOk-" / "Neu").read_bytes().count(b"Subject: weekly report") == 1  # as Dovecot names it
     folder = h / "mail" / "Lists" / "dev"
     data = folder.read_bytes()
     assert data.startswith(b"From alice@example.org ") and b"Subject: weekly report" in data
@@ -327,6 +329,7 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
                        b'keep :flags "Urgent";',
             root.home / "away.com" / "wilma": b'require ["fileinto", "mailbox", "imap4flags"];\n'
                                               b'fileinto :create :flags "\\\\Seen \\\\Answered later" "Lists";\n'
+                                              b'fileinto :create "Caf\xc3\xa9/Neu";\n'
                                               b'keep :flags ["\\\\Flagged", "\\\\Draft", "\\\\Deleted", "later", '
                                               b'"unknown"];',
         }
@@ -348,7 +351,7 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
             # wilma's INBOX knows the keyword "later" (its X-IMAPbase); her new folder knows none.
             expected = (("fred@home.com", {"Caf&AOk-": {"\\Flagged", "$Label1"}, "Work.Reports": {"\\Seen", "done"},
                                            "INBOX": {"urgent"}}),
-                        ("wilma@away.com", {"Lists": {"\\Seen", "\\Answered"},
+                        ("wilma@away.com", {"Lists": {"\\Seen", "\\Answered"}, "Caf&AOk-/Neu": set(),
                                             "INBOX": {"\\Flagged", "\\Draft", "\\Deleted", "later"}}))
             for address, folders in expected:
                 imap = dc.login(address, "s3cret")

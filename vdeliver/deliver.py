@@ -267,7 +267,7 @@ def _respond(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned: 
                 said, sent = respond.reply(cfg, rcpt, home, msg, action, log)
             else:
                 said, sent = respond.notify(cfg, rcpt, msg, action, log)
-            if sent:
+            if sent and action.vacation is not None and action.vacation.fcc is not None:
                 said += _fcc(cfg, rcpt, home, target, folders, action, sent, log)
         except Exception as exc:  # noqa: BLE001 - the message is stored: a sending problem is only logged
             said = f"{action.type}: not sent ({type(exc).__name__}: {exc})"

@@ -542,7 +542,8 @@ def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | N
         path = os.path.join(folders, "." + ".".join(_mutf7(p) for p in parts))
         exists = os.path.isdir(os.path.join(path, "new"))
     else:
-        path = os.path.join(folders, *parts)
+        # Dovecot names mbox folders on disk in modified UTF-7 too: "Projects/Büro" is Projects/B&APw-ro.
+        path = os.path.join(folders, *(_mutf7(p) for p in parts))
         exists = os.path.isfile(path)
     if not exists and not create:
         return None
@@ -555,7 +556,7 @@ def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | N
 
 
 def _mutf7(text: str) -> str:
-    """IMAP's modified UTF-7 (RFC 3501 5.1.3), as Dovecot names Maildir++ folders on disk."""
+    """IMAP's modified UTF-7 (RFC 3501 5.1.3), as Dovecot names Maildir++ and mbox folders on disk."""
     import base64
 
     out: list[str] = []
