@@ -207,6 +207,9 @@ def set_vacation(b: Browser, today: datetime.date) -> None:
     for field, day in (("#vacation_datefrom", today - datetime.timedelta(days=1)),
                        ("#vacation_dateto", today + datetime.timedelta(days=7))):
         b.css(field).send_keys(day.isoformat(), Keys.ESCAPE)
+    b.css("#vacation_subject").click()  # closes the date picker
+    b.wait(lambda d: not any(e.is_displayed() for e in d.find_elements("css selector", "#ui-datepicker-div")),
+           "the date picker closed")
     Select(b.css("#vacation_status")).select_by_value("on")
     b.shot("vacation-form")
     (save,) = [e for e in b.driver.find_elements("css selector", "button.submit, button.btn-primary")
