@@ -54,6 +54,8 @@ WALK = [
     ("docs/dovecot.md", "dovecot-start"),
     ("docs/lmtp.md", "lmtp-switch"),
     ("docs/socketmap.md", "socketmap-switch"),
+    ("docs/webmail.md", "webmail-packages"),
+    ("docs/webmail.md", "webmail-generate"),
 ]
 # The paper's way: maps and mailboxes by hand (docs/sendmail.md 2 and 3b), no accounts database.
 WALK_BY_HAND = [
@@ -197,6 +199,8 @@ def test_documented_setup_delivers_by_sendmail_and_smtp_and_reads_over_imap(tmp_
     assert result["imap_fred_home"] and result["imap_wilma_home"], result
     assert result["lmtp_used"] and result["out_alive_after_hup"] and result["imap_fred_away_lmtp"], result
     assert result["socketmap_used"] and result["imap_barney_socketmap"], result
+    assert result["managesieve_saved"] and result["imap_fred_home_filed"], result
+    assert result["roundcube_login"], result
 
 
 @pytest.mark.slow

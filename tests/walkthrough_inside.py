@@ -72,7 +72,7 @@ def _start_dns() -> None:
 
 def _check_packages(line: str) -> str:
     missing = []
-    for pkg in line.split()[2:]:
+    for pkg in (word for word in line.split()[2:] if not word.startswith("-")):
         r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, timeout=30)
         if r.stdout.strip() != "install ok installed":
             missing.append(pkg)
@@ -82,7 +82,7 @@ def _check_packages(line: str) -> str:
 
 
 def _run_block(block: dict[str, object], clone: str, env: dict[str, str], log: list[str]) -> None:
-    text = str(block["text"])
+    text = str(block["text"]).replace("\\\n", " ")  # a command continued with backslash-newline is one line
     lines = []
     for line in text.split("\n"):
         if line.startswith("apt-get install "):
@@ -156,6 +156,101 @@ def _after_socketmap(env: dict[str, str], log: list[str]) -> dict[str, object]:
     return result
 
 
+def _managesieve(user: str, password: str, name: str, script: bytes) -> bool:
+    """PUTSCRIPT and SETACTIVE over ManageSieve (RFC 5804) on the documented loopback port."""
+    import base64
+    import socket
+
+    with socket.create_connection(("127.0.0.1", 4190), timeout=30) as s:
+        f = s.makefile("rwb")
+
+        def answer() -> bytes:
+            while True:
+                line = f.readline()
+                if not line or line.startswith((b"OK", b"NO", b"BYE")):
+                    return line
+
+        answer()
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        ok = True
+        for command in (f'AUTHENTICATE "PLAIN" "{token}"\r\n'.encode(),
+                        f'PUTSCRIPT "{name}" {{{len(script)}+}}\r\n'.encode() + script + b"\r\n",
+                        f'SETACTIVE "{name}"\r\n'.encode()):
+            f.write(command)
+            f.flush()
+            ok = ok and answer().startswith(b"OK")
+        f.write(b"LOGOUT\r\n")
+        f.flush()
+        return ok
+
+
+def _roundcube_login(user: str, password: str, log: list[str]) -> bool:
+    """Debian's Roundcube as configured by docs/webmail.md, on PHP's built-in server (the walk-
+    through has no web server): the login form, then the mailbox page."""
+    import http.cookiejar
+    import re
+    import time
+    import urllib.parse
+    import urllib.request
+
+    server = subprocess.Popen(["php", "-S", "127.0.0.1:8080", "-t", "/var/lib/roundcube/public_html"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/var/lib/roundcube")
+    try:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        page = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "rcmloginuser" not in page:
+            try:
+                page = opener.open("http://127.0.0.1:8080/", timeout=30).read().decode()
+            except OSError:
+                time.sleep(0.2)
+        token = re.search(r'name="_token" value="([^"]+)"', page)
+        if token is None:
+            log.append(f"roundcube: no login form:\n{page[-2000:]}")
+            return False
+        form = urllib.parse.urlencode({"_token": token.group(1), "_task": "login", "_action": "login",
+                                       "_timezone": "UTC", "_url": "", "_user": user, "_pass": password}).encode()
+        reply = opener.open("http://127.0.0.1:8080/?_task=login", data=form, timeout=60)
+        page = reply.read().decode()
+        ok = "_task=mail" in reply.geturl() and "rcmloginuser" not in page
+        if not ok:
+            log.append(f"roundcube: login refused ({reply.geturl()}):\n{page[-2000:]}")
+        return ok
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _after_webmail(env: dict[str, str], log: list[str]) -> dict[str, object]:
+    """After docs/webmail.md: fred@home.com saves a filter over ManageSieve, as Roundcube would,
+    and the next message is filed by it; Roundcube logs fred in."""
+    import smtplib
+    import time
+
+    result: dict[str, object] = {}
+    script = (b'require ["fileinto", "mailbox"];\r\nif header :contains "subject" "webmail" {\n'
+              b'  fileinto :create "Webmail";\r\n}\n')  # CRLF and LF mixed, as Roundcube writes
+    deadline = time.monotonic() + 15  # `doveadm reload` brings the listener up
+    while not result.get("managesieve_saved") and time.monotonic() < deadline:
+        try:
+            result["managesieve_saved"] = _managesieve("fred@home.com", "fred-secret", "roundcube", script)
+        except OSError:
+            time.sleep(0.3)
+    with smtplib.SMTP("127.0.0.1", 25, timeout=30) as smtp:
+        smtp.sendmail("postmaster@mail.example.net", ["fred@home.com"],
+                      b"Subject: from webmail\r\n\r\nhello filter\r\n")
+    folder = Path("/home/vmail-users/home.com/fred/Maildir/.Webmail/new")
+    _run_queue_until(env, log, lambda: folder.is_dir() and any(folder.iterdir()))
+    import imaplib
+
+    with imaplib.IMAP4("127.0.0.1", 143, timeout=30) as imap:
+        imap.login("fred@home.com", "fred-secret")
+        typ, data = imap.select("Webmail", readonly=True)
+        result["imap_fred_home_filed"] = typ == "OK" and data[0] == b"1"
+    result["roundcube_login"] = _roundcube_login("fred@home.com", "fred-secret", log)
+    return result
+
+
 def _run_queue_until(env: dict[str, str], log: list[str], arrived: "object", seconds: float = 60) -> None:
     """Run the outgoing queue (as the admin would, `sendmail -qf`) until arrived() says the
     message is there, for at most `seconds`."""
@@ -219,11 +314,16 @@ def _inside() -> int:
                 _run_block(block, clone, env, log)
             result.update(_after_by_hand(env, log))
         else:
-            for block in plan[:-1]:
+            ids = [str(block["id"]) for block in plan]
+            switch, webmail = ids.index("socketmap-switch"), ids.index("webmail-packages")
+            for block in plan[:switch]:
                 _run_block(block, clone, env, log)
             result.update(_after(env, log))
-            _run_block(plan[-1], clone, env, log)  # docs/socketmap.md's switch
+            _run_block(plan[switch], clone, env, log)  # docs/socketmap.md's switch
             result.update(_after_socketmap(env, log))
+            for block in plan[webmail:]:  # docs/webmail.md
+                _run_block(block, clone, env, log)
+            result.update(_after_webmail(env, log))
     except Exception as exc:  # noqa: BLE001 - reported to the test with the log
         result["error"] = f"{type(exc).__name__}: {exc}"
     if result["error"] or not all(v for k, v in result.items() if k != "error"):
