@@ -54,13 +54,14 @@ class Lmtpd:
         write_config(root, **settings)
         self.log_path = root.base / "lmtpd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # more environment (e.g. NOTIFY_SOCKET)
 
     def start(self) -> Lmtpd:
         launcher = install_vdeliver() / "bin" / "vdeliver-lmtpd"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(launcher), "-c", str(self.root.config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C"}, start_new_session=True,
+                cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C", **self.env}, start_new_session=True,
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -292,3 +292,23 @@ def remove_socket(path: str, ino: int) -> None:
 
 
 # -- privileges -----------------------------------------------------------------------------
+
+
+def notify(state: str) -> bool:
+    """Tell the service manager how the server is (systemd's sd_notify: "READY=1",
+    "RELOADING=1", "STOPPING=1", "STATUS=..."), for a unit with `Type=notify`.  Nothing to do
+    (False) without $NOTIFY_SOCKET; never raises: a server runs the same without a manager."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path or path[0] not in "/@":
+        return False
+    import socket
+
+    address = "\0" + path[1:] if path[0] == "@" else path  # '@': Linux's abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(1)
+            sock.connect(address)
+            sock.sendall(state.encode("utf-8", "replace"))
+        return True
+    except OSError:
+        return False

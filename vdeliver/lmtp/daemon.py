@@ -423,19 +423,23 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         if signum == signal.SIGHUP:
             reload_wanted.set()
         else:
+            unixd.notify("STOPPING=1")
             server.stop()
 
     def on_wake() -> None:
         if not reload_wanted.is_set():
             return
         reload_wanted.clear()
+        unixd.notify("RELOADING=1")
         try:
             new_cfg, new_opts = load(config)
         except DeliveryError as exc:
             logger.error(f"reload failed, keeping the old configuration: {exc.status.detail or exc.status.reason}")
+            unixd.notify("READY=1")
             return
         server.reload(new_cfg, new_opts)
         logger.info(f"reloaded {new_cfg.path}")
+        unixd.notify("READY=1")
 
     wake_r: socket.socket | None = None
     wake_w: socket.socket | None = None
@@ -449,6 +453,7 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
             signal.signal(sig, on_signal)
     where = opts.socket + (f" and {opts.tcp[0]}:{opts.tcp[1]}" if opts.tcp else "")
     logger.info(f"listening on {where} (vdeliver {__version__}, max_connections={opts.max_connections})")
+    unixd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
     try:
         server.serve(wake_r, on_wake)
     finally:

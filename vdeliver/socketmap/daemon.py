@@ -163,9 +163,11 @@ class Server:
             loop.add_signal_handler(signal.SIGINT, self._stopping.set)
             loop.add_signal_handler(signal.SIGHUP, self._reload)
         watcher = asyncio.create_task(self._watch_changes())
+        unixd.notify(f"READY=1\nMAINPID={os.getpid()}")
         try:
             await self._stopping.wait()
         finally:
+            unixd.notify("STOPPING=1")
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             st = self.resolver.stats
@@ -178,8 +180,10 @@ class Server:
             self._stopping.set()
 
     def _reload(self) -> None:
+        unixd.notify("RELOADING=1")
         self.resolver.invalidate()
         self.log.info("SIGHUP: cached answers marked stale")
+        unixd.notify("READY=1")
 
     async def _watch_changes(self) -> None:
         """Poll the database's change serial (when the backend has one): a change
