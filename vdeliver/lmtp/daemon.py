@@ -40,6 +40,7 @@ from vdeliver.lmtp import protocol as p
 from vdeliver.lmtp.session import POLL, Session, where
 from vdeliver.lmtp.settings import Settings, load
 from vdeliver.log import Logger, RateLimited
+from vdeliver.metrics import MetricsServer, Registry, process_gauges
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,6 +82,16 @@ class Server:
         self._refusals = RateLimited(logger, 10.0)
         self._socket_ino = -1
         self.run_user: unixd.RunUser | None = None  # set by _run() before listen()
+        self.metrics = self._registry()
+        self.metrics_server: MetricsServer | None = None
+
+    def _registry(self) -> Registry:
+        reg = Registry("vdeliver_lmtp")
+        reg.gauge("connections", "Open LMTP connections.", lambda: len(self.threads))
+        reg.gauge("max_connections", "The [lmtp] max_connections limit.", lambda: self.opts.max_connections)
+        reg.gauge("up", "1 while the server accepts connections.", lambda: 0 if self.stopping.is_set() else 1)
+        process_gauges(reg)
+        return reg
 
     # -- listening --------------------------------------------------------------------
 
@@ -97,6 +108,8 @@ class Server:
             socket_owner = (user.uid, user.gid)
         unix, self._socket_ino = unixd.bind_unix(self.opts.socket, self.opts.socket_mode, owner, socket_owner)
         self.listeners.append(unix)
+        if self.opts.metrics is not None:
+            self.metrics_server = MetricsServer(self.metrics, self.opts.metrics, self.log).bind(owner)
         if self.opts.tcp is not None:
             host, port = self.opts.tcp
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -107,6 +120,9 @@ class Server:
             self.listeners.append(tcp)
 
     def close_listeners(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         for s in self.listeners:
             try:
                 s.close()
@@ -201,12 +217,16 @@ class Server:
     def _start(self, client: socket.socket) -> None:
         client.setblocking(True)
         peer = self._peer(client)
+        self.metrics.inc("connections_total", "LMTP connections, refused ones included.")
         if peer is not None and self._peers.get(peer, 0) >= self.opts.max_connections_per_peer:
+            self.metrics.inc("connections_refused_total", "Connections refused, by limit.",
+                             limit="max_connections_per_peer")
             _refuse(client, p.Reply(421, "4.4.2", "too many connections from you, try again later"))
             self._refusals.warning(f"refused a connection from {peer}: "
                                    f"max_connections_per_peer={self.opts.max_connections_per_peer} reached")
             return
         if not self._slots.acquire(blocking=False):
+            self.metrics.inc("connections_refused_total", "Connections refused, by limit.", limit="max_connections")
             _refuse(client, p.Reply(421, "4.3.2", "too many connections, try again later"))
             self._refusals.warning(f"refused a connection: max_connections={self.opts.max_connections} reached")
             return
@@ -452,6 +472,9 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
     where = opts.socket + (f" and {opts.tcp[0]}:{opts.tcp[1]}" if opts.tcp else "")
+    if server.metrics_server is not None:
+        server.metrics_server.start()
+        where += f" (metrics on {server.metrics_server.describe()})"
     logger.info(f"listening on {where} (vdeliver {__version__}, max_connections={opts.max_connections})")
     unixd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
     try:

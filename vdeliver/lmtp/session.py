@@ -32,6 +32,10 @@ from vdeliver.lmtp.settings import Settings
 from vdeliver.log import Logger, delivery_line
 from vdeliver.recipient import Recipient, parse
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdeliver.metrics import Registry
+
 POLL = 0.5  # how often a waiting connection looks at the stop flag
 RECV = 1 << 16
 
@@ -43,6 +47,7 @@ class Host(Protocol):
     opts: Settings
     log: Logger
     stopping: threading.Event
+    metrics: Registry
 
     def mailbox_lock(self, path: str) -> threading.Lock: ...
 
@@ -221,6 +226,7 @@ class Session:
             self._log(address, status, 0, f"{status.reason}: {status.detail}")
             return reply_for(status, address)
         txn.targets.append((address, rcpt, target))
+        self.server.metrics.inc("rcpt_accepted_total", "Recipients accepted at RCPT.")
         return p.Reply(250, "2.1.5", f"<{address}> recipient ok")
 
     # -- DATA ------------------------------------------------------------------------------
@@ -324,6 +330,12 @@ class Session:
         delay = time.time() - txn.started if txn is not None else 0.0
         line = delivery_line(address, sender, size, delay, status.dsn, status.word, why)
         self.server.log.info(f"{self.name}: {line}")
+        metrics = self.server.metrics
+        metrics.inc("deliveries_total", "Recipients by result (sent, deferred, bounced), RCPT refusals included.",
+                    status=status.word)
+        if status.word == "sent":
+            metrics.inc("delivered_bytes_total", "Bytes delivered (each recipient's copy).", size)
+            metrics.observe("delivery_seconds", "From MAIL FROM to a recipient's message being durable.", delay)
 
     def _log_refused(self, event: p.EndOfData) -> None:
         assert event.error is not None

@@ -28,6 +28,7 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "transaction_time_limit": (3600, "count"),
     "max_connections_per_peer": (10, "count"),
     "shutdown_grace": (60, "count"),
+    "metrics": ("", "metrics"),
 }
 
 
@@ -51,10 +52,11 @@ class Settings:
     transaction_time_limit: int
     max_connections_per_peer: int
     shutdown_grace: int
+    metrics: tuple[str, int] | str | None  # where /metrics is served (vdeliver.metrics), or None
 
     def restart_keys(self) -> tuple[object, ...]:
         return (self.socket, self.socket_mode, self.socket_owner, self.tcp, self.user, self.group, self.pid_file,
-                self.max_connections, self.delivery_threads)
+                self.max_connections, self.delivery_threads, self.metrics)
 
 
 def settings(cfg: Config) -> Settings:
@@ -80,6 +82,13 @@ def settings(cfg: Config) -> Settings:
             value = int(text, 8)
         elif kind == "address":
             value = _tcp_address(str(value), where)
+        elif kind == "metrics":
+            from vdeliver.metrics import parse_endpoint
+
+            try:
+                value = parse_endpoint(str(value))
+            except ValueError as exc:
+                raise ConfigError(where, str(exc)) from None
         elif kind == "owner" and value and (str(value).count(":") > 1 or str(value).startswith(":")):
             raise ConfigError(where, "must be USER or USER:GROUP")
         setattr(s, key, value)

@@ -74,6 +74,11 @@ class Resolver:
         self._trouble = ""  # last database error logged, to log changes of state once
         self._valid_after = float("-inf")
 
+    @property
+    def trouble(self) -> str:
+        """Why the database did not answer the last lookup ("" while it answers)."""
+        return self._trouble
+
     def invalidate(self) -> None:
         """Make every cached answer stale: asked again; a positive one is still served if the
         database then fails.  Negative answers are dropped: they are never served stale."""

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from vdeliver import unixd
 from vdeliver.config import ConfigError
 from vdeliver.log import Logger, RateLimited
+from vdeliver.metrics import MetricsServer, Registry, process_gauges
 from vdeliver.socketmap import protocol as p
 from vdeliver.socketmap.cache import Backend, Resolver
 from vdeliver.socketmap.session import Session
@@ -70,6 +71,24 @@ class Server:
         self._stopping: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = False
+        self.metrics = self._registry()
+        self.metrics_server: MetricsServer | None = None
+
+    def _registry(self) -> Registry:
+        reg = Registry("vdeliver_socketmap")
+        stats = self.resolver.stats
+        reg.gauge("cache_total", "Cache events: hit, miss (asked the database), stale (served during an outage), "
+                  "temp (deferred: no answer to serve).",
+                  lambda: {(("event", k),): float(v) for k, v in stats.items()}, kind="counter")
+        reg.gauge("cache_hit_ratio", "Hits among all lookups that reached the cache.",
+                  lambda: stats["hit"] / max(1, stats["hit"] + stats["miss"]))
+        reg.gauge("cache_entries", "Answers in the cache.", lambda: len(self.resolver))
+        reg.gauge("database_up", "1 while the database answers, 0 since a lookup failed.",
+                  lambda: 0 if self.resolver.trouble else 1)
+        reg.gauge("connections", "Open socketmap connections.", lambda: self.connections)
+        reg.gauge("up", "1 while the server accepts connections.", lambda: 1 if self.ready else 0)
+        process_gauges(reg)
+        return reg
 
     # -- listening -------------------------------------------------------------
 
@@ -96,11 +115,19 @@ class Server:
         prepare = getattr(self.backend, "prepare", None)
         if prepare is not None and os.geteuid() == 0:
             await asyncio.get_running_loop().run_in_executor(self.executor, prepare)
+        if self.settings.metrics_endpoint is not None:
+            self.metrics_server = MetricsServer(self.metrics, self.settings.metrics_endpoint, self.log).bind(owner)
+            self.log.info(f"metrics on {self.metrics_server.describe()}")
         # Everything that needed root is done: serve as the run user, for good.
         unixd.drop_privileges(owner)
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.ready = True
 
     async def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         for server in self._servers:
             server.close()
         for path, ino in self._socket_inodes.items():
@@ -116,7 +143,7 @@ class Server:
 
     def _handler(self, listener: Listener) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                                         Awaitable[None]]:
-        session = Session(self.settings, self.resolver, self.log, listener)
+        session = Session(self.settings, self.resolver, self.log, listener, self.metrics)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()

@@ -9,17 +9,24 @@ The daemon counts connections and refuses past its cap before a Session starts.
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 
 from vdeliver.log import Logger
 from vdeliver.socketmap import protocol as p
 from vdeliver.socketmap.cache import Resolver
 from vdeliver.socketmap.settings import Listener, Settings
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdeliver.metrics import Registry
+
 
 class Session:
     """Serves the requests of one connection on `listener` until it closes or stalls."""
 
-    def __init__(self, settings: Settings, resolver: Resolver, log: Logger, listener: Listener) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver, log: Logger, listener: Listener,
+                 metrics: Registry | None = None) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.resolver = resolver
         self.log = log
@@ -59,11 +66,15 @@ class Session:
                 assert isinstance(event, p.Request)
                 name = aliases.get(event.map, event.map)
                 refused = chain.check(name, event.key)
+                started = monotonic()
                 if refused is None:
                     reply = await self.resolver.resolve(name, event.key)
                     chain.record(name, event.key, reply)
                 else:
                     reply = refused
+                if self.metrics is not None:
+                    self.metrics.inc("lookups_total", "Lookups by map and answer.", map=name, status=reply.status)
+                    self.metrics.observe("lookup_seconds", "Time to answer a lookup.", monotonic() - started)
                 if reply.status == "PERM":
                     self.log.warning(f"{listener.describe()}: map={event.map} key=<{event.key}>: {reply.text}")
             writer.write(reply.encode())

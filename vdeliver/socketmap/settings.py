@@ -39,11 +39,13 @@ class Settings:
     user: str = ""  # "" = the top-level `user`
     group: str = ""
     allow_root: bool = False
+    metrics: str = ""  # "/path" or "127.0.0.1:PORT": Prometheus text on /metrics (vdeliver.metrics)
     # derived from the keys above by load_settings(), not keys themselves
     mode: int = field(default=0o660, init=False)
     tcp_host: str = field(default="", init=False)
     tcp_port: int = field(default=0, init=False)
     listeners: list[Listener] = field(default_factory=list, init=False)
+    metrics_endpoint: tuple[str, int] | str | None = field(default=None, init=False)
 
 
 @dataclass
@@ -105,6 +107,13 @@ def load_settings(cfg: Config) -> Settings:
             raise ConfigError(w(key), f"must be at least {low}")
     if s.db_timeout <= 0 or s.client_timeout <= 0:
         raise ConfigError(w("db_timeout" if s.db_timeout <= 0 else "client_timeout"), "must be more than 0")
+    if s.metrics:
+        from vdeliver.metrics import parse_endpoint
+
+        try:
+            s.metrics_endpoint = parse_endpoint(s.metrics)
+        except ValueError as exc:
+            raise ConfigError(w("metrics"), str(exc)) from None
     if s.socket_in:
         s.listeners.append(Listener("unix", s.socket_in, 0, "in"))
     if s.socket_out:
