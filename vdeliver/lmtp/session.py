@@ -81,6 +81,7 @@ class _Txn:
         self.spool = -1
         self.size = 0
         self.shared: dict[str, object] = {}  # Sieve: the message parsed once for all recipients
+        self.declared = 0  # MAIL FROM's SIZE=, if the client gave one
 
     def close(self) -> None:
         if self.spool >= 0:
@@ -188,6 +189,7 @@ class Session:
         if isinstance(event, p.MailFrom):
             self._reset()
             self.txn = _Txn(self.server.cfg, event.sender)
+            self.txn.declared = event.size or 0
         elif isinstance(event, p.RcptTo):
             self.conn.answer_rcpt(self._rcpt(event.address))
         elif isinstance(event, p.DataStart):
@@ -225,6 +227,12 @@ class Session:
             status = Status("4.3.0", "internal error", f"{type(exc).__name__}: {exc}{where(exc)}")
             self._log(address, status, 0, f"{status.reason}: {status.detail}")
             return reply_for(status, address)
+        if self.server.opts.rcpt_check_quota and target.format == "maildir":
+            full = _over_quota(target.path, txn.declared, cfg.over_quota == "bounce")
+            if full is not None:
+                self._log(address, full, 0, f"{full.reason}: {full.detail}")
+                self.server.metrics.inc("rcpt_over_quota_total", "Recipients refused at RCPT: mailbox full.")
+                return reply_for(full, address)
         txn.targets.append((address, rcpt, target))
         self.server.metrics.inc("rcpt_accepted_total", "Recipients accepted at RCPT.")
         return p.Reply(250, "2.1.5", f"<{address}> recipient ok")
@@ -346,6 +354,27 @@ class Session:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _over_quota(path: str, declared: int, bounce: bool) -> Status | None:
+    """At RCPT, as Dovecot's lmtp_rcpt_check_quota: the Maildir++ quota already reached (or
+    too small for the SIZE the client declared) -> 452 4.2.2, or 552 5.2.2 with over_quota =
+    "bounce".  A quota that cannot be read refuses nothing here: DATA checks it again."""
+    from vdeliver import maildir
+
+    try:
+        quota = maildir.read_quota(path)
+    except (OSError, DeliveryError):
+        return None
+    if quota is None:
+        return None
+    limit_bytes, limit_count, used_bytes, used_count, _size = quota
+    size = max(declared, 1)
+    if (limit_bytes and used_bytes + size > limit_bytes) or (limit_count and used_count + 1 > limit_count):
+        return Status("5.2.2" if bounce else "4.2.2", "mailbox full",
+                      f"{path}: quota {limit_bytes}S,{limit_count}C, used {used_bytes}S,{used_count}C"
+                      + (f", SIZE={declared}" if declared else ""))
+    return None
 
 
 def _reopen(fd: int) -> int:

@@ -29,6 +29,7 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "max_connections_per_peer": (10, "count"),
     "shutdown_grace": (60, "count"),
     "metrics": ("", "metrics"),
+    "rcpt_check_quota": (True, "bool"),
 }
 
 
@@ -53,6 +54,7 @@ class Settings:
     max_connections_per_peer: int
     shutdown_grace: int
     metrics: tuple[str, int] | str | None  # where /metrics is served (vdeliver.metrics), or None
+    rcpt_check_quota: bool  # refuse a full Maildir at RCPT (452 4.2.2 / 552 5.2.2)
 
     def restart_keys(self) -> tuple[object, ...]:
         return (self.socket, self.socket_mode, self.socket_owner, self.tcp, self.user, self.group, self.pid_file,
@@ -61,7 +63,7 @@ class Settings:
 
 def settings(cfg: Config) -> Settings:
     """Validate [lmtp]; a ConfigError names the file, line and key at fault."""
-    given = read_table(cfg, "lmtp", {key: "int" if kind in ("count", "size") else "str"
+    given = read_table(cfg, "lmtp", {key: "int" if kind in ("count", "size") else "bool" if kind == "bool" else "str"
                                      for key, (_default, kind) in LMTP_KEYS.items()})
     s = Settings()
     for key, (default, kind) in LMTP_KEYS.items():

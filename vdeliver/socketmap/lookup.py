@@ -95,7 +95,7 @@ def key_parts(map_name: str, key: str) -> tuple[str, str]:
 class Backend:
     """Map lookups over the accounts database (thread-safe: one connection per thread)."""
 
-    maps = frozenset(MAPS)
+    maps = frozenset(MAPS) | {"quota"}
 
     def __init__(self, settings: Any, hostname: str, *, statement_timeout: float = 3.0,
                  retry_interval: float = 1.0) -> None:
@@ -112,6 +112,8 @@ class Backend:
         self._shared: Any = None  # SQLite: one connection opened before root is given up
         self._shared_lock = threading.Lock()
         self.srs: tuple[str, bytes] | None = None  # ([sieve] srs_domain, its secret): bounces to SRS0
+        # The `quota` map: where Maildirs are ([maildir_path]), the detail delimiter, over_quota.
+        self.quota_config: Any = None
 
     def prepare(self) -> None:
         """Called as root, before the server drops privileges: open the SQLite database now,
@@ -236,6 +238,8 @@ class Backend:
             answer = self._srs(map_name, key)
             if answer is not None:
                 return answer
+        if map_name == "quota":
+            return self._quota(key)
         file_name = _file_name(map_name)
         if map_name == "VirtHost":
             text = self._render(self._run(self._whole), file_name)
@@ -263,6 +267,40 @@ class Backend:
             domain, local = key_parts(map_name, key)
             snap = self._run(lambda q: self._slice(q, domain, local))
         return parse_map(file_name, self._render(snap, file_name)).get(key.lower())
+
+    def _quota(self, key: str) -> str | None:
+        """Map `quota` (as Cyrus's smmapd): `user@domain` -> "452 4.2.2 mailbox full" (or "552
+        5.2.2 ..." with over_quota = "bounce") when that mailbox is a Maildir whose Maildir++
+        quota is reached on this hub; None (NOTFOUND: no objection) otherwise, for aliases,
+        mbox users, unknown or disabled addresses and a quota that cannot be read alike."""
+        cfg = self.quota_config
+        local, _, domain = key.strip().strip("<>").rpartition("@")
+        if cfg is None or not local or not domain:
+            return None
+        from vdeliver.deliver import expand
+        from vdeliver.recipient import Recipient
+
+        if cfg.recipient_delimiter and cfg.recipient_delimiter in local:
+            local = local.split(cfg.recipient_delimiter, 1)[0]
+        domain, local = domain.lower().rstrip("."), local.lower()
+        snap = self._run(lambda q: self._slice(q, domain, local))
+        box = next((m for m in snap.mailboxes if m["status"] != "disabled"), None)
+        if box is None or box["format"] != "maildir":
+            return None
+        from vdeliver import maildir
+        from vdeliver.errors import DeliveryError
+
+        path = expand(cfg.maildir_path, Recipient(str(box["domain"]), str(box["username"])))
+        try:
+            quota = maildir.read_quota(path)
+        except (OSError, DeliveryError):
+            return None
+        if quota is None:
+            return None
+        limit_bytes, limit_count, used_bytes, used_count, _size = quota
+        if (limit_bytes and used_bytes >= limit_bytes) or (limit_count and used_count >= limit_count):
+            return "552 5.2.2 mailbox full" if cfg.over_quota == "bounce" else "452 4.2.2 mailbox full"
+        return None
 
     def _srs(self, map_name: str, key: str) -> str | None:
         """A bounce to one of our SRS0 addresses (vdeliver.srs): the virtuser map sends it on to
@@ -316,6 +354,7 @@ def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None =
         except ImportError:
             raise BackendConfigError("[accounts] dsn needs psycopg 3: pip install 'vdeliver[postgres]'") from None
     backend = Backend(settings, cfg.host(), statement_timeout=statement_timeout)
+    backend.quota_config = cfg
     sieve = cfg.table("sieve")
     if sieve.get("srs_domain") and sieve.get("srs_secret_file"):
         from vdeliver import srs
