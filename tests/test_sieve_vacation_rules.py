@@ -79,6 +79,16 @@ def test_the_reply() -> None:
     assert b"\r" not in data
 
 
+@pytest.mark.parametrize("subject_line", [b"", b"Subject: \n", b"Subject:   \t\n"])
+def test_no_original_subject_gives_pigeonholes_automated_reply(subject_line: bytes) -> None:
+    original = [(n, v) for n, v in fields() if n != "subject"]
+    if subject_line:
+        original += split_fields(subject_line)
+    msg = parse(compose(original=original, sender="alice@example.org", recipient="fred@example.org", from_="",
+                        subject=None, reason="Away.", mime=False, hostname="mx"))
+    assert msg["Subject"] == "Automated reply"
+
+
 def test_non_ascii_subject_and_from() -> None:
     data = compose(original=fields(), sender="alice@example.org", recipient="fred@example.org",
                    from_="Frédéric <fred@example.org>", subject="Abwesend bis März — Grüße", reason="Grüße",

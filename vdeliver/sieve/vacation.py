@@ -167,7 +167,10 @@ def compose(*, original: "list[tuple[str, bytes]]", sender: str, recipient: str,
     """The reply (LF line ends)."""
     if subject is None:
         originals = [headers.decode_value(raw) for name, raw in original if name == "subject"]
-        subject = "Auto: " + (_clean(originals[0]) if originals and _clean(originals[0]) else "(no subject)")
+        # RFC 5230 4.3: "Auto: " and the original subject; none to prefix: "Automated reply",
+        # as Pigeonhole says it.
+        first = _clean(originals[0]) if originals else ""
+        subject = "Auto: " + first if first else "Automated reply"
     message_id = _ids(_values(original, "message-id"))[:1]
     references = _ids(_values(original, "references")) + message_id
     if len(references) > 20:  # RFC 5322 3.6.4: keep the first and the last ones
