@@ -53,7 +53,9 @@ def refusal(fields: "list[tuple[str, bytes]]", sender: str, own: "set[str]", rul
         return "the sender is <>"
     local, _, _domain = sender.rpartition("@")
     local = (local or sender).lower()
-    if any(fnmatchcase(local, pattern.lower()) for pattern in rules.never_reply):
+    # A VERP or subaddressed sender (noreply+1234@, dev-request+x@) is its part before the '+' too.
+    names = {local, local.split("+", 1)[0]}
+    if any(fnmatchcase(name, pattern.lower()) for pattern in rules.never_reply for name in names):
         return f"<{sender}> is never answered"
     if sender.lower() in own:
         return "the sender is the user"
