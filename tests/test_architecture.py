@@ -80,7 +80,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # Bottom to top.  A pattern ending in ".*" takes a whole package.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("vdeliver", "vdeliver.errors", "vdeliver.hooks", "vdeliver.log", "vdeliver.fileio", "vdeliver.privileges",
-              "vdeliver.unixd")),
+              "vdeliver.unixd", "vdeliver.metrics")),
     ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking", "vdeliver.srs")),
     ("stores", ("vdeliver.mbox", "vdeliver.maildir", "vdeliver.flags", "vdeliver.tracking")),
     ("recovery", ("vdeliver.recovery",)),
