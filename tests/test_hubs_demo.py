@@ -71,7 +71,10 @@ def test_failover_drill_report(base: Path) -> None:
     # Writes: fine before the failure, refused while no primary exists, fine again after promotion.
     writes = report["writes"]
     assert writes["ok"] > 20
-    assert writes["failed_in_outage"] > 0 and set(writes["errors"]) == {"standby only (no read-write server)"}
+    # Refused by the standby (the dead primary refuses at once); a write in flight at the kill may
+    # also fail otherwise ("server closed the connection").
+    assert writes["failed_in_outage"] > 0
+    assert max(writes["errors"], key=writes["errors"].get) == "standby only (no read-write server)"
     assert writes["first_ok_after_kill"] is not None
     assert 0 < writes["outage_seconds"] < 10 and writes["first_ok_after_promote_seconds"] < 5
     assert writes["acknowledged_then_lost"] == 0
