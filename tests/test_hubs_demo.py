@@ -93,6 +93,25 @@ def test_failover_drill_report(base: Path) -> None:
     assert not (base / "lab").exists()
 
 
+def test_failover_drill_with_the_primary_host_gone(base: Path) -> None:
+    """--failure link: the old primary's cable is cut too.  Nothing fails, but every new connection
+    first waits for the vanished host (connect_timeout, or the failed ARP resolution, whichever
+    comes first) until it is back as a standby."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--quick", "--failure", "link",
+                           "--base", str(base / "lab")], capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=str(ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["ok"] and all(report["checks"].values()), report["checks"]
+    writes, reads = report["writes"], report["reads"]
+    assert writes["outage_seconds"] > 1.9
+    assert writes["latency_after_promotion_until_rebuild_ms"]["p50"] > 1900
+    assert reads["failed"] == 0 and reads["latency_started_without_primary_ms"]["max"] > 1900
+    assert writes["acknowledged_then_lost"] == 0
+    assert report["rebuild"]["drill_write_visible_on_rebuilt_standby"]
+    assert report["namespaces_left"] == [] and our_namespaces() == []
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)],
                          ids=["SIGINT", "SIGTERM"])
 def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code: int) -> None:
