@@ -4,7 +4,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench hubs clean
 
 demo:
 	@scripts/bootstrap
@@ -30,6 +30,12 @@ test-fast:
 bench:
 	@scripts/bootstrap --peers
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Issue 20, first step: a PostgreSQL primary and standby and two hubs in network namespaces, a
+# failover drill with measurements (scripts/hubs-demo; as root).  HUBS_ARGS="--quick --json" etc.
+hubs:
+	@scripts/bootstrap --peers
+	$(PY) scripts/hubs-demo $(HUBS_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info .coverage .coverage.*

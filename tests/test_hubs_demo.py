@@ -1,0 +1,139 @@
+"""scripts/hubs-demo (issue 20, first step): the failover drill in network namespaces.
+
+A PostgreSQL primary and a streaming standby, two hubs and a client, each in its own
+namespace on a private bridge; the primary is killed, the standby promoted, the old
+primary rebuilt as a standby.  The script is run for real (`--json --quick`) and its
+report is checked; so is its teardown after a Ctrl-C or SIGTERM in the middle of the drill.
+Needs root (namespaces) and PostgreSQL's server programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import REQUIRE_PEERS, ROOT, require, require_root, world_tmpdir
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+SCRIPT = ROOT / "scripts" / "hubs-demo"
+ENV = {"PATH": "/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+       "PYTHONPATH": str(ROOT)}
+
+
+def our_namespaces() -> list[str]:
+    try:
+        return sorted(name for name in os.listdir("/run/netns") if name.startswith("vd-"))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """What the script needs, or skip (fail under VDELIVER_REQUIRE_PEERS=1); a private --base."""
+    require_root("network namespaces and the postgres user")
+    require("ip", "runuser", "initdb", "pg_ctl", "pg_basebackup")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        message = "no postgres system user (Debian's postgresql package creates it)"
+        if REQUIRE_PEERS:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    path = world_tmpdir("vdeliver-hubs-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_failover_drill_report(base: Path) -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--quick", "--base", str(base / "lab")],
+                          capture_output=True, text=True, timeout=300, env=ENV, cwd=str(ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["ok"] and all(report["checks"].values()), report["checks"]
+    assert report["quick"] and report["total_seconds"] < 60
+    names = [phase["name"] for phase in report["phases"]]
+    assert names[0] == "network" and names[-1] == "teardown" and "drill: promotion" in names
+    # The accounts: vmailctl on hubA through the multi-host dsn, read back on hubB, replicated.
+    accounts = report["accounts"]
+    assert accounts["schema_version"] >= 1 and accounts["replicated_to_standby"]
+    assert accounts["users_listed_on_hubB"] == sorted(accounts["users"])
+    # Writes: fine before the failure, refused while no primary exists, fine again after promotion.
+    writes = report["writes"]
+    assert writes["ok"] > 20
+    # Refused by the standby (the dead primary refuses at once); a write in flight at the kill may
+    # also fail otherwise ("server closed the connection").
+    assert writes["failed_in_outage"] > 0
+    assert max(writes["errors"], key=writes["errors"].get) == "standby only (no read-write server)"
+    assert writes["first_ok_after_kill"] is not None
+    assert 0 < writes["outage_seconds"] < 10 and writes["first_ok_after_promote_seconds"] < 5
+    assert writes["acknowledged_then_lost"] == 0
+    assert writes["servers"].get("10.77.0.1 (primary)", 0) > 0 and writes["servers"].get("10.77.0.2 (primary)", 0) > 0
+    # Reads never stopped: the standby answered while there was no primary.
+    reads = report["reads"]
+    assert reads["failed"] == 0 and reads["ok_started_without_primary"] > 0
+    assert reads["longest_gap_seconds"] < 2
+    # The old primary, rebuilt from the new one, replicates what was written after the rebuild.
+    rebuild = report["rebuild"]
+    assert rebuild["drill_write_visible_on_rebuilt_standby"] and rebuild["domain_visible_on_rebuilt_standby_ms"] < 10000
+    assert rebuild["rebuilt_in_recovery"] and not rebuild["new_primary_in_recovery"]
+    assert rebuild["reads_served_by_rebuilt_standby"] > 0
+    # Nothing left behind.
+    assert report["namespaces_left"] == [] and our_namespaces() == []
+    assert not (base / "lab").exists()
+
+
+def test_failover_drill_with_the_primary_host_gone(base: Path) -> None:
+    """--failure link: the old primary's cable is cut too.  Nothing fails, but every new connection
+    first waits for the vanished host (connect_timeout, or the failed ARP resolution, whichever
+    comes first) until it is back as a standby."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--quick", "--failure", "link",
+                           "--base", str(base / "lab")], capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=str(ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["ok"] and all(report["checks"].values()), report["checks"]
+    writes, reads = report["writes"], report["reads"]
+    assert writes["outage_seconds"] > 1.9
+    assert writes["latency_after_promotion_until_rebuild_ms"]["p50"] > 1900
+    assert reads["failed"] == 0 and reads["latency_started_without_primary_ms"]["max"] > 1900
+    assert writes["acknowledged_then_lost"] == 0
+    assert report["rebuild"]["drill_write_visible_on_rebuilt_standby"]
+    assert report["namespaces_left"] == [] and our_namespaces() == []
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code: int) -> None:
+    lab = base / "lab"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--quick", "--baseline", "30", "--base", str(lab)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT))
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if "drill: baseline" in line:
+                break
+        assert our_namespaces(), "".join(seen)
+        assert any(lab.glob("db*/data*/postmaster.pid"))
+        proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, "".join(seen) + rest
+    assert our_namespaces() == []
+    assert not lab.exists()
+    assert "torn down" in rest
