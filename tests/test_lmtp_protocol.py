@@ -443,3 +443,63 @@ def test_the_server_steps_follow_the_table() -> None:
         conn.answer_rcpt(p.Reply(250, "2.1.5", "ok"))  # not the step this state waits for
     conn.answer_data(p.Reply(250, "2.0.0", "delivered"))
     assert conn.state == p.TRANSITIONS[(p.WAIT_DATA, "all answered")]
+
+
+def reference_data(body: bytes) -> tuple[bytes, int] | None:
+    """What DATA means, line by line (RFC 5321 4.5.2 with LMTP's line ends): (the message with
+    LF line ends and stuffed dots removed, the size as sent less the stuffed dots), or None when
+    the body has no ".\r\n" at a line start."""
+    out, size, pos, bol = bytearray(), 0, 0, True
+    while pos < len(body):
+        if bol and body[pos:pos + 3] == b".\r\n":
+            return bytes(out), size
+        if bol and body[pos] == 0x2E:
+            pos += 1
+        lf = body.find(b"\n", pos)
+        if lf < 0:
+            return None
+        line = body[pos:lf + 1]
+        size += len(line)
+        out += line[:-2] + b"\n" if line.endswith(b"\r\n") else line
+        bol, pos = True, lf + 1
+    return None
+
+
+_body_piece = st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b".\r\n", b"\n.\r\n", b"x", b"From ", b"\r\r"])
+
+
+@given(pieces=st.lists(st.one_of(_body_piece, st.binary(max_size=20)), max_size=60),
+       cuts=st.lists(st.integers(1, 40), max_size=60), max_size=st.sampled_from([0, 50, 10**6]))
+def test_data_equals_the_line_by_line_reading(pieces: list[bytes], cuts: list[int], max_size: int) -> None:
+    """Block-wise DATA (bytes.find/replace over whatever arrived) gives exactly what reading the
+    body line by line gives, however the stream is cut: the same message, the same end, and
+    the message refused for its size exactly when the line-by-line size is over the limit."""
+    body = b"".join(pieces) + b"\r\n.\r\n"
+    expected = reference_data(body)
+    assert expected is not None
+    want, size = expected
+    stream = LHLO + MAIL + b"RCPT TO:<a@x.test>\r\nDATA\r\n" + body + b"NOOP\r\n"
+    conn = p.Connection(HOST, max_size=max_size)
+    got = bytearray()
+    pos, sizes = 0, iter(cuts)
+    end: p.EndOfData | None = None
+    while end is None and pos < len(stream) + 1:
+        step = next(sizes, 4096)
+        conn.receive_data(stream[pos:pos + step])
+        pos += step
+        while True:
+            ev = conn.next_event()
+            if ev is p.NEED_DATA:
+                break
+            if isinstance(ev, p.RcptTo):
+                conn.answer_rcpt(p.Reply(250, "2.1.5", "ok"))
+            elif isinstance(ev, p.Data):
+                got += ev.data
+            elif isinstance(ev, p.EndOfData):
+                end = ev
+                break
+    assert end is not None
+    too_big = bool(max_size) and size > max_size
+    assert (end.error is not None) == too_big
+    if not too_big:
+        assert bytes(got) == want

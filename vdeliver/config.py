@@ -353,3 +353,20 @@ def load(explicit: "str | None" = None) -> Config:
         return Config(path)
     data, lines = read_file(path)
     return build(data, path, lines)
+
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# libpq's keepalives and TCP user timeout: a PostgreSQL server that vanishes from the network
+# (a failed primary's host) must not hold a query for the kernel's TCP timeout (minutes).
+# Unix-socket connections ignore them.
+PG_TCP_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+                   "tcp_user_timeout": 10000}
+
+
+def pg_liveness(dsn: str) -> "dict[str, Any]":
+    """The PG_TCP_LIVENESS keywords the connection string does not set itself (typed Any:
+    they are psycopg.connect's **kwargs)."""
+    return {key: value for key, value in PG_TCP_LIVENESS.items() if key not in dsn}

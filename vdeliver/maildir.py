@@ -187,6 +187,22 @@ def read_quota(path: str, dirfd: "int | None" = None) -> "tuple[int, int, int, i
     return _parse_quota(data)
 
 
+def quota_reached(path: str, size: int = 1) -> "str | None":
+    """Before the message (at RCPT): "quota 1000S,0C, used 900S,1C" when a message of `size`
+    bytes would not fit the Maildir++ quota, else None.  A quota that cannot be read is None:
+    the delivery checks it again and says why."""
+    try:
+        quota = read_quota(path)
+    except (OSError, DeliveryError):
+        return None
+    if quota is None:
+        return None
+    limit_bytes, limit_count, used_bytes, used_count, _size = quota
+    if (limit_bytes and used_bytes + max(size, 1) > limit_bytes) or (limit_count and used_count + 1 > limit_count):
+        return f"quota {limit_bytes}S,{limit_count}C, used {used_bytes}S,{used_count}C"
+    return None
+
+
 def _parse_quota(data: bytes) -> "tuple[int, int, int, int, int]":
     lines = data.decode("ascii", "replace").split("\n")
     limit_bytes, limit_count = parse_quota_definition(lines[0])

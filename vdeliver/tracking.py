@@ -92,8 +92,11 @@ class Tracker:
 
                 ms = int(self.timeout * 1000)
                 given = str(conninfo_to_dict(self.dsn).get("options") or "")  # kept (a search_path, say)
+                from vdeliver.config import pg_liveness
+
                 self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)),
-                                             options=f"{given} -c statement_timeout={ms} -c lock_timeout={ms}".strip())
+                                             options=f"{given} -c statement_timeout={ms} -c lock_timeout={ms}".strip(),
+                                             **pg_liveness(self.dsn))
             else:
                 import sqlite3
 

@@ -399,12 +399,19 @@ def parse_args(argv: list[str]) -> object:
         description="Print (or write with --output) the Dovecot configuration for this vdeliver set-up.",
     )
     add_arguments(parser)
+    return parse_words(parser, argv, "dovecot-config")
+
+
+def parse_words(parser: object, argv: list[str], command: str) -> object:
+    """A generator command's words, parsed; a bad one is a ConfigurationError (exit 1)."""
+    import argparse
+
     try:
-        args, rest = parser.parse_known_args(argv)
+        args, rest = parser.parse_known_args(argv)  # type: ignore[attr-defined]
     except argparse.ArgumentError as exc:
-        raise ConfigurationError(f"dovecot-config: {exc}") from None
+        raise ConfigurationError(f"{command}: {exc}") from None
     if rest:
-        raise ConfigurationError(f"dovecot-config: unexpected argument {rest[0]!r}")
+        raise ConfigurationError(f"{command}: unexpected argument {rest[0]!r}")
     return args
 
 
@@ -418,12 +425,16 @@ def render(cfg: Config, args: object = None) -> str | int:
         except SystemExit as exc:  # --help: argparse printed it
             return int(exc.code or 0) if isinstance(exc.code, int) else 0
     files = render_files(cfg, getattr(args, "driver", None), getattr(args, "connect", None))
-    only = getattr(args, "file", None)
+    return deliver_files(files, getattr(args, "file", None), getattr(args, "output", None))
+
+
+def deliver_files(files: dict[str, str], only: str | None, output: str | None) -> str:
+    """What a generator command prints (dovecot-config, webmail-config): every file with a
+    header line, one file (--file NAME), or with --output DIR the list of files written."""
     if only:
         if only not in files:
             raise ConfigurationError(f"--file: no generated file {only!r} (one of {', '.join(files)})")
         files = {only: files[only]}
-    output = getattr(args, "output", None)
     if output:
         written = write_files(output, files)
         if not written:

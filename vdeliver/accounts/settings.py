@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vdeliver.accounts.errors import ConfigurationError
-from vdeliver.config import Config, ConfigError, read_table
+from vdeliver.config import Config, ConfigError, pg_liveness, read_table
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT")
 
@@ -83,7 +83,11 @@ class Settings:
             dsn, secret = self.readonly_dsn, self.readonly_password_file
         else:
             dsn, secret = self.dsn, self.password_file
-        extra = {"password": read_secret(secret)} if secret else {}
+        extra: dict[str, Any] = {"password": read_secret(secret)} if secret else {}
+        # A server that vanishes from the network (a failed primary's host) must not hold a
+        # query for the kernel's TCP timeout (minutes): libpq's keepalives and TCP user timeout,
+        # unless the connection string sets its own.  Unix-socket connections ignore them.
+        extra.update(pg_liveness(dsn))
         return dsn, extra
 
 

@@ -34,7 +34,6 @@ docs/webmail.md has the whole set-up.  Only the standard library; imported when 
 from __future__ import annotations
 
 import ipaddress
-import os
 
 from vdeliver.accounts.errors import ConfigurationError
 from vdeliver.config import Config, ConfigError, read_table
@@ -257,35 +256,17 @@ def parse_args(argv: list[str]) -> object:
     parser.add_argument("--output", "-o", metavar="DIR",
                         help="write the files under DIR (e.g. /etc) instead of printing them")
     parser.add_argument("--file", metavar="NAME", help=f"print only this file (e.g. {ROUNDCUBE_FILE})")
-    try:
-        args, rest = parser.parse_known_args(argv)
-    except argparse.ArgumentError as exc:
-        raise ConfigurationError(f"webmail-config: {exc}") from None
-    if rest:
-        raise ConfigurationError(f"webmail-config: unexpected argument {rest[0]!r}")
-    return args
+    from vdeliver.accounts.dovecot import parse_words
+
+    return parse_words(parser, argv, "webmail-config")
 
 
 def render(cfg: Config, argv: list[str] | None = None) -> str | int:
     """What `vmailctl webmail-config [ARGS]` prints."""
-    from vdeliver.accounts.dovecot import write_files
+    from vdeliver.accounts.dovecot import deliver_files
 
     try:
         args = parse_args(list(argv or []))
     except SystemExit as exc:  # --help: argparse printed it
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
-    files = render_files(cfg)
-    only = getattr(args, "file", None)
-    if only:
-        if only not in files:
-            raise ConfigurationError(f"--file: no generated file {only!r} (one of {', '.join(files)})")
-        files = {only: files[only]}
-    output = getattr(args, "output", None)
-    if output:
-        written = write_files(output, files)
-        if not written:
-            return f"{output}: up to date\n"
-        return "".join(f"wrote {os.path.join(output, name)}\n" for name in written)
-    if only:
-        return files[only]
-    return "\n".join(f"# ==> {name} <==\n{text}" for name, text in files.items())
+    return deliver_files(render_files(cfg), getattr(args, "file", None), getattr(args, "output", None))

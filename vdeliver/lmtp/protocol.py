@@ -197,7 +197,6 @@ class Connection:
         self._pending_rcpt: str | None = None
         self._replies_due = 0
         self._bol = True
-        self._line_len = 0
         self._size = 0
         self._too_big = False
 
@@ -421,40 +420,46 @@ class Connection:
     # -- the message ------------------------------------------------------------------
 
     def _data_event(self) -> Event | _NeedData:
+        """The next piece of the message, in blocks (bytes.find and replace over whatever
+        arrived, never a loop per line): CRLF made LF, a bare LF kept, the stuffed dot of a
+        line that starts with one dropped, up to the ".\r\n" at a line start."""
         buf = self._in
         n = len(buf)
-        pos = 0
         out: list[bytes] = []
-        ended = False
-        while pos < n:
-            if self._bol and buf[pos] == 0x2E:  # '.'
-                if n - pos < 3 and buf.find(b"\n", pos) < 0:
-                    break  # cannot tell ".\r\n" from a stuffed line yet
-                if buf[pos : pos + 3] == b".\r\n":
-                    pos += 3
-                    ended = True
-                    break
-                pos += 1  # a stuffed dot: drop it (it still counts toward the line length)
-                self._bol = False
-                self._line_len += 1
-            lf = buf.find(b"\n", pos)
-            if lf < 0:
-                # A partial line: hand it over once it is long, keeping a trailing CR back
-                # so that CRLF is always seen whole.
+        if self._bol and buf[:3] == b".\r\n":
+            term = 0
+        else:
+            found = buf.find(b"\n.\r\n")
+            term = found + 1 if found >= 0 else -1
+        if term >= 0:
+            end, consumed, ended = term, term + 3, True
+        else:
+            # Whole lines only: the last, partial one may still be the end, or end in the CR
+            # of a CRLF.  A long partial line is handed over but for a trailing CR.
+            end = buf.rfind(b"\n") + 1
+            if n - end >= _PARTIAL:
                 end = n - 1 if buf[n - 1] == 0x0D else n
-                if end - pos >= _PARTIAL:
-                    self._take(out, bytes(buf[pos:end]))
-                    self._bol = False
-                    pos = end
-                break
-            if lf > pos and buf[lf - 1] == 0x0D:
-                self._take(out, bytes(buf[pos : lf - 1]) + b"\n", crlf=True)
+            consumed, ended = end, False
+        if end:
+            region = bytes(buf[:end])
+            if self._bol and region[0] == 0x2E:  # a stuffed dot (the end was handled above)
+                region = region[1:]
+            region = region.replace(b"\n.", b"\n")  # every other line that starts with a dot
+            crlf = region.count(b"\r\n")
+            data = region.replace(b"\r\n", b"\n") if crlf else region
+            size = len(data) + crlf  # the size as sent, less the stuffed dots
+            if self._too_big:
+                pass
+            elif self.max_size and self._size + size > self.max_size:
+                fit = self._lines_that_fit(region)  # then nothing more of this message
+                if fit:
+                    out.append(fit)
             else:
-                self._take(out, bytes(buf[pos : lf + 1]))  # a bare LF: the same line end, normalised
-            self._bol = True
-            self._line_len = 0
-            pos = lf + 1
-        del buf[:pos]
+                self._size += size
+                if data:
+                    out.append(data)
+            self._bol = region.endswith(b"\n")  # never empty: it ends in a LF or is a long line
+        del buf[:consumed]
         if ended:
             return self._end_of_data(out)
         if out:
@@ -464,15 +469,22 @@ class Connection:
             return ConnectionClosed(mid_data=True)
         return NEED_DATA
 
-    def _take(self, out: list[bytes], piece: bytes, crlf: bool = False) -> None:
-        """Count a piece of the message and keep it unless the message is already refused."""
-        length = len(piece) + (1 if crlf else 0)
-        self._line_len += length
-        self._size += length
-        if self.max_size and self._size > self.max_size:
-            self._too_big = True
-        if not self._too_big:
-            out.append(piece)
+    def _lines_that_fit(self, region: bytes) -> bytes:
+        """The message crosses max_size in this block: the whole lines before the one that
+        crosses it (as if it came line by line), and the message marked too big.  Once a message."""
+        kept = bytearray()
+        *lines, partial = region.split(b"\n")
+        for line in lines:
+            self._size += len(line) + 1
+            if self._size > self.max_size:
+                break
+            kept += line[:-1] + b"\n" if line.endswith(b"\r") else line + b"\n"
+        else:
+            self._size += len(partial)
+            if self._size <= self.max_size:
+                kept += partial
+        self._too_big = True
+        return bytes(kept)
 
     def _end_of_data(self, out: list[bytes]) -> Event:
         # A last piece of data before the dot is handed over first; the dot is re-read.

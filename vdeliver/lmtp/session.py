@@ -362,19 +362,11 @@ def _over_quota(path: str, declared: int, bounce: bool) -> Status | None:
     "bounce".  A quota that cannot be read refuses nothing here: DATA checks it again."""
     from vdeliver import maildir
 
-    try:
-        quota = maildir.read_quota(path)
-    except (OSError, DeliveryError):
+    reached = maildir.quota_reached(path, declared)
+    if reached is None:
         return None
-    if quota is None:
-        return None
-    limit_bytes, limit_count, used_bytes, used_count, _size = quota
-    size = max(declared, 1)
-    if (limit_bytes and used_bytes + size > limit_bytes) or (limit_count and used_count + 1 > limit_count):
-        return Status("5.2.2" if bounce else "4.2.2", "mailbox full",
-                      f"{path}: quota {limit_bytes}S,{limit_count}C, used {used_bytes}S,{used_count}C"
-                      + (f", SIZE={declared}" if declared else ""))
-    return None
+    return Status("5.2.2" if bounce else "4.2.2", "mailbox full",
+                  f"{path}: {reached}" + (f", SIZE={declared}" if declared else ""))
 
 
 def _reopen(fd: int) -> int:

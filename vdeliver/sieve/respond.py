@@ -133,7 +133,9 @@ def own_addresses(cfg: Config, rcpt: Recipient) -> tuple[set[str], str]:
         if dsn:
             import psycopg
 
-            with psycopg.connect(dsn, connect_timeout=5) as conn:
+            from vdeliver.config import pg_liveness
+
+            with psycopg.connect(dsn, connect_timeout=5, **pg_liveness(dsn)) as conn:
                 rows = conn.execute(aliases.replace("?", "%s"), (rcpt.address.lower(),)).fetchall()
                 domains = conn.execute(alias_domains.replace("?", "%s"), (rcpt.domain.lower(),)).fetchall()
                 caught = conn.execute(catchalls.replace("?", "%s"), (rcpt.address.lower(),)).fetchall()

@@ -288,19 +288,11 @@ class Backend:
         if box is None or box["format"] != "maildir":
             return None
         from vdeliver import maildir
-        from vdeliver.errors import DeliveryError
 
         path = expand(cfg.maildir_path, Recipient(str(box["domain"]), str(box["username"])))
-        try:
-            quota = maildir.read_quota(path)
-        except (OSError, DeliveryError):
+        if maildir.quota_reached(path) is None:
             return None
-        if quota is None:
-            return None
-        limit_bytes, limit_count, used_bytes, used_count, _size = quota
-        if (limit_bytes and used_bytes >= limit_bytes) or (limit_count and used_count >= limit_count):
-            return "552 5.2.2 mailbox full" if cfg.over_quota == "bounce" else "452 4.2.2 mailbox full"
-        return None
+        return "552 5.2.2 mailbox full" if cfg.over_quota == "bounce" else "452 4.2.2 mailbox full"
 
     def _srs(self, map_name: str, key: str) -> str | None:
         """A bounce to one of our SRS0 addresses (vdeliver.srs): the virtuser map sends it on to

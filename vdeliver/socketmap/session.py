@@ -66,7 +66,7 @@ class Session:
                 assert isinstance(event, p.Request)
                 name = aliases.get(event.map, event.map)
                 refused = chain.check(name, event.key)
-                started = monotonic()
+                started = monotonic() if self.metrics is not None else 0.0
                 if refused is None:
                     reply = await self.resolver.resolve(name, event.key)
                     chain.record(name, event.key, reply)
