@@ -96,6 +96,39 @@ def test_bt_routes_equal_the_map_files(site: Site) -> None:
     assert "Traceback" not in server_log(config)
 
 
+def check_rcpt(site: Site, cf: Path, addresses: list[str]) -> dict[str, str]:
+    """`check_rcpt` in sendmail -bt for a client on another machine (not a local relay client)."""
+    script = ".D{client_addr}192.0.2.9\n.D{client_name}client.example\n"
+    script += "".join(f"check_rcpt <{a}>\n" for a in addresses)
+    out = site.sendmail(cf, "-bt", input=script.encode(), check=True).stdout.decode(errors="replace")
+    results = [line.split("returns:", 1)[1].strip() for line in out.splitlines()
+               if line.startswith("check_rcpt") and "returns:" in line]
+    assert len(results) == len(addresses), out
+    return dict(zip(addresses, results, strict=True))
+
+
+def test_incoming_socketmap_sendmail_relays_hosted_users_for_a_remote_client(site: Site) -> None:
+    """With no map file at all, the incoming sendmail still relays for the hosted domains: class R
+    (the relay decision, taken from the domain alone) is loaded from the socket map, as class
+    {VirtHost} is in the outgoing one.  Without it every hosted user got "550 Relaying denied"
+    from any client but the local ones (found by scripts/hubs-demo --mail)."""
+    base = socket_dir(site)
+    config = write_config(base, f'database = "{base}/accounts.sqlite"')
+    populate(config)
+    sock_in = site.compile(SOCK_IN_MC, "in-sock", replace={PROD_IN: str(base / "in.sock")})
+    assert not (site.etc / "relay-domains").exists()
+    with running_server(config):
+        got = check_rcpt(site, sock_in, ["fred@away.com", "info@away.com", "fred@alias.org", "anyone@home.com",
+                                         "nobody@away.com", "dino@away.com", "x@partner.example"])
+    unknown = "$# error $@ 5 . 1 . 1 $: 550 User unknown"
+    assert got == {
+        "fred@away.com": "RELAY", "info@away.com": "RELAY", "fred@alias.org": "RELAY", "anyone@home.com": "RELAY",
+        "nobody@away.com": unknown, "dino@away.com": "$# error $@ 5 . 2 . 1 $: 550 Mailbox disabled",
+        "x@partner.example": '$# error $@ 5 . 7 . 1 $: "550 Relaying denied"',
+    }, got
+    assert "Traceback" not in server_log(config)
+
+
 MESSAGE = b"From: sender@remote.example\r\nSubject: socketmap\r\n\r\nHello through the socket maps.\r\n"
 
 

@@ -20,6 +20,8 @@ Socket map name -> generated file:
     VirtHost         virtuserdomains    (any key: every hosted domain, space-separated - what
                                          `F{VirtHost}domains@socket:...` loads into the class
                                          when sendmail starts; whole-database read)
+    R                relay-domains      (the same words, for the incoming sendmail's class R:
+                                         `RELAY_DOMAIN_FILE(`domains@socket:...')` asks map `R`)
 
 Database access: SQLite opened read-only, or PostgreSQL through psycopg 3 with the
 [accounts] dsn (libpq multi-host strings fail over: `host=db1,db2 target_session_attrs=any`).
@@ -44,6 +46,7 @@ MAPS = {
     "access_out": "access_out",
     "aliases": "aliases",
     "VirtHost": "virtuserdomains",
+    "R": "relay-domains",
 }
 
 
@@ -241,10 +244,13 @@ class Backend:
         if map_name == "quota":
             return self._quota(key)
         file_name = _file_name(map_name)
-        if map_name == "VirtHost":
+        if map_name in ("VirtHost", "R"):
+            # A class read once when sendmail starts: {VirtHost} (outgoing) routes through the
+            # virtusertable; R (incoming) is the relay decision, which sendmail takes from the
+            # domain alone (an access `To:user@domain RELAY` only exempts it from a refusal).
             text = self._render(self._run(self._whole), file_name)
             words = list(parse_map(file_name, text))
-            if self.srs is not None and self.srs[0] not in words:
+            if map_name == "VirtHost" and self.srs is not None and self.srs[0] not in words:
                 words.append(self.srs[0])  # its bounces go through the virtusertable too
             return " ".join(words) if words else None
         if map_name == "aliases":
