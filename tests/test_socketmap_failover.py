@@ -112,3 +112,32 @@ def test_account_created_before_an_outage_is_deferred_not_bounced(base: Path, pg
         assert "Traceback" not in server_log(config)
     finally:
         first.start()
+
+
+def test_a_key_answered_without_the_database_does_not_end_database_trouble(base: Path, pg_clusters: tuple[Cluster, Cluster]) -> None:  # noqa: F811,E501
+    """`Connect:`/`From:` access keys are answered from the configuration, without a query.
+    During an outage such an answer must not count as "the database answers again": the log
+    said so at every SMTP connection (and the database_up gauge flapped back to 1), which hid
+    the outage from an admin watching both (found by scripts/hubs-demo --mail)."""
+    first, _second = pg_clusters
+    first.start()
+    name = f"nq_{base.name.replace('-', '_').lower()}"
+    first.psql(f'CREATE DATABASE "{name}"')
+    config = write_config(base, f'dsn = "{first.conninfo(name)}"', "db_timeout = 2\npoll_interval = 30")
+    populate(config)
+    try:
+        with running_server(config):
+            c = Client(str(base / "in.sock"))
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            first.stop()
+            assert c.ask("virtuser", "never-seen@away.com").status == "TEMP"
+            for _ in range(3):
+                assert c.ask("access", "Connect:192.0.2.9") == p.NOTFOUND  # no query: still an answer
+                assert c.ask("access", "From:someone@remote.example") == p.NOTFOUND
+            assert c.ask("virtuser", "never-seen-2@away.com").status == "TEMP"
+            c.close()
+            log = server_log(config)
+        assert log.count("database trouble:") == 1, log
+        assert "database answers again" not in log, log
+    finally:
+        first.start()

@@ -34,7 +34,11 @@ if TYPE_CHECKING:
 
 
 class Backend(Protocol):
-    """What the cache asks: a value, None for "no such key", or an exception on trouble."""
+    """What the cache asks: a value, None for "no such key", or an exception on trouble.
+
+    A backend that answers some keys without its database (lookup.Backend: `Connect:`
+    access keys) also has `lookup_asked(map_name, key) -> (value, asked)`: only an answer
+    the database gave ends a period of trouble."""
 
     maps: frozenset[str]
 
@@ -118,14 +122,21 @@ class Resolver:
     async def _fetch(self, map_name: str, key: str) -> p.Reply:
         self.stats["miss"] += 1
         loop = asyncio.get_running_loop()
+        ask = getattr(self.backend, "lookup_asked", None)
         try:
-            call = loop.run_in_executor(self.executor, self.backend.lookup, map_name, key)
-            value = await asyncio.wait_for(call, self.db_timeout)
+            if ask is not None:
+                value, asked = await asyncio.wait_for(loop.run_in_executor(self.executor, ask, map_name, key),
+                                                      self.db_timeout)
+            else:
+                call = loop.run_in_executor(self.executor, self.backend.lookup, map_name, key)
+                value, asked = await asyncio.wait_for(call, self.db_timeout), True
         except TimeoutError:
             return self._failed(map_name, key, f"database lookup timed out after {self.db_timeout:g}s", True)
         except Exception as exc:  # noqa: BLE001 - any driver error is "database trouble", never an answer
             return self._failed(map_name, key, _describe(exc), False)
-        if self._trouble:
+        # An answer made without a query (a `Connect:` key during an outage) says nothing
+        # about the database: the trouble (log, database_up gauge) lasts until one answers.
+        if self._trouble and asked:
             self.log.info(f"database answers again (was: {self._trouble})")
             self._trouble = ""
         self._store((map_name, key), value)

@@ -192,11 +192,15 @@ class Backend:
         """work(query) in one read-only transaction; one retry on a fresh connection."""
         if self._shared is not None:
             with self._shared_lock:
-                return self._transaction(self._shared, work)
+                result = self._transaction(self._shared, work)
+            self._local.asked = True
+            return result
         for attempt in (1, 2):
             conn = self._conn(probe)
             try:
-                return self._transaction(conn, work)
+                result = self._transaction(conn, work)
+                self._local.asked = True
+                return result
             except DatabaseDown:
                 raise
             except Exception:
@@ -235,6 +239,13 @@ class Backend:
 
     def check(self) -> None:
         self.serial()
+
+    def lookup_asked(self, map_name: str, key: str) -> tuple[str | None, bool]:
+        """lookup(), and whether the database answered it (False: answered from the
+        configuration alone, e.g. a `Connect:` access key); read in the same thread."""
+        self._local.asked = False
+        value = self.lookup(map_name, key)
+        return value, bool(self._local.asked)
 
     def lookup(self, map_name: str, key: str) -> str | None:
         if self.srs is not None:
