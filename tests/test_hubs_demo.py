@@ -1,10 +1,13 @@
-"""scripts/hubs-demo (issue 20, first step): the failover drill in network namespaces.
+"""scripts/hubs-demo (issue 20): the failover drill and the failure run with mail, in network namespaces.
 
 A PostgreSQL primary and a streaming standby, two hubs and a client, each in its own
 namespace on a private bridge; the primary is killed, the standby promoted, the old
 primary rebuilt as a standby.  The script is run for real (`--json --quick`) and its
 report is checked; so is its teardown after a Ctrl-C or SIGTERM in the middle of the drill.
-Needs root (namespaces) and PostgreSQL's server programs.
+`--mail --quick`: each hub also runs the sendmail pair, vdeliver-lmtpd, vdeliver-socketmapd and
+Dovecot, 150 letters go through both while the primary fails, and every invariant of the
+issue is one of the report's checks.
+Needs root (namespaces) and PostgreSQL's server programs (--mail: sendmail, Dovecot, m4).
 """
 
 from __future__ import annotations
@@ -136,4 +139,101 @@ def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code:
     assert proc.returncode == code, "".join(seen) + rest
     assert our_namespaces() == []
     assert not lab.exists()
+    assert "torn down" in rest
+
+
+MAIL_ROOT = Path("/run/vdeliver-hubs")  # hubs-demo --mail keeps the hubs' mail side here
+# The issue's invariants, each a check of the --mail report (and the drill's own).
+MAIL_CHECKS = {
+    "every_accepted_letter_delivered_exactly_once", "nothing_to_an_existing_address_refused",
+    "no_bounce_no_backscatter", "unknown_refused_at_rcpt_when_database_reachable",
+    "socketmap_temp_never_notfound_without_database", "sendmail_queued_during_outage",
+    "vacation_at_most_one_reply_per_sender", "dovecot_reads_every_mailbox",
+    "writes_recovered_after_promotion", "no_acknowledged_write_lost", "rebuilt_standby_in_recovery",
+}
+
+
+def processes_naming(*needles: str) -> list[str]:
+    """Command lines of the processes that name one of the needles (what a run may leave)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(n in cmd for n in needles):
+                found.append(f"{entry.name}: {cmd[:160]}")
+    return found
+
+
+@pytest.fixture
+def mail_peers(base: Path) -> Path:
+    require("sendmail", "dovecot", "m4", "unshare")
+    try:
+        pwd.getpwnam("vmail")
+    except KeyError:
+        message = "no vmail system user"
+        if REQUIRE_PEERS:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return base
+
+
+def test_mail_failure_run_keeps_every_invariant(mail_peers: Path) -> None:
+    """150 letters over SMTP to both hubs, the primary killed at a third: every invariant holds."""
+    lab = mail_peers / "lab"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--mail", "--quick", "--base", str(lab)],
+                          capture_output=True, text=True, timeout=400, env=ENV, cwd=str(ROOT))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    checks = report["checks"]
+    assert set(checks) == MAIL_CHECKS and all(checks.values()), checks
+    mail = report["mail"]
+    kinds = mail["kinds"]
+    assert mail["letters"] == 150 and mail["accepted"] == 150 - kinds["unknown"]
+    assert mail["refused_unknown"] == kinds["unknown"]
+    assert mail["missing_count"] == mail["duplicated_count"] == mail["misplaced_count"] == 0
+    assert mail["in_mailboxes"] + mail["at_sink"] == mail["accepted"]
+    assert mail["at_sink"] == sum(kinds.get(k, 0) for k in ("alias-out", "forward"))
+    assert mail["imap_messages"] == mail["in_mailboxes"]
+    # The outage reached the mail: hubB's readers need the primary, hubA's use the standby.
+    hub_a, hub_b = mail["per_hub"]["hubA"], mail["per_hub"]["hubB"]
+    assert hub_b["socketmap_probe_temp_without_database"] > 0
+    assert hub_b["socketmap_probe_notfound_without_database"] == 0
+    assert hub_b["deliveries_deferred"] > 0 and hub_b["queue_left"] == []
+    assert hub_a["socketmap_probe_temp"] == 0 and hub_a["smtp_temporary_replies_to_unknown"] == 0
+    assert mail["outage"]["hubB"]["socketmap_temp"] is not None
+    vacation = mail["vacation"]
+    assert vacation["replies"] > 0 and vacation["most_replies_to_one_pair"] == 1
+    assert mail["sink_dsn"] == 0 and mail["sink_null_sender_not_vacation"] == []
+    # Nothing left behind: namespaces, servers, files.
+    assert report["namespaces_left"] == [] and our_namespaces() == []
+    assert not lab.exists() and not MAIL_ROOT.exists()
+    assert processes_naming(str(MAIL_ROOT), str(lab)) == []
+
+
+def test_interrupted_mail_run_tears_down(mail_peers: Path) -> None:
+    lab = mail_peers / "lab"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--mail", "--quick", "--promote-after", "30",
+                             "--base", str(lab)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT))
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if "mail: primary down" in line:
+                break
+        assert processes_naming(str(MAIL_ROOT)), "".join(seen)  # sendmail, the servers, Dovecot
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert our_namespaces() == []
+    assert not lab.exists() and not MAIL_ROOT.exists()
+    assert processes_naming(str(MAIL_ROOT), str(lab)) == []
     assert "torn down" in rest
