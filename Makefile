@@ -31,8 +31,9 @@ bench:
 	@scripts/bootstrap --peers
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-# Issue 20, first step: a PostgreSQL primary and standby and two hubs in network namespaces, a
-# failover drill with measurements (scripts/hubs-demo; as root).  HUBS_ARGS="--quick --json" etc.
+# Issue 20: a PostgreSQL primary and standby and two hubs in network namespaces, a failover drill
+# with measurements (scripts/hubs-demo; as root).  HUBS_ARGS="--quick --json" etc.; the failure run
+# with mail through both hubs: HUBS_ARGS="--mail" (3000 letters) or HUBS_ARGS="--mail --quick".
 hubs:
 	@scripts/bootstrap --peers
 	$(PY) scripts/hubs-demo $(HUBS_ARGS)
