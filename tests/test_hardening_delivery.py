@@ -172,8 +172,9 @@ OLD = (b"From a@b  Wed Nov 25 02:56:49 2026\nSubject: one\n\nfirst\n\n"
        b"From a@b  Wed Nov 25 02:57:49 2026\nSubject: two\n\nacknowledged\n\n")
 
 
-def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
-    """A journal that, if trusted, would cut the second (acknowledged) message."""
+def _forge_journal(box: Path, how: str, owner: tuple[int, int], fmt: str = "persistent") -> Path:
+    """A journal that, if trusted, would cut the second (acknowledged) message: the
+    persistent journal's busy record, or a version 2 line."""
     from vdeliver import recovery
 
     st = os.stat(box)
@@ -184,7 +185,8 @@ def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
         ino += 1
     if how == "cut-outside":
         orig, end = len(OLD) + 10, len(OLD) + 200
-    line = recovery.Record(dev, ino, orig, end, 12345, head).line()
+    rec = recovery.Record(dev, ino, orig, end, 12345, head)
+    line = rec.line() if fmt == "v2" else rec.block() + bytes(recovery.SIZE - recovery.RECLEN)
     jpath = Path(recovery.journal_path(str(box)))
     if how == "symlink":
         target = box.parent / "elsewhere"
@@ -200,10 +202,13 @@ def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
     return jpath
 
 
+@pytest.mark.parametrize("fmt", ["persistent", "v2"])
 @pytest.mark.parametrize("how", ["other-owner", "hard-link", "symlink", "wrong-inode", "cut-outside"])
-def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, how: str) -> None:
+def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, how: str, fmt: str) -> None:
     box = mailroot.add_mbox("away.com", "fred", OLD)
-    jpath = _forge_journal(box, how, (mailroot.owner.uid, mailroot.owner.gid))
+    jpath = _forge_journal(box, how, (mailroot.owner.uid, mailroot.owner.gid), fmt)
+    other = {"symlink": box.parent / "elsewhere", "hard-link": box.parent / "second-link"}.get(how)
+    planted = other.read_bytes() if other else b""
     for _ in range(2):  # and every later delivery goes through too
         done = run_vdeliver(["-f", "x@y.org", "-a", "away.com", "-a", "fred"], MSG, config=mailroot.config,
                             as_user=mailroot.owner)
@@ -211,8 +216,13 @@ def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, ho
     data = box.read_bytes()
     assert data.startswith(OLD), "acknowledged mail was cut"
     assert len(mbox_messages(box)) == 4
-    assert not os.path.lexists(jpath)
     assert os.path.lexists(str(jpath) + ".untrusted")
+    from vdeliver import recovery
+
+    # A new journal of our own took its place; the planted file was never written through.
+    assert recovery.state(str(box)) == "idle" and not jpath.is_symlink() and jpath.stat().st_nlink == 1
+    if other:
+        assert other.read_bytes() == planted
 
 
 def test_repair_as_root_never_cuts_with_a_journal_it_did_not_write(mailroot: MailRoot) -> None:
