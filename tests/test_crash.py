@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests import faultinject as fi
@@ -584,3 +584,178 @@ def test_version_1_journal_is_still_read(tmp_path: Path, jfmt: str) -> None:
     _journal(mbox).write_bytes(line.encode() + RECORD[:40].hex().encode() + b"\n")
     outcome, _text, _log = _recover(mbox, fd)
     assert outcome == recovery.CUT and mbox.read_bytes() == OLD
+
+
+# -- the persistent journal: arbitrary bytes, and a power loss at any point ---------------------------
+
+ACKED = OLD + FOREIGN  # two acknowledged messages, written by other programs
+
+
+@st.composite
+def _journal_content(draw: st.DrawFn, dev: int, ino: int) -> bytes:
+    """Bytes a journal file may hold: anything, or a record (version 3 or 2) with any fields,
+    perhaps naming this mailbox and copying its bytes, perhaps torn or with bytes changed."""
+    kind = draw(st.sampled_from(["raw", "persistent", "v2", "changed"]))
+    if kind == "raw":
+        return draw(st.one_of(st.binary(max_size=600), st.binary(min_size=recovery.SIZE, max_size=recovery.SIZE)))
+    orig = draw(st.one_of(st.sampled_from([0, len(OLD), len(OLD) + 3, len(ACKED)]), st.integers(0, len(ACKED) + 20)))
+    end = orig + draw(st.integers(0, 3000))
+    copied = ACKED[orig: orig + draw(st.integers(1, recovery.HEAD))]
+    head = draw(st.one_of(st.binary(min_size=1, max_size=recovery.HEAD), st.just(copied or b"x")))
+    rec = recovery.Record(draw(st.sampled_from([dev, dev, dev + 1])), draw(st.sampled_from([ino, ino, ino + 1, 0])),
+                          orig, end, draw(st.integers(0, 1 << 22)), head,
+                          draw(st.sampled_from(["", "an-earlier-boot", recovery.boot_id()])))
+    if kind == "v2":
+        return rec.line()
+    data = bytearray(rec.block() + bytes(recovery.SIZE - recovery.RECLEN))
+    if kind == "changed":
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, recovery.SIZE - 1))] = draw(st.integers(0, 255))
+        data = data[: draw(st.sampled_from([recovery.SIZE, recovery.RECLEN, recovery.RECLEN - 1, 100]))]
+    return bytes(data)
+
+
+@given(data=st.data())
+def test_a_journal_not_ours_never_cuts_and_raises_only_delivery_errors(tmp_path_factory: pytest.TempPathFactory,
+                                                                       data: st.DataObject) -> None:
+    """Whatever the journal file holds, recovery cuts only bytes that start with the head its
+    record names, at the offset it names, in the file it names; and it fails only with a
+    DeliveryError (a status), never a traceback."""
+    from vdeliver.errors import DeliveryError
+
+    tmp = tmp_path_factory.mktemp("anyjournal")
+    mbox = tmp / "fred"
+    mbox.write_bytes(ACKED)
+    fd = os.open(mbox, os.O_RDWR)
+    st_ = os.fstat(fd)
+    content = data.draw(_journal_content(st_.st_dev, st_.st_ino))
+    _journal(mbox).write_bytes(content)
+    try:
+        outcome, _text = recovery.recover(fd, str(mbox), st_)
+    except DeliveryError:
+        outcome = "error"
+    finally:
+        os.close(fd)
+    event(outcome)
+    after = mbox.read_bytes()
+    if after != ACKED:
+        rec = recovery.parse(content)
+        assert outcome == recovery.CUT and rec is not None, outcome
+        assert (rec.dev, rec.ino) == (st_.st_dev, st_.st_ino) and after == ACKED[: rec.orig]
+        assert ACKED[rec.orig: rec.orig + len(rec.head)] == rec.head, "cut bytes that do not start with its head"
+        assert rec.head and b"\nFrom " not in ACKED[rec.orig + len(rec.head) - 1:]
+    assert recovery.state(str(mbox)) in ("none", "idle")
+
+
+def test_idle_record_is_a_sealed_record() -> None:
+    """IDLE is spelled out in recovery.py (recognising it costs no import); it must be what
+    _seal() makes, so that a journal reset by any version reads as idle."""
+    assert recovery._seal(f"{recovery.MAGIC} {recovery.PERSISTENT} idle") == recovery.IDLE
+    assert len(recovery.IDLE) == recovery.RECLEN
+
+
+class _Disk:
+    """What each write and sync of a delivery did, to build what a power loss leaves."""
+
+    def __init__(self, box: Path) -> None:
+        self.events: list[tuple[str, bytes]] = []  # (what, data): jwrite, jsync, mwrite, msync
+        self.box = str(box)
+
+    def _kind(self, fd: int) -> str:
+        kind = fi._fd_kind(fd)
+        return kind if kind != "mbox" or os.readlink(f"/proc/self/fd/{fd}") == self.box else "other"
+
+    def record(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_pwrite, real_write = os.pwrite, os.write
+        real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            assert self._kind(fd) == "journal" and offset == 0
+            self.events.append(("jwrite", bytes(data)))
+            return real_pwrite(fd, data, offset)
+
+        def write(fd: int, data: bytes) -> int:
+            n = real_write(fd, data)
+            if self._kind(fd) == "mbox":
+                self.events.append(("mwrite", bytes(memoryview(data)[:n])))
+            return n
+
+        def sync(real: object) -> object:
+            def call(fd: int) -> None:
+                kind = self._kind(fd)
+                if kind in ("journal", "mbox"):
+                    self.events.append((kind[0] + "sync", b""))
+                real(fd)  # type: ignore[operator]
+            return call
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "fsync", sync(real_fsync))
+        monkeypatch.setattr(os, "fdatasync", sync(real_fdatasync))
+
+    def states(self, p: int, journal0: bytes, mbox0: bytes) -> list[tuple[bytes, bytes]]:
+        """Every (journal, mbox) a power loss after the first p events may leave: what was
+        synced, plus any unsynced write (the last journal record whole or torn at a byte;
+        any prefix of the unsynced appended bytes)."""
+        jsynced, jlatest = journal0, journal0
+        msynced = mwritten = mbox0
+        for what, data in self.events[:p]:
+            if what == "jwrite":
+                jlatest = data + journal0[len(data):]
+            elif what == "jsync":
+                jsynced = jlatest
+            elif what == "mwrite":
+                mwritten += data
+            else:
+                msynced = mwritten
+        journals = {jsynced, jlatest}
+        if jlatest != jsynced:
+            journals |= {jlatest[:k] + jsynced[k:] for k in (20, 100, 300, 510)}
+        extra = mwritten[len(msynced):]
+        boxes = {msynced + extra[:k] for k in (0, 1, len(extra) // 2, len(extra))}
+        return [(j, m) for j in sorted(journals) for m in sorted(boxes)]
+
+
+def test_power_loss_at_any_point_leaves_whole_records_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss after any write or sync of a delivery into an mbox whose journal exists,
+    with anything unsynced lost, kept or torn: after the next boot's recovery the mailbox holds
+    the old mail and either nothing or the whole new record; once the delivery returned
+    (acknowledged), always the whole record."""
+    from tests.unit_helpers import prepared
+    from vdeliver import mbox as mbox_mod
+
+    box = tmp_path / "fred"
+    box.write_bytes(OLD)
+    first = prepared(FOREIGN, str(tmp_path))
+    mbox_mod.deliver(str(box), first, host="h", journal=recovery.MboxJournal())  # makes the journal
+    base, journal0 = box.read_bytes(), _journal(box).read_bytes()
+    assert recovery.state(str(box)) == "idle"
+    disk = _Disk(box)
+    with monkeypatch.context() as m:
+        disk.record(m)
+        mbox_mod.deliver(str(box), prepared(RECORD, str(tmp_path)), host="h", journal=recovery.MboxJournal())
+    whole = box.read_bytes()
+    assert whole == base + RECORD
+    kinds = [what for what, _ in disk.events]
+    assert kinds.count("jsync") + kinds.count("msync") == 2, kinds  # the point of the persistent journal
+    assert kinds.index("jsync") < kinds.index("mwrite"), kinds  # the record is durable before the append
+    monkeypatch.setattr(recovery, "_BOOT", ["after-the-power-loss"])
+    seen = set()
+    for p in range(len(disk.events) + 1):
+        for journal, content in disk.states(p, journal0, base):
+            with open(box, "r+b") as f:  # the same inode, as the disk would have it
+                f.truncate(0)
+                f.write(content)
+            _journal(box).write_bytes(journal)
+            fd = os.open(box, os.O_RDWR)
+            try:
+                outcome, text = recovery.recover(fd, str(box), os.fstat(fd))
+            finally:
+                os.close(fd)
+            after = box.read_bytes()
+            assert after in (base, whole), (p, outcome, text)
+            if p == len(disk.events):
+                assert after == whole, (p, outcome, text)  # acknowledged
+            assert recovery.state(str(box)) == "idle"
+            seen.add(outcome)
+    assert {recovery.CLEAN, recovery.NOTHING, recovery.CUT, recovery.KEPT} <= seen, seen

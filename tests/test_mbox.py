@@ -660,3 +660,21 @@ def test_mbox_journal_is_gone_after_success(box: Path, msg: Prepared) -> None:
     deliver(box, msg, journal=MboxJournal())
     assert box.read_bytes() == OLD + RECORD
     assert_clean(box)
+
+
+def test_a_delivery_into_an_mbox_with_its_journal_syncs_twice(box: Path, msg: Prepared, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash safety at the cost of one sync: once the persistent journal exists, a delivery
+    makes two syncs (the journal's record, fdatasync; the mailbox, fsync), no file is created
+    or removed and no directory synced.  The first delivery makes the journal (three syncs)."""
+    calls: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, _n=name, _r=real: (calls.append(_n), _r(fd))[1])
+    deliver(box, msg, journal=MboxJournal())
+    assert calls == ["fsync", "fsync", "fsync"]  # the new journal, its directory, the mailbox
+    for _ in range(3):
+        calls.clear()
+        deliver(box, prepared(RECORD, str(tmp_path)), journal=MboxJournal())
+        assert calls == ["fdatasync", "fsync"]
+    assert journal_state(str(box)) == "idle" and box.read_bytes() == OLD + RECORD * 4
