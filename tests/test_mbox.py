@@ -668,9 +668,17 @@ def test_a_delivery_into_an_mbox_with_its_journal_syncs_twice(box: Path, msg: Pr
     makes two syncs (the journal's record, fdatasync; the mailbox, fsync), no file is created
     or removed and no directory synced.  The first delivery makes the journal (three syncs)."""
     calls: list[str] = []
-    for name in ("fsync", "fdatasync"):
+
+    def counted(name: str) -> Callable[[int], None]:
         real = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda fd, _n=name, _r=real: (calls.append(_n), _r(fd))[1])
+
+        def call(fd: int) -> None:
+            calls.append(name)
+            real(fd)
+        return call
+
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, counted(name))
     deliver(box, msg, journal=MboxJournal())
     assert calls == ["fsync", "fsync", "fsync"]  # the new journal, its directory, the mailbox
     for _ in range(3):
