@@ -286,7 +286,7 @@ def _fd_kind(fd: int) -> str:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
-    if target.endswith(".vdeliver-journal"):
+    if ".vdeliver-journal" in os.path.basename(target):
         return "journal"
     return "dir" if os.path.isdir(target) else "mbox"
 
@@ -348,7 +348,7 @@ def kill_on_journal_create() -> Callable[[], None]:
 
         def opener(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
             fd = real(path, flags, mode, dir_fd=dir_fd)
-            if str(path).endswith(".vdeliver-journal") and flags & os.O_CREAT:
+            if ".vdeliver-journal" in str(path) and flags & os.O_CREAT:
                 _suicide()
             return fd
 
@@ -560,7 +560,9 @@ def mbox_precise_loop(root: MailRoot, account: Account, rng: random.Random, kill
     by nobody, the documented window)."""
     delivered: list[bytes] = []
     mbox = root.vbox / DOMAIN / USER
-    journal = mbox.parent / f".{mbox.name}.vdeliver-journal"
+    from vdeliver import recovery
+
+    journal = Path(recovery.journal_path(str(mbox)))
     for i in range(kills):
         point = MBOX_POINTS[i % len(MBOX_POINTS)]
         size = rng.choice((rng.randint(50, 2000), rng.randint(2000, max_size)))

@@ -46,6 +46,15 @@ def jfmt(request: pytest.FixtureRequest) -> Iterator[str]:
     _FMT[0] = "persistent"
 
 
+def _journal(mbox: Path) -> Path:
+    """Where the hand-made journal goes: an old version's name for the v2 line."""
+    return Path(recovery.journal_path(str(mbox), recovery.OLD_SUFFIX if _FMT[0] == "v2" else recovery.SUFFIX))
+
+
+def _unresolved(mbox: Path) -> Path:
+    return Path(recovery.aside_path(str(mbox), recovery.UNRESOLVED))
+
+
 def _journal_bytes(rec: recovery.Record) -> bytes:
     if _FMT[0] == "v2":
         return rec.line()
@@ -58,7 +67,7 @@ def _setup(tmp_path: Path, content: bytes, orig: int, end: int, head: bytes, boo
     fd = os.open(mbox, os.O_RDWR)
     st = os.fstat(fd)
     rec = recovery.Record(st.st_dev, st.st_ino, orig, end, 4242, head, boot)
-    Path(recovery.journal_path(str(mbox))).write_bytes(_journal_bytes(rec))
+    _journal(mbox).write_bytes(_journal_bytes(rec))
     return mbox, fd
 
 
@@ -74,10 +83,6 @@ def _recover(mbox: Path, fd: int) -> tuple[str, str, RecordingLog]:
     finally:
         os.close(fd)
     return outcome, text, log
-
-
-def _journal(mbox: Path) -> Path:
-    return Path(recovery.journal_path(str(mbox)))
 
 
 def test_no_journal_is_clean(tmp_path: Path) -> None:
@@ -119,7 +124,7 @@ def _torn_blocks() -> list[bytes]:
     return [*blocks, bytes(flipped) + pad, bytes(recovery.SIZE), recovery.IDLE[:300]]
 
 
-@pytest.mark.parametrize("data", [b"", b"vdeliver-journal 1 1 2", b"vdeliver-journal 1 1 2 3 4 5 zz\n", b"garbage\n",
+@pytest.mark.parametrize("data", [b"", b"vdeliver-journal 1 1 2", b"vdeliver-journal 1 1 2 3 4 5 zz\n", b"vdel",
                                   *_torn_blocks()])
 def test_torn_journal_means_no_append(tmp_path: Path, data: bytes) -> None:
     """A record that is not whole (its CRC does not match) was never synced: the append never
@@ -131,6 +136,21 @@ def test_torn_journal_means_no_append(tmp_path: Path, data: bytes) -> None:
     outcome, _text, _log = _recover(mbox, fd)
     assert outcome == recovery.NOTHING and mbox.read_bytes() == OLD
     assert recovery.state(str(mbox)) == ("idle" if len(data) == recovery.SIZE else "none")
+
+
+@pytest.mark.parametrize("data", [b"garbage\n", b"From x  Wed Nov 25 03:53:52 2026\n\nsomeone's folder\n\n",
+                                  b"x" * recovery.SIZE])
+def test_a_file_that_is_not_a_journal_is_set_aside_never_deleted(tmp_path: Path, data: bytes) -> None:
+    """A file by the journal's name that vdeliver cannot have written (an IMAP user's folder of
+    that name, say) is moved aside with its bytes, never reset or removed; the mbox untouched."""
+    mbox = tmp_path / "fred"
+    mbox.write_bytes(OLD)
+    _journal(mbox).write_bytes(data)
+    fd = os.open(mbox, os.O_RDWR)
+    outcome, text, log = _recover(mbox, fd)
+    assert outcome == recovery.UNTRUSTED and mbox.read_bytes() == OLD and "not a vdeliver journal" in text
+    assert Path(recovery.aside_path(str(mbox), recovery.UNTRUSTED_SUFFIX)).read_bytes() == data
+    assert log.lines[0][0] == "error"
 
 
 def test_shrunk_by_another_program(tmp_path: Path, jfmt: str) -> None:
@@ -171,7 +191,7 @@ def test_foreign_append_after_partial_record_is_kept(tmp_path: Path, jfmt: str) 
     assert outcome == recovery.UNRESOLVED_STATE
     assert mbox.read_bytes() == content
     assert not _journal(mbox).exists()  # set aside; the next delivery makes a new one
-    assert Path(str(_journal(mbox)) + recovery.UNRESOLVED).exists()
+    assert _unresolved(mbox).exists()
     assert log.lines[0][0] == "error" and f"offset {len(OLD) + 70}" in text
 
 
@@ -299,7 +319,7 @@ def test_repair_exit_codes(crashroot: MailRoot, vmail: Account) -> None:
     assert code == 75 and out.startswith("unresolved:") and mbox.read_bytes() == OLD + RECORD[:70] + FOREIGN
     code, out = _repair(crashroot, vmail, str(mbox))
     assert code == 75 and "unresolved" in out
-    os.unlink(str(_journal(mbox)) + recovery.UNRESOLVED)
+    _unresolved(mbox).unlink()
     code, out = _repair(crashroot, vmail, str(mbox), str(mbox) + "-missing")
     assert code == 75 and "clean:" in out and "error:" in out
 

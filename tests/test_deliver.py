@@ -322,7 +322,7 @@ def test_deliver_to_an_mbox(tmp_path: Path, src: int) -> None:
     assert box.read_bytes() == OLD + mbox_record()
     assert (result.target.format, result.target.path) == ("mbox", str(box))
     assert (result.size, result.sender, result.notes) == (len(RAW), "alice@example.org", [])
-    assert sorted(os.listdir(box.parent)) == [".fred.vdeliver-journal", "fred"]  # no lock
+    assert sorted(os.listdir(box.parent)) == [".fred.vdeliver-journal.lock", "fred"]  # no lock
     assert recovery.state(str(box)) == "idle"  # the persistent journal, reused by the next delivery
 
 

@@ -8,10 +8,10 @@ Bad input gets one clear line, a documented exit code and an unchanged database.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -576,10 +576,10 @@ def test_user_list_shows_keep_copy(acct: Acct) -> None:
     assert "KEEP_COPY" in out.splitlines()[0] and out.splitlines()[1].rstrip().endswith("True")
 
 
-def _journal_beside(box: Path, data: bytes, suffix: str = "") -> Path:
+def _journal_beside(box: Path, data: bytes, kind: str = "") -> Path:
     from vdeliver import recovery
 
-    path = Path(recovery.journal_path(str(box)) + suffix)
+    path = Path(recovery.aside_path(str(box), kind) if kind else recovery.journal_path(str(box)))
     path.write_bytes(data)
     return path
 
@@ -600,7 +600,7 @@ def test_user_remove_takes_the_mbox_journal_along(acct: Acct) -> None:
     acct.ok("user", "remove", "wilma@away.com", "--remove-mail")
     names = sorted(os.listdir(acct.root.vbox / "away.com"))
     moved = next(n for n in names if n.startswith(".removed-wilma-"))
-    assert f".{moved}.vdeliver-journal" in names and f".{moved}.vdeliver-journal.unresolved" in names
+    assert f".{moved}.vdeliver-journal.lock" in names and f".{moved}.vdeliver-journal.unresolved.lock" in names
     assert recovery.state(str(acct.root.vbox / "away.com" / moved)) == "idle"
     assert not any(n.startswith(".wilma.") for n in names)
     acct.ok("user", "remove", "dino@away.com", "--remove-mail", "--unlink")
@@ -625,6 +625,6 @@ def test_check_reports_mbox_journals_that_need_a_look(acct: Acct) -> None:
     _journal_beside(acct.root.vbox / "away.com" / "gone", b"")
     problems = "\n".join(acct.run("check", "--json").json()["problems"])
     assert "records a delivery in progress or interrupted" in problems and f"--repair {box}" in problems
-    assert ".fred.vdeliver-journal.untrusted: a journal vdeliver did not write was set aside" in problems
-    assert ".gone.vdeliver-journal: crash journal without a mailbox" in problems
+    assert ".fred.vdeliver-journal.untrusted.lock: a journal vdeliver did not write was set aside" in problems
+    assert ".gone.vdeliver-journal.lock: crash journal without a mailbox" in problems
     assert "mailbox without a user" not in problems

@@ -68,8 +68,11 @@ TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows
 if TYPE_CHECKING:
     from vdeliver.hooks import Log
 
-SUFFIX = ".vdeliver-journal"
-UNRESOLVED = ".unresolved"
+OLD_SUFFIX = ".vdeliver-journal"  # where versions 1 and 2 wrote their journal, still recovered
+# Every name vdeliver keeps beside an mbox ends in ".lock": Dovecot takes such names for its
+# own and never lists them as folders, nor lets anyone create a folder by that name.
+SUFFIX = OLD_SUFFIX + ".lock"
+UNRESOLVED = ".unresolved"  # a journal set aside: .<mbox>.vdeliver-journal.unresolved.lock
 UNTRUSTED_SUFFIX = ".untrusted"
 MAGIC = "vdeliver-journal"
 VERSION = "2"  # the line format of versions 1 and 2 (one file per delivery), still read
@@ -117,15 +120,22 @@ def _unseal(block: bytes) -> "str | None":
 IDLE = (f"{MAGIC} {PERSISTENT} idle".encode("ascii").ljust(RECLEN - 9) + b"6ec831a8\n")
 
 
-def journal_path(mbox_path: str) -> str:
+def journal_path(mbox_path: str, suffix: str = SUFFIX) -> str:
     directory, base = os.path.split(mbox_path)
-    return os.path.join(directory or ".", f".{base}{SUFFIX}")
+    return os.path.join(directory or ".", f".{base}{suffix}")
+
+
+def aside_path(mbox_path: str, kind: str) -> str:
+    """Where a journal set aside for the administrator goes (kind: UNRESOLVED or UNTRUSTED_SUFFIX)."""
+    return journal_path(mbox_path, f"{OLD_SUFFIX}{kind}.lock")
 
 
 def companions(mbox_path: str) -> "list[str]":
-    """The journal files that belong to an mbox, for tools that move or remove it."""
-    jpath = journal_path(mbox_path)
-    return [jpath, jpath + UNRESOLVED, jpath + UNTRUSTED_SUFFIX]
+    """The journal files that belong to an mbox, for tools that move or remove it: the
+    journal, an old version's, and those set aside (also under their old names)."""
+    return [journal_path(mbox_path, s) for s in (SUFFIX, OLD_SUFFIX, f"{OLD_SUFFIX}{UNRESOLVED}.lock",
+                                                 f"{OLD_SUFFIX}{UNTRUSTED_SUFFIX}.lock", OLD_SUFFIX + UNRESOLVED,
+                                                 OLD_SUFFIX + UNTRUSTED_SUFFIX)]
 
 
 def state(mbox_path: str) -> str:
@@ -135,6 +145,8 @@ def state(mbox_path: str) -> str:
     "wrong size" or "not a regular file"."""
     import stat
 
+    if os.path.lexists(journal_path(mbox_path, OLD_SUFFIX)):
+        return "old"
     try:
         fd = os.open(journal_path(mbox_path), os.O_RDONLY | _OPEN)
     except FileNotFoundError:
@@ -202,6 +214,12 @@ def boot_id() -> str:
             value = ""
         _BOOT.append(value if value and " " not in value else "-")
     return _BOOT[0]
+
+
+def _could_be_ours(data: bytes) -> bool:
+    """Empty, zeros (made, not yet written), or starting like a record or line of ours (perhaps
+    torn): what may be reset or removed.  Anything else is set aside, never deleted."""
+    return not data.strip(b"\0") or b"vdeliver-journal ".startswith(data[:17])
 
 
 def parse(data: bytes) -> "Record | None":
@@ -339,10 +357,10 @@ def _why_not_writable(jpath: str, exc: OSError) -> str:
 
 
 def _untrusted(j: Found, path: str, why: str, log: "Log | None", outcome: str = UNTRUSTED) -> "tuple[str, str]":
-    """Move a journal we cannot trust out of the way (never following it) and go on: it must
-    neither cut the mailbox nor block delivery."""
+    """Move a journal we cannot trust out of the way (never following it, never deleting it:
+    it may be someone's data) and go on: it must neither cut the mailbox nor block delivery."""
     j.gone()
-    aside = f"{j.path}{UNTRUSTED_SUFFIX}"
+    aside = aside_path(path, UNTRUSTED_SUFFIX)
     try:
         os.rename(j.path, aside)
         moved = f"moved to {aside}"
@@ -367,13 +385,15 @@ def _remove(jpath: str) -> None:
         raise fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
 
 
-def _set_aside(j: Found) -> None:
+def _set_aside(j: Found, path: str) -> str:
     j.gone()
+    aside = aside_path(path, UNRESOLVED)
     try:
-        os.rename(j.path, j.path + UNRESOLVED)
+        os.rename(j.path, aside)
         fsync_dir(os.path.dirname(j.path))
     except OSError as exc:
         raise fail("cannot set mailbox journal aside", f"{j.path}: {exc.strerror}") from None
+    return aside
 
 
 def _foreign_from_line(fd: int, start: int, stop: int) -> int:
@@ -428,17 +448,25 @@ def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
     the journal cannot be reset or removed (the delivery defers).  keep=False (journalling
     turned off) removes the journal instead of resetting it.
     """
+    outcome, text = CLEAN, ""
+    if os.path.lexists(journal_path(path, OLD_SUFFIX)):  # left by an earlier version
+        old = find(journal_path(path, OLD_SUFFIX))
+        try:
+            outcome, text = decide(old, fd, path, st, log, False)
+        finally:
+            old.close()
+        st = os.fstat(fd)
     j = find(journal_path(path))
     try:
-        return decide(j, fd, path, st, log, keep)
+        now = decide(j, fd, path, st, log, keep)
     finally:
         j.close()
+    return (outcome, text) if now[0] == CLEAN else now
 
 
 def decide(j: Found, fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
            keep: bool = True) -> "tuple[str, str]":
     """recover() on a journal already found (MboxJournal keeps it open for the append)."""
-    jpath = j.path
     if j.why:
         return _untrusted(j, path, j.why, log)
     if j.fd < 0:
@@ -448,6 +476,8 @@ def decide(j: Found, fd: int, path: str, st: os.stat_result, log: "Log | None" =
             j.settle(False)
         return CLEAN, ""
     rec = parse(j.data)
+    if rec is None and not _could_be_ours(j.data):
+        return _untrusted(j, path, "it is not a vdeliver journal", log)
     if rec is None:
         # Written with one write() and synced before the first byte of the append: a torn
         # or empty record means the append never started.
@@ -477,22 +507,22 @@ def decide(j: Found, fd: int, path: str, st: os.stat_result, log: "Log | None" =
             return _say(log, "warning", DROPPED,
                         f"{path}: bytes at offset {rec.orig} are not the record of {who}"
                         " (rewritten by another program); nothing cut")
-        _set_aside(j)
+        aside = _set_aside(j, path)
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: the record of {who} at offset {rec.orig} stops after at most {same} bytes and other"
-                    f" data follows; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+                    f" data follows; nothing cut, journal kept as {aside}")
     if size > rec.end:
-        _set_aside(j)
+        aside = _set_aside(j, path)
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: the interrupted record of {who} at offset {rec.orig} (at most {rec.end - rec.orig}"
                     f" bytes) is followed by {size - rec.end}+ bytes another program appended; nothing cut,"
-                    f" journal kept as {jpath}{UNRESOLVED}")
+                    f" journal kept as {aside}")
     foreign = _foreign_from_line(fd, rec.orig + len(rec.head), size)
     if foreign >= 0:
-        _set_aside(j)
+        aside = _set_aside(j, path)
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: another program appended a message at offset {foreign} after the interrupted"
-                    f" record of {who} at offset {rec.orig}; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+                    f" record of {who} at offset {rec.orig}; nothing cut, journal kept as {aside}")
     if size == rec.end and rec.boot and rec.boot != boot_id():
         # A whole record under the journal of an earlier boot: the machine went down
         # after the append, perhaps after sendmail was told.  Keep it.
@@ -534,12 +564,21 @@ class MboxJournal(Journal):
 
     def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:
         self.close()
+        if os.path.lexists(journal_path(path, OLD_SUFFIX)):  # an earlier version's: one failed lstat
+            old = find(journal_path(path, OLD_SUFFIX))
+            try:
+                self.outcome, _text = decide(old, fd, path, st, self.log, False)
+            finally:
+                old.close()
+            st = os.fstat(fd)
         j = self.found = find(journal_path(path))
         if j.persistent and self.record and j.data[:RECLEN] == IDLE:
             return st  # the common case: open, fstat, pread
         if j.fd < 0 and not j.why:
             return st  # no journal (journalling off, or the first delivery)
-        self.outcome, _text = decide(j, fd, path, st, self.log, self.record)
+        outcome, _text = decide(j, fd, path, st, self.log, self.record)
+        if outcome != CLEAN:
+            self.outcome = outcome
         return os.fstat(fd)
 
     def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
@@ -667,6 +706,6 @@ def repair(path: str, *, host: str, lock_timeout: float = 60.0, stale_age: float
             text = (text or f"{path}: clean") + f"; removed {swept} temporary lock file(s) of dead processes"
             if log is not None:
                 log.info(f"mbox recovery: {text}")
-    if os.path.lexists(journal_path(path) + UNRESOLVED):
-        return UNRESOLVED_STATE, text or f"{path}: an unresolved journal {journal_path(path)}{UNRESOLVED} needs a look"
+    if os.path.lexists(aside_path(path, UNRESOLVED)):
+        return UNRESOLVED_STATE, text or f"{path}: an unresolved journal {aside_path(path, UNRESOLVED)} needs a look"
     return outcome, text or f"{path}: clean"

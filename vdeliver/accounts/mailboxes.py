@@ -171,7 +171,7 @@ def move_aside(cfg: Config, fmt: str, user: str, domain: str, unlink: bool = Fal
 
         moved_mbox = new + mailbox_path(cfg, fmt, user, domain)[len(root):]
         for path, suffix in outside:
-            os.rename(path, journal_path(moved_mbox) + suffix)
+            os.rename(path, journal_path(moved_mbox, suffix))
     return new
 
 
@@ -183,8 +183,8 @@ def _journals_outside(cfg: Config, fmt: str, user: str, domain: str, root: str) 
     from vdeliver.recovery import companions, journal_path
 
     path = mailbox_path(cfg, fmt, user, domain)
-    base = journal_path(path)
-    return [(c, c[len(base):]) for c in companions(path)
+    prefix = journal_path(path, "")  # <dir>/.<mbox>
+    return [(c, c[len(prefix):]) for c in companions(path)
             if not c.startswith(root.rstrip("/") + "/") and os.path.lexists(c)]
 
 
@@ -202,10 +202,11 @@ def journal_problems(cfg: Config, user: str, domain: str) -> list[str]:
                      f" the next delivery recovers it, or `vdeliver --repair {path}`")
     elif state == "not a regular file":
         found.append(f"{user}@{domain}: {jpath} is not a regular file; the next delivery moves it aside")
-    for suffix, what in ((recovery.UNRESOLVED, "an interrupted record lies under another program's mail"),
-                         (recovery.UNTRUSTED_SUFFIX, "a journal vdeliver did not write was set aside")):
-        if os.path.lexists(jpath + suffix):
-            found.append(f"{user}@{domain}: {jpath}{suffix}: {what}; look at the mailbox, then remove it")
+    for kind, what in ((recovery.UNRESOLVED, "an interrupted record lies under another program's mail"),
+                       (recovery.UNTRUSTED_SUFFIX, "a journal vdeliver did not write was set aside")):
+        asides = (recovery.aside_path(path, kind), recovery.journal_path(path, recovery.OLD_SUFFIX + kind))
+        found.extend(f"{user}@{domain}: {aside}: {what}; look at the mailbox, then remove it"
+                     for aside in asides if os.path.lexists(aside))
     return found
 
 
@@ -267,7 +268,7 @@ def on_disk(cfg: Config) -> dict[str, set[tuple[str, str]]]:
 
 def orphan_journals(cfg: Config) -> list[str]:
     """Crash journals in the mbox tree whose mbox is gone (removed by hand): safe to delete."""
-    from vdeliver.recovery import SUFFIX
+    from vdeliver.recovery import OLD_SUFFIX, SUFFIX
 
     root = tree_root(cfg.mbox_path)
     if root is None or not os.path.isdir(root):
@@ -278,7 +279,8 @@ def orphan_journals(cfg: Config) -> list[str]:
         if dom.startswith(".") or not os.path.isdir(ddir):
             continue
         for name in sorted(os.listdir(ddir)):
-            mbox = os.path.join(ddir, name[1: -len(SUFFIX)])
-            if name.startswith(".") and name.endswith(SUFFIX) and not os.path.lexists(mbox):
+            suffix = SUFFIX if name.endswith(SUFFIX) else OLD_SUFFIX
+            mbox = os.path.join(ddir, name[1: -len(suffix)])
+            if name.startswith(".") and name.endswith(suffix) and not os.path.lexists(mbox):
                 orphans.append(os.path.join(ddir, name))
     return orphans
