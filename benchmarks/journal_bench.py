@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", default=BEFORE, help=f"the revision to compare with (default {BEFORE})")
     p.add_argument("--out", help=f"results directory (default: {RESULTS}; with --quick a temporary one)")
     args = p.parse_args(argv)
-    rounds, per_round, traced, recovers = (1, 3, 3, 50) if args.quick else (8, 25, 20, 3000)
+    rounds, per_round, traced, recovers = (1, 3, 3, 50) if args.quick else (20, 50, 20, 3000)
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="vdeliver-journal-bench-", dir="/var/tmp")
     out = args.out or (os.path.join(work, "results") if args.quick else RESULTS)
@@ -177,20 +177,22 @@ def main(argv: list[str] | None = None) -> int:
 
     when = datetime.datetime.now(datetime.UTC)
     wall = time.monotonic() - started
-    load = os.getloadavg()[0]
+    with open("/proc/loadavg") as f:
+        load = float(f.read().split()[0])
     lines += [
-        f"# mbox crash journal: before and after the persistent journal{' (--quick: not a measurement)' if args.quick else ''}",
+        "# mbox crash journal: before and after the persistent journal"
+        + (" (--quick: not a measurement)" if args.quick else ""),
         "",
-        f"- Date: {when:%Y-%m-%d %H:%M} UTC; wall time {wall:.0f} s; load average at the end {load:.1f};"
-        f" command `python -m benchmarks.journal_bench{' --quick' if args.quick else ''}`.",
+        (f"- Date: {when:%Y-%m-%d %H:%M} UTC; wall time {wall:.0f} s; load average at the end {load:.1f};"
+        f" command `python -m benchmarks.journal_bench{' --quick' if args.quick else ''}`."),
         f"- Machine: {os.cpu_count()} cores, ext4 on {os.path.realpath('/var/tmp')}, Python {sys.version.split()[0]}.",
-        "- In-process deliveries (`vdeliver.mbox.deliver()`), 4 KB message, each variant in its own interpreter;"
-        f" {rounds} rounds of {per_round} messages per variant, interleaved.",
+        ("- In-process deliveries (`vdeliver.mbox.deliver()`), 4 KB message, each variant in its own interpreter;"
+        f" {rounds} rounds of {per_round} messages per variant, interleaved."),
     ]
     if why:
         lines.append(f"- No 'before' variant: {why}.")
-    lines += ["", "| variant | syncs (strace -c) | median ms a message | ratio to before | ratio to off |"
-              " recover(), common case (us) |", "|---|---|---|---|---|---|"]
+    lines += ["", ("| variant | syncs (strace -c) | median ms a message | ratio to before | ratio to off |"
+              " recover(), common case (us) |"), "|---|---|---|---|---|---|"]
     base = med.get(names[("before", "on")])
     off = med[names[("after", "off")]]
     for v in variants:

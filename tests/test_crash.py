@@ -259,12 +259,15 @@ def crashroot(mailroot: MailRoot, vmail: Account, vdeliver_install: object) -> M
     return mailroot
 
 
-def _plant(root: MailRoot, account: Account, content: bytes, orig: int, end: int, head: bytes) -> Path:
+def _plant(root: MailRoot, account: Account, content: bytes, orig: int, end: int, head: bytes,
+           old: bool = False) -> Path:
+    """The mbox and the busy journal a killed delivery leaves (old: a version 2 journal)."""
     mbox = root.vbox / fi.DOMAIN / fi.USER
     mbox.write_bytes(content)
     st = os.stat(mbox)
-    j = _journal(mbox)
-    j.write_bytes(recovery.Record(st.st_dev, st.st_ino, orig, end, 4242, head).line())
+    rec = recovery.Record(st.st_dev, st.st_ino, orig, end, 4242, head)
+    j = Path(recovery.journal_path(str(mbox), recovery.OLD_SUFFIX if old else recovery.SUFFIX))
+    j.write_bytes(rec.line() if old else rec.block() + bytes(recovery.SIZE - recovery.RECLEN))
     os.chown(j, account.uid, account.gid)
     return mbox
 
@@ -300,8 +303,14 @@ def test_repair_exit_codes(crashroot: MailRoot, vmail: Account) -> None:
     _plant(crashroot, vmail, OLD + RECORD[:99], len(OLD), len(OLD) + len(RECORD), RECORD[:60])
     code, out = _repair(crashroot, vmail, str(mbox))
     assert code == 0 and out.startswith("cut:") and mbox.read_bytes() == OLD, out
+    assert recovery.state(str(mbox)) == "idle"
     code, out = _repair(crashroot, vmail, str(mbox))
     assert code == 0 and out.startswith("clean:")
+    # An earlier version's journal (its own name, one line) is recovered and removed.
+    _plant(crashroot, vmail, OLD + RECORD[:99], len(OLD), len(OLD) + len(RECORD), RECORD[:60], old=True)
+    code, out = _repair(crashroot, vmail, str(mbox))
+    assert code == 0 and out.startswith("cut:") and mbox.read_bytes() == OLD, out
+    assert not os.path.lexists(recovery.journal_path(str(mbox), recovery.OLD_SUFFIX))
     # Temporary dotlock files of killed processes are tidied away; a live one's are not.
     host = os.uname().nodename
     gone = mbox.parent / f".{mbox.name}.lock.{host}.{_dead_pid()}.abcd1234"
@@ -561,7 +570,7 @@ def test_mbox_journal_off_writes_none_but_still_recovers(mailroot: MailRoot) -> 
         f.write(partial)
     record = recovery.Record(os.stat(box).st_dev, os.stat(box).st_ino, len(good), len(good) + 500, 999999,
                              partial[:40])
-    jpath = recovery.journal_path(str(box))
+    jpath = recovery.journal_path(str(box), recovery.OLD_SUFFIX)  # where versions 1 and 2 wrote it
     with open(jpath, "wb") as f:
         f.write(record.line())
     os.chown(jpath, mailroot.owner.uid, mailroot.owner.gid)

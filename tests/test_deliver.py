@@ -503,3 +503,14 @@ def test_mbox_journal_off_still_recovers(tmp_path: Path, src: int) -> None:
     deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
     assert [lvl for lvl, _ in log.lines] == ["warning"]
+
+
+def test_mbox_journal_off_removes_the_journal_and_writes_none(tmp_path: Path, src: int) -> None:
+    """Turned off, the journal a journalling delivery left (idle) goes, and none is made."""
+    box = mbox_of(tmp_path)
+    deliver(make_config(tmp_path), FRED, src, "alice@example.org")
+    assert recovery.state(str(box)) == "idle"
+    os.lseek(src, 0, os.SEEK_SET)
+    deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org")
+    assert recovery.state(str(box)) == "none" and sorted(os.listdir(box.parent)) == ["fred"]
+    assert box.read_bytes() == OLD + mbox_record() * 2
