@@ -60,7 +60,7 @@ import errno
 import os
 
 from vdeliver.errors import DeliveryError, fail
-from vdeliver.fileio import fsync_dir
+from vdeliver.fileio import fsync_dir, write_all
 from vdeliver.mbox import Journal
 from vdeliver.message import Prepared
 
@@ -647,8 +647,7 @@ def _make(j: Found, block: bytes) -> None:
     written in full with the busy record, then synced with its directory."""
     fd = os.open(j.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN, 0o600)
     try:
-        if os.write(fd, block + bytes(SIZE - RECLEN)) != SIZE:
-            raise OSError(errno.ENOSPC, "short write")
+        write_all(fd, block + bytes(SIZE - RECLEN))  # a short write goes on, to the real errno (EFBIG...)
         os.fsync(fd)
         fsync_dir(os.path.dirname(j.path))
     except BaseException:
