@@ -6,7 +6,7 @@ message stays in the mailbox for ever.  vdeliver records, under both locks and
 before the first byte is appended, what is needed to undo the append, in a
 journal file beside the mbox that is made once and then reused by every delivery:
 
-    <dir>/.<mbox>.vdeliver-journal   (4096 bytes, one fixed-size record at offset 0)
+    <dir>/.<mbox>.vdeliver-journal.lock   (4096 bytes, one fixed-size record at offset 0)
     vdeliver-journal 3 busy <st_dev> <st_ino> <original size> <intended end> <pid> <head hex> <boot id> ... <crc32>
     vdeliver-journal 3 idle ... <crc32>
 
@@ -30,10 +30,13 @@ append starts only after the record's sync.  A recipient name may not start with
 '.', so the journal can never be taken for a mailbox; the dotlock content stays
 `pid:host` for Dovecot.
 
-Journals of versions 1 and 2 (one text line in a file made per delivery, removed
-after it) are still recovered, and then removed: the next delivery makes the
-persistent one.  With `mbox_journal = false` none is written, and one found is
-recovered and removed.
+The journal's name ends in `.lock` because Dovecot takes such names for internal files:
+beside an mbox folder in ~/mail it would otherwise list the journal as a folder.  Journals
+of versions 1 and 2 (one text line in `.<mbox>.vdeliver-journal`, made per delivery and
+removed after it) are still recovered (one failed lstat per delivery looks for one), and
+then removed: the next delivery makes the persistent one.  With `mbox_journal = false`
+none is written, and one found is recovered and removed.  A file by the journal's name
+that vdeliver cannot have written is moved aside, never reset or deleted.
 
 The next vdeliver that takes the locks (or `vdeliver --repair`) calls recover()
 before anything else.  It cuts the mbox back to the original size only when
@@ -52,8 +55,9 @@ Design notes and the fault table: docs/crash-safety.md.  Only `os` at import
 time: this module is on the delivery path (binascii, a built-in module, is
 imported when a record is written or checked).
 
-Over 400 lines on purpose: every case of recover() is a decision about someone's mail, and
-they read best as one sequence next to the journal format.
+About 700 lines on purpose: every case of recover() is a decision about someone's mail, and
+they read best as one sequence next to the journal's format and the checks that decide
+whether a journal file is ours.
 """
 
 import errno
