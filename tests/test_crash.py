@@ -285,6 +285,24 @@ def test_next_delivery_cuts_partial_record(crashroot: MailRoot, vmail: Account) 
     fi.check_mbox(mbox, [first, second])
 
 
+def test_the_journal_is_one_block_of_the_vmail_user_kept_idle(crashroot: MailRoot, vmail: Account) -> None:
+    """The real program leaves beside the mbox one journal: 4096 bytes, mode 0600, owned by
+    the delivering user, idle; the next delivery reuses the same file (same inode)."""
+    import stat
+
+    mbox = crashroot.vbox / fi.DOMAIN / fi.USER
+    msgs = [fi.make_message(random.Random(7), n, 300) for n in (1, 2)]
+    assert fi.deliver_cli(crashroot, msgs[0], vmail).returncode == 0
+    jpath = Path(recovery.journal_path(str(mbox)))
+    st1 = jpath.lstat()
+    assert stat.S_ISREG(st1.st_mode) and stat.S_IMODE(st1.st_mode) == 0o600
+    assert (st1.st_uid, st1.st_size, st1.st_nlink) == (vmail.uid, recovery.SIZE, 1)
+    assert recovery.state(str(mbox)) == "idle"
+    assert fi.deliver_cli(crashroot, msgs[1], vmail).returncode == 0
+    assert jpath.lstat().st_ino == st1.st_ino and recovery.state(str(mbox)) == "idle"
+    fi.check_mbox(mbox, msgs)
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
