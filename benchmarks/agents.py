@@ -215,7 +215,8 @@ def write_vdeliver_config(ctx: Context) -> str:
 class VdeliverCli(Agent):
     key = "vdeliver"
     label = "vdeliver (launcher, /usr/bin/python3 -IS)"
-    fsync = "mbox: recovery journal, its dir, the mbox, the dir again; Maildir: file, new/"
+    fsync = ("mbox: the crash journal's record (fdatasync; the first delivery into an mbox makes the journal,"
+             " its file and directory), the mbox; Maildir: file, new/")
 
     def prepare(self, ctx: Context) -> None:
         super().prepare(ctx)

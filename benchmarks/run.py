@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", help="comma-separated substrings: run only cells whose key contains one")
     p.add_argument("--budget", type=float, default=900, help="seconds; later cells are skipped past it")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--no-journal", action="store_true", help="skip the mbox journal's before/after run")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -266,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for agent in agents:
             agent.stop()
+
+    if not args.no_journal and not args.only:
+        # Its own entry and results file (journal.md): the mbox crash journal before and after.
+        from benchmarks import journal_bench
+
+        say("mbox crash journal: before and after the persistent journal")
+        try:
+            journal_bench.main(["--out", out, *(["--quick"] if args.quick else [])])
+        except Exception as exc:  # noqa: BLE001 - a failed side entry is a note, not a lost run
+            notes.append(f"journal benchmark failed: {type(exc).__name__}: {exc}")
 
     wall = time.monotonic() - started
     data = report.figures(rows, syncs)

@@ -4,7 +4,7 @@ Two ways of killing, both without any test hook on the delivery path:
 
 - precise points: the delivery functions run in a forked child (as the vmail user
   when we are root); the child wraps os/module functions it is about to call
-  (write of the record at byte k, fsync, link, the journal's removal...) with one
+  (write of the record at byte k, fsync, link, the journal's records...) with one
   that sends itself SIGKILL.  Only the child is patched; the parent never is.
 - external timing: the real `vdeliver` program, run like sendmail runs it, is
   killed after a random delay while its stdin is fed slowly, while a peer holds
@@ -122,8 +122,11 @@ def check_mbox(path: Path, expected: list[bytes]) -> None:
     assert py_ids == want_ids, "Python's mailbox module reads other messages"
     if which("formail"):
         assert formail_ids(path) == want_ids, "formail -s reads other messages"
-    journal = path.parent / f".{path.name}.vdeliver-journal"
-    assert not journal.exists(), "a journal was left behind"
+    from vdeliver import recovery
+
+    assert recovery.state(str(path)) in ("none", "idle"), "a busy journal was left behind"
+    for name in recovery.companions(str(path))[1:]:
+        assert not os.path.lexists(name), f"{name} was left"
 
 
 def check_maildir(md: Path, expected: list[bytes], maybe: list[bytes]) -> int:
@@ -257,8 +260,7 @@ def kill_at_record_byte(k: int, module: str = "mbox") -> Callable[[], None]:
 
 
 def kill_at_fsync(n: int, after: bool = False) -> Callable[[], None]:
-    """Die at the n-th fsync of the delivery (0: journal, 1: its directory, 2: the
-    mbox); before or after it.  The journal's removal is not fsynced."""
+    """Die at the n-th fsync of the delivery, before or after it (Maildir: 0 is the file's)."""
 
     def patch() -> None:
         real = os.fsync
@@ -278,20 +280,64 @@ def kill_at_fsync(n: int, after: bool = False) -> Callable[[], None]:
     return patch
 
 
-def kill_after_journal_unlink() -> Callable[[], None]:
-    """Die right after the journal was removed: the commit, before the exit."""
+def _fd_kind(fd: int) -> str:
+    """What a descriptor of an mbox delivery is: "journal", "dir" or "mbox"."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+    if ".vdeliver-journal" in os.path.basename(target):
+        return "journal"
+    return "dir" if os.path.isdir(target) else "mbox"
+
+
+def kill_at_sync(kind: str, call: str = "fsync", after: bool = False) -> Callable[[], None]:
+    """Die at the first `call` (fsync or fdatasync) of a descriptor of that kind, before or after it."""
 
     def patch() -> None:
-        real = os.unlink
+        real = getattr(os, call)
 
-        def unlink(path: str, *, dir_fd: int | None = None) -> None:
-            real(path, dir_fd=dir_fd)
-            if str(path).endswith(".vdeliver-journal"):
+        def sync(fd: int) -> None:
+            hit = _fd_kind(fd) == kind
+            if hit and not after:
+                _suicide()
+            real(fd)
+            if hit:
                 _suicide()
 
-        os.unlink = unlink  # type: ignore[assignment]
+        setattr(os, call, sync)
 
     return patch
+
+
+def kill_at_journal_write(state: str, k: int | None = None, after: bool = False) -> Callable[[], None]:
+    """Die at the pwrite of the journal's busy or idle record: before it, after its first k
+    bytes (a torn record), or after it."""
+    prefix = f"vdeliver-journal 3 {state} ".encode()
+
+    def patch() -> None:
+        real = os.pwrite
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            if not (bytes(data).startswith(prefix) and _fd_kind(fd) == "journal"):
+                return real(fd, data, offset)
+            if k is not None:
+                real(fd, data[:k], offset)
+                _suicide()
+            if not after:
+                _suicide()
+            n = real(fd, data, offset)
+            _suicide()
+            return n
+
+        os.pwrite = pwrite  # type: ignore[assignment]
+
+    return patch
+
+
+def kill_after_idle() -> Callable[[], None]:
+    """Die right after the journal went back to idle: the commit, before the exit."""
+    return kill_at_journal_write("idle", after=True)
 
 
 def kill_on_journal_create() -> Callable[[], None]:
@@ -302,7 +348,7 @@ def kill_on_journal_create() -> Callable[[], None]:
 
         def opener(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
             fd = real(path, flags, mode, dir_fd=dir_fd)
-            if str(path).endswith(".vdeliver-journal") and flags & os.O_CREAT:
+            if ".vdeliver-journal" in str(path) and flags & os.O_CREAT:
                 _suicide()
             return fd
 
@@ -471,45 +517,69 @@ class Tally:
         return "\n".join(f"{k}: runs={v[0]} killed={v[1]} finished-first={v[2]}" for k, v in sorted(self.rows.items()))
 
 
-MBOX_POINTS = ("journal-create", "journal-fsync", "journal-dir-fsync", "before-write", "mid-write",
-               "write-done-before-fsync", "after-mbox-fsync")
+# Every record boundary of an mbox append.  The first three make the journal (the first
+# delivery into an mbox: the loop removes the idle journal before them); the others use it.
+MBOX_POINTS = ("journal-create", "journal-create-fsync", "journal-create-dir-fsync",
+               "before-record", "torn-record", "record-before-sync", "after-record-sync",
+               "before-write", "mid-write", "write-done-before-fsync", "after-mbox-fsync", "after-idle")
+COMMITTED_POINTS = ("after-idle",)  # killed after the commit: the message is stored, not delivered again
 
 
 def mbox_patch(point: str, rng: random.Random, record_len: int) -> Callable[[], None]:
     if point == "journal-create":
         return kill_on_journal_create()
-    if point == "journal-fsync":
-        return kill_at_fsync(0)
-    if point == "journal-dir-fsync":
-        return kill_at_fsync(1)
+    if point == "journal-create-fsync":
+        return kill_at_sync("journal")
+    if point == "journal-create-dir-fsync":
+        return kill_at_sync("dir")
+    if point == "before-record":
+        return kill_at_journal_write("busy")
+    if point == "torn-record":
+        return kill_at_journal_write("busy", k=rng.randint(1, 511))
+    if point == "record-before-sync":
+        return kill_at_sync("journal", "fdatasync")
+    if point == "after-record-sync":
+        return kill_at_sync("journal", "fdatasync", after=True)
     if point == "before-write":
         return kill_at_record_byte(0)
     if point == "mid-write":
         return kill_at_record_byte(rng.randint(1, max(1, record_len - 1)))
     if point == "write-done-before-fsync":
-        return kill_at_fsync(2)
+        return kill_at_sync("mbox")
     if point == "after-mbox-fsync":
-        return kill_at_fsync(2, after=True)
+        return kill_at_sync("mbox", after=True)
+    if point == "after-idle":
+        return kill_after_idle()
     raise ValueError(point)
 
 
 def mbox_precise_loop(root: MailRoot, account: Account, rng: random.Random, kills: int, tally: Tally,
                       max_size: int = 200_000) -> list[bytes]:
-    """kill -9 at precise points, each followed by the real program delivering it again."""
+    """kill -9 at precise points, each followed by the real program delivering it again
+    (unless the kill came after the commit: then the message is stored and acknowledged
+    by nobody, the documented window)."""
     delivered: list[bytes] = []
     mbox = root.vbox / DOMAIN / USER
+    from vdeliver import recovery
+
+    journal = Path(recovery.journal_path(str(mbox)))
     for i in range(kills):
         point = MBOX_POINTS[i % len(MBOX_POINTS)]
         size = rng.choice((rng.randint(50, 2000), rng.randint(2000, max_size)))
         msg = make_message(rng, len(delivered) + 100000 * (i + 1), size)
+        if point.startswith("journal-create") and journal.exists():
+            journal.unlink()  # idle: as before the first delivery into this mbox
         before = mbox.read_bytes()
         outcome = deliver_in_child(root, account, msg, mbox_patch(point, rng, len(msg)))
         tally.add(f"mbox {point}", outcome)
         assert outcome == "killed", f"{point}: child ended {outcome}"
         # The killed delivery's bytes may still be there (that is the fault); the rest is untouched.
         assert mbox.read_bytes()[: len(before)] == before
-        res = deliver_cli(root, msg, account)
-        assert res.returncode == 0, res.stderr.decode()
+        if point in COMMITTED_POINTS:
+            assert committed(mbox, msg), f"{point}: the message is not stored whole"
+        else:
+            res = deliver_cli(root, msg, account)
+            assert res.returncode == 0, res.stderr.decode()
         delivered.append(msg)
     return delivered
 
@@ -543,7 +613,6 @@ def timing_loop(root: MailRoot, account: Account, rng: random.Random, kills: int
     """
     delivered: list[bytes] = []
     mbox = root.vbox / DOMAIN / USER
-    journal = mbox.parent / f".{mbox.name}.vdeliver-journal"
     last = 0.2
     for i in range(kills):
         kind = ("stdin", "lock-wait", "anywhere")[i % 3]
@@ -579,10 +648,10 @@ def timing_loop(root: MailRoot, account: Account, rng: random.Random, kills: int
             delivered.append(msg)  # finished before the kill: acknowledged, sendmail is done with it
             continue
         assert outcome == "killed", outcome
-        if journal.exists():
+        if _journal_busy(mbox):
             tally.add(f"cli {kind} (killed inside the append)", "killed")
         if committed(mbox, msg):
-            # Killed after the journal's removal, in the last microseconds before exit:
+            # Killed after the journal's reset to idle, in the last microseconds before exit:
             # the message is stored (sendmail, not told, would deliver a second copy).
             tally.add(f"cli {kind} (killed after commit)", "ok")
             delivered.append(msg)
@@ -596,9 +665,15 @@ def timing_loop(root: MailRoot, account: Account, rng: random.Random, kills: int
     return delivered
 
 
+def _journal_busy(mbox: Path) -> bool:
+    from vdeliver import recovery
+
+    return recovery.state(str(mbox)) not in ("none", "idle")
+
+
 def committed(mbox: Path, msg: bytes) -> bool:
-    """The killed delivery had completed: no journal, and its message is the last record."""
-    if (mbox.parent / f".{mbox.name}.vdeliver-journal").exists():
+    """The killed delivery had completed: no busy journal, and its message is the last record."""
+    if _journal_busy(mbox):
         return False
     records = split_mbox(mbox.read_bytes())
     try:

@@ -55,3 +55,23 @@ def test_quick_run_delivers_every_message_intact(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in proc.stdout
     else:
         assert (out / "latest.png").stat().st_size > 1000
+
+
+def test_journal_benchmark_quick_run_counts_two_syncs_a_message(tmp_path: Path) -> None:
+    """`python -m benchmarks.journal_bench --quick` runs before/after/off and strace shows what
+    the persistent journal is for: two syncs a message, where the journal file made per
+    delivery took three.  Counts, not times: no timing assertion."""
+    require("strace", "git")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.journal_bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "journal.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert "| 2 a message (1 fdatasync, 1 fsync); first delivery into a new mbox: 3 |" in rows["after"]
+    assert "| 1 a message (1 fsync)" in rows["off"]
+    if "No 'before' variant" not in (tmp_path / "journal.md").read_text():  # a shallow clone has no history
+        before = next(v for k, v in rows.items() if k.startswith("before"))
+        assert "| 3 a message (3 fsync)" in before

@@ -322,7 +322,8 @@ def test_deliver_to_an_mbox(tmp_path: Path, src: int) -> None:
     assert box.read_bytes() == OLD + mbox_record()
     assert (result.target.format, result.target.path) == ("mbox", str(box))
     assert (result.size, result.sender, result.notes) == (len(RAW), "alice@example.org", [])
-    assert sorted(os.listdir(box.parent)) == ["fred"]  # no lock, no journal left
+    assert sorted(os.listdir(box.parent)) == [".fred.vdeliver-journal.lock", "fred"]  # no lock
+    assert recovery.state(str(box)) == "idle"  # the persistent journal, reused by the next delivery
 
 
 def test_deliver_to_a_maildir(tmp_path: Path, src: int) -> None:
@@ -462,11 +463,11 @@ def _plant_journal(box: Path, orig: int, end: int, head: bytes) -> Path:
 def test_log_hears_a_partial_record_being_cut(tmp_path: Path, src: int) -> None:
     left = mbox_record(b"Subject: killed\n\nhalf\n")
     box = mbox_of(tmp_path, content=OLD + left[:40])
-    jpath = _plant_journal(box, len(OLD), len(OLD) + len(left), left[: recovery.HEAD])
+    _plant_journal(box, len(OLD), len(OLD) + len(left), left[: recovery.HEAD])
     log = RecordingLog()
     deliver(make_config(tmp_path), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
-    assert not jpath.exists()
+    assert recovery.state(str(box)) == "idle"  # the old journal removed, the persistent one made
     assert len(log.lines) == 1
     level, text = log.lines[0]
     assert level == "warning" and text.startswith("mbox recovery: ")
@@ -502,3 +503,14 @@ def test_mbox_journal_off_still_recovers(tmp_path: Path, src: int) -> None:
     deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
     assert [lvl for lvl, _ in log.lines] == ["warning"]
+
+
+def test_mbox_journal_off_removes_the_journal_and_writes_none(tmp_path: Path, src: int) -> None:
+    """Turned off, the journal a journalling delivery left (idle) goes, and none is made."""
+    box = mbox_of(tmp_path)
+    deliver(make_config(tmp_path), FRED, src, "alice@example.org")
+    assert recovery.state(str(box)) == "idle"
+    os.lseek(src, 0, os.SEEK_SET)
+    deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org")
+    assert recovery.state(str(box)) == "none" and sorted(os.listdir(box.parent)) == ["fred"]
+    assert box.read_bytes() == OLD + mbox_record() * 2

@@ -126,7 +126,7 @@ def test_maildir_new_swapped_for_a_symlink_never_redirects(tmp_path: Path) -> No
     assert os.listdir(md / "tmp") == []
 
 
-@pytest.mark.parametrize("planted", ["mbox.lock", "maildirsize", "journal"])
+@pytest.mark.parametrize("planted", ["mbox.lock", "maildirsize", "journal", "old-journal"])
 def test_a_fifo_planted_in_the_mail_tree_never_hangs_delivery(mailroot: MailRoot, planted: str) -> None:
     """A FIFO as the dotlock, as maildirsize or as the crash journal blocked open() for ever.
     Now every run ends: the lock wait times out (75), the quota file and the journal are
@@ -137,12 +137,14 @@ def test_a_fifo_planted_in_the_mail_tree_never_hangs_delivery(mailroot: MailRoot
         fifo = md / "maildirsize"
     else:
         box = mailroot.add_mbox("away.com", "fred")
-        fifo = box.with_name("fred.lock") if planted == "mbox.lock" else box.with_name(".fred.vdeliver-journal")
+        names = {"mbox.lock": "fred.lock", "journal": ".fred.vdeliver-journal.lock",
+                 "old-journal": ".fred.vdeliver-journal"}
+        fifo = box.with_name(names[planted])
     os.mkfifo(fifo, 0o600)
     os.chown(fifo, mailroot.owner.uid, mailroot.owner.gid)
     done = run_vdeliver(["-f", "a@b.org", "-a", "away.com", "-a", "fred"], MSG, config=mailroot.config,
                         as_user=mailroot.owner, timeout=30)
-    if planted == "journal":
+    if planted.endswith("journal"):
         assert done.returncode == 0, done.stderr  # an untrusted journal never blocks delivery
         assert b"not a regular file" in done.stderr
     else:
@@ -172,8 +174,9 @@ OLD = (b"From a@b  Wed Nov 25 02:56:49 2026\nSubject: one\n\nfirst\n\n"
        b"From a@b  Wed Nov 25 02:57:49 2026\nSubject: two\n\nacknowledged\n\n")
 
 
-def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
-    """A journal that, if trusted, would cut the second (acknowledged) message."""
+def _forge_journal(box: Path, how: str, owner: tuple[int, int], fmt: str = "persistent") -> Path:
+    """A journal that, if trusted, would cut the second (acknowledged) message: the
+    persistent journal's busy record, or a version 2 line."""
     from vdeliver import recovery
 
     st = os.stat(box)
@@ -184,8 +187,9 @@ def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
         ino += 1
     if how == "cut-outside":
         orig, end = len(OLD) + 10, len(OLD) + 200
-    line = recovery.Record(dev, ino, orig, end, 12345, head).line()
-    jpath = Path(recovery.journal_path(str(box)))
+    rec = recovery.Record(dev, ino, orig, end, 12345, head)
+    line = rec.line() if fmt == "v2" else rec.block() + bytes(recovery.SIZE - recovery.RECLEN)
+    jpath = Path(recovery.journal_path(str(box), recovery.OLD_SUFFIX if fmt == "v2" else recovery.SUFFIX))
     if how == "symlink":
         target = box.parent / "elsewhere"
         target.write_bytes(line)
@@ -200,10 +204,13 @@ def _forge_journal(box: Path, how: str, owner: tuple[int, int]) -> Path:
     return jpath
 
 
+@pytest.mark.parametrize("fmt", ["persistent", "v2"])
 @pytest.mark.parametrize("how", ["other-owner", "hard-link", "symlink", "wrong-inode", "cut-outside"])
-def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, how: str) -> None:
+def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, how: str, fmt: str) -> None:
     box = mailroot.add_mbox("away.com", "fred", OLD)
-    jpath = _forge_journal(box, how, (mailroot.owner.uid, mailroot.owner.gid))
+    _forge_journal(box, how, (mailroot.owner.uid, mailroot.owner.gid), fmt)
+    other = {"symlink": box.parent / "elsewhere", "hard-link": box.parent / "second-link"}.get(how)
+    planted = other.read_bytes() if other else b""
     for _ in range(2):  # and every later delivery goes through too
         done = run_vdeliver(["-f", "x@y.org", "-a", "away.com", "-a", "fred"], MSG, config=mailroot.config,
                             as_user=mailroot.owner)
@@ -211,8 +218,14 @@ def test_forged_crash_journal_never_cuts_and_never_blocks(mailroot: MailRoot, ho
     data = box.read_bytes()
     assert data.startswith(OLD), "acknowledged mail was cut"
     assert len(mbox_messages(box)) == 4
-    assert not os.path.lexists(jpath)
-    assert os.path.lexists(str(jpath) + ".untrusted")
+    from vdeliver import recovery
+
+    assert os.path.lexists(recovery.aside_path(str(box), recovery.UNTRUSTED_SUFFIX))
+    # A new journal of our own took its place; the planted file was never written through.
+    new = Path(recovery.journal_path(str(box)))
+    assert recovery.state(str(box)) == "idle" and not new.is_symlink() and new.stat().st_nlink == 1
+    if other:
+        assert other.read_bytes() == planted
 
 
 def test_repair_as_root_never_cuts_with_a_journal_it_did_not_write(mailroot: MailRoot) -> None:
@@ -224,7 +237,9 @@ def test_repair_as_root_never_cuts_with_a_journal_it_did_not_write(mailroot: Mai
     assert box.read_bytes() == OLD
     assert done.returncode == 75, done.stderr  # a forged journal needs the administrator's look
     assert b"untrusted" in done.stdout
-    assert os.path.lexists(str(jpath) + ".untrusted")
+    from vdeliver import recovery
+
+    assert not os.path.lexists(jpath) and os.path.lexists(recovery.aside_path(str(box), recovery.UNTRUSTED_SUFFIX))
 
 
 # -- item 4: a mailbox can never be mistaken for a lock -----------------------------------------

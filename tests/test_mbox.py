@@ -29,6 +29,7 @@ from vdeliver.errors import DeliveryError
 from vdeliver.mbox import Journal, MailboxLock, open_mbox
 from vdeliver.message import Prepared, Spool
 from vdeliver.recovery import MboxJournal, journal_path
+from vdeliver.recovery import state as journal_state
 
 HOST = "unit.test"
 SHORT = 0.3
@@ -54,9 +55,13 @@ def deliver(path: Path, m: Prepared, **kw: object) -> list[str]:
 
 
 def assert_clean(path: Path) -> None:
-    """No lock, no journal, no temporary lock file beside the mailbox; nobody holds fcntl."""
-    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith((path.name + ".", "." + path.name))]
+    """No lock, no busy journal, no temporary lock file beside the mailbox; nobody holds fcntl.
+    The persistent journal may be there, idle."""
+    journal = Path(journal_path(str(path))).name
+    leftovers = [p.name for p in path.parent.iterdir()
+                 if p.name.startswith((path.name + ".", "." + path.name)) and p.name != journal]
     assert leftovers == []
+    assert journal_state(str(path)) in ("none", "idle")
     if path.exists():
         assert child_can_lock(path)
 
@@ -479,13 +484,32 @@ def test_fsync_failure_of_the_mailbox_rolls_back(box: Path, msg: Prepared, monke
 @pytest.mark.parametrize(("err", "dsn"), [(errno.ENOSPC, "4.3.1"), (errno.EDQUOT, "4.2.2"), (errno.EIO, "4.3.0")])
 def test_fsync_failures_with_the_journal(box: Path, msg: Prepared, monkeypatch: pytest.MonkeyPatch,
                                          n: int, err: int, dsn: str) -> None:
-    """With the crash journal: fsync 1 is the journal's, 2 its directory's, 3 the mailbox's."""
+    """The first delivery makes the journal: fsync 1 is the journal's, 2 its directory's, 3 the
+    mailbox's.  A journal that could not be made is not left behind."""
     monkeypatch.setattr(os, "fsync", fail_at_call(n, err, os.fsync))
     with pytest.raises(DeliveryError) as info:
         deliver(box, msg, journal=MboxJournal())
     assert info.value.status.dsn == dsn
     assert box.read_bytes() == OLD
-    assert not Path(journal_path(str(box))).exists()
+    assert journal_state(str(box)) == ("idle" if n == 3 else "none")
+    assert_clean(box)
+
+
+@pytest.mark.parametrize(("call", "err", "dsn"), [
+    ("fdatasync", errno.EIO, "4.3.0"), ("fdatasync", errno.ENOSPC, "4.3.1"),
+    ("fsync", errno.EIO, "4.3.0"), ("fsync", errno.EDQUOT, "4.2.2"),
+])
+def test_sync_failures_with_the_persistent_journal(box: Path, msg: Prepared, monkeypatch: pytest.MonkeyPatch,
+                                                   call: str, err: int, dsn: str) -> None:
+    """Once the journal exists a delivery syncs twice: the journal's record (fdatasync), then
+    the mailbox (fsync).  Either failing leaves the mailbox as it was."""
+    deliver(box, msg, journal=MboxJournal())
+    before = box.read_bytes()
+    monkeypatch.setattr(os, call, fail_at_call(1, err, getattr(os, call)))
+    with pytest.raises(DeliveryError) as info:
+        deliver(box, msg, journal=MboxJournal())
+    assert info.value.status.dsn == dsn
+    assert box.read_bytes() == before
     assert_clean(box)
 
 
@@ -636,3 +660,29 @@ def test_mbox_journal_is_gone_after_success(box: Path, msg: Prepared) -> None:
     deliver(box, msg, journal=MboxJournal())
     assert box.read_bytes() == OLD + RECORD
     assert_clean(box)
+
+
+def test_a_delivery_into_an_mbox_with_its_journal_syncs_twice(box: Path, msg: Prepared, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crash safety at the cost of one sync: once the persistent journal exists, a delivery
+    makes two syncs (the journal's record, fdatasync; the mailbox, fsync), no file is created
+    or removed and no directory synced.  The first delivery makes the journal (three syncs)."""
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[[int], None]:
+        real = getattr(os, name)
+
+        def call(fd: int) -> None:
+            calls.append(name)
+            real(fd)
+        return call
+
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, counted(name))
+    deliver(box, msg, journal=MboxJournal())
+    assert calls == ["fsync", "fsync", "fsync"]  # the new journal, its directory, the mailbox
+    for _ in range(3):
+        calls.clear()
+        deliver(box, prepared(RECORD, str(tmp_path)), journal=MboxJournal())
+        assert calls == ["fdatasync", "fsync"]
+    assert journal_state(str(box)) == "idle" and box.read_bytes() == OLD + RECORD * 4

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.dovecot_harness import Dovecot, passwd_file_auth
+from tests.dovecot_harness import Dovecot, bad_log_lines, passwd_file_auth
 from tests.helpers import Account, MailRoot, require_root, run_vdeliver, world_tmpdir
 from tests.unit_helpers import RecordingLog, fail_at_call
 from vdeliver import config, flags, maildir
@@ -792,3 +793,53 @@ def test_sieve_runs_unless_switched_off(tmp_path: Path) -> None:
     assert messages(maildir_folder(tmp_path)) == []
     run(tmp_path, config.build({**base, "sieve": {"enabled": False}}))
     assert len(messages(maildir_folder(tmp_path))) == 1
+
+
+@pytest.mark.peers
+def test_dovecot_never_lists_an_mbox_crash_journal_as_a_folder(vmail: Account) -> None:
+    """Every mbox vdeliver writes keeps its crash journal beside it for good, also an mbox
+    folder in ~/mail where Dovecot lists folders: Dovecot must show the folders, never a
+    journal.  Named `.<mbox>.vdeliver-journal` it was listed as a folder; ending in `.lock`
+    (`.<mbox>.vdeliver-journal.lock`) Dovecot takes it for an internal name."""
+    from vdeliver import recovery
+
+    require_root("Dovecot's mail processes switch to the vmail user")
+    root = MailRoot(world_tmpdir(), vmail)
+    try:
+        passwd = root.base / "passwd"
+        inbox = root.add_mbox("away.com", "wilma")
+        home_dir = root.home / "away.com" / "wilma"
+        passwd.write_text(f"wilma@away.com:s3cret:{vmail.uid}:{vmail.gid}::{home_dir}::\n")
+        passwd.chmod(0o644)
+        cfg = root.write_config()
+        cfg.write_text(cfg.read_text() + "\n[sieve]\nenabled = true\n")
+        (home_dir / "sieve").mkdir(parents=True, exist_ok=True)
+        (home_dir / "sieve" / "main.sieve").write_bytes(b'require ["fileinto", "mailbox"];\n'
+                                                        b'fileinto :create "Lists"; keep;')
+        (home_dir / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+        for path in (home_dir, home_dir / "sieve", home_dir / "sieve" / "main.sieve"):
+            os.chown(path, vmail.uid, vmail.gid)
+        os.lchown(home_dir / ".dovecot.sieve", vmail.uid, vmail.gid)
+        for _ in range(2):
+            done = run_vdeliver(["-f", "alice@example.org", "-a", "away.com", "-a", "wilma"], RAW, config=cfg,
+                                as_user=vmail)
+            assert done.returncode == 0, done.stderr
+        folder = home_dir / "mail" / "Lists"
+        assert recovery.state(str(inbox)) == "idle" and recovery.state(str(folder)) == "idle"
+        with Dovecot(root, vmail, auth=passwd_file_auth(passwd)) as dc:
+            imap = dc.login("wilma@away.com", "s3cret")
+            try:
+                listed = [line for line in imap.list('""', "*")[1] if isinstance(line, bytes)]
+                names = sorted(line.rsplit(b" ", 1)[-1].strip(b'"') for line in listed)
+                typ, data = imap.select("Lists")
+                assert typ == "OK" and data[0] == b"2", data
+                # Nor can a user make a folder by a journal's name (vdeliver would find it there).
+                typ, data = imap.create(".Lists.vdeliver-journal.lock")
+                assert typ == "NO", data
+            finally:
+                imap.logout()
+            log = dc.log_text()
+        assert names == [b"INBOX", b"Lists"], listed
+        assert not bad_log_lines(log), log
+    finally:
+        shutil.rmtree(root.base, ignore_errors=True)

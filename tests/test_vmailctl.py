@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -573,3 +574,57 @@ def test_user_list_shows_keep_copy(acct: Acct) -> None:
     acct.ok("forward", "set", "--keep-copy", "fred@away.com", "x@else.example")
     out = acct.ok("user", "list").out
     assert "KEEP_COPY" in out.splitlines()[0] and out.splitlines()[1].rstrip().endswith("True")
+
+
+def _journal_beside(box: Path, data: bytes, kind: str = "") -> Path:
+    from vdeliver import recovery
+
+    path = Path(recovery.aside_path(str(box), kind) if kind else recovery.journal_path(str(box)))
+    path.write_bytes(data)
+    return path
+
+
+def test_user_remove_takes_the_mbox_journal_along(acct: Acct) -> None:
+    """The persistent crash journal lives beside the mbox: `user remove --remove-mail` moves it
+    with the mbox (under the journal name of the moved mbox, where recovery looks), --unlink
+    deletes it; neither leaves it behind for a later mailbox of the same name."""
+    from vdeliver import recovery
+
+    idle = recovery.IDLE + bytes(recovery.SIZE - recovery.RECLEN)
+    acct.ok("domain", "add", "away.com")
+    for u in ("wilma", "dino"):
+        acct.ok("user", "add", f"{u}@away.com", "--format", "mbox", "--no-password")
+        box = acct.root.vbox / "away.com" / u
+        _journal_beside(box, idle)
+        _journal_beside(box, b"vdeliver-journal 2 ...\n", recovery.UNRESOLVED)
+    acct.ok("user", "remove", "wilma@away.com", "--remove-mail")
+    names = sorted(os.listdir(acct.root.vbox / "away.com"))
+    moved = next(n for n in names if n.startswith(".removed-wilma-"))
+    assert f".{moved}.vdeliver-journal.lock" in names and f".{moved}.vdeliver-journal.unresolved.lock" in names
+    assert recovery.state(str(acct.root.vbox / "away.com" / moved)) == "idle"
+    assert not any(n.startswith(".wilma.") for n in names)
+    acct.ok("user", "remove", "dino@away.com", "--remove-mail", "--unlink")
+    assert not any("dino" in n for n in os.listdir(acct.root.vbox / "away.com"))
+
+
+def test_check_reports_mbox_journals_that_need_a_look(acct: Acct) -> None:
+    """`vmailctl check` never takes a crash journal for a mailbox, and reports one that records
+    an interrupted delivery, one set aside, and one whose mbox was removed by hand."""
+    from vdeliver import recovery
+
+    acct.ok("domain", "add", "away.com")
+    acct.ok("user", "add", "fred@away.com", "--format", "mbox", "--no-password")
+    acct.ok("maps", "build")
+    box = acct.root.vbox / "away.com" / "fred"
+    _journal_beside(box, recovery.IDLE + bytes(recovery.SIZE - recovery.RECLEN))
+    assert acct.run("check", "--json").json()["problems"] == []
+    st = os.stat(box)
+    busy = recovery.Record(st.st_dev, st.st_ino, 0, 100, 4242, b"From x").block()
+    _journal_beside(box, busy + bytes(recovery.SIZE - recovery.RECLEN))
+    _journal_beside(box, b"x\n", recovery.UNTRUSTED_SUFFIX)
+    _journal_beside(acct.root.vbox / "away.com" / "gone", b"")
+    problems = "\n".join(acct.run("check", "--json").json()["problems"])
+    assert "records a delivery in progress or interrupted" in problems and f"--repair {box}" in problems
+    assert ".fred.vdeliver-journal.untrusted.lock: a journal vdeliver did not write was set aside" in problems
+    assert ".gone.vdeliver-journal.lock: crash journal without a mailbox" in problems
+    assert "mailbox without a user" not in problems

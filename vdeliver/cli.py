@@ -61,7 +61,7 @@ OPTIONS
                     files of dead processes; exit 0 when there was
                     nothing to do or it was repaired, 75 when one needs a look
                     (an unresolved journal, or one vdeliver did not write,
-                    which is moved aside as .untrusted and never acted upon)
+                    which is moved aside as .untrusted.lock, never acted upon)
     -t -Y -p -o     accepted for procmail compatibility; no effect
     --version       print the version
     --help          print this text
@@ -76,13 +76,15 @@ EXIT STATUS
         tries again)
 
 CRASH SAFETY
-    Before appending to an mbox, vdeliver writes .MBOX.vdeliver-journal beside
-    it (original size, intended end, file identity).  A delivery killed in the
-    middle leaves it behind; the next delivery or --repair cuts the mbox back to
+    Before appending to an mbox, vdeliver records in .MBOX.vdeliver-journal.lock
+    beside it (a 4 KiB file made once and kept; Dovecot never lists *.lock as
+    a folder) the original size, intended end and file identity, synced; after
+    the append it marks the record idle.  A delivery killed in the middle
+    leaves the record busy; the next delivery or --repair cuts the mbox back to
     its last complete message and logs what it cut.  Bytes another program
     wrote after the crash are never cut: then the journal is kept as
-    .MBOX.vdeliver-journal.unresolved and the log says why.  Files left in a
-    Maildir's tmp/ are removed once older than maildir_tmp_max_age (36 hours).
+    .MBOX.vdeliver-journal.unresolved.lock and the log says why.  Files left in
+    a Maildir's tmp/ are removed once older than maildir_tmp_max_age (36 hours).
 
 FILES
     /etc/vdeliver.toml   configuration (TOML; see the README for every key)

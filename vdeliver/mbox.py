@@ -82,6 +82,9 @@ class Journal:
     def abandon(self) -> None:
         pass
 
+    def close(self) -> None:
+        """The delivery is over, whatever happened (called under the locks)."""
+
 
 class Recorded(Journal):
     """A journal hook that passes every call on and remembers what the append spans,
@@ -106,6 +109,9 @@ class Recorded(Journal):
     def abandon(self) -> None:
         self.span = None
         self.inner.abandon()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def undo(path: str, span: "tuple[int, int, int, int]", *, host: str, lock_timeout: float = 60.0,
@@ -210,8 +216,11 @@ def deliver(
     journal = journal if journal is not None else Journal()
     with MailboxLock(path, host=host, create=create, lock_timeout=lock_timeout, stale_age=stale_age) as box:
         assert box.st is not None and box.dotlock is not None
-        st = journal.recover(box.fd, path, box.st)  # cut back what a killed delivery left
-        _append(box.fd, path, st, msg, box.dotlock, over_quota_bounce, journal)
+        try:
+            st = journal.recover(box.fd, path, box.st)  # cut back what a killed delivery left
+            _append(box.fd, path, st, msg, box.dotlock, over_quota_bounce, journal)
+        finally:
+            journal.close()
         return box.broke
 
 
@@ -233,8 +242,8 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
             write_all(fd, chunk)
             lock.refresh()
         os.fsync(fd)
-        # The commit point is the journal's removal: a journal left beside a whole record
-        # would make the next delivery cut it.  If it cannot go, undo the append instead.
+        # The commit point is the journal's reset to idle: a busy record left beside a whole
+        # record would make the next delivery cut it.  If it cannot be reset, undo the append.
         journal.end()
     except BaseException as exc:
         _rollback(fd, path, size)

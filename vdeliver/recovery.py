@@ -3,45 +3,68 @@
 procmail, Postfix and Dovecot truncate an mbox back after a write *error*, but a
 process killed with SIGKILL (sendmail's own timeout does that) cannot: half a
 message stays in the mailbox for ever.  vdeliver records, under both locks and
-before the first byte is appended, what is needed to undo the append:
+before the first byte is appended, what is needed to undo the append, in a
+journal file beside the mbox that is made once and then reused by every delivery:
 
-    <dir>/.<mbox>.vdeliver-journal   (one line, fsynced with its directory)
-    vdeliver-journal 2 <st_dev> <st_ino> <original size> <intended end> <pid> <head hex> <boot id>
+    <dir>/.<mbox>.vdeliver-journal.lock   (4096 bytes, one fixed-size record at offset 0)
+    vdeliver-journal 3 busy <st_dev> <st_ino> <original size> <intended end> <pid> <head hex> <boot id> ... <crc32>
+    vdeliver-journal 3 idle ... <crc32>
 
-`head` is the first bytes of the record (separator and From_ line).  The journal
-is removed only after the mbox fsync succeeded, or after a rollback.  The removal
-is not fsynced: within one boot an unlink is seen at once by every process, and a
-kill -9 (the crash that matters) loses nothing of the page cache.  Only a power
-loss can bring an unlinked journal back; the boot id in it tells the next run so,
-and a *complete* record found under a journal of an earlier boot is kept (it may
-have been acknowledged: a possible duplicate is better than a lost message),
-while a partial one is still cut.  Two fsyncs per delivery: the journal's (with
-its directory) and the mbox's.  A recipient name may not start with '.', so the journal can
-never be taken for a mailbox; the dotlock content stays `pid:host` for Dovecot.
+Each record is exactly RECLEN bytes (one disk sector): text padded with spaces, then
+the CRC-32 of what precedes it as 8 hex digits, then a newline; the rest of the file
+is zeros.  `head` is the first bytes of the record (separator and From_ line).
+begin() writes the busy record with one pwrite() at offset 0 and fdatasync()s it:
+no file is created and no directory synced, and since the file's size and blocks
+never change, the data sync writes one block.  end() overwrites it with the idle
+record after the mbox fsync, without a sync: within one boot the write is seen at
+once by every process, and a kill -9 (the crash that matters) loses nothing of the
+page cache.  Only a power loss can bring the busy record back; the boot id in it
+tells the next run so, and a *complete* record found under a busy journal of an
+earlier boot is kept (it may have been acknowledged: a possible duplicate is
+better than a lost message), while a partial one is still cut.  Two syncs per
+delivery: the journal's and the mbox's.  The first delivery into an mbox creates
+the journal (O_EXCL, written in full with its busy record, fsynced with its
+directory): three syncs, once.  A record whose CRC does not match (torn by a power
+loss, or never completely written) is taken for "the append never started": the
+append starts only after the record's sync.  A recipient name may not start with
+'.', so the journal can never be taken for a mailbox; the dotlock content stays
+`pid:host` for Dovecot.
+
+The journal's name ends in `.lock` because Dovecot takes such names for internal files:
+beside an mbox folder in ~/mail it would otherwise list the journal as a folder.  Journals
+of versions 1 and 2 (one text line in `.<mbox>.vdeliver-journal`, made per delivery and
+removed after it) are still recovered (one failed lstat per delivery looks for one), and
+then removed: the next delivery makes the persistent one.  With `mbox_journal = false`
+none is written, and one found is recovered and removed.  A file by the journal's name
+that vdeliver cannot have written is moved aside, never reset or deleted.
 
 The next vdeliver that takes the locks (or `vdeliver --repair`) calls recover()
 before anything else.  It cuts the mbox back to the original size only when
 everything says the bytes after it are ours: same file (dev, ino), size in
 (orig, end], our record's head at orig, and no other program's From_ line in what
 would be cut.  Anything else was changed by another program after the crash, and
-a completed delivery by someone else is never cut: the journal is dropped (the
-file was rewritten, replaced or shrunk) or kept aside as `.unresolved` with a loud
-log line (our partial record lies under someone else's message).  Every step is
-idempotent: killed during recovery, the next run finds either the journal with
-the size already at orig (and drops it) or the journal gone.
+a completed delivery by someone else is never cut: the record is dropped (the
+file was rewritten, replaced or shrunk) or the journal is kept aside as
+`.unresolved` with a loud log line (our partial record lies under someone else's
+message).  Every step is idempotent: killed during recovery, the next run finds
+either the busy record with the size already at orig (and resets it) or the
+journal idle.  A reset after recovery is synced (it is rare, and a busy record
+coming back after a power loss would be recovered again).
 
 Design notes and the fault table: docs/crash-safety.md.  Only `os` at import
-time: this module is on the delivery path.
+time: this module is on the delivery path (binascii, a built-in module, is
+imported when a record is written or checked).
 
-Over 400 lines on purpose: every case of recover() is a decision about someone's mail, and
-they read best as one sequence next to the journal format.
+About 700 lines on purpose: every case of recover() is a decision about someone's mail, and
+they read best as one sequence next to the journal's format and the checks that decide
+whether a journal file is ours.
 """
 
 import errno
 import os
 
 from vdeliver.errors import DeliveryError, fail
-from vdeliver.fileio import fsync_dir
+from vdeliver.fileio import fsync_dir, write_all
 from vdeliver.mbox import Journal
 from vdeliver.message import Prepared
 
@@ -49,16 +72,23 @@ TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows
 if TYPE_CHECKING:
     from vdeliver.hooks import Log
 
-SUFFIX = ".vdeliver-journal"
-UNRESOLVED = ".unresolved"
+OLD_SUFFIX = ".vdeliver-journal"  # where versions 1 and 2 wrote their journal, still recovered
+# Every name vdeliver keeps beside an mbox ends in ".lock": Dovecot takes such names for its
+# own and never lists them as folders, nor lets anyone create a folder by that name.
+SUFFIX = OLD_SUFFIX + ".lock"
+UNRESOLVED = ".unresolved"  # a journal set aside: .<mbox>.vdeliver-journal.unresolved.lock
 UNTRUSTED_SUFFIX = ".untrusted"
 MAGIC = "vdeliver-journal"
-VERSION = "2"  # version 1 journals (no boot id, durable removal) are still read
+VERSION = "2"  # the line format of versions 1 and 2 (one file per delivery), still read
+PERSISTENT = "3"  # the fixed-size record of the persistent journal
+SIZE = 4096  # the persistent journal: one block, written in full once
+RECLEN = 512  # one record at offset 0: one sector, written with one pwrite()
 HEAD = 96  # bytes of the record kept in the journal to recognise it again
 SCAN_CHUNK = 1 << 20
+_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # never follow, never block
 
 # Outcomes of recover(), also the words of `vdeliver --repair`.
-CLEAN = "clean"  # no journal
+CLEAN = "clean"  # no journal, or an idle one
 CUT = "cut"  # partial record removed
 NOTHING = "nothing written"  # journal found, mailbox already at its original size
 DROPPED = "dropped"  # journal stale (file replaced, rewritten or shrunk): nothing cut
@@ -67,11 +97,80 @@ KEPT = "kept"  # a complete record under a journal from before a reboot: not cut
 UNTRUSTED = "untrusted"  # a journal we cannot have written: moved aside, mailbox untouched
 
 
+def _seal(text: str) -> bytes:
+    """A fixed-size record: text padded with spaces, its CRC-32 in hex, a newline."""
+    import binascii
+
+    body = text.encode("ascii").ljust(RECLEN - 9)
+    if len(body) != RECLEN - 9 or body[-1] != 32:
+        raise ValueError("journal record too long")
+    return body + b"%08x\n" % binascii.crc32(body)
 
 
-def journal_path(mbox_path: str) -> str:
+def _unseal(block: bytes) -> "str | None":
+    """The text of a whole record, or None when it is short or torn (its CRC does not match)."""
+    import binascii
+
+    if len(block) < RECLEN or block[RECLEN - 1] != 10:
+        return None
+    body = block[: RECLEN - 9]
+    if block[RECLEN - 9: RECLEN - 1] != b"%08x" % binascii.crc32(body):
+        return None
+    return body.decode("ascii", "replace")
+
+
+# The idle record, spelled out so that recognising it costs one comparison and no import
+# (tests/test_crash.py checks it against _seal()).
+IDLE = (f"{MAGIC} {PERSISTENT} idle".encode("ascii").ljust(RECLEN - 9) + b"6ec831a8\n")
+
+
+def journal_path(mbox_path: str, suffix: str = SUFFIX) -> str:
     directory, base = os.path.split(mbox_path)
-    return os.path.join(directory or ".", f".{base}{SUFFIX}")
+    return os.path.join(directory or ".", f".{base}{suffix}")
+
+
+def aside_path(mbox_path: str, kind: str) -> str:
+    """Where a journal set aside for the administrator goes (kind: UNRESOLVED or UNTRUSTED_SUFFIX)."""
+    return journal_path(mbox_path, f"{OLD_SUFFIX}{kind}.lock")
+
+
+def companions(mbox_path: str) -> "list[str]":
+    """The journal files that belong to an mbox, for tools that move or remove it: the
+    journal, an old version's, and those set aside (also under their old names)."""
+    return [journal_path(mbox_path, s) for s in (SUFFIX, OLD_SUFFIX, f"{OLD_SUFFIX}{UNRESOLVED}.lock",
+                                                 f"{OLD_SUFFIX}{UNTRUSTED_SUFFIX}.lock", OLD_SUFFIX + UNRESOLVED,
+                                                 OLD_SUFFIX + UNTRUSTED_SUFFIX)]
+
+
+def state(mbox_path: str) -> str:
+    """What the journal beside an mbox says, for `vmailctl check` and tests, read-only and
+    never followed: "none", "idle", "busy" (an append in progress, or interrupted: the next
+    delivery or `vdeliver --repair` recovers it), "torn", "old" (a version 1 or 2 journal),
+    "wrong size" or "not a regular file"."""
+    import stat
+
+    if os.path.lexists(journal_path(mbox_path, OLD_SUFFIX)):
+        return "old"
+    try:
+        fd = os.open(journal_path(mbox_path), os.O_RDONLY | _OPEN)
+    except FileNotFoundError:
+        return "none"
+    except OSError:
+        return "not a regular file"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        data = os.pread(fd, SIZE, 0)
+    finally:
+        os.close(fd)
+    if data[:RECLEN] == IDLE:
+        return "idle" if st.st_size == SIZE else "wrong size"
+    if not data.startswith(IDLE[:19]):
+        return "old" if parse(data) is not None else "torn"
+    if parse(data) is None:
+        return "torn"
+    return "busy" if st.st_size == SIZE else "wrong size"
 
 
 def head_of(sep: bytes, msg: Prepared) -> bytes:
@@ -80,7 +179,7 @@ def head_of(sep: bytes, msg: Prepared) -> bytes:
 
 
 class Record:
-    """One parsed journal line."""
+    """One parsed journal record."""
 
     __slots__ = ("dev", "ino", "orig", "end", "pid", "head", "boot")
 
@@ -90,7 +189,15 @@ class Record:
         self.pid, self.head = pid, head  # who appended, and the first bytes of the record
         self.boot = boot  # the boot it happened in; "" for a version 1 journal
 
+    def block(self) -> bytes:
+        """The busy record of the persistent journal (RECLEN bytes)."""
+        return _seal(
+            f"{MAGIC} {PERSISTENT} busy {self.dev} {self.ino} {self.orig} {self.end} {self.pid}"
+            f" {self.head.hex()} {self.boot or boot_id()}"
+        )
+
     def line(self) -> bytes:
+        """The version 2 line (journals of earlier versions; kept to test that they are read)."""
         boot = self.boot or boot_id()
         return (
             f"{MAGIC} {VERSION} {self.dev} {self.ino} {self.orig} {self.end} {self.pid} {self.head.hex()}"
@@ -113,22 +220,37 @@ def boot_id() -> str:
     return _BOOT[0]
 
 
+def _could_be_ours(data: bytes) -> bool:
+    """Empty, zeros (made, not yet written), or starting like a record or line of ours (perhaps
+    torn): what may be reset or removed.  Anything else is set aside, never deleted."""
+    return not data.strip(b"\0") or b"vdeliver-journal ".startswith(data[:17])
+
+
 def parse(data: bytes) -> "Record | None":
-    """A complete journal line, or None (torn or foreign: the append never started)."""
-    if not data.endswith(b"\n") or data.count(b"\n") != 1:
-        return None
-    fields = data.decode("ascii", "replace").split()
-    if len(fields) < 2 or fields[0] != MAGIC:
-        return None
-    if fields[1] == "1" and len(fields) == 8:
-        boot = ""
-    elif fields[1] == VERSION and len(fields) == 9:
-        boot = fields[8]
+    """A busy record (version 3) or a complete journal line (versions 1, 2), or None: torn,
+    idle or foreign, so the append never started."""
+    if data.startswith(f"{MAGIC} {PERSISTENT} ".encode("ascii")):
+        text = _unseal(data)
+        fields = text.split() if text is not None else []
+        if len(fields) != 10 or fields[2] != "busy":
+            return None
+        numbers, hexhead, boot = fields[3:8], fields[8], fields[9]
     else:
-        return None
+        if not data.endswith(b"\n") or data.count(b"\n") != 1:
+            return None
+        fields = data.decode("ascii", "replace").split()
+        if len(fields) < 2 or fields[0] != MAGIC:
+            return None
+        if fields[1] == "1" and len(fields) == 8:
+            boot = ""
+        elif fields[1] == VERSION and len(fields) == 9:
+            boot = fields[8]
+        else:
+            return None
+        numbers, hexhead = fields[2:7], fields[7]
     try:
-        dev, ino, orig, end, pid = (int(f) for f in fields[2:7])
-        head = bytes.fromhex(fields[7])
+        dev, ino, orig, end, pid = (int(f) for f in numbers)
+        head = bytes.fromhex(hexhead)
     except ValueError:
         return None
     if min(dev, ino, orig, end, pid) < 0 or end < orig or len(head) > end - orig:
@@ -136,77 +258,146 @@ def parse(data: bytes) -> "Record | None":
     return Record(dev, ino, orig, end, pid, head, boot)
 
 
-def _read_journal(jpath: str) -> "tuple[bytes | None, str]":
-    """(bytes, "") for a journal we can have written; (None, why) for one we cannot;
-    (None, "") when there is none.
+class Found:
+    """The journal beside an mbox, open read-write, and how to retire its record.
+
+    `fd` is -1 and `why` empty when there is none; `why` says why it cannot be trusted.
+    `data` holds its first SIZE bytes."""
+
+    __slots__ = ("path", "fd", "size", "data", "why")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.size = 0
+        self.data = b""
+        self.why = ""
+
+    @property
+    def persistent(self) -> bool:
+        """A version 3 journal of the right size, still at its path: reused by begin()."""
+        return self.fd >= 0 and self.size == SIZE
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def settle(self, keep: bool) -> None:
+        """The record is dealt with: the persistent journal goes back to idle, synced (see
+        the module's docstring); any other (an old version's, a wrong size, or journalling
+        turned off) is removed, durably."""
+        if keep and self.persistent:
+            try:
+                if os.pwrite(self.fd, IDLE, 0) != RECLEN:
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise fail("cannot reset mailbox journal", f"{self.path}: {exc.strerror}") from None
+            self.data = IDLE
+            return
+        self.close()
+        _remove(self.path)
+
+    def gone(self) -> None:
+        """Renamed away (untrusted or unresolved): the next delivery makes a new one."""
+        self.close()
+
+
+def find(jpath: str) -> Found:
+    """Open the journal at jpath if there is one we can have written.
 
     The directory belongs to the vmail user (or worse), so a journal is acted upon only
     when it is a regular file (not a symlink, FIFO or device: opened O_NOFOLLOW |
-    O_NONBLOCK), owned by the uid that delivers, with one link (a hard link could make
-    us act on, or later truncate, another file).  Anything else may be forged to cut
-    acknowledged mail."""
-    import errno
-    import stat
-
+    O_NONBLOCK | O_NOCTTY), owned by the uid that delivers, with one link (a hard link
+    could make us act on, or later overwrite, another file).  Anything else may be forged
+    to cut acknowledged mail: `why` says what is wrong, and the file is never read."""
+    j = Found(jpath)
     try:
-        jfd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(jpath, os.O_RDWR | _OPEN)
     except FileNotFoundError:
-        return None, ""
+        return j
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return None, "it is a symbolic link"
-        return None, f"it cannot be opened ({exc.strerror})"
+            j.why = "it is a symbolic link"
+        elif exc.errno == errno.EISDIR:
+            j.why = "it is not a regular file"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            j.why = _why_not_writable(jpath, exc)
+        else:
+            j.why = f"it cannot be opened ({exc.strerror})"
+        return j
     try:
-        st = os.fstat(jfd)
+        import stat
+
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return None, "it is not a regular file"
-        if st.st_uid != os.geteuid():
-            return None, f"it is owned by uid {st.st_uid}, not by the delivering uid {os.geteuid()}"
-        if st.st_nlink != 1:
-            return None, f"it has {st.st_nlink} links"
-        return os.read(jfd, 4096), ""
+            j.why = "it is not a regular file"
+        elif st.st_uid != os.geteuid():
+            j.why = f"it is owned by uid {st.st_uid}, not by the delivering uid {os.geteuid()}"
+        elif st.st_nlink != 1:
+            j.why = f"it has {st.st_nlink} links"
+        else:
+            j.data = os.pread(fd, SIZE, 0)
+            j.size = st.st_size
+            j.fd, fd = fd, -1
     except OSError as exc:
-        return None, f"it cannot be read ({exc.strerror})"
+        j.why = f"it cannot be read ({exc.strerror})"
     finally:
-        os.close(jfd)
+        if fd >= 0:
+            os.close(fd)
+    return j
 
 
-def _untrusted(jpath: str, path: str, why: str, log: "Log | None", outcome: str = UNTRUSTED) -> "tuple[str, str]":
-    """Move a journal we cannot trust out of the way (never following it) and go on: it must
-    neither cut the mailbox nor block delivery."""
-    aside = f"{jpath}{UNTRUSTED_SUFFIX}"
+def _why_not_writable(jpath: str, exc: OSError) -> str:
+    """A journal we may not open for writing: say whose it is (read-only, never followed)."""
     try:
-        os.rename(jpath, aside)
+        st = os.lstat(jpath)
+    except OSError:
+        return f"it cannot be opened ({exc.strerror})"
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not by the delivering uid {os.geteuid()}"
+    return f"it cannot be opened for writing ({exc.strerror})"
+
+
+def _untrusted(j: Found, path: str, why: str, log: "Log | None", outcome: str = UNTRUSTED) -> "tuple[str, str]":
+    """Move a journal we cannot trust out of the way (never following it, never deleting it:
+    it may be someone's data) and go on: it must neither cut the mailbox nor block delivery."""
+    j.gone()
+    aside = aside_path(path, UNTRUSTED_SUFFIX)
+    try:
+        os.rename(j.path, aside)
         moved = f"moved to {aside}"
     except OSError as exc:
         moved = f"could not move it aside ({exc.strerror})"
     level = "error" if outcome == UNTRUSTED else "warning"
-    return _say(log, level, outcome, f"{path}: ignored the journal {jpath}: {why}; mailbox untouched, {moved}")
+    return _say(log, level, outcome, f"{path}: ignored the journal {j.path}: {why}; mailbox untouched, {moved}")
 
 
-def _remove(jpath: str, durable: bool = True) -> None:
-    """Remove a journal.  After recovery the removal is made durable (fsync of the
-    directory); the journal of a finished append is not (see the module's docstring)."""
+def _remove(jpath: str) -> None:
+    """Remove a journal, durably (fsync of the directory): an old version's after recovery,
+    or any after recovery with journalling turned off."""
     try:
         os.unlink(jpath)
     except FileNotFoundError:
         return
     except OSError as exc:
         raise fail("cannot remove mailbox journal", f"{jpath}: {exc.strerror}") from None
-    if not durable:
-        return
     try:
         fsync_dir(os.path.dirname(jpath))
     except OSError as exc:
         raise fail("cannot sync mailbox directory", f"{jpath}: {exc.strerror}") from None
 
 
-def _set_aside(jpath: str) -> None:
+def _set_aside(j: Found, path: str) -> str:
+    j.gone()
+    aside = aside_path(path, UNRESOLVED)
     try:
-        os.rename(jpath, jpath + UNRESOLVED)
-        fsync_dir(os.path.dirname(jpath))
+        os.rename(j.path, aside)
+        fsync_dir(os.path.dirname(j.path))
     except OSError as exc:
-        raise fail("cannot set mailbox journal aside", f"{jpath}: {exc.strerror}") from None
+        raise fail("cannot set mailbox journal aside", f"{j.path}: {exc.strerror}") from None
+    return aside
 
 
 def _foreign_from_line(fd: int, start: int, stop: int) -> int:
@@ -253,36 +444,61 @@ def _foreign_from_line(fd: int, start: int, stop: int) -> int:
     return -1
 
 
-def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None) -> "tuple[str, str]":
+def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
+            keep: bool = True) -> "tuple[str, str]":
     """Undo an interrupted append to the mbox open on fd (both locks held).
 
-    Returns (outcome, text for the log/administrator).  Raises JournalError when
-    the journal cannot be read or removed (the delivery defers).
+    Returns (outcome, text for the log/administrator).  Raises DeliveryError when
+    the journal cannot be reset or removed (the delivery defers).  keep=False (journalling
+    turned off) removes the journal instead of resetting it.
     """
-    jpath = journal_path(path)
-    data, why = _read_journal(jpath)
-    if why:
-        return _untrusted(jpath, path, why, log)
-    if data is None:
+    outcome, text = CLEAN, ""
+    if os.path.lexists(journal_path(path, OLD_SUFFIX)):  # left by an earlier version
+        old = find(journal_path(path, OLD_SUFFIX))
+        try:
+            outcome, text = decide(old, fd, path, st, log, False)
+        finally:
+            old.close()
+        st = os.fstat(fd)
+    j = find(journal_path(path))
+    try:
+        now = decide(j, fd, path, st, log, keep)
+    finally:
+        j.close()
+    return (outcome, text) if now[0] == CLEAN else now
+
+
+def decide(j: Found, fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
+           keep: bool = True) -> "tuple[str, str]":
+    """recover() on a journal already found (MboxJournal keeps it open for the append)."""
+    if j.why:
+        return _untrusted(j, path, j.why, log)
+    if j.fd < 0:
         return CLEAN, ""
-    rec = parse(data)
+    if j.data[:RECLEN] == IDLE:
+        if not (keep and j.persistent):
+            j.settle(False)
+        return CLEAN, ""
+    rec = parse(j.data)
+    if rec is None and not _could_be_ours(j.data):
+        return _untrusted(j, path, "it is not a vdeliver journal", log)
     if rec is None:
-        # Written with one write() and fsynced before the first byte of the append:
-        # a torn or empty journal means the append never started.
-        _remove(jpath)
-        return _say(log, "info", NOTHING, f"{path}: removed an incomplete journal; the mailbox was not touched")
+        # Written with one write() and synced before the first byte of the append: a torn
+        # or empty record means the append never started.
+        j.settle(keep)
+        return _say(log, "info", NOTHING, f"{path}: the journal held an incomplete record; the mailbox was not touched")
     size = st.st_size
     who = f"pid {rec.pid}"
     if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
-        return _untrusted(jpath, path, f"it names another file (device {rec.dev}, inode {rec.ino}:"
+        return _untrusted(j, path, f"it names another file (device {rec.dev}, inode {rec.ino}:"
                           " the mailbox was replaced, or the journal forged)", log, DROPPED)
     if not rec.orig <= rec.end or rec.end - rec.orig < len(rec.head):
-        return _untrusted(jpath, path, f"its cut point {rec.orig} and end {rec.end} do not describe a record", log)
+        return _untrusted(j, path, f"its cut point {rec.orig} and end {rec.end} do not describe a record", log)
     if size == rec.orig:
-        _remove(jpath)
+        j.settle(keep)
         return _say(log, "info", NOTHING, f"{path}: interrupted delivery of {who} had written nothing at {rec.orig}")
     if size < rec.orig:
-        return _untrusted(jpath, path, f"its cut point {rec.orig} is past the end of the mailbox ({size} bytes):"
+        return _untrusted(j, path, f"its cut point {rec.orig} is past the end of the mailbox ({size} bytes):"
                           " rewritten by another program, or the journal forged", log, DROPPED)
     n = min(len(rec.head), size - rec.orig)
     found = os.pread(fd, n, rec.orig)
@@ -291,30 +507,30 @@ def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None) ->
         while same < n and found[same] == rec.head[same]:
             same += 1
         if same == 0:
-            _remove(jpath)
+            j.settle(keep)
             return _say(log, "warning", DROPPED,
                         f"{path}: bytes at offset {rec.orig} are not the record of {who}"
                         " (rewritten by another program); nothing cut")
-        _set_aside(jpath)
+        aside = _set_aside(j, path)
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: the record of {who} at offset {rec.orig} stops after at most {same} bytes and other"
-                    f" data follows; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+                    f" data follows; nothing cut, journal kept as {aside}")
     if size > rec.end:
-        _set_aside(jpath)
+        aside = _set_aside(j, path)
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: the interrupted record of {who} at offset {rec.orig} (at most {rec.end - rec.orig}"
                     f" bytes) is followed by {size - rec.end}+ bytes another program appended; nothing cut,"
-                    f" journal kept as {jpath}{UNRESOLVED}")
+                    f" journal kept as {aside}")
     foreign = _foreign_from_line(fd, rec.orig + len(rec.head), size)
     if foreign >= 0:
-        _set_aside(jpath)
+        aside = _set_aside(j, path)
         return _say(log, "error", UNRESOLVED_STATE,
                     f"{path}: another program appended a message at offset {foreign} after the interrupted"
-                    f" record of {who} at offset {rec.orig}; nothing cut, journal kept as {jpath}{UNRESOLVED}")
+                    f" record of {who} at offset {rec.orig}; nothing cut, journal kept as {aside}")
     if size == rec.end and rec.boot and rec.boot != boot_id():
         # A whole record under the journal of an earlier boot: the machine went down
         # after the append, perhaps after sendmail was told.  Keep it.
-        _remove(jpath)
+        j.settle(keep)
         return _say(log, "warning", KEPT,
                     f"{path}: the record of {who} at offset {rec.orig} is complete and its journal is from an"
                     " earlier boot (power loss): kept; sendmail may deliver it once more")
@@ -323,7 +539,7 @@ def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None) ->
         os.fsync(fd)
     except OSError as exc:
         raise fail("cannot cut back mailbox", f"{path}: to {rec.orig}: {exc.strerror}") from None
-    _remove(jpath)
+    j.settle(keep)
     return _say(log, "warning", CUT,
                 f"{path}: cut {size - rec.orig} bytes at offsets {rec.orig}..{size} left by the interrupted"
                 f" delivery of {who} (record of {rec.end - rec.orig} bytes)")
@@ -336,25 +552,37 @@ def _say(log: "Log | None", level: str, outcome: str, text: str) -> "tuple[str, 
 
 
 class MboxJournal(Journal):
-    """The journal hook mbox.deliver() calls: recover(), then begin() .. end()."""
+    """The journal hook mbox.deliver() calls: recover(), then begin() .. end(), close().
 
-    __slots__ = ("log", "jpath", "outcome", "record")
+    recover() opens the persistent journal and keeps it open; begin() writes the busy
+    record into it (or makes it, the first time); end() writes the idle record."""
+
+    __slots__ = ("log", "found", "busy", "outcome", "record")
 
     def __init__(self, log: "Log | None" = None, record: bool = True) -> None:
         self.log = log  # where recovery says what it did (the caller's logger)
         self.record = record  # False (mbox_journal = false): recover old journals, write none
-        self.jpath = ""
+        self.found = Found("")
+        self.busy = False
         self.outcome = CLEAN
 
     def recover(self, fd: int, path: str, st: os.stat_result) -> os.stat_result:
-        jpath = journal_path(path)
-        try:
-            os.lstat(jpath)
-        except FileNotFoundError:
-            return st  # the common case: one failed lstat
-        except OSError:
-            pass
-        self.outcome, _text = recover(fd, path, st, self.log)
+        self.close()
+        if os.path.lexists(journal_path(path, OLD_SUFFIX)):  # an earlier version's: one failed lstat
+            old = find(journal_path(path, OLD_SUFFIX))
+            try:
+                self.outcome, _text = decide(old, fd, path, st, self.log, False)
+            finally:
+                old.close()
+            st = os.fstat(fd)
+        j = self.found = find(journal_path(path))
+        if j.persistent and self.record and j.data[:RECLEN] == IDLE:
+            return st  # the common case: open, fstat, pread
+        if j.fd < 0 and not j.why:
+            return st  # no journal (journalling off, or the first delivery)
+        outcome, _text = decide(j, fd, path, st, self.log, self.record)
+        if outcome != CLEAN:
+            self.outcome = outcome
         return os.fstat(fd)
 
     def begin(self, fd: int, path: str, size: int, st: os.stat_result, sep: bytes, msg: Prepared) -> None:
@@ -362,44 +590,78 @@ class MboxJournal(Journal):
         to the caller, which knows whether a full quota bounces (its errno decides)."""
         if not self.record:
             return
-        jpath = journal_path(path)
-        end = size + len(sep) + msg.length
-        head = head_of(sep, msg)
-        line = Record(st.st_dev, st.st_ino, size, end, os.getpid(), head).line()
+        j = self.found
+        if j.path != journal_path(path):  # begin() without recover(): make one (O_EXCL) or refuse
+            self.close()
+            j = self.found = Found(journal_path(path))
+        block = Record(st.st_dev, st.st_ino, size, size + len(sep) + msg.length, os.getpid(),
+                       head_of(sep, msg)).block()
         try:
-            # O_EXCL: recover() has removed or moved aside any journal; whatever is there now
-            # was planted, and is neither followed nor truncated.
-            jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                if os.write(jfd, line) != len(line):
-                    raise OSError(28, "short write")
-                os.fsync(jfd)
-            finally:
-                os.close(jfd)
-            fsync_dir(os.path.dirname(jpath))
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
+            if j.persistent:
                 try:
-                    os.unlink(jpath)  # nothing was appended: leave no clutter (a torn one is harmless)
+                    if os.pwrite(j.fd, block, 0) != RECLEN:
+                        raise OSError(errno.ENOSPC, "short write")
+                    os.fdatasync(j.fd)
                 except OSError:
-                    pass
+                    _reset_quietly(j)
+                    raise
+            else:
+                _make(j, block)
+        except OSError as exc:
             if not exc.filename:
-                exc.filename = jpath  # the caller's status names the journal, not the mailbox
+                exc.filename = j.path  # the caller's status names the journal, not the mailbox
             raise
-        self.jpath = jpath
+        self.busy = True
 
     def end(self) -> None:
-        """The append is durable (or rolled back): forget it before we say so."""
-        if self.jpath:
-            jpath, self.jpath = self.jpath, ""
-            _remove(jpath, durable=False)
+        """The append is durable (or rolled back): forget it before we say so.  The commit
+        point; not synced (see the module's docstring)."""
+        if self.busy:
+            self.busy = False
+            try:
+                if os.pwrite(self.found.fd, IDLE, 0) != RECLEN:
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as exc:
+                raise fail("cannot reset mailbox journal", f"{self.found.path}: {exc.strerror}") from None
 
     def abandon(self) -> None:
-        """After a rollback: the mailbox is back at its size; a left journal is harmless."""
+        """After a rollback: the mailbox is back at its size; a busy record left is harmless
+        (the next recovery finds nothing written after the original size)."""
         try:
             self.end()
         except DeliveryError:
             pass
+
+    def close(self) -> None:
+        self.busy = False
+        self.found.close()
+
+
+def _reset_quietly(j: Found) -> None:
+    """Nothing was appended: leave no busy record behind (best effort; one left is harmless)."""
+    try:
+        os.pwrite(j.fd, IDLE, 0)
+    except OSError:
+        pass
+
+
+def _make(j: Found, block: bytes) -> None:
+    """The first delivery into an mbox makes its journal: O_EXCL (find() saw none, or moved
+    it aside: whatever is there now was planted, and is neither followed nor overwritten),
+    written in full with the busy record, then synced with its directory."""
+    fd = os.open(j.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN, 0o600)
+    try:
+        write_all(fd, block + bytes(SIZE - RECLEN))  # a short write goes on, to the real errno (EFBIG...)
+        os.fsync(fd)
+        fsync_dir(os.path.dirname(j.path))
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(j.path)  # nothing was appended: leave no clutter
+        except OSError:
+            pass
+        raise
+    j.fd, j.size, j.data = fd, SIZE, block
 
 
 def _sweep_lock_temps(path: str, host: str) -> int:
@@ -447,6 +709,6 @@ def repair(path: str, *, host: str, lock_timeout: float = 60.0, stale_age: float
             text = (text or f"{path}: clean") + f"; removed {swept} temporary lock file(s) of dead processes"
             if log is not None:
                 log.info(f"mbox recovery: {text}")
-    if os.path.lexists(journal_path(path) + UNRESOLVED):
-        return UNRESOLVED_STATE, text or f"{path}: an unresolved journal {journal_path(path)}{UNRESOLVED} needs a look"
+    if os.path.lexists(aside_path(path, UNRESOLVED)):
+        return UNRESOLVED_STATE, text or f"{path}: an unresolved journal {aside_path(path, UNRESOLVED)} needs a look"
     return outcome, text or f"{path}: clean"

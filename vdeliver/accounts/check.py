@@ -2,8 +2,10 @@
 
 Reports every mismatch it finds, one line each: a user without a mailbox, a
 mailbox without a user, a mailbox of the wrong format or owner, a maildirsize
-that disagrees with the quota, maps never built, older than the database, or
-edited by hand, and a compiled .db older than its text.
+that disagrees with the quota, an mbox crash journal that needs a look (an
+interrupted delivery not yet recovered, one set aside, one whose mbox is gone),
+maps never built, older than the database, or edited by hand, and a compiled .db
+older than its text.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def problems(cfg: Config, settings: Settings, snap: Snapshot) -> list[str]:
         known.add((fmt, user, dom))
         issues = mailboxes.inspect(cfg, fmt, user, dom, who)
         found += issues
+        if fmt == "mbox":
+            found += mailboxes.journal_problems(cfg, user, dom)
         if fmt == "maildir" and not issues:
             path = mailboxes.mailbox_path(cfg, fmt, user, dom)
             line = _quota_line(path)
@@ -53,6 +57,8 @@ def problems(cfg: Config, settings: Settings, snap: Snapshot) -> list[str]:
             if (fmt, user, dom) not in known:
                 path = mailboxes.mailbox_path(cfg, fmt, user, dom)
                 found.append(f"{user}@{dom}: mailbox without a user ({path})")
+    found += [f"{j}: crash journal without a mailbox (left when its mbox was removed by hand); safe to delete"
+              for j in mailboxes.orphan_journals(cfg)]
     found += reserved_names(snap)
     found += dangling(snap)
     found += _maps(cfg, settings, snap)

@@ -6,6 +6,10 @@ look for.  Everything created belongs to the configured vmail user, directories
 0700 and files 0600: delivery runs as vmail and refuses mailboxes it does not own.
 Mail is never unlinked by default: a removed mailbox is renamed to
 `.removed-<user>-<UTC time>` in its domain directory, a name no user can have.
+An mbox has a crash journal beside it (`.<mbox>.vdeliver-journal`, made by its first
+delivery and kept, see vdeliver/recovery.py; perhaps also `.unresolved`/`.untrusted`
+copies set aside for the administrator): it goes wherever its mbox goes, so that a
+journal left by a killed delivery still names its mailbox, and none is left behind.
 """
 
 from __future__ import annotations
@@ -140,15 +144,20 @@ def set_quota(cfg: Config, settings: Settings, fmt: str, user: str, domain: str,
 
 
 def move_aside(cfg: Config, fmt: str, user: str, domain: str, unlink: bool = False) -> str | None:
-    """Rename the user's mail out of delivery's way (or delete it when unlink); returns the new name."""
+    """Rename the user's mail out of delivery's way (or delete it when unlink); returns the new name.
+    An mbox's crash journal goes with it (under the new name's journal name, so that recovery
+    still finds it), or is deleted with it."""
     root = user_root(cfg, fmt, user, domain)
     if not os.path.lexists(root):
         return None
+    outside = _journals_outside(cfg, fmt, user, domain, root)
     if unlink:
         if os.path.isdir(root) and not os.path.islink(root):
             shutil.rmtree(root)
         else:
             os.unlink(root)
+        for path, _suffix in outside:
+            os.unlink(path)
         return ""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     new = os.path.join(os.path.dirname(root), f"{REMOVED_PREFIX}{user}-{stamp}")
@@ -157,7 +166,48 @@ def move_aside(cfg: Config, fmt: str, user: str, domain: str, unlink: bool = Fal
         n += 1
         new = os.path.join(os.path.dirname(root), f"{REMOVED_PREFIX}{user}-{stamp}-{n}")
     os.rename(root, new)
+    if outside:
+        from vdeliver.recovery import journal_path
+
+        moved_mbox = new + mailbox_path(cfg, fmt, user, domain)[len(root):]
+        for path, suffix in outside:
+            os.rename(path, journal_path(moved_mbox, suffix))
     return new
+
+
+def _journals_outside(cfg: Config, fmt: str, user: str, domain: str, root: str) -> list[tuple[str, str]]:
+    """The mbox's journal files that do not live under `root` (the usual layout: the mbox is
+    a file in its domain directory, its journal a hidden file beside it): (path, suffix)."""
+    if fmt != "mbox":
+        return []
+    from vdeliver.recovery import companions, journal_path
+
+    path = mailbox_path(cfg, fmt, user, domain)
+    prefix = journal_path(path, "")  # <dir>/.<mbox>
+    return [(c, c[len(prefix):]) for c in companions(path)
+            if not c.startswith(root.rstrip("/") + "/") and os.path.lexists(c)]
+
+
+def journal_problems(cfg: Config, user: str, domain: str) -> list[str]:
+    """What the crash journal of a user's mbox says that needs the administrator: an
+    interrupted delivery nobody recovered yet, or a journal set aside."""
+    from vdeliver import recovery
+
+    path = mailbox_path(cfg, "mbox", user, domain)
+    jpath = recovery.journal_path(path)
+    found: list[str] = []
+    state = recovery.state(path)
+    if state == "busy":
+        found.append(f"{user}@{domain}: {jpath} records a delivery in progress or interrupted;"
+                     f" the next delivery recovers it, or `vdeliver --repair {path}`")
+    elif state == "not a regular file":
+        found.append(f"{user}@{domain}: {jpath} is not a regular file; the next delivery moves it aside")
+    for kind, what in ((recovery.UNRESOLVED, "an interrupted record lies under another program's mail"),
+                       (recovery.UNTRUSTED_SUFFIX, "a journal vdeliver did not write was set aside")):
+        asides = (recovery.aside_path(path, kind), recovery.journal_path(path, recovery.OLD_SUFFIX + kind))
+        found.extend(f"{user}@{domain}: {aside}: {what}; look at the mailbox, then remove it"
+                     for aside in asides if os.path.lexists(aside))
+    return found
 
 
 def inspect(cfg: Config, fmt: str, user: str, domain: str, who: Owner | None) -> list[str]:
@@ -197,7 +247,8 @@ def tree_root(template: str) -> str | None:
 
 
 def on_disk(cfg: Config) -> dict[str, set[tuple[str, str]]]:
-    """Names found under each template's root: {"mbox": {(user, domain)}, "maildir": {...}}."""
+    """Names found under each template's root: {"mbox": {(user, domain)}, "maildir": {...}}.
+    Hidden names (crash journals, removed mailboxes, lock temporaries) are never mailboxes."""
     found: dict[str, set[tuple[str, str]]] = {"mbox": set(), "maildir": set()}
     for fmt, template in (("mbox", cfg.mbox_path), ("maildir", cfg.maildir_path)):
         root = tree_root(template)
@@ -213,3 +264,23 @@ def on_disk(cfg: Config) -> dict[str, set[tuple[str, str]]]:
                 if os.path.lexists(mailbox_path(cfg, fmt, name, dom)):
                     found[fmt].add((name, dom))
     return found
+
+
+def orphan_journals(cfg: Config) -> list[str]:
+    """Crash journals in the mbox tree whose mbox is gone (removed by hand): safe to delete."""
+    from vdeliver.recovery import OLD_SUFFIX, SUFFIX
+
+    root = tree_root(cfg.mbox_path)
+    if root is None or not os.path.isdir(root):
+        return []
+    orphans: list[str] = []
+    for dom in sorted(os.listdir(root)):
+        ddir = os.path.join(root, dom)
+        if dom.startswith(".") or not os.path.isdir(ddir):
+            continue
+        for name in sorted(os.listdir(ddir)):
+            suffix = SUFFIX if name.endswith(SUFFIX) else OLD_SUFFIX
+            mbox = os.path.join(ddir, name[1: -len(suffix)])
+            if name.startswith(".") and name.endswith(suffix) and not os.path.lexists(mbox):
+                orphans.append(os.path.join(ddir, name))
+    return orphans
