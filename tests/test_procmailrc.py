@@ -457,3 +457,8 @@ def test_any_text_converts_to_a_script_that_compiles(text: str) -> None:
     assert result.converted >= 0
     for s in result.skipped:
         assert isinstance(s.line, int) and s.reason
+
+
+def test_includerc_with_a_nul_byte_is_skipped_not_a_traceback() -> None:
+    result = procmailrc.convert("INCLUDERC=a\x00b\n:0\n* ^Subject: x\nfolder\n", home="/home/h")
+    assert any("NUL" in s for s in map(str, result.skipped)), result.skipped

@@ -833,6 +833,9 @@ class _Converter:
     def include(self, a: _Assign, value: str) -> list[str]:
         if not value:
             return []
+        if "\0" in value:  # no file has such a name; open() would raise ValueError
+            self.skip(a.line, f"{a.name}: the file name holds a NUL byte", a.text)
+            return []
         path = os.path.join(self._cwd(), value)
         if not os.path.isfile(path) and not os.path.isabs(value):
             path = os.path.join(self.s.rcdir, value)
