@@ -12,6 +12,7 @@ import stat
 
 from vdeliver.config import Config
 from vdeliver.errors import fail
+from vdeliver.log import phase
 from vdeliver.recipient import Recipient
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
@@ -347,6 +348,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         spool_threshold=cfg.spool_threshold,
         spool_dir=cfg.spool_dir,
     )
+    phase("read")
     spooled = msg  # closed at the end, whatever copy of the record was stored
     try:
         dedup = _dedup_claim(cfg, rcpt, msg, log) if cfg.dedup_seconds > 0 else None
