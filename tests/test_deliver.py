@@ -502,3 +502,20 @@ def test_mbox_journal_off_still_recovers(tmp_path: Path, src: int) -> None:
     deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org", log=log)
     assert box.read_bytes() == OLD + mbox_record()
     assert [lvl for lvl, _ in log.lines] == ["warning"]
+
+
+def test_a_large_maildir_message_is_copied_from_the_spool_file_byte_for_byte(tmp_path: Path) -> None:
+    """Issue 21: a spooled message goes into tmp/ by copy_file_range (in the kernel); the
+    stored file, its S= and W= are those of the record, as through Python's buffers."""
+    md = maildir_of(tmp_path)
+    raw = RAW + b"x" * 70 + b"\n" * 3 + b"line\r\n" * 30000
+    fd = fd_of(tmp_path, raw)
+    try:
+        deliver(make_config(tmp_path, spool_threshold=100), FRED, fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    expected = maildir_record(raw.replace(b"\r\n", b"\n"))
+    assert new_files(md) == [expected]
+    name = os.listdir(md / "new")[0]
+    lines = expected.count(b"\n")
+    assert name.endswith(f",S={len(expected)},W={len(expected) + lines}")

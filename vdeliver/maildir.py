@@ -26,7 +26,7 @@ import time
 
 from vdeliver.errors import DeliveryError, fail, status_for_errno
 from vdeliver.fileio import write_all, write_new
-from vdeliver.message import Prepared
+from vdeliver.message import Prepared, Spool
 
 TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
 if TYPE_CHECKING:
@@ -357,8 +357,10 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
             raise DeliveryError(status_for_errno(exc.errno or errno.EIO, f"{path}/tmp", over_quota_bounce)) from None
         try:
             try:
-                for chunk in msg.spool.chunks():
-                    write_all(fd, chunk)
+                spool = msg.spool
+                if not (isinstance(spool, Spool) and spool.copy_file(fd)):
+                    for chunk in spool.chunks():
+                        write_all(fd, chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
