@@ -6,7 +6,8 @@ Every vdeliver run goes through the production launcher (`python -m vdeliver.lau
 then `/usr/bin/python3 -IS`), as the vmail user when run as root, the message on a pipe, and
 is measured against its peer in the same run, interleaved turn by turn:
 
-- start: a 4 KB message into an mbox and into a Maildir against `python3 -IS -c pass` (goal:
+- start: a 4 KB message into an mbox and into a Maildir, through the /bin/sh launcher and
+  through `--direct` (a `#!` script), against `python3 -IS -c pass` (goal:
   at most 1.2x; own CPU, the process's CPU beyond the bare interpreter's, at most 3 ms), with
   the phase timer's line (VDELIVER_PHASES=1) of one delivery of each;
 - large: a 10 MB message against the fsync floor for that size (the harness writes the same
@@ -81,7 +82,7 @@ class Bench:
         if self.creds is not None:
             os.chown(path, *self.creds)
 
-    def install(self, name: str, source: Path) -> None:
+    def install(self, name: str, source: Path, direct: bool = False) -> None:
         """The package copied and byte-compiled, and the production launcher written for it."""
         lib = self.work / f"lib-{name}"
         shutil.copytree(source / "vdeliver", lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
@@ -90,6 +91,10 @@ class Bench:
         program = ("import sys; sys.path.insert(0, sys.argv[1]);"
                    "from vdeliver.launcher import main; raise SystemExit(main([sys.argv[2]]))")
         subprocess.run([SYSTEM_PYTHON, "-I", "-c", program, str(lib), str(launcher)], check=True, capture_output=True)
+        if direct:
+            subprocess.run([SYSTEM_PYTHON, "-I", "-c", program.replace("[sys.argv[2]]", '["--direct", sys.argv[2]]'),
+                            str(lib), f"{launcher}-direct"], check=True, capture_output=True)
+            self.launchers[f"{name} --direct"] = f"{launcher}-direct"
         for dirpath, _dirs, files in os.walk(lib):
             os.chmod(dirpath, 0o755)
             for f in files:
@@ -190,7 +195,7 @@ def part_start(b: Bench, names: list[str]) -> list[str]:
     runs: dict[str, object] = {"python3 -IS -c pass": b.python_floor}
     for name in names:
         for fmt in ("mbox", "maildir"):
-            user = f"start-{name}-{fmt}"
+            user = f"start-{name.replace(' --', '-')}-{fmt}"
             b.mbox(user) if fmt == "mbox" else b.maildir(user)
             b.vdeliver(name, user, msg)  # warm-up: fills the configuration cache
             runs[f"vdeliver {name}, {fmt}"] = (lambda n=name, u=user: b.vdeliver(n, u, msg))
@@ -205,7 +210,8 @@ def part_start(b: Bench, names: list[str]) -> list[str]:
     lines += ["", "Phase timer (VDELIVER_PHASES=1), one delivery each:", ""]
     for name in names:
         for fmt in ("mbox", "maildir"):
-            lines.append(f"- {name}, {fmt}: {b.phases(name, f'start-{name}-{fmt}', msg)}")
+            user = f"start-{name.replace(' --', '-')}-{fmt}"
+            lines.append(f"- {name}, {fmt}: {b.phases(name, user, msg)}")
     return [*lines, ""]
 
 
@@ -220,7 +226,7 @@ def part_large(b: Bench, names: list[str]) -> list[str]:
         pm_target = str(b.mbox("large-procmail")) if fmt == "mbox" else str(b.maildir("large-procmail-md")) + "/"
         runs["procmail 3.22"] = lambda t=pm_target: b.procmail(t, msg)
         for name in names:
-            user = f"large-{name}-{fmt}"
+            user = f"large-{name.replace(' --', '-')}-{fmt}"
             b.mbox(user) if fmt == "mbox" else b.maildir(user)
             runs[f"vdeliver {name}"] = (lambda n=name, u=user: b.vdeliver(n, u, msg))
         got = interleave(2 if b.quick else 7, runs)
@@ -341,10 +347,11 @@ def main(argv: list[str] | None = None) -> int:
              (f"- {when}; `python -m benchmarks.cli_bench{' --quick' if args.quick else ''}`; "
               f"{os.cpu_count()} CPUs, shared with other jobs: read the ratios, not the absolute times."),
              ("- `new` is this checkout" + (f", `base` is {args.baseline}" if args.baseline else "")
-              + "; every run through the production launcher as the vmail user, message on a pipe."), ""]
+              + "; every run through the production launcher (`new --direct`: the #! one) as the vmail user, "
+              "message on a pipe."), ""]
     try:
-        b.install("new", PACKAGE.parent)
-        names = ["new"]
+        b.install("new", PACKAGE.parent, direct=True)
+        names = ["new", "new --direct"]
         if args.baseline:
             b.install("base", Path(args.baseline))
             names.append("base")
