@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import posix  # the delivery path calls os's functions through posix (vdeliver/fileio.py)
 import random
 import signal
 import subprocess
@@ -274,6 +275,7 @@ def kill_at_fsync(n: int, after: bool = False) -> Callable[[], None]:
                 _suicide()
 
         os.fsync = fsync  # type: ignore[assignment]
+        posix.fsync = fsync  # type: ignore[assignment]
 
     return patch
 
@@ -290,6 +292,7 @@ def kill_after_journal_unlink() -> Callable[[], None]:
                 _suicide()
 
         os.unlink = unlink  # type: ignore[assignment]
+        posix.unlink = unlink  # type: ignore[assignment]
 
     return patch
 
@@ -307,6 +310,7 @@ def kill_on_journal_create() -> Callable[[], None]:
             return fd
 
         os.open = opener  # type: ignore[assignment]
+        posix.open = opener  # type: ignore[assignment]
 
     return patch
 
@@ -324,6 +328,7 @@ def kill_on_ftruncate(after: bool) -> Callable[[], None]:
             _suicide()
 
         os.ftruncate = ftruncate
+        posix.ftruncate = ftruncate
 
     return patch
 
@@ -351,6 +356,7 @@ def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k
                 _suicide()
 
             os.link = link  # type: ignore[assignment]
+            posix.link = link  # type: ignore[assignment]
         maildir.deliver(str(root.home / DOMAIN / USER / "Maildir"), prepared, host="fault.test",
                         before_link=before_link)
 

@@ -11,7 +11,7 @@ one place that turns a status into an exit code belong together; the rest of the
 exits.
 """
 
-import os
+import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py
 import sys
 import time
 
@@ -271,7 +271,10 @@ def _standard_streams() -> None:
 
 def main(argv: "list[str] | None" = None) -> int:
     started = time.time()
-    if "VDELIVER_PHASES" in os.environ:  # the phase timer (docs/benchmarks.md)
+    from vdeliver.fileio import getenv
+
+    phases = getenv("VDELIVER_PHASES") is not None
+    if phases:  # the phase timer (docs/benchmarks.md)
         from vdeliver.log import start_phases
 
         start_phases()
@@ -283,7 +286,7 @@ def main(argv: "list[str] | None" = None) -> int:
     try:
         _standard_streams()
         code = _main(args, started)
-        if "VDELIVER_PHASES" in os.environ:
+        if phases:
             _phases_report()
         return code
     except KeyboardInterrupt:
@@ -298,7 +301,7 @@ def main(argv: "list[str] | None" = None) -> int:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is not None:
-            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+            where = f" at {tb.tb_frame.f_code.co_filename.rpartition('/')[2]}:{tb.tb_lineno}"
         status = Status("4.3.0", "internal error", f"{type(exc).__name__}: {exc}{where}")
         _say(status)
         try:
