@@ -519,3 +519,18 @@ def test_a_large_maildir_message_is_copied_from_the_spool_file_byte_for_byte(tmp
     name = os.listdir(md / "new")[0]
     lines = expected.count(b"\n")
     assert name.endswith(f",S={len(expected)},W={len(expected) + lines}")
+
+
+def test_spooled_mbox_messages_are_copied_in_the_kernel_and_appends_stay_whole(tmp_path: Path) -> None:
+    """Issue 21: a spooled message goes into the mbox by copy_file_range at the end found under
+    the locks (O_APPEND off for the copy only); records before and after it stay whole."""
+    box = mbox_of(tmp_path)
+    big = RAW + b"From the middle\n" + b"line\r\n" * 5000
+    for raw, threshold in ((big, 100), (RAW, 1 << 20), (big, 100)):
+        fd = fd_of(tmp_path, raw)
+        try:
+            deliver(make_config(tmp_path, spool_threshold=threshold), FRED, fd, "alice@example.org")
+        finally:
+            os.close(fd)
+    assert box.read_bytes() == OLD + mbox_record(big) + mbox_record(RAW) + mbox_record(big)
+    assert b"\n>From the middle\n" in mbox_record(big)

@@ -26,11 +26,15 @@ from vdeliver.fileio import anonymous_spool, write_all
 
 TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from vdeliver.hooks import Sink
 
+# Reads of 64 KB (a pipe's size): larger ones cost more CPU (os.read allocates the whole size,
+# then shrinks it), and each pass of the escaper over a block stays in the CPU's cache.
 CHUNK = 1 << 16
+SPOOL_BLOCK = 1 << 20  # writes to the spool file are gathered to this size
+COPY_BLOCK = 8 << 20  # copy_file_range in pieces, so that a writer can refresh its lock between them
 MAX_HEADER = 1 << 20  # a longer header block is refused (5.3.4): see prepare()
 MAX_SENDER = 512
 
@@ -207,14 +211,19 @@ class Spool:
 
     def write(self, data: bytes) -> None:
         self.length += len(data)
+        self.buf += data
         if self.fd < 0:
-            self.buf += data
             if len(self.buf) > self.threshold:
                 self._open_file()
-                write_all(self.fd, self.buf)
-                self.buf = bytearray()
-            return
-        write_all(self.fd, data)
+                self.flush()
+        elif len(self.buf) >= SPOOL_BLOCK:  # to the file in large writes, not one per read
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is held in memory to the spool file, if there is one."""
+        if self.fd >= 0 and self.buf:
+            write_all(self.fd, self.buf)
+            self.buf = bytearray()
 
     def _open_file(self) -> None:
         try:
@@ -226,6 +235,7 @@ class Spool:
         """The first n bytes collected (fewer if there are fewer)."""
         if self.fd < 0:
             return bytes(self.buf[:n])
+        self.flush()
         return os.pread(self.fd, n, 0)
 
     def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
@@ -233,6 +243,7 @@ class Spool:
         if self.fd < 0:
             yield bytes(self.buf)
             return
+        self.flush()
         offset = 0
         while offset < self.length:
             data = os.pread(self.fd, min(size, self.length - offset), offset)
@@ -241,17 +252,19 @@ class Spool:
             offset += len(data)
             yield data
 
-    def copy_file(self, out: int) -> bool:
-        """Copy a spooled file to `out` (at its position) inside the kernel (copy_file_range:
+    def copy_file(self, out: int, at: "int | None" = None, tick: "Callable[[], None] | None" = None) -> bool:
+        """Copy a spooled file to `out` (at its position, or at offset `at`) inside the kernel (copy_file_range:
         no pass through Python's memory, a reflink where the file system has them).  False,
         with nothing written, when the spool is in memory or the kernel refuses the pair (an
         O_APPEND target, another file system on an old kernel): then use chunks()."""
         if self.fd < 0:
             return False
+        self.flush()
         offset = 0
         while offset < self.length:
             try:
-                n = os.copy_file_range(self.fd, out, self.length - offset, offset)
+                n = os.copy_file_range(self.fd, out, min(self.length - offset, COPY_BLOCK), offset,
+                                       None if at is None else at + offset)
             except OSError as exc:
                 if offset == 0 and exc.errno in (9, 18, 22, 38, 95):  # EBADF EXDEV EINVAL ENOSYS EOPNOTSUPP
                     return False
@@ -259,6 +272,8 @@ class Spool:
             if n == 0:
                 raise OSError(5, "spool file shrank")
             offset += n
+            if tick is not None:
+                tick()
         return True
 
     def close(self) -> None:
@@ -548,6 +563,7 @@ def prepare(
         esc.close()
         if mbox:
             spool.write(b"\n")  # the empty line that ends an mbox message
+        spool.flush()
         lf = esc.out_lf + (2 if mbox else 0)
         return Prepared(spool, clean, spool.length, lf, reader.total, had_from)
     except OSError as exc:
