@@ -232,7 +232,7 @@ def _read_raw(path: str) -> "tuple[bytes, tuple[int, int, int, int, int]]":
         chunks = []
         left = 1 << 20
         while left > 0:
-            data = os.read(fd, left)
+            data = os.read(fd, min(left, max(st.st_size + 1, 4096)))  # os.read allocates what it is asked for
             if not data:
                 break
             chunks.append(data)
