@@ -21,7 +21,7 @@ def test_quick_run_delivers_every_message_intact(tmp_path: Path) -> None:
     require(*peers)
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-cli", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
