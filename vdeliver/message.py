@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 # Reads of 64 KB (a pipe's size): larger ones cost more CPU (os.read allocates the whole size,
 # then shrinks it), and each pass of the escaper over a block stays in the CPU's cache.
 CHUNK = 1 << 16
-SPOOL_BLOCK = 1 << 20  # writes to the spool file are gathered to this size
 COPY_BLOCK = 8 << 20  # copy_file_range in pieces, so that a writer can refresh its lock between them
 MAX_HEADER = 1 << 20  # a longer header block is refused (5.3.4): see prepare()
 MAX_SENDER = 512
@@ -211,19 +210,14 @@ class Spool:
 
     def write(self, data: bytes) -> None:
         self.length += len(data)
-        self.buf += data
         if self.fd < 0:
+            self.buf += data
             if len(self.buf) > self.threshold:
                 self._open_file()
-                self.flush()
-        elif len(self.buf) >= SPOOL_BLOCK:  # to the file in large writes, not one per read
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what is held in memory to the spool file, if there is one."""
-        if self.fd >= 0 and self.buf:
-            write_all(self.fd, self.buf)
-            self.buf = bytearray()
+                write_all(self.fd, self.buf)
+                self.buf = bytearray()
+            return
+        write_all(self.fd, data)
 
     def _open_file(self) -> None:
         try:
@@ -235,7 +229,6 @@ class Spool:
         """The first n bytes collected (fewer if there are fewer)."""
         if self.fd < 0:
             return bytes(self.buf[:n])
-        self.flush()
         return os.pread(self.fd, n, 0)
 
     def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
@@ -243,7 +236,6 @@ class Spool:
         if self.fd < 0:
             yield bytes(self.buf)
             return
-        self.flush()
         offset = 0
         while offset < self.length:
             data = os.pread(self.fd, min(size, self.length - offset), offset)
@@ -259,7 +251,6 @@ class Spool:
         O_APPEND target, another file system on an old kernel): then use chunks()."""
         if self.fd < 0:
             return False
-        self.flush()
         offset = 0
         while offset < self.length:
             try:
@@ -563,7 +554,6 @@ def prepare(
         esc.close()
         if mbox:
             spool.write(b"\n")  # the empty line that ends an mbox message
-        spool.flush()
         lf = esc.out_lf + (2 if mbox else 0)
         return Prepared(spool, clean, spool.length, lf, reader.total, had_from)
     except OSError as exc:
