@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=900, help="seconds; later cells are skipped past it")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--no-journal", action="store_true", help="skip the mbox journal's before/after run")
+    p.add_argument("--no-cli", dest="cli", action="store_false",
+                   help="skip benchmarks/cli_bench.py (command line start-up, 10 MB, growth curves)")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -258,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - report what ran; name the cell that broke
                 traceback.print_exc()
                 notes.append(f"cell failed ({type(exc).__name__}: {exc}): {cell.title}")
+        if args.cli:
+            say("command line: start-up, large messages, growth (benchmarks/cli_bench.py)")
+            try:
+                from benchmarks import cli_bench
+
+                cli_bench.main([*(["--quick"] if args.quick else []), "--out", out])
+            except Exception as exc:  # noqa: BLE001 - report what ran
+                traceback.print_exc()
+                notes.append(f"cli_bench failed ({type(exc).__name__}: {exc})")
         say("counting sync calls per delivery (strace)")
         syncs = fsyncs.audit(ctx, agents, say)
         imports = []

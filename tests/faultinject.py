@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import posix  # the delivery path calls os's functions through posix (vdeliver/fileio.py)
 import random
 import signal
 import subprocess
@@ -276,6 +277,7 @@ def kill_at_fsync(n: int, after: bool = False) -> Callable[[], None]:
                 _suicide()
 
         os.fsync = fsync  # type: ignore[assignment]
+        posix.fsync = fsync  # type: ignore[assignment]
 
     return patch
 
@@ -306,6 +308,7 @@ def kill_at_sync(kind: str, call: str = "fsync", after: bool = False) -> Callabl
                 _suicide()
 
         setattr(os, call, sync)
+        setattr(posix, call, sync)
 
     return patch
 
@@ -331,6 +334,7 @@ def kill_at_journal_write(state: str, k: int | None = None, after: bool = False)
             return n
 
         os.pwrite = pwrite  # type: ignore[assignment]
+        posix.pwrite = pwrite  # type: ignore[assignment]
 
     return patch
 
@@ -353,6 +357,7 @@ def kill_on_journal_create() -> Callable[[], None]:
             return fd
 
         os.open = opener  # type: ignore[assignment]
+        posix.open = opener  # type: ignore[assignment]
 
     return patch
 
@@ -370,6 +375,7 @@ def kill_on_ftruncate(after: bool) -> Callable[[], None]:
             _suicide()
 
         os.ftruncate = ftruncate
+        posix.ftruncate = ftruncate
 
     return patch
 
@@ -397,6 +403,7 @@ def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k
                 _suicide()
 
             os.link = link  # type: ignore[assignment]
+            posix.link = link  # type: ignore[assignment]
         maildir.deliver(str(root.home / DOMAIN / USER / "Maildir"), prepared, host="fault.test",
                         before_link=before_link)
 

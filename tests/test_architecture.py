@@ -8,6 +8,7 @@ placed in LAYERS: a new module is a deliberate decision about where it lives."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vdeliver"
@@ -132,3 +133,25 @@ def test_the_layer_check_sees_an_upward_import() -> None:
 def test_no_import_circle() -> None:
     cycles = _cycles(import_graph())
     assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# One Maildir delivery as the launcher runs it (benchmarks/import_set.py: /usr/bin/python3 -IS, as
+# root with `user = "vmail"`, so privileges and pwd are in; the mailbox is created on delivery).
+# Issue 21: without `os` (1 ms a process, vdeliver/fileio.py says why).  A module added to this
+# set costs every message about 0.05 ms plus its own work: add it here only with a reason.
+MAILDIR_IMPORT_SET = [
+    "_stat", "errno", "pwd", "stat",
+    "vdeliver", "vdeliver.cli", "vdeliver.config", "vdeliver.deliver", "vdeliver.errors", "vdeliver.fileio",
+    "vdeliver.log", "vdeliver.maildir", "vdeliver.message", "vdeliver.privileges", "vdeliver.recipient",
+]
+
+
+def test_maildir_delivery_imports_exactly_the_pinned_set_without_os() -> None:
+    from benchmarks.import_set import measure
+
+    found = measure(str(PACKAGE.parent), "maildir")
+    expected = MAILDIR_IMPORT_SET
+    if os.geteuid() != 0:  # not started as root: nothing to drop
+        found = [m for m in found if m not in ("pwd", "vdeliver.privileges")]
+        expected = [m for m in expected if m not in ("pwd", "vdeliver.privileges")]
+    assert sorted(found) == sorted(expected)

@@ -21,7 +21,7 @@ def test_quick_run_delivers_every_message_intact(tmp_path: Path) -> None:
     require(*peers)
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-cli", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
@@ -75,3 +75,24 @@ def test_journal_benchmark_quick_run_counts_two_syncs_a_message(tmp_path: Path) 
     if "No 'before' variant" not in (tmp_path / "journal.md").read_text():  # a shallow clone has no history
         before = next(v for k, v in rows.items() if k.startswith("before"))
         assert "| 3 a message (3 fsync)" in before
+
+
+def test_cli_bench_quick_run_writes_its_rows_and_curves(tmp_path: Path) -> None:
+    """benchmarks/cli_bench.py --quick (issue 21): every part runs, every delivery succeeds."""
+    require("procmail")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cli_bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "cli.md").read_text()
+    for row in ("| vdeliver new, mbox |", "| vdeliver new, maildir |", "| mbox | procmail 3.22 |",
+                "| Maildir | 1000 messages |", ": main cpu="):
+        assert row in text, row
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in text
+    else:
+        assert (tmp_path / "cli-growth.png").stat().st_size > 1000

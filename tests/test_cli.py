@@ -84,7 +84,8 @@ def test_delivery_path_imports_stay_small() -> None:
         f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv=['vdeliver','--version'];"
         "from vdeliver.cli import main; import vdeliver.deliver, vdeliver.message, vdeliver.mbox, vdeliver.maildir,"
         " vdeliver.config, vdeliver.recipient, vdeliver.log, vdeliver.locking;"
-        "heavy={'re','typing','tomllib','argparse','socket','enum','dataclasses','email','tempfile','logging'};"
+        "heavy={'re','typing','tomllib','argparse','socket','enum','dataclasses','email','tempfile','logging',"
+        "'os','posixpath','_collections_abc'};"
         "print(sorted(heavy & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)

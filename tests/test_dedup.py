@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_sieve_delivery import RAW, maildir_folder, messages
-from tests.unit_helpers import RecordingLog, fail_at_call
+from tests.unit_helpers import RecordingLog, fail_at_call, patch_os
 from vdeliver import config
 from vdeliver.deliver import deliver
 from vdeliver.errors import DeliveryError
@@ -67,7 +67,7 @@ def test_off_by_default_and_without_a_message_id(tmp_path: Path) -> None:
 
 def test_a_failed_delivery_does_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_config(tmp_path)
-    monkeypatch.setattr(os, "fsync", fail_at_call(1, errno.ENOSPC, os.fsync))
+    patch_os(monkeypatch, "fsync", fail_at_call(1, errno.ENOSPC, os.fsync))
     with pytest.raises(DeliveryError):
         send(tmp_path, cfg, WITH_ID)
     monkeypatch.undo()

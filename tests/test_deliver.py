@@ -514,3 +514,35 @@ def test_mbox_journal_off_removes_the_journal_and_writes_none(tmp_path: Path, sr
     deliver(make_config(tmp_path, mbox_journal=False), FRED, src, "alice@example.org")
     assert recovery.state(str(box)) == "none" and sorted(os.listdir(box.parent)) == ["fred"]
     assert box.read_bytes() == OLD + mbox_record() * 2
+
+
+def test_a_large_maildir_message_is_copied_from_the_spool_file_byte_for_byte(tmp_path: Path) -> None:
+    """Issue 21: a spooled message goes into tmp/ by copy_file_range (in the kernel); the
+    stored file, its S= and W= are those of the record, as through Python's buffers."""
+    md = maildir_of(tmp_path)
+    raw = RAW + b"x" * 70 + b"\n" * 3 + b"line\r\n" * 30000
+    fd = fd_of(tmp_path, raw)
+    try:
+        deliver(make_config(tmp_path, spool_threshold=100), FRED, fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    expected = maildir_record(raw.replace(b"\r\n", b"\n"))
+    assert new_files(md) == [expected]
+    name = os.listdir(md / "new")[0]
+    lines = expected.count(b"\n")
+    assert name.endswith(f",S={len(expected)},W={len(expected) + lines}")
+
+
+def test_spooled_mbox_messages_are_copied_in_the_kernel_and_appends_stay_whole(tmp_path: Path) -> None:
+    """Issue 21: a spooled message goes into the mbox by copy_file_range at the end found under
+    the locks (O_APPEND off for the copy only); records before and after it stay whole."""
+    box = mbox_of(tmp_path)
+    big = RAW + b"From the middle\n" + b"line\r\n" * 5000
+    for raw, threshold in ((big, 100), (RAW, 1 << 20), (big, 100)):
+        fd = fd_of(tmp_path, raw)
+        try:
+            deliver(make_config(tmp_path, spool_threshold=threshold), FRED, fd, "alice@example.org")
+        finally:
+            os.close(fd)
+    assert box.read_bytes() == OLD + mbox_record(big) + mbox_record(RAW) + mbox_record(big)
+    assert b"\n>From the middle\n" in mbox_record(big)

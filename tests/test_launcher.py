@@ -68,3 +68,32 @@ def test_launcher_names_the_missing_directory(tmp_path: Path, capsys: object) ->
     (tmp_path / "libexec").mkdir()
     assert launcher.main([str(target)]) == 0
     assert target.stat().st_mode & 0o777 == 0o755
+
+
+def test_direct_launcher_runs_with_empty_environment_and_bare_argv0(tmp_path: Path) -> None:
+    """`--direct` (issue 21): a `#!python -IS` script, no /bin/sh; the same conditions hold."""
+    lib = world_tmpdir("vdeliver-launcher-")
+    shutil.copytree(PACKAGE, lib / "vdeliver", ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / "vdeliver"
+    launcher.write(str(path), python=SYSTEM_PYTHON, libdir=str(lib), direct=True)
+    assert path.read_text().startswith(f"#!{SYSTEM_PYTHON} -IS\n")
+    result = subprocess.run(["vdeliver", "--version"], executable=str(path), env={}, capture_output=True,
+                            timeout=30, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert b"vdeliver" in result.stdout + result.stderr
+
+
+def test_direct_launcher_exits_75_not_1_when_vdeliver_cannot_be_imported(tmp_path: Path) -> None:
+    path = tmp_path / "vdeliver"
+    launcher.write(str(path), python=SYSTEM_PYTHON, libdir=str(tmp_path / "no-such-venv"), direct=True)
+    result = subprocess.run(["vdeliver", "-a", "away.com", "-a", "fred"], executable=str(path), env={},
+                            input=b"From a@b Sat Dec  5 09:00:00 2026\n\nx\n", capture_output=True, timeout=30)
+    assert result.returncode == 75, result
+    assert result.stderr.startswith(b"vdeliver: 4.3.0 cannot load vdeliver from "), result.stderr
+
+
+def test_direct_launcher_refuses_an_interpreter_path_a_shebang_cannot_carry() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="#! line"):
+        launcher.render(python="/opt/my python/bin/python3", libdir="/opt/x", direct=True)

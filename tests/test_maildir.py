@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, prepared, spooled
+from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, patch_os, prepared, spooled
 from vdeliver import maildir
 from vdeliver.errors import DeliveryError
 from vdeliver.message import Prepared
@@ -427,7 +427,7 @@ def test_write_failure_leaves_nothing(md: Path, msg: Prepared, monkeypatch: pyte
 def test_fsync_failure_leaves_nothing(md: Path, msg: Prepared, monkeypatch: pytest.MonkeyPatch,
                                       err: int, bounce: bool, dsn: str, n: int) -> None:
     """fsync 1 is the message file's, 2 is new/'s (after the link: the entry is taken back)."""
-    monkeypatch.setattr(os, "fsync", fail_at_call(n, err, os.fsync))
+    patch_os(monkeypatch, "fsync", fail_at_call(n, err, os.fsync))
     with pytest.raises(DeliveryError) as info:
         deliver(md, msg, over_quota_bounce=bounce)
     assert info.value.status.dsn == dsn
@@ -441,7 +441,7 @@ def test_link_failure_leaves_nothing(md: Path, msg: Prepared, monkeypatch: pytes
     def link(*args: Any, **kw: Any) -> None:
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(os, "link", link)
+    patch_os(monkeypatch, "link", link)
     with pytest.raises(DeliveryError) as info:
         deliver(md, msg)
     assert info.value.status.dsn == dsn
@@ -458,7 +458,7 @@ def test_name_clash_at_link_picks_another_name(md: Path, msg: Prepared, monkeypa
             raise FileExistsError(errno.EEXIST, "File exists")
         real(src, dst, **kw)
 
-    monkeypatch.setattr(os, "link", link)
+    patch_os(monkeypatch, "link", link)
     name = deliver(md, msg)
     assert len(tried) == 2 and tried[1] == name != tried[0]
     assert listing(md) == {"tmp": [], "new": [name], "cur": []}
@@ -481,7 +481,7 @@ def test_failures_after_the_commit_point_do_not_fail_the_delivery(md: Path, msg:
     def unlink(*args: Any, **kw: Any) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(os, "unlink", unlink)
+    patch_os(monkeypatch, "unlink", unlink)
     name = deliver(md, msg)
     monkeypatch.undo()
     assert (md / "new" / name).read_bytes() == RECORD
@@ -499,7 +499,7 @@ def test_quota_hit_creating_the_tmp_file(md: Path, msg: Prepared, monkeypatch: p
             raise OSError(err, os.strerror(err))
         return real(path, flags, mode, dir_fd=dir_fd)
 
-    monkeypatch.setattr(os, "open", opener)
+    patch_os(monkeypatch, "open", opener)
     with pytest.raises(DeliveryError) as info:
         deliver(md, msg, over_quota_bounce=bounce)
     monkeypatch.undo()

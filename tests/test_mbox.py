@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.test_locking import child_can_lock, child_holding, dead_pid
-from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, prepared, spooled
+from tests.unit_helpers import fail_at_byte, fail_at_call, open_fds, patch_os, prepared, spooled
 from vdeliver import fileio, locking, mbox, message
 from vdeliver.errors import DeliveryError
 from vdeliver.mbox import Journal, MailboxLock, open_mbox
@@ -472,7 +472,7 @@ def test_write_failure_leaves_the_mailbox_unchanged(tmp_path: Path, msg: Prepare
 def test_fsync_failure_of_the_mailbox_rolls_back(box: Path, msg: Prepared, monkeypatch: pytest.MonkeyPatch,
                                                  err: int, bounce: bool, dsn: str) -> None:
     """The base Journal syncs nothing: the first fsync is the mailbox's, the second the rollback's."""
-    monkeypatch.setattr(os, "fsync", fail_at_call(1, err, os.fsync))
+    patch_os(monkeypatch, "fsync", fail_at_call(1, err, os.fsync))
     with pytest.raises(DeliveryError) as info:
         deliver(box, msg, over_quota_bounce=bounce)
     assert info.value.status.dsn == dsn
@@ -486,7 +486,7 @@ def test_fsync_failures_with_the_journal(box: Path, msg: Prepared, monkeypatch: 
                                          n: int, err: int, dsn: str) -> None:
     """The first delivery makes the journal: fsync 1 is the journal's, 2 its directory's, 3 the
     mailbox's.  A journal that could not be made is not left behind."""
-    monkeypatch.setattr(os, "fsync", fail_at_call(n, err, os.fsync))
+    patch_os(monkeypatch, "fsync", fail_at_call(n, err, os.fsync))
     with pytest.raises(DeliveryError) as info:
         deliver(box, msg, journal=MboxJournal())
     assert info.value.status.dsn == dsn
@@ -516,7 +516,7 @@ def test_sync_failures_with_the_persistent_journal(box: Path, msg: Prepared, mon
 def test_quota_hit_on_the_journal_bounces_when_asked(box: Path, msg: Prepared, monkeypatch: pytest.MonkeyPatch) -> None:
     """A user at the hard quota limit cannot create the journal (its first block): that is
     the same 'mailbox full' as a failed append, and over_quota = "bounce" should bounce it."""
-    monkeypatch.setattr(os, "fsync", fail_at_call(1, errno.EDQUOT, os.fsync))
+    patch_os(monkeypatch, "fsync", fail_at_call(1, errno.EDQUOT, os.fsync))
     with pytest.raises(DeliveryError) as info:
         deliver(box, msg, over_quota_bounce=True, journal=MboxJournal())
     assert box.read_bytes() == OLD
@@ -544,7 +544,7 @@ def test_failed_rollback_is_reported(box: Path, msg: Prepared, monkeypatch: pyte
     def ftruncate(fd: int, length: int) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    patch_os(monkeypatch, "ftruncate", ftruncate)
     with pytest.raises(DeliveryError) as info:
         deliver(box, msg)
     status = info.value.status

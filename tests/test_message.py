@@ -67,6 +67,37 @@ def test_streaming_matches_reference_on_any_bytes(mode: str | None, data: bytes,
     assert stream(data, mode, cuts) == reference(data, mode)
 
 
+_lines = st.lists(
+    st.sampled_from([b"From x", b">From x", b"x From y", b"From", b"", b"\r", b"xxxxxxxxxxxxxxxxxxxxxxxx", b"F"]),
+    min_size=1, max_size=60,
+)
+
+
+@pytest.mark.parametrize("mode", [None, "mboxo", "mboxrd"])
+@given(lines=_lines, repeat=st.integers(1, 400), ending=st.sampled_from([b"\n", b"\r\n"]),
+       cuts=st.lists(st.integers(0, 1 << 16), max_size=6))
+def test_block_escaping_of_large_messages_matches_the_line_by_line_reading(
+        mode: str | None, lines: list[bytes], repeat: int, ending: bytes, cuts: list[int]) -> None:
+    """Issue 21: blocks of up to ~100 KB, dense or sparse in `From ` lines (the dense ones take
+    the one-pass replace), cut anywhere, give what the line-by-line reading gives."""
+    data = ending.join(lines * repeat)
+    assert stream(data, mode, [c * 7 for c in cuts]) == reference(data, mode)
+
+
+def test_prepare_does_not_depend_on_the_read_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = b"".join(b"From line %d\r\n" % i if i % 7 == 0 else b"text %d\r\n" % i for i in range(30000))
+    data = b"From a@b.org Sat Dec  5 10:00:00 2026\r\nSubject: x\r\n\r\n" + body
+    for mbox in (True, False):
+        records = set()
+        for chunk in (1, 7, 4096, 1 << 16, 1 << 22):
+            monkeypatch.setattr(message, "CHUNK", chunk)
+            record, prepared = run_prepare(data, mbox=mbox, when=0)
+            records.add((record, prepared.lf_count, prepared.length))
+        assert len(records) == 1
+        record = records.pop()[0]
+        assert (b"\n>From line 7\n" in record) == mbox and b"\r" not in record
+
+
 def test_escaping_examples() -> None:
     assert stream(b"a\nFrom x\n>From y\n", "mboxo", []) == b"a\n>From x\n>From y\n"
     assert stream(b"a\nFrom x\n>From y\n", "mboxrd", []) == b"a\n>From x\n>>From y\n"

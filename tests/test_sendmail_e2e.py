@@ -183,6 +183,47 @@ def test_locked_mailbox_defers_then_delivers(hub: Hub) -> None:
     assert hub.capture.messages == []
 
 
+def test_direct_launcher_whose_interpreter_is_gone_defers(vmail: Account, mailroot: MailRoot) -> None:
+    """Issue 21: `python -m vdeliver.launcher --direct` writes a `#!python -IS` script (no
+    /bin/sh).  When a Python upgrade removes its interpreter, execve() fails inside sendmail;
+    with the `l` flag of the examples' procmail mailer (F=DFMl0) sendmail calls that EX_OSERR
+    and keeps the message queued: no bounce, nothing delivered."""
+    need_sendmail()
+    from tests.helpers import world_tmpdir
+    from tests.sendmail_harness import PRODUCTION_ARGS, PRODUCTION_PYTHON
+    from vdeliver import launcher
+
+    mailroot.add_mbox("away.com", "fred")
+    mailroot.write_config(lock_timeout=1, hostname=HOSTNAME)
+    script = world_tmpdir() / "vdeliver"
+    launcher.write(str(script), python="/usr/bin/python3.9-removed-by-an-upgrade", libdir="/nonexistent", direct=True)
+    site = Site.create()
+    capture = SmtpCapture()
+    try:
+        capture.start()
+        site.install_maps()
+        out_cf = site.compile(OUT_MC, "out", replace={PRODUCTION_PYTHON: str(script), PRODUCTION_ARGS:
+                                                      f"vdeliver -c {mailroot.config} -t -Y -a $h -a $u"},
+                              smart_host_port=capture.port)
+        assert re.search(r"^Mprocmail,.*F=[A-Za-z0-9]*l", out_cf.read_text(), re.M), "the mailer lost its l flag"
+        site.newaliases(out_cf)
+        _in_cf, port, _ = site.serve(IN_MC, "in")
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.remote.example", timeout=30) as smtp:
+            smtp.sendmail(SENDER, ["fred@away.com"], MESSAGE)
+        site.wait_queue(1)
+        run = site.run_queue(out_cf, "-v")
+        assert "Operating system error" in run.stdout.decode(errors="replace")
+        queued = site.queue_files()
+        assert len(queued) == 1 and "\nMOperating system error" in queued[0].read_text(errors="replace")
+        assert capture.messages == [], "a missing interpreter must not bounce"
+        assert (mailroot.vbox / "away.com" / "fred").read_bytes() == b""
+    finally:
+        try:
+            site.close()
+        finally:
+            capture.stop()
+
+
 def test_unknown_users_bounce(hub: Hub) -> None:
     """Two kinds of unknown: refused by the table's catch-all (sendmail's error
     mailer), and a table entry without a mailbox (vdeliver exits 67)."""

@@ -14,7 +14,7 @@ import pytest
 
 from tests.dovecot_harness import Dovecot, bad_log_lines, passwd_file_auth
 from tests.helpers import Account, MailRoot, require_root, run_vdeliver, world_tmpdir
-from tests.unit_helpers import RecordingLog, fail_at_call
+from tests.unit_helpers import RecordingLog, fail_at_call, patch_os
 from vdeliver import config, flags, maildir
 from vdeliver.config import Config
 from vdeliver.deliver import deliver
@@ -203,7 +203,7 @@ def test_a_failed_store_takes_back_the_ones_done(tmp_path: Path, monkeypatch: py
     script(tmp_path, b'require "fileinto";\nfileinto "A";\nfileinto "B";')
     for name in ("A", "B"):
         maildir.create(str(maildir_folder(tmp_path, name)))
-    monkeypatch.setattr(os, "fsync", fail_at_call(3, errno.ENOSPC, os.fsync))  # A: file, new/; B: file
+    patch_os(monkeypatch, "fsync", fail_at_call(3, errno.ENOSPC, os.fsync))  # A: file, new/; B: file
     with pytest.raises(DeliveryError) as info:
         run(tmp_path, cfg)
     assert info.value.status.temporary
@@ -227,7 +227,7 @@ def test_a_failed_mbox_store_takes_back_the_ones_done(tmp_path: Path, monkeypatc
             raise OSError(errno.EIO, "injected")
         real(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    patch_os(monkeypatch, "fsync", fsync)
     with pytest.raises(DeliveryError):
         run(tmp_path, cfg)
     assert (h / "mail" / "A").read_bytes() == b"" and inbox.read_bytes() == b""

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from vdeliver import fileio
+
+if TYPE_CHECKING:
+    import pytest
 from vdeliver.message import Prepared, Spool
 
 WriteAll = Callable[[int, "bytes | bytearray | memoryview"], None]
@@ -42,6 +46,15 @@ def fail_at_byte(k: int, err: int) -> WriteAll:
         real(fd, view)
 
     return write_all
+
+
+def patch_os(monkeypatch: "pytest.MonkeyPatch", name: str, value: object) -> None:
+    """Replace os.NAME for a test, in `posix` as well: the delivery path's modules call the
+    same functions through `import posix as os` (vdeliver/fileio.py says why)."""
+    import posix
+
+    monkeypatch.setattr(os, name, value)
+    monkeypatch.setattr(posix, name, value)
 
 
 def fail_at_call(n: int, err: int, real: Callable[[int], None]) -> Callable[[int], None]:

@@ -11,7 +11,7 @@ one place that turns a status into an exit code belong together; the rest of the
 exits.
 """
 
-import os
+import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py
 import sys
 import time
 
@@ -273,6 +273,13 @@ def _standard_streams() -> None:
 
 def main(argv: "list[str] | None" = None) -> int:
     started = time.time()
+    from vdeliver.fileio import getenv
+
+    phases = getenv("VDELIVER_PHASES") is not None
+    if phases:  # the phase timer (docs/benchmarks.md)
+        from vdeliver.log import start_phases
+
+        start_phases()
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["sieve-test"]:  # a tool for people, not a delivery: its own exit codes
         from vdeliver.sieve.tool import main as sieve_test
@@ -280,7 +287,10 @@ def main(argv: "list[str] | None" = None) -> int:
         return sieve_test(args[1:])
     try:
         _standard_streams()
-        return _main(args, started)
+        code = _main(args, started)
+        if phases:
+            _phases_report()
+        return code
     except KeyboardInterrupt:
         _say(Status("4.3.0", "interrupted"))
         return EX_TEMPFAIL
@@ -293,7 +303,7 @@ def main(argv: "list[str] | None" = None) -> int:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is not None:
-            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+            where = f" at {tb.tb_frame.f_code.co_filename.rpartition('/')[2]}:{tb.tb_lineno}"
         status = Status("4.3.0", "internal error", f"{type(exc).__name__}: {exc}{where}")
         _say(status)
         try:
@@ -304,6 +314,16 @@ def main(argv: "list[str] | None" = None) -> int:
             pass
         _drain()
         return EX_TEMPFAIL
+
+
+def _phases_report() -> None:
+    from vdeliver.log import phase, phases_line
+
+    phase("log")
+    try:
+        sys.stderr.write(f"vdeliver: {phases_line()}\n")
+    except Exception:  # noqa: BLE001 - a measurement never changes the outcome
+        pass
 
 
 def _say(status: Status) -> None:
@@ -351,7 +371,7 @@ def _main(argv: "list[str]", started: float) -> int:
     # A write past RLIMIT_FSIZE must fail with EFBIG (and be rolled back), not kill us.
     _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
     from vdeliver import config as config_mod
-    from vdeliver.log import Logger, delivery_line
+    from vdeliver.log import Logger, delivery_line, phase
 
     try:
         args = parse_args(argv)
@@ -372,7 +392,9 @@ def _main(argv: "list[str]", started: float) -> int:
     to = args.d or "@".join(args.a[::-1])
     sender = args.sender
     try:
-        cfg = config_mod.load(args.config)
+        phase("imports")
+        cfg = config_mod.load(args.config, cache=True)
+        phase("config")
         logger = Logger("vdeliver", cfg.syslog_facility, cfg.log)
         _drop_root(cfg, "deliver")
         from vdeliver import recipient
@@ -386,12 +408,14 @@ def _main(argv: "list[str]", started: float) -> int:
         from vdeliver.deliver import deliver, resolve
 
         target = resolve(cfg, rcpt)
+        phase("resolve")
         if args.dry_run:
             sys.stdout.write(f"{target.format} {target.path}{' (created on delivery)' if target.create else ''}\n")
             return EX_OK
         if _STDIN_CLOSED:
             raise DeliveryError(Status("4.3.0", "no message", "standard input is closed"))
         result = deliver(cfg, rcpt, 0, sender, target, logger)
+        phase("store")
     except DeliveryError as exc:
         status = exc.status
         _say(status)

@@ -10,8 +10,9 @@ tomllib.  The tests check that both readers agree on every input the small one
 accepts.
 """
 
-import os
+import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py
 
+from vdeliver import fileio
 from vdeliver.errors import DeliveryError, Status
 
 DEFAULT_PATH = "/etc/vdeliver.toml"
@@ -215,11 +216,35 @@ def _locate(text: str) -> "dict[tuple[str, str], int]":
 
 
 def read_file(path: str) -> "tuple[dict[str, object], dict[tuple[str, str], int]]":
+    raw, _identity = _read_raw(path)
+    return _parse(path, raw)
+
+
+def _read_raw(path: str) -> "tuple[bytes, tuple[int, int, int, int, int]]":
+    """The file's bytes (at most 1 MB) and its identity (dev, ino, size, mtime_ns, ctime_ns),
+    both from one descriptor."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        left = 1 << 20
+        while left > 0:
+            data = os.read(fd, min(left, max(st.st_size + 1, 4096)))  # os.read allocates what it is asked for
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _parse(path: str, raw: bytes) -> "tuple[dict[str, object], dict[tuple[str, str], int]]":
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -333,7 +358,7 @@ def home_template(cfg: Config) -> str:
     home = cfg.table("dovecot").get("home")
     if isinstance(home, str) and home:
         return home
-    head, tail = os.path.split(cfg.maildir_path.rstrip("/"))
+    head, tail = fileio.split(cfg.maildir_path.rstrip("/"))
     return cfg.maildir_path.rstrip("/") if "{user}" in tail or "{domain}" in tail else head
 
 
@@ -341,18 +366,148 @@ def config_path(explicit: "str | None" = None) -> "tuple[str, bool]":
     """(path, must_exist): -c wins, then $VDELIVER_CONFIG, then the default."""
     if explicit:
         return explicit, True
-    env = os.environ.get("VDELIVER_CONFIG")
+    env = fileio.getenv("VDELIVER_CONFIG")
     if env:
         return env, True
     return DEFAULT_PATH, False
 
 
-def load(explicit: "str | None" = None) -> Config:
+def load(explicit: "str | None" = None, cache: bool = False) -> Config:
+    """The configuration; with cache=True (the per-message CLI) the parsed form of an unchanged
+    file comes from the cache (see _cache_get), and a parsed one goes there."""
     path, must_exist = config_path(explicit)
-    if not must_exist and not os.path.exists(path):
+    if not must_exist and not fileio.exists(path):
         return Config(path)
-    data, lines = read_file(path)
-    return build(data, path, lines)
+    raw, identity = _read_raw(path)
+    if cache:
+        cached = _cache_get(path, identity, raw)
+        if cached is not None:
+            try:
+                return build(cached[0], path, cached[1])
+            except ConfigError:
+                pass  # valid when cached, not now (another vdeliver version): parse it again
+    data, lines = _parse(path, raw)
+    cfg = build(data, path, lines)
+    if cache:
+        _cache_put(path, identity, raw, data, lines)
+    return cfg
+
+
+# -- the cache of the parsed file ----------------------------------------------
+#
+# A per-message run parses the same file every time; the TOML fallback alone (tomllib pulls in
+# re, typing and datetime) costs more than a delivery.  The cache keeps what _parse() returned,
+# for a file that build() accepted, in CACHE_DIR (default /var/cache/vdeliver, or
+# $VDELIVER_CACHE_DIR; empty: no cache), one file per reading user and configuration path:
+# `config.<euid>.<path with / as %2F>`.  It is the marshal form (data only, never code) of
+# (FORMAT, vdeliver version, path, identity, the file's bytes, data, lines).
+#
+# Used only when all of these hold, otherwise the file is parsed as if there were no cache:
+# - opened without following a symlink, a regular file owned by the process's own user and
+#   writable by nobody else (checked on the descriptor): content someone else could have
+#   written is never read;
+# - it reads back whole, in this format, from this vdeliver version and this Python;
+# - it is for this path, the identity (dev, ino, size, mtime_ns, ctime_ns) is the one just
+#   read from the file's descriptor, and its bytes are the ones just read: an edit within the
+#   same clock tick, which timestamps cannot see, still misses;
+# - build() still checks every value, so a cached form never skips validation, and a file's
+#   errors (which are never cached) are reported with file and line as without a cache.
+# Written to a new file (O_EXCL, O_NOFOLLOW, 0600) renamed over the old one, only into a
+# directory owned by root or by us that nobody else can write (unless sticky, as /tmp is).
+# A failure at any step is silent: the cache only ever saves time.
+
+CACHE_DIR = "/var/cache/vdeliver"
+CACHE_FORMAT = 1
+MAX_CACHE = 1 << 21
+
+
+def cache_file(path: str) -> "str | None":
+    """Where the parsed form of the configuration at `path` is kept for this user, or None."""
+    directory = fileio.getenv("VDELIVER_CACHE_DIR")
+    if directory is None:
+        directory = CACHE_DIR
+    if not directory:
+        return None
+    name = f"config.{os.geteuid()}." + fileio.abspath(path).replace("%", "%25").replace("/", "%2F")
+    if len(name) > 200:
+        return None
+    return fileio.join(directory, name)
+
+
+def _cache_key(path: str, identity: "tuple[int, int, int, int, int]", raw: bytes) -> "tuple[object, ...]":
+    from vdeliver import __version__
+
+    return (CACHE_FORMAT, __version__, fileio.abspath(path), identity, raw)
+
+
+def _cache_get(path: str, identity: "tuple[int, int, int, int, int]",
+               raw: bytes) -> "tuple[dict[str, object], dict[tuple[str, str], int]] | None":
+    where = cache_file(path)
+    if where is None:
+        return None
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if ((st.st_mode & 0o170000) != 0o100000 or st.st_uid != os.geteuid() or st.st_mode & 0o022
+                or not 0 < st.st_size <= MAX_CACHE):
+            return None
+        blob = os.read(fd, st.st_size + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    import marshal
+
+    try:
+        got = marshal.loads(blob)
+    except (ValueError, EOFError, TypeError):
+        return None
+    key = _cache_key(path, identity, raw)
+    if (type(got) is not tuple or len(got) != len(key) + 2 or got[: len(key)] != key
+            or type(got[-2]) is not dict or type(got[-1]) is not dict):
+        return None
+    return got[-2], got[-1]
+
+
+def _cache_put(path: str, identity: "tuple[int, int, int, int, int]", raw: bytes,
+               data: "dict[str, object]", lines: "dict[tuple[str, str], int]") -> None:
+    where = cache_file(path)
+    if where is None:
+        return
+    import marshal
+
+    try:
+        blob = marshal.dumps((*_cache_key(path, identity, raw), data, lines))  # type: ignore[arg-type]
+    except ValueError:
+        return  # a value marshal does not take (a TOML date): no cache for this file
+    if len(blob) > MAX_CACHE:
+        return
+    directory = fileio.dirname(where)
+    try:
+        st = os.lstat(directory)
+        if ((st.st_mode & 0o170000) != 0o040000 or st.st_uid not in (0, os.geteuid())
+                or (st.st_mode & 0o022 and not st.st_mode & 0o1000)):
+            return
+        tmp = f"{where}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, where)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 TYPE_CHECKING = False

@@ -102,9 +102,9 @@ def fail(reason: str, detail: str = "", dsn: str = "4.3.0") -> DeliveryError:
 # administrator asked for it (over_quota = "bounce").
 def status_for_errno(err: int, what: str, over_quota_bounce: bool = False) -> Status:
     import errno as _e
-    import os
+    import posix
 
-    text = os.strerror(err)
+    text = posix.strerror(err)
     if err in (_e.EDQUOT, _e.EFBIG):
         if over_quota_bounce:
             return Status("5.2.2", "mailbox full", f"{what}: {text}")

@@ -1,11 +1,106 @@
 """Small file-system steps every writer shares: whole writes, fsync of a directory, the
-unnamed spool file, a new file written and synced, and an atomic replace.
+unnamed spool file, a new file written and synced, and an atomic replace; and the few
+os.path and os.environ steps of the delivery path, without `os`.
 
-Imports only `os` at import time (it is on the delivery path).  Errors are OSError; each
-caller turns them into its own status (a delivery defers, vmailctl says exit 75 or 1).
+Why without `os`: `python3 -IS` does not import it, and importing it (with the
+_collections_abc it needs for os.environ) costs about 1 ms, an eighth of the interpreter's own
+start-up: more than a delivery's own work (issue 21).  The modules of the command line's
+delivery path (cli, config, log, errors, deliver, message, maildir, mbox, locking, fileio)
+therefore `import posix as os`: the same functions (os re-exports posix), without the module.
+A test that patches `os.fsync` must patch `posix.fsync` as well.  Code off that path uses `os`.
+
+Errors are OSError; each caller turns them into its own status (a delivery defers, vmailctl
+says exit 75 or 1).
 """
 
-import os
+import posix as os
+import sys
+
+_S_IFMT = 0o170000
+_S_IFDIR = 0o040000
+_S_IFLNK = 0o120000
+
+
+def getenv(name: str) -> "str | None":
+    """os.environ.get(name), also where os is not imported: then posix.environ, the process's
+    environment at start-up, is the same thing (os.environ is made from it)."""
+    if "os" in sys.modules:
+        return sys.modules["os"].environ.get(name)  # type: ignore[no-any-return]
+    value = os.environ.get(name.encode())
+    return None if value is None else value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
+def join(head: str, *tails: str) -> str:
+    """os.path.join for str paths."""
+    for tail in tails:
+        if tail.startswith("/") or not head:
+            head = tail
+        elif head.endswith("/"):
+            head += tail
+        else:
+            head += "/" + tail
+    return head
+
+
+def split(path: str) -> "tuple[str, str]":
+    """os.path.split: (everything before the last slash, without trailing slashes unless it
+    is only slashes; the last component)."""
+    cut = path.rfind("/") + 1
+    head, tail = path[:cut], path[cut:]
+    stripped = head.rstrip("/")
+    return (stripped or head), tail
+
+
+def dirname(path: str) -> str:
+    return split(path)[0]
+
+
+def basename(path: str) -> str:
+    return path[path.rfind("/") + 1:]
+
+
+def abspath(path: str) -> str:
+    """The path made absolute against the working directory (not normalised: a name, not a lookup)."""
+    return path if path.startswith("/") else join(os.getcwd(), path)
+
+
+def _mode(path: str, follow: bool) -> int:
+    try:
+        return (os.stat(path) if follow else os.lstat(path)).st_mode
+    except (OSError, ValueError):
+        return -1
+
+
+def exists(path: str) -> bool:
+    return _mode(path, True) >= 0
+
+
+def lexists(path: str) -> bool:
+    return _mode(path, False) >= 0
+
+
+def isdir(path: str) -> bool:
+    mode = _mode(path, True)
+    return mode >= 0 and mode & _S_IFMT == _S_IFDIR
+
+
+def makedirs(path: str, mode: int) -> None:
+    """os.makedirs(path, mode, exist_ok=True)."""
+    if isdir(path):
+        return
+    head, tail = split(path)
+    if head and tail and not lexists(head):
+        makedirs(head, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not isdir(path):
+            raise
+
+
+def islink(path: str) -> bool:
+    mode = _mode(path, False)
+    return mode >= 0 and mode & _S_IFMT == _S_IFLNK
 
 
 def write_all(fd: int, data: "bytes | bytearray | memoryview") -> None:

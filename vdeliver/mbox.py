@@ -12,13 +12,13 @@ grow with its size.
 """
 
 import errno
-import os
+import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py
 import stat
 
 from vdeliver import locking
 from vdeliver.errors import DeliveryError, Status, fail, status_for_errno
 from vdeliver.fileio import write_all
-from vdeliver.message import Prepared
+from vdeliver.message import Prepared, Spool
 
 
 def open_mbox(path: str, create: bool) -> int:
@@ -238,9 +238,10 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
     try:
         if sep:
             write_all(fd, sep)
-        for chunk in msg.spool.chunks():
-            write_all(fd, chunk)
-            lock.refresh()
+        if not _copy_spool(fd, size + len(sep), msg, lock):
+            for chunk in msg.spool.chunks():
+                write_all(fd, chunk)
+                lock.refresh()
         os.fsync(fd)
         # The commit point is the journal's reset to idle: a busy record left beside a whole
         # record would make the next delivery cut it.  If it cannot be reset, undo the append.
@@ -251,6 +252,25 @@ def _append(fd: int, path: str, st: os.stat_result, msg: Prepared, lock: locking
         if isinstance(exc, OSError):
             raise DeliveryError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
         raise
+
+
+def _copy_spool(fd: int, at: int, msg: Prepared, lock: locking.DotLock) -> bool:
+    """A message spooled to a file goes into the mbox by copy_file_range, at the end we
+    know under the locks, without passing through Python (a 10 MB message: two copies of
+    10 MB less).  The kernel refuses it for an O_APPEND descriptor, so that flag is off for
+    the copy: safe, every writer appends under the same locks.  False: nothing written, use
+    the chunks."""
+    spool = msg.spool
+    if not isinstance(spool, Spool) or spool.fd < 0:
+        return False
+    import fcntl  # already loaded on this path (locking.py)
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
+    try:
+        return spool.copy_file(fd, at, lock.refresh)
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def _rollback(fd: int, path: str, size: int) -> None:
