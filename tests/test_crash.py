@@ -735,10 +735,13 @@ class _Disk:
                 real(fd)  # type: ignore[operator]
             return call
 
-        monkeypatch.setattr(os, "pwrite", pwrite)
-        monkeypatch.setattr(os, "write", write)
-        monkeypatch.setattr(os, "fsync", sync(real_fsync))
-        monkeypatch.setattr(os, "fdatasync", sync(real_fdatasync))
+        import posix  # the delivery path calls os's functions through posix
+
+        for module in (os, posix):
+            monkeypatch.setattr(module, "pwrite", pwrite)
+            monkeypatch.setattr(module, "write", write)
+            monkeypatch.setattr(module, "fsync", sync(real_fsync))
+            monkeypatch.setattr(module, "fdatasync", sync(real_fdatasync))
 
     def states(self, p: int, journal0: bytes, mbox0: bytes) -> list[tuple[bytes, bytes]]:
         """Every (journal, mbox) a power loss after the first p events may leave: what was

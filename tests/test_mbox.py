@@ -505,7 +505,7 @@ def test_sync_failures_with_the_persistent_journal(box: Path, msg: Prepared, mon
     the mailbox (fsync).  Either failing leaves the mailbox as it was."""
     deliver(box, msg, journal=MboxJournal())
     before = box.read_bytes()
-    monkeypatch.setattr(os, call, fail_at_call(1, err, getattr(os, call)))
+    patch_os(monkeypatch, call, fail_at_call(1, err, getattr(os, call)))
     with pytest.raises(DeliveryError) as info:
         deliver(box, msg, journal=MboxJournal())
     assert info.value.status.dsn == dsn
@@ -678,7 +678,7 @@ def test_a_delivery_into_an_mbox_with_its_journal_syncs_twice(box: Path, msg: Pr
         return call
 
     for name in ("fsync", "fdatasync"):
-        monkeypatch.setattr(os, name, counted(name))
+        patch_os(monkeypatch, name, counted(name))
     deliver(box, msg, journal=MboxJournal())
     assert calls == ["fsync", "fsync", "fsync"]  # the new journal, its directory, the mailbox
     for _ in range(3):
