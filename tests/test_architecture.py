@@ -155,3 +155,22 @@ def test_maildir_delivery_imports_exactly_the_pinned_set_without_os() -> None:
         found = [m for m in found if m not in ("pwd", "vdeliver.privileges")]
         expected = [m for m in expected if m not in ("pwd", "vdeliver.privileges")]
     assert sorted(found) == sorted(expected)
+
+
+# The mbox path adds the locks, the store and its crash journal (binascii for the record's CRC-32,
+# a built-in module; fcntl for the kernel lock), still without `os`.
+MBOX_IMPORT_SET = sorted(
+    {*MAILDIR_IMPORT_SET, "binascii", "fcntl", "vdeliver.locking", "vdeliver.mbox", "vdeliver.recovery"}
+    - {"vdeliver.maildir"}
+)
+
+
+def test_mbox_delivery_imports_exactly_the_pinned_set_without_os() -> None:
+    from benchmarks.import_set import measure
+
+    found = measure(str(PACKAGE.parent), "mbox")
+    expected = MBOX_IMPORT_SET
+    if os.geteuid() != 0:  # not started as root: nothing to drop
+        found = [m for m in found if m not in ("pwd", "vdeliver.privileges")]
+        expected = [m for m in expected if m not in ("pwd", "vdeliver.privileges")]
+    assert sorted(found) == sorted(expected)
