@@ -42,11 +42,13 @@ class Backend(Protocol):
 
 
 class _Entry:
-    __slots__ = ("value", "stored")
+    __slots__ = ("value", "stored", "reply", "wire")
 
     def __init__(self, value: str | None, stored: float) -> None:
         self.value = value
         self.stored = stored
+        self.reply = _reply(value)
+        self.wire = self.reply.encode()  # encoded once: a hit sends these bytes as they are
 
 
 class Resolver:
@@ -89,6 +91,18 @@ class Resolver:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def cached(self, map_name: str, key: str) -> _Entry | None:
+        """The fresh cached answer, or None (ask resolve()).  Safe from another thread than the
+        one that runs resolve(): it only reads the entries (a dict read is atomic) and counts
+        hits, which nothing else counts."""
+        entry = self._entries.get((map_name, key))
+        if entry is None or entry.stored <= self._valid_after:
+            return None
+        if self.clock() - entry.stored >= (self.ttl if entry.value is not None else self.negative_ttl):
+            return None
+        self.stats["hit"] += 1
+        return entry
+
     async def resolve(self, map_name: str, key: str) -> p.Reply:
         if map_name not in self.backend.maps:
             return p.perm(f"unknown map {map_name}")
@@ -98,7 +112,7 @@ class Resolver:
             age = self.clock() - entry.stored
             if age < (self.ttl if entry.value is not None else self.negative_ttl):
                 self.stats["hit"] += 1
-                return _reply(entry.value)
+                return entry.reply
         # One query per key at a time: later askers wait for the first one's answer.
         pending = self._inflight.get(k)
         if pending is not None:
