@@ -205,7 +205,8 @@ def _many_connections(socks: list[socket.socket], reqs: list[bytes], end_ns: int
     return bad
 
 
-def drive(path: str, conns: int, procs: int, reqs: list[bytes], seconds: float, status: bytes) -> tuple[int, list[int], int]:
+def drive(path: str, conns: int, procs: int, reqs: list[bytes], seconds: float,
+          status: bytes) -> tuple[int, list[int], int]:
     """`conns` connections to `path` for `seconds`, in `procs` client processes; returns
     (completed lookups, latencies in ns, replies with the wrong status)."""
     procs = max(1, min(procs, conns))
@@ -254,9 +255,9 @@ def drive(path: str, conns: int, procs: int, reqs: list[bytes], seconds: float, 
         if isinstance(result, str):
             errors.append(result)
             continue
-        raw, bad = result
+        raw, bad = result  # type: ignore[misc]
         lat = array.array("q")
-        lat.frombytes(raw)
+        lat.frombytes(raw)  # type: ignore[has-type]
         latencies.extend(lat)
         bad_total += bad
     if errors:
@@ -324,7 +325,8 @@ def echo_targets(base: Path, procs: int) -> list[Target]:
         path = str(base / f"echo-{kind}.sock")
         argv = [sys.executable, "-m", "benchmarks.socketmap_load", "--echo", path, "--echo-kind", kind,
                 "--echo-procs", str(procs)]
-        out.append(Target(f"echo ({kind}{', %d processes' % procs if procs > 1 else ''})", path, argv, b""))
+        many = f", {procs} processes" if procs > 1 else ""
+        out.append(Target(f"echo ({kind}{many})", path, argv, b""))
     return out
 
 
@@ -474,6 +476,14 @@ def key(i: int, alias: bool = False) -> str:
 # -- the run ---------------------------------------------------------------------------------
 
 
+def _const(reqs: list[bytes]) -> Callable[[Target], list[bytes]]:
+    return lambda t: reqs
+
+
+def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda text: say(prefix + text)
+
+
 def best_echo(ms: list[Measured]) -> Measured:
     return max((m for m in ms if m.name.startswith("echo")), key=lambda m: m.rate)
 
@@ -526,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         grow(conninfo, 0, PG_KEYS)
         loaded = PG_KEYS
         procs = args.client_procs
-        table = ["| connections | target | lookups | lookups/s | x echo | p50 us | p99 us | server CPU us/lookup | note |",
-                 "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        table = [("| connections | target | lookups | lookups/s | x echo | p50 us | p99 us | server CPU us/lookup "
+                  "| note |"), "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         if "cached" in cells:
             say("cached lookups (50 keys, warmed), 1 and 16 connections")
             server = server_target(base, "cached", "vdeliver-socketmapd (cached)", conninfo, 3600)
@@ -542,15 +552,13 @@ def main(argv: list[str] | None = None) -> int:
             many = interleave(group, 16, procs, lambda t: hot, rounds, slice_s, say)
             e1, e16 = best_echo(one), best_echo(many)
             s1, s16 = one[0], many[0]
-            for m in one:
-                table.append(row(m, e1, 1))
-            for m in many:
-                table.append(row(m, e16, 16, f"{procs} client processes"))
+            table += [row(m, e1, 1) for m in one]
+            table += [row(m, e16, 16, f"{procs} client processes") for m in many]
             goals += [
-                f"- cached, 1 connection: {s1.rate / e1.rate:.2f}x the faster echo server ({e1.name}) "
-                f"(goal >= 0.7x); p50 {pct(s1.lat, 0.5):.1f} us (goal <= 50 us).",
-                f"- cached, 16 connections: {s16.rate / e16.rate:.2f}x the faster echo server ({e16.name}) "
-                f"(goal >= 0.7x); {s16.rate / s1.rate:.2f}x the one-connection rate (goal >= 2x on 2 cores).",
+                (f"- cached, 1 connection: {s1.rate / e1.rate:.2f}x the faster echo server ({e1.name}) "
+                 f"(goal >= 0.7x); p50 {pct(s1.lat, 0.5):.1f} us (goal <= 50 us)."),
+                (f"- cached, 16 connections: {s16.rate / e16.rate:.2f}x the faster echo server ({e16.name}) "
+                 f"(goal >= 0.7x); {s16.rate / s1.rate:.2f}x the one-connection rate (goal >= 2x on 2 cores)."),
             ]
             for t in group:
                 t.stop()
@@ -596,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                 step = max(1, size // 2000)
                 keys = requests([key(i, alias=bool((i // step) % 2)) for i in range(0, size, step)])
                 drive(server.path, 1, 1, keys, 0.2, b"OK")
-                (m,) = interleave([server], 1, 1, lambda t: keys, rounds, slice_s, lambda s: say(f"{size:>8}: {s}"))
+                (m,) = interleave([server], 1, 1, _const(keys), rounds, slice_s, _prefixed(say, f"{size:>8}: "))
                 growth.append((size, m))
                 size *= 10
             plan = explain(conninfo, key(loaded - 1))
@@ -621,19 +629,19 @@ def main(argv: list[str] | None = None) -> int:
 
     wall = time.monotonic() - started
     md = [
-        "# vdeliver-socketmapd against a bare echo server"
-        + (" (--quick smoke run: tiny counts, not a measurement)" if args.quick else ""),
+        ("# vdeliver-socketmapd against a bare echo server"
+         + (" (--quick smoke run: tiny counts, not a measurement)" if args.quick else "")),
         "",
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; wall time {wall:.0f} s; command "
-        f"`python -m benchmarks.socketmap_load{' --quick' if args.quick else ''}`; {rounds} interleaved rounds of "
-        f"{slice_s:g} s per target and cell.",
+        (f"- Date: {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; wall time {wall:.0f} s; command "
+         f"`python -m benchmarks.socketmap_load{' --quick' if args.quick else ''}`; {rounds} interleaved rounds "
+         f"of {slice_s:g} s per target and cell."),
         f"- Machine: {report.machine()}; shared with other jobs, so read the ratios.",
-        "- Client: blocking unix sockets, strict one request at a time per connection (as sendmail); "
-        f"16 connections in {args.client_procs} client processes (epoll). Echo: a bare netstring echo server in "
-        "Python (asyncio Protocol, and a thread per connection); the faster one is the peer (`x echo`).",
-        f"- Database: a private PostgreSQL 15 cluster on a unix socket (fsync off); {PG_KEYS} accounts and as "
-        f"many aliases over {DOMAINS} domains for the cached and uncached cells. Server CPU: user+system time of "
-        "the target's processes over the slice, per lookup.",
+        ("- Client: blocking unix sockets, strict one request at a time per connection (as sendmail); "
+         f"16 connections in {args.client_procs} client processes (epoll). Echo: a bare netstring echo server "
+         "in Python (asyncio Protocol, and a thread per connection); the faster one is the peer (`x echo`)."),
+        (f"- Database: a private PostgreSQL 15 cluster on a unix socket (fsync off); {PG_KEYS} accounts and as "
+         f"many aliases over {DOMAINS} domains for the cached and uncached cells. Server CPU: user+system time "
+         "of the target's processes over the slice, per lookup."),
         "",
         "## Goals",
         "",

@@ -435,6 +435,7 @@ class AnswerLoop:
             stalled = bool(c.out) or c.proto.pending
             limit = client_timeout if stalled else idle_timeout
             if limit and now - c.last > limit:
-                why = "stalled in the middle of a request" if stalled else "idle"
+                why = ("not reading its replies" if c.out else "stalled in the middle of a request") if stalled \
+                    else "idle"
                 self.log.warning(f"{c.listener.describe()}: closing connection: client {why} for {limit:g}s")
                 self._close(c)
