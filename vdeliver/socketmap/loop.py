@@ -240,18 +240,36 @@ class AnswerLoop:
             self._close(c)
             return
         c.last = time.monotonic()
-        c.proto.receive_data(data)
         if not data:
+            c.proto.receive_data(b"")
             c.eof = True
-        self._pump(c)
+            self._pump(c)
+            return
+        # The common case first: one whole request, a fresh cached answer, nothing else going on.
+        event = c.proto.one_request(data)
+        if event is None:
+            c.proto.receive_data(data)
+        elif type(event) is p.Request and c.chain.failed is None and not c.out:
+            name = c.aliases.get(event.map, event.map)
+            entry = self.resolver.cached(name, event.key)
+            if entry is not None:
+                if self.metrics is not None:
+                    self._count(name, entry.reply, 0.0)
+                self._send(c, entry.wire)
+                return
+        self._pump(c, event)
 
-    def _pump(self, c: Conn) -> None:
-        """Answer every complete request buffered on `c`, until one needs the resolver."""
+    def _pump(self, c: Conn, first: p.Event | None = None) -> None:
+        """Answer every complete request buffered on `c` (`first`: one read already), until one
+        needs the resolver."""
         proto, cached, metrics = c.proto, self.resolver.cached, self.metrics
         replies: list[bytes] = []
         close = False
         while True:
-            event = proto.next_event()
+            if first is not None:
+                event, first = first, None
+            else:
+                event = proto.next_event()
             if event is p.NEED_DATA:
                 break
             if type(event) is p.Request:

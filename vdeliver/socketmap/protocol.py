@@ -232,6 +232,21 @@ class Connection:
             return parse_request(item, self.max_key)
         return item
 
+    def one_request(self, data: bytes) -> Request | BadRequest | None:
+        """The common case, short: nothing buffered and `data` is exactly one well-formed
+        netstring -> its Request (or BadRequest), the same event receive_data(data) and
+        next_event() would give, without buffering.  None for anything else: then call those."""
+        reader = self._reader
+        if reader._buf or reader._error is not None or data[-1:] != b",":
+            return None
+        colon = data.find(b":", 0, reader._max_digits + 1)
+        if colon <= 0 or (colon > 1 and data[0] == 0x30):
+            return None
+        digits = data[:colon]
+        if not digits.isdigit() or int(digits) != len(data) - colon - 2 or int(digits) > reader.limit:
+            return None
+        return parse_request(data[colon + 1 : -1], self.max_key)
+
 
 class ReplyReader:
     """Client side: replies out of a byte stream (for tests and benchmarks)."""
