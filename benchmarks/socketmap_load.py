@@ -21,9 +21,10 @@ Cells:
            (goals: >= 0.7x echo; p50 <= 50 us on one connection; 16 >= 2x one)
   pg       every lookup a database read (ttl = 0), keys cycling over 20,000 accounts
            and aliases: 16 connections (goal >= 5000/s)
-  growth   one connection, uncached, as the tables grow from 100 to 1,000,000 accounts
-           and as many aliases (bulk-loaded with COPY): p50/p99 against table size,
-           the 100-row size is the peer; EXPLAIN of the lookup's query at the largest size.
+  growth   one connection, uncached, tables of 100 to 1,000,000 accounts and as many
+           aliases (bulk-loaded with COPY), one database and one server per size, all
+           measured in the same interleaved rounds: p50/p99 against table size, the
+           100-row size is the peer; EXPLAIN of the lookup's query at the largest size.
            A PNG curve (matplotlib, imported here only) beside the Markdown.
 
 Writes DIR/socketmap.md and DIR/socketmap-growth.png (default benchmarks/results/;
@@ -47,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -461,42 +463,48 @@ def explain(conninfo: str, key: str) -> list[str]:
     return out
 
 
-def setup_database(base: Path) -> tuple[object, str, Path]:
-    """A private cluster, the accounts schema, DOMAINS domains; returns (cluster, conninfo, config)."""
+def setup_database(base: Path) -> tuple[Any, str]:
+    """A private cluster and its database `bench`; returns (cluster, conninfo)."""
     from tests.pg import Cluster
+
+    cluster = Cluster("smbench")
+    with open(cluster.data / "postgresql.conf", "a") as conf:
+        # Room for every growth size in memory: flat must not mean "flat on disk reads".
+        conf.write("shared_buffers = 512MB\nmax_connections = 100\n")
+    cluster.start()
+    return cluster, new_database(cluster, base, "bench")
+
+
+def new_database(cluster: Any, base: Path, name: str) -> str:
+    """A database with the accounts schema and DOMAINS domains; returns its conninfo."""
     from vdeliver.accounts.engines import open_store
     from vdeliver.accounts.settings import load as load_accounts
     from vdeliver.config import load as load_config
 
-    cluster = Cluster("smbench")
-    with open(cluster.data / "postgresql.conf", "a") as conf:
-        # Room for the largest growth size in memory: flat must not mean "flat on disk reads".
-        conf.write("shared_buffers = 256MB\nmax_connections = 100\n")
-    cluster.start()
-    cluster.psql('CREATE DATABASE "bench"')
-    conninfo = cluster.conninfo("bench")
-    config = write_config(base, "cfg-setup", conninfo, ttl=0)
+    cluster.psql(f'CREATE DATABASE "{name}"')
+    conninfo = str(cluster.conninfo(name))
+    config = write_config(base, f"cfg-{name}", conninfo, ttl=0)
     with open_store(load_accounts(load_config(str(config)))) as store, store.transaction():
         for d in range(DOMAINS):
             store.domain_add(f"d{d}.example")
-    return cluster, conninfo, config
+    return conninfo
 
 
-def write_config(base: Path, name: str, conninfo: str, *, ttl: int) -> Path:
+def write_config(base: Path, name: str, conninfo: str, *, ttl: int, workers: int = 8) -> Path:
     config = base / f"{name}.toml"
     (base / "maps").mkdir(exist_ok=True)
     config.write_text(
         f'log = "none"\n[accounts]\ndsn = "{conninfo}"\n[maps]\ndirectory = "{base}/maps"\n'
         f'[socketmap]\nsocket_in = "{base}/{name}.sock"\nsocket_out = ""\nttl = {ttl}\nnegative_ttl = {ttl}\n'
-        "cache_size = 1000000\nmax_connections = 2000\npoll_interval = 0\n"
+        f"cache_size = 1000000\nmax_connections = 2000\npoll_interval = 0\nworkers = {workers}\n"
         + ('user = "vmail"\n' if os.geteuid() == 0 else "")
     )
     os.chmod(config, 0o644)
     return config
 
 
-def server_target(base: Path, name: str, label: str, conninfo: str, ttl: int) -> Target:
-    config = write_config(base, name, conninfo, ttl=ttl)
+def server_target(base: Path, name: str, label: str, conninfo: str, ttl: int, workers: int = 8) -> Target:
+    config = write_config(base, name, conninfo, ttl=ttl, workers=workers)
     argv = [sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--log", "stderr"]
     return Target(label, str(base / f"{name}.sock"), argv, b"OK", log=base / f"{name}.log")
 
@@ -569,10 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     growth: list[tuple[int, Measured]] = []
     plan: list[str] = []
     try:
-        cluster, conninfo, _ = setup_database(base)
+        cluster, conninfo = setup_database(base)
         say(f"loading {PG_KEYS} accounts and aliases")
         grow(conninfo, 0, PG_KEYS)
-        loaded = PG_KEYS
         procs = args.client_procs
         table = [("| connections | target | lookups | lookups/s | x echo | p50 us | p99 us | server CPU us/lookup "
                   "| note |"), "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -625,44 +632,44 @@ def main(argv: list[str] | None = None) -> int:
             for t in group:
                 t.stop()
         if "growth" in cells:
-            say("growth: one connection, uncached, as the tables grow")
-            server = server_target(base, "growth", "vdeliver-socketmapd (uncached)", conninfo, 0)
-            # The smallest size is a fresh set of tables: drop the rows loaded above.
-            import psycopg
-
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                conn.execute("DELETE FROM aliases")
-                conn.execute("DELETE FROM mailboxes")
-                conn.execute("VACUUM FULL ANALYZE aliases")
-                conn.execute("VACUUM FULL ANALYZE mailboxes")
-            loaded = 0
-            server.start()
-            targets.append(server)
+            say("growth: one connection, uncached, one database per table size, all measured in the same rounds")
+            sizes = []
             size = 100
             while size <= max_size:
-                grow(conninfo, loaded, size)
-                loaded = size
+                sizes.append(size)
+                size *= 10
+            servers, keys_of = [], {}
+            for size in sizes:
+                t0 = time.monotonic()
+                db = new_database(cluster, base, f"g{size}")
+                grow(db, 0, size)
+                say(f"  {size:>8}: loaded with COPY in {time.monotonic() - t0:.1f}s")
+                t = server_target(base, f"g{size}", f"{size:,} accounts", db, 0, workers=2)
+                t.start()
+                targets.append(t)
+                servers.append(t)
                 # Keys spread over the whole table, accounts and aliases alike.
                 step = max(1, size // 2000)
-                keys = requests([key(i, alias=bool((i // step) % 2)) for i in range(0, size, step)])
-                drive(server.path, 1, 1, keys, 0.2, b"OK")
-                (m,) = interleave([server], 1, 1, _const(keys), rounds, slice_s, _prefixed(say, f"{size:>8}: "))
-                growth.append((size, m))
-                size *= 10
-            plan = explain(conninfo, key(loaded - 1))
+                keys_of[t.name] = requests([key(i, alias=bool((i // step) % 2)) for i in range(0, size, step)])
+                drive(t.path, 1, 1, keys_of[t.name], 0.2, b"OK")  # connected, statement prepared
+                if size == sizes[-1]:
+                    plan = explain(db, key(size - 1))
+            measured = interleave(servers, 1, 1, lambda t: keys_of[t.name], rounds, slice_s, say)
+            growth = list(zip(sizes, measured, strict=True))
             base_m = growth[0][1]
             big_size, big = growth[-1]
             goals.append(f"- growth, 100 -> {big_size:,} accounts and aliases: p50 {pct(base_m.lat, 0.5):.0f} -> "
                          f"{pct(big.lat, 0.5):.0f} us ({pct(big.lat, 0.5) / pct(base_m.lat, 0.5):.2f}x), p99 "
                          f"{pct(base_m.lat, 0.99):.0f} -> {pct(big.lat, 0.99):.0f} us "
                          f"({pct(big.lat, 0.99) / pct(base_m.lat, 0.99):.2f}x) (goal: flat).")
-            server.stop()
+            for t in servers:
+                t.stop()
         lines += table
     finally:
         for t in targets:
             t.stop()
         if cluster is not None:
-            cluster.destroy()  # type: ignore[attr-defined]
+            cluster.destroy()
         if os.environ.get("SMBENCH_KEEP"):
             say(f"kept {base}")
         else:
