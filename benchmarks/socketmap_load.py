@@ -548,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slice", type=float, default=0.0, help="seconds per target per round (default 1; quick 0.1)")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes for 16 connections (default 2)")
     ap.add_argument("--cells", default="cached,pg,growth")
+    ap.add_argument("--workers", type=int, default=8, help="[socketmap] workers of the uncached server (default 8)")
     ap.add_argument("--max-size", type=int, default=0, help="largest growth size (default 1000000; quick 1000)")
     ap.add_argument("--out", help="results directory (default benchmarks/results; quick: a temporary one)")
     ap.add_argument("--echo", help=argparse.SUPPRESS)
@@ -613,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
                 t.stop()
         if "pg" in cells:
             say(f"uncached lookups (ttl 0, {PG_KEYS} accounts and aliases), 16 connections")
-            server = server_target(base, "uncached", "vdeliver-socketmapd (uncached, PostgreSQL)", conninfo, 0)
+            server = server_target(base, "uncached", "vdeliver-socketmapd (uncached, PostgreSQL)", conninfo, 0,
+                                   workers=args.workers)
             echos = echo_targets(base, 1)
             group = [server, *echos]
             for t in group:
