@@ -254,7 +254,7 @@ class AnswerLoop:
             entry = self.resolver.cached(name, event.key)
             if entry is not None:
                 if self.metrics is not None:
-                    self._count(name, entry.reply, 0.0)
+                    self._count(name, entry.reply, c.last)
                 self._send(c, entry.wire)
                 return
         self._pump(c, event)
@@ -280,7 +280,7 @@ class AnswerLoop:
                     if entry is not None:
                         replies.append(entry.wire)
                         if metrics is not None:
-                            self._count(name, entry.reply, 0.0)
+                            self._count(name, entry.reply, c.last)
                         continue
                     refused = self.resolver.unknown(name)
                     if refused is None:
@@ -290,7 +290,7 @@ class AnswerLoop:
                         c.busy = True
                         self._ask(c, name, event)
                         break
-                replies.append(self._answered(c, name, event, refused, 0.0))
+                replies.append(self._answered(c, name, event, refused, c.last))
             elif event is p.CLOSED:
                 close = True
                 break
