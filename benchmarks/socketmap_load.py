@@ -503,9 +503,12 @@ def write_config(base: Path, name: str, conninfo: str, *, ttl: int, workers: int
     return config
 
 
+SERVER_PYTHON = sys.executable
+
+
 def server_target(base: Path, name: str, label: str, conninfo: str, ttl: int, workers: int = 8) -> Target:
     config = write_config(base, name, conninfo, ttl=ttl, workers=workers)
-    argv = [sys.executable, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--log", "stderr"]
+    argv = [SERVER_PYTHON, "-m", "vdeliver.socketmap.daemon", "-c", str(config), "--log", "stderr"]
     return Target(label, str(base / f"{name}.sock"), argv, b"OK", log=base / f"{name}.log")
 
 
@@ -548,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slice", type=float, default=0.0, help="seconds per target per round (default 1; quick 0.1)")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes for 16 connections (default 2)")
     ap.add_argument("--cells", default="cached,pg,growth")
+    ap.add_argument("--server-python", default=sys.executable,
+                    help="interpreter for vdeliver-socketmapd (default this one; production: /usr/bin/python3)")
     ap.add_argument("--workers", type=int, default=8, help="[socketmap] workers of the uncached server (default 8)")
     ap.add_argument("--max-size", type=int, default=0, help="largest growth size (default 1000000; quick 1000)")
     ap.add_argument("--out", help="results directory (default benchmarks/results; quick: a temporary one)")
@@ -557,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.echo:
         return echo_main(args.echo, args.echo_kind, args.echo_procs)
+    global SERVER_PYTHON
+    SERVER_PYTHON = args.server_python
     rounds = args.rounds or (1 if args.quick else 5)
     slice_s = args.slice or (0.1 if args.quick else 1.0)
     max_size = args.max_size or (1000 if args.quick else 1_000_000)

@@ -266,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     for warning in getattr(backend.settings, "warnings", []):
         log.warning(warning)
+    if backend.kind == "postgresql":
+        import psycopg
+
+        if psycopg.pq.__impl__ == "python":  # measured: a miss costs 3x the CPU, 16 connections 2.5x slower
+            log.warning("psycopg runs its pure-Python implementation: uncached lookups cost about three times "
+                        "the CPU; install psycopg[binary] (pip install 'vdeliver[postgres]') in the server's venv")
     if args.check:
         try:
             backend.check()
