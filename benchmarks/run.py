@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 
 from benchmarks import fsyncs, report
 from benchmarks.agents import (
@@ -181,6 +182,16 @@ def goal_lines(data: list[dict[str, object]]) -> list[str]:
     return lines
 
 
+def socketmap_run(out: str, say: Callable[[str], None]) -> None:
+    """The socketmap server against its echo peer, and its growth curve: a run of its own
+    (benchmarks/socketmap_load.py, about 3 minutes; its --quick is tests/test_benchmarks.py's)."""
+    say("socketmap server: python -m benchmarks.socketmap_load")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.socketmap_load", "--out", out],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=1800)
+    if done.returncode != 0:
+        say(f"socketmap run failed (exit {done.returncode})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny counts and sizes: a smoke test, not a measurement")
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-journal", action="store_true", help="skip the mbox journal's before/after run")
     p.add_argument("--no-cli", dest="cli", action="store_false",
                    help="skip benchmarks/cli_bench.py (command line start-up, 10 MB, growth curves)")
+    p.add_argument("--no-socketmap", action="store_true",
+                   help="skip the socketmap server's run (benchmarks/socketmap_load.py; full mode only)")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -316,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [f"{d['cell']}: {d['agent']}: {d['integrity']}, {d['failed']} failed" for d in data
            if d["integrity_ok"] is False or (d["failed"] and d["kind"] != "floor")]
     say(f"results: {md} ({wall:.0f}s)")
+    if not args.quick and not args.no_socketmap and not args.cells and not args.only:
+        socketmap_run(out, say)
     for line in bad:
         say(f"INTEGRITY: {line}")
     if not args.keep and not args.workdir:

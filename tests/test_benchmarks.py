@@ -96,3 +96,29 @@ def test_cli_bench_quick_run_writes_its_rows_and_curves(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in text
     else:
         assert (tmp_path / "cli-growth.png").stat().st_size > 1000
+
+
+def test_socketmap_quick_run_measures_every_cell(tmp_path: Path) -> None:
+    """`python -m benchmarks.socketmap_load --quick` (issue 21): the server and both echo peers in
+    every cell, the uncached PostgreSQL cell, the growth curve with its query plan; no figure is
+    checked, only that each row was measured and every reply was the right one."""
+    require("initdb", "pg_ctl")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.socketmap_load", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "WRONG REPLIES" not in proc.stdout
+    md = (out / "socketmap.md").read_text()
+    for text in ("| 1 | vdeliver-socketmapd (cached)", "| 16 | vdeliver-socketmapd (cached)", "| 1 | echo (asyncio)",
+                 "| 16 | echo (threads)", "| 16 | vdeliver-socketmapd (uncached, PostgreSQL)", "| 100 |", "| 1,000 |",
+                 "Index", "x echo"):
+        assert text in md, text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in md
+    else:
+        assert (out / "socketmap-growth.png").stat().st_size > 1000

@@ -169,3 +169,19 @@ def test_reply_reader_never_raises(data: bytes) -> None:
         if r is p.CLOSED or isinstance(r, p.ProtocolError):
             break
         assert isinstance(r, p.Reply)
+
+
+@given(st.one_of(st.binary(max_size=80),
+                 st.builds(lambda m, k: p.encode_request(m, k), st.text(min_size=0, max_size=12),
+                           st.text(min_size=0, max_size=40)),
+                 st.builds(lambda b: p.netstring(b), st.binary(max_size=80))))
+def test_one_request_short_path_gives_what_the_buffered_reader_gives(data: bytes) -> None:
+    """The answer loop's short path for one whole request (Connection.one_request) never
+    disagrees with receive_data() + next_event(): the same event, or None (use those)."""
+    short = p.Connection(max_key=32).one_request(data)
+    if short is None:
+        return
+    slow = p.Connection(max_key=32)
+    slow.receive_data(data)
+    assert slow.next_event() == short
+    assert slow.next_event() is p.NEED_DATA

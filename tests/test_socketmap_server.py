@@ -241,3 +241,92 @@ def test_connection_flood_cannot_exhaust_descriptors(base: Path) -> None:
     assert log.count("connection refused") <= 3, log.count("connection refused")
     assert "Too many open files" not in log
     assert "Traceback" not in log
+
+
+def test_pipelined_requests_around_a_database_lookup_are_answered_in_order(base: Path, sqlite_config: Path) -> None:
+    """Cached answers go out at once, lookups wait for the database: replies still come back in
+    the order of the requests, whatever mix arrives in one write."""
+    fred = p.ok(local_mailbox("fred", "away.com"))
+    with running_server(sqlite_config):
+        c = Client(str(base / "in.sock"))
+        assert c.ask("virtuser", "fred@away.com") == fred  # cached from now on
+        asked = [("virtuser", "fred@away.com"), ("virtuser", "wilma@home.com"), ("virtuser", "fred@away.com"),
+                 ("nosuchmap", "x"), ("virtuser", "@home.com"), ("virtuser", "nobody@away.com"),
+                 ("virtuser", "fred@away.com")]
+        for _ in range(3):  # cold, then cached, then cached again
+            c.send_raw(b"".join(p.encode_request(m, k) for m, k in asked))
+            assert [c.read_reply() for _ in asked] == [
+                fred, p.ok(local_mailbox("wilma", "home.com")), fred, p.perm("unknown map nosuchmap"),
+                p.ok("wilma@home.com"), p.NOTFOUND, fred]
+        c.close()
+    assert "Traceback" not in server_log(sqlite_config)
+
+
+def test_client_that_never_reads_its_replies_is_closed_after_client_timeout(base: Path, sqlite_config: Path) -> None:
+    """A client that writes requests and never reads the replies fills the socket buffers: the
+    server stops reading it, serves the others, and closes it after client_timeout (0.5 s here)
+    - every wait has a deadline, writing a reply too."""
+    import socket
+
+    with running_server(sqlite_config):
+        hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hog.connect(str(base / "in.sock"))
+        hog.settimeout(10)
+        burst = p.encode_request("virtuser", "fred@away.com") * 2000
+        sent = 0
+        hog.setblocking(False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the server stops reading (buffers full)
+            try:
+                sent += hog.send(burst)
+            except BlockingIOError:
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        other = Client(str(base / "in.sock"))
+        assert other.ask("virtuser", "fred@away.com").status == "OK"
+        other.close()
+        # The server gives up on it (0.5 s, checked every 1/8 s): what it did write can be
+        # read, then end of file.
+        time.sleep(2)
+        hog.setblocking(True)
+        hog.settimeout(15)
+        got = b""
+        try:
+            while chunk := hog.recv(1 << 20):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        assert got.startswith(p.ok(local_mailbox("fred", "away.com")).encode())
+        hog.close()
+        assert sent > 100_000
+    assert "client not reading its replies for 0.5s" in server_log(sqlite_config)
+
+
+@pytest.mark.peers
+def test_client_gone_during_a_slow_lookup_costs_nothing_but_its_connection(base: Path, pg_conninfo: str) -> None:  # noqa: F811
+    """Clients that hang up while their lookup waits on the database (and one that asks the same
+    key and stays): the waiting one gets the answer once the database does, the server goes on."""
+    import psycopg
+
+    config = write_config(base, f'dsn = "{pg_conninfo}"', "db_timeout = 5\nttl = 3600")
+    populate(config)
+    with running_server(config):
+        with psycopg.connect(pg_conninfo) as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+            gone = [Client(str(base / "in.sock")) for _ in range(3)]
+            for g in gone:
+                g.send_raw(p.encode_request("virtuser", "wilma@home.com"))
+            stays = Client(str(base / "in.sock"))
+            stays.send_raw(p.encode_request("virtuser", "wilma@home.com"))
+            time.sleep(0.3)
+            for g in gone:
+                g.close()
+            time.sleep(0.3)
+            locker.execute("ROLLBACK")
+        assert stays.read_reply() == p.ok(local_mailbox("wilma", "home.com"))
+        assert stays.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+        stays.close()
+    log = server_log(config)
+    assert "Traceback" not in log and "internal error" not in log

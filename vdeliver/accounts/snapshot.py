@@ -44,21 +44,59 @@ def whole(q: Query, serial: int = 0, changed_at: str = "") -> Snapshot:
     return snap
 
 
+# The rows a map line for `local@domain` can depend on, in ONE statement (one round trip, one
+# snapshot, no transaction around it): the domain row and the row of the domain it is an alias
+# of; the mailbox, aliases and forwards of `local` in the real domain (the alias's target).
+# Every column is text so the branches line up in both engines; _slice_rows() types them back.
+# Each branch is a primary-key lookup: (name), (username, domain[, target]).
+_REAL = "(SELECT coalesce(alias_of, name) FROM domains WHERE name = ?)"
+SLICE_SQL = (
+    f"SELECT 0 AS k, name AS c1, alias_of AS c2, catchall AS c3, created_at AS c4, NULL AS c5, NULL AS c6,"
+    f" NULL AS c7, NULL AS c8 FROM domains"
+    f" WHERE name = ? OR name = (SELECT alias_of FROM domains WHERE name = ?)"
+    f" UNION ALL SELECT 1, username, domain, format, CAST(quota_bytes AS TEXT), status, reason,"
+    f" CAST(keep_copy AS TEXT), created_at FROM mailboxes WHERE username = ? AND domain = {_REAL}"
+    f" UNION ALL SELECT 2, username, domain, target, NULL, NULL, NULL, NULL, NULL FROM aliases"
+    f" WHERE username = ? AND domain = {_REAL}"
+    f" UNION ALL SELECT 3, username, domain, target, NULL, NULL, NULL, NULL, NULL FROM forwards"
+    f" WHERE username = ? AND domain = {_REAL}"
+)
+
+
+def slice_params(domain: str, local: str) -> tuple[str, ...]:
+    return (domain, domain, local, domain, local, domain, local, domain)
+
+
 def slice(q: Query, domain: str, local: str) -> Snapshot:  # shadows the builtin: the word for it
     """The rows a map line for `local@domain` can depend on: its domain (and the domain an
     alias domain points to), and only the mailbox, aliases and forwards of its local part -
     every line of a domain depends on its own user's rows and the domain row only."""
-    domains = q(f"SELECT {DOMAIN_COLS} FROM domains WHERE name = ?", (domain,)) if domain else []
-    if domains and domains[0]["alias_of"]:
-        domains += q(f"SELECT {DOMAIN_COLS} FROM domains WHERE name = ?", (domains[0]["alias_of"],))
+    if not domain:
+        return empty()
+    return slice_rows([tuple(r.values()) for r in q(SLICE_SQL, slice_params(domain, local))], domain)
+
+
+def slice_rows(rows: list[tuple[Any, ...]], domain: str) -> Snapshot:
+    """A Snapshot from the rows of SLICE_SQL (as tuples, in column order)."""
+    domains: list[dict[str, Any]] = []
     snap = Snapshot(serial=0, changed_at="", domains=domains, mailboxes=[])
-    for d in domains:
-        if d["alias_of"] or not local:
-            continue  # `@d`, `To:d`: the domain row decides
-        snap.mailboxes += q(f"SELECT {MAILBOX_COLS} FROM mailboxes WHERE domain = ? AND username = ?",
-                            (d["name"], local))
-        snap.aliases.update(targets(q, "aliases", d["name"], local))
-        snap.forwards.update(targets(q, "forwards", d["name"], local))
+    aliases: list[tuple[str, str]] = []
+    forwards: list[tuple[str, str]] = []
+    for kind, a, b, c, d, e, f, g, h in rows:
+        if kind == 0:
+            row = {"name": a, "alias_of": b, "catchall": c, "created_at": d}
+            if a == domain:
+                domains.insert(0, row)  # the asked domain first, as it was read before its target
+            else:
+                domains.append(row)
+        elif kind == 1:
+            snap.mailboxes.append({"username": a, "domain": b, "format": c, "quota_bytes": int(d), "status": e,
+                                   "reason": f, "keep_copy": int(g), "created_at": h})
+        else:
+            (aliases if kind == 2 else forwards).append((f"{a}@{b}", c))
+    for pairs, out in ((aliases, snap.aliases), (forwards, snap.forwards)):
+        for address, target in sorted(pairs):
+            out.setdefault(address, []).append(target)
     return snap
 
 

@@ -22,6 +22,7 @@ once after `invalidate()` (the server calls it on SIGHUP).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -46,11 +47,13 @@ class Backend(Protocol):
 
 
 class _Entry:
-    __slots__ = ("value", "stored")
+    __slots__ = ("value", "stored", "reply", "wire")
 
     def __init__(self, value: str | None, stored: float) -> None:
         self.value = value
         self.stored = stored
+        self.reply = _reply(value)
+        self.wire = self.reply.encode()  # encoded once: a hit sends these bytes as they are
 
 
 class Resolver:
@@ -77,6 +80,8 @@ class Resolver:
         self.stats = {"hit": 0, "miss": 0, "stale": 0, "temp": 0}
         self._trouble = ""  # last database error logged, to log changes of state once
         self._valid_after = float("-inf")
+        # Writers (lookup threads, the server's loop) take the lock; cached() reads without it.
+        self._lock = threading.Lock()
 
     @property
     def trouble(self) -> str:
@@ -86,23 +91,37 @@ class Resolver:
     def invalidate(self) -> None:
         """Make every cached answer stale: asked again; a positive one is still served if the
         database then fails.  Negative answers are dropped: they are never served stale."""
-        self._valid_after = self.clock()
-        for k in [k for k, e in self._entries.items() if e.value is None]:
-            del self._entries[k]
+        with self._lock:
+            self._valid_after = self.clock()
+            for k in [k for k, e in self._entries.items() if e.value is None]:
+                del self._entries[k]
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def cached(self, map_name: str, key: str) -> _Entry | None:
+        """The fresh cached answer, or None (then fetch() it, or resolve()).  Called from the
+        answer loop's thread without the lock: it only reads (a dict read is atomic) and counts
+        hits, which only that thread counts."""
+        entry = self._entries.get((map_name, key))
+        if entry is None or entry.stored <= self._valid_after:
+            return None
+        if self.clock() - entry.stored >= (self.ttl if entry.value is not None else self.negative_ttl):
+            return None
+        self.stats["hit"] += 1
+        return entry
+
     async def resolve(self, map_name: str, key: str) -> p.Reply:
-        if map_name not in self.backend.maps:
-            return p.perm(f"unknown map {map_name}")
+        unknown = self.unknown(map_name)
+        if unknown is not None:
+            return unknown
         k = (map_name, key)
         entry = self._entries.get(k)
         if entry is not None and entry.stored > self._valid_after:
             age = self.clock() - entry.stored
             if age < (self.ttl if entry.value is not None else self.negative_ttl):
                 self.stats["hit"] += 1
-                return _reply(entry.value)
+                return entry.reply
         # One query per key at a time: later askers wait for the first one's answer.
         pending = self._inflight.get(k)
         if pending is not None:
@@ -120,34 +139,52 @@ class Resolver:
             del self._inflight[k]
 
     async def _fetch(self, map_name: str, key: str) -> p.Reply:
-        self.stats["miss"] += 1
         loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.executor, self.fetch, map_name, key),
+                                          self.db_timeout)
+        except TimeoutError:
+            return self.timed_out(map_name, key)
+
+    def unknown(self, map_name: str) -> p.Reply | None:
+        """PERM for a map this backend does not answer, else None."""
+        return None if map_name in self.backend.maps else p.perm(f"unknown map {map_name}")
+
+    def fetch(self, map_name: str, key: str) -> p.Reply:
+        """Ask the database and cache its answer; on trouble, the stale answer or TEMP.  Blocks:
+        runs in a lookup thread (the answer loop, or resolve(), bounds the wait by db_timeout
+        and answers timed_out() when it is over; a late answer is still cached)."""
+        with self._lock:
+            self.stats["miss"] += 1
         ask = getattr(self.backend, "lookup_asked", None)
         try:
             if ask is not None:
-                value, asked = await asyncio.wait_for(loop.run_in_executor(self.executor, ask, map_name, key),
-                                                      self.db_timeout)
+                value, asked = ask(map_name, key)
             else:
-                call = loop.run_in_executor(self.executor, self.backend.lookup, map_name, key)
-                value, asked = await asyncio.wait_for(call, self.db_timeout), True
-        except TimeoutError:
-            return self._failed(map_name, key, f"database lookup timed out after {self.db_timeout:g}s", True)
+                value, asked = self.backend.lookup(map_name, key), True
         except Exception as exc:  # noqa: BLE001 - any driver error is "database trouble", never an answer
             return self._failed(map_name, key, _describe(exc), False)
         # An answer made without a query (a `Connect:` key during an outage) says nothing
         # about the database: the trouble (log, database_up gauge) lasts until one answers.
         if self._trouble and asked:
-            self.log.info(f"database answers again (was: {self._trouble})")
-            self._trouble = ""
-        self._store((map_name, key), value)
-        return _reply(value)
+            with self._lock:
+                was, self._trouble = self._trouble, ""
+            if was:
+                self.log.info(f"database answers again (was: {was})")
+        with self._lock:
+            return self._store((map_name, key), value).reply
 
-    def _store(self, k: tuple[str, str], value: str | None) -> None:
+    def timed_out(self, map_name: str, key: str) -> p.Reply:
+        return self._failed(map_name, key, f"database lookup timed out after {self.db_timeout:g}s", True)
+
+    def _store(self, k: tuple[str, str], value: str | None) -> _Entry:
+        """(Under the lock.)"""
         entries = self._entries
         entries.pop(k, None)  # re-insert at the end: dict order is age order
         if len(entries) >= self.max_entries:
             self._evict()
-        entries[k] = _Entry(value, self.clock())
+        entry = entries[k] = _Entry(value, self.clock())
+        return entry
 
     def _evict(self) -> None:
         """Drop everything too old to serve even stale, then the oldest tenth if still full."""
@@ -160,20 +197,23 @@ class Resolver:
                 del entries[k]
 
     def _failed(self, map_name: str, key: str, why: str, timed_out: bool) -> p.Reply:
-        if why != self._trouble:
-            self.log.error(f"database trouble: {why}")
+        with self._lock:
+            changed = why != self._trouble
             self._trouble = why
-        entry = self._entries.get((map_name, key))
-        if entry is not None and entry.value is None:
-            # Never a stale NOTFOUND: the key may exist by now; sendmail must queue, not bounce.
-            del self._entries[(map_name, key)]
-            entry = None
-        if entry is not None and self.clock() - entry.stored < self.stale_max_age:
-            self.stats["stale"] += 1
-            age = self.clock() - entry.stored
+            entry = self._entries.get((map_name, key))
+            if entry is not None and entry.value is None:
+                # Never a stale NOTFOUND: the key may exist by now; sendmail must queue, not bounce.
+                del self._entries[(map_name, key)]
+                entry = None
+            age = self.clock() - entry.stored if entry is not None else 0.0
+            stale = entry is not None and age < self.stale_max_age
+            self.stats["stale" if stale else "temp"] += 1
+        if changed:
+            self.log.error(f"database trouble: {why}")
+        if stale:
+            assert entry is not None
             self.log.warning(f"map={map_name} key=<{key}>: serving cached answer ({age:.0f}s old): {why}")
-            return _reply(entry.value)
-        self.stats["temp"] += 1
+            return entry.reply
         self.log.warning(f"map={map_name} key=<{key}>: no cached answer, deferring: {why}")
         return p.timeout(why) if timed_out else p.temp(why)
 

@@ -282,7 +282,7 @@ class Backend:
             snap = snapshot.empty()
         else:
             domain, local = key_parts(map_name, key)
-            snap = self._run(lambda q: self._slice(q, domain, local))
+            snap = self._slice(domain, local)
         return parse_map(file_name, self._render(snap, file_name)).get(key.lower())
 
     def _quota(self, key: str) -> str | None:
@@ -300,7 +300,7 @@ class Backend:
         if cfg.recipient_delimiter and cfg.recipient_delimiter in local:
             local = local.split(cfg.recipient_delimiter, 1)[0]
         domain, local = domain.lower().rstrip("."), local.lower()
-        snap = self._run(lambda q: self._slice(q, domain, local))
+        snap = self._slice(domain, local)
         box = next((m for m in snap.mailboxes if m["status"] != "disabled"), None)
         if box is None or box["format"] != "maildir":
             return None
@@ -332,15 +332,63 @@ class Backend:
 
         return render(snap, self.settings, self.hostname)[file_name]
 
-    def _slice(self, q: Any, domain: str, local: str) -> Any:
+    def _slice(self, domain: str, local: str) -> Any:
+        """The rows `local@domain` depends on: one statement, one round trip (snapshot.SLICE_SQL)."""
         from vdeliver.accounts import snapshot
 
-        return snapshot.slice(q, domain, local)
+        if not domain:
+            return snapshot.empty()
+        return snapshot.slice_rows(self._run_one(snapshot.SLICE_SQL, snapshot.slice_params(domain, local)), domain)
+
+    def _run_one(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """One statement and its rows, without a transaction around it (a statement reads one
+        snapshot by itself): one round trip.  PostgreSQL runs it as a server-side prepared
+        statement (parsed and planned once per connection).  One retry on a fresh connection."""
+        if self._shared is not None:
+            with self._shared_lock:
+                rows = list(self._shared.execute(sql, params).fetchall())
+            self._local.asked = True  # the database answered (lookup_asked)
+            return rows
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                if self.kind == "sqlite":
+                    rows = list(conn.execute(sql, params).fetchall())
+                else:
+                    rows = list(conn.execute(_pg(sql), params, prepare=True).fetchall())
+                self._local.asked = True
+                return rows
+            except DatabaseDown:
+                raise
+            except Exception:
+                self._drop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _whole(self, q: Any) -> Any:
         from vdeliver.accounts import snapshot
 
         return snapshot.whole(q)
+
+
+_PG_SQL: dict[str, str] = {}
+
+
+def _pg(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s`, converted once per statement text."""
+    out = _PG_SQL.get(sql)
+    if out is None:
+        out = _PG_SQL[sql] = sql.replace("?", "%s")
+    return out
+
+
+def explainable(key: str, map_name: str = "virtuser") -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements (PostgreSQL form) and parameters a lookup of `key` runs: for EXPLAIN."""
+    from vdeliver.accounts import snapshot
+
+    domain, local = key_parts(map_name, key)
+    return [(_pg(snapshot.SLICE_SQL), snapshot.slice_params(domain, local))]
 
 
 def open_backend(cfg: Config, log: Any = None, statement_timeout: float | None = None) -> Backend:

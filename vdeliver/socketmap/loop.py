@@ -1,0 +1,459 @@
+"""The answer loop: one thread, one epoll, every socketmap connection.
+
+Most lookups are fresh cached answers (sendmail asks the same few keys again and
+again), and such an answer is one dict lookup: the rest of its cost is the loop
+around it.  An asyncio iteration costs more than the answer itself (measured with
+benchmarks/socketmap_load.py: a bare asyncio echo server answers one connection at
+about half the rate of a bare blocking one), so the connections are served by a
+plain level-triggered epoll loop in a thread of its own:
+
+    readable -> recv -> protocol events -> cached answer -> send      (no allocation
+                                                                      beyond the bytes)
+
+Anything else - a key not cached or stale - goes to a lookup thread (the server's
+pool: one database connection each) as Resolver.fetch(), one query per key at a
+time, and comes back through a wake-up pipe; after db_timeout the askers get
+Resolver.timed_out() (TIMEOUT, or a stale positive answer) and a late answer only
+fills the cache.  Meanwhile the connection is not read: its replies keep the order
+of its requests.  (Two thread hand-offs a miss; through the asyncio loop it was four,
+and about 100 us more of CPU a lookup.)
+
+Deadlines (client_timeout mid-request or while a reply cannot be written,
+idle_timeout between requests) are checked by a scan every `tick` seconds; the
+connection cap is applied at accept(); an accept() that fails for lack of
+descriptors pauses that listener for a second (logged at most once per interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+from vdeliver.socketmap import protocol as p
+from vdeliver.socketmap.session import FallbackChain
+
+if TYPE_CHECKING:
+    from vdeliver.socketmap.daemon import Server
+    from vdeliver.socketmap.settings import Listener
+
+_IN, _OUT, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLERR
+_OUT_LIMIT = 64 * 1024  # replies queued for a client that does not read: stop reading it
+_ACCEPT_PAUSE = 1.0
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Conn:
+    """One client connection: its protocol state, fallback chain and unsent replies."""
+
+    __slots__ = ("sock", "fd", "listener", "aliases", "proto", "chain", "out", "busy", "eof", "last", "events",
+                 "closed")
+
+    def __init__(self, sock: socket.socket, listener: Listener, aliases: dict[str, str], max_key: int,
+                 now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.listener = listener
+        self.aliases = aliases
+        self.proto = p.Connection(max_key)
+        self.chain = FallbackChain()
+        self.out = b""
+        self.busy = False  # a lookup is out at the resolver: read nothing more until it is back
+        self.eof = False
+        self.last = now  # last progress (read, reply): the deadlines count from it
+        self.events = _IN
+        self.closed = False
+
+
+def aliases_for(listener: Listener, aliases_names: str) -> dict[str, str]:
+    """Map names as this listener's clients send them -> the names the resolver answers."""
+    aliases = {"access": f"access_{listener.access}"}
+    # sendmail names the maps of its AliasFile list Alias0, Alias1, ...: the one that is
+    # this socket answers the generated aliases.
+    aliases.update(dict.fromkeys(aliases_names.split(), "aliases"))
+    return aliases
+
+
+class AnswerLoop:
+    def __init__(self, server: Server, listeners: list[tuple[socket.socket, Listener]],
+                 aloop: asyncio.AbstractEventLoop) -> None:
+        # aloop: the server's asyncio loop, told to stop if this one dies
+        self.server = server
+        self.settings = server.settings
+        self.resolver = server.resolver
+        self.log = server.log
+        # Per-lookup counting only when someone reads it: it costs about a tenth of the cached rate.
+        self.metrics = server.metrics if server.settings.metrics_endpoint is not None else None
+        self.aloop = aloop
+        self.ep = select.epoll()
+        self.listeners = {s.fileno(): (s, lst, aliases_for(lst, self.settings.aliases_names)) for s, lst in listeners}
+        self.conns: dict[int, Conn] = {}
+        # Lookups out at the lookup threads: askers by key, their deadlines, finished ones.
+        self.inflight: dict[tuple[str, str], list[tuple[Conn, p.Request, float]]] = {}
+        self.deadlines: dict[tuple[str, str], float] = {}
+        self.next_deadline = float("inf")
+        self.done: deque[tuple[tuple[str, str], Future[p.Reply]]] = deque()
+        self.pending: set[Future[p.Reply]] = set()
+        self.paused: dict[int, float] = {}
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stopping = False
+        limits = [t for t in (self.settings.client_timeout, self.settings.idle_timeout) if t > 0]
+        self.tick = max(0.05, min([0.5] + [t / 4 for t in limits]))
+        self.thread = threading.Thread(target=self._run, name="socketmap-answers", daemon=True)
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for fd, (sock, _, _) in self.listeners.items():
+            sock.setblocking(False)
+            self.ep.register(fd, _IN)
+        self.ep.register(self.wake_r, _IN)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop answering, close every connection, and cancel the lookups still out."""
+        self.stopping = True
+        self._wake()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+        for fut in list(self.pending):
+            fut.cancel()
+        for c in list(self.conns.values()):
+            self._close(c)
+        self.ep.close()
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - a server that cannot answer must not look alive
+            if not self.stopping:
+                self.log.error(f"answer loop stopped: internal error: {exc!r}")
+                self.aloop.call_soon_threadsafe(self.server.stop)
+
+    def _serve(self) -> None:
+        poll, conns, listeners, tick = self.ep.poll, self.conns, self.listeners, self.tick
+        monotonic = time.monotonic
+        next_scan = monotonic() + tick
+        while not self.stopping:
+            timeout = tick
+            if self.deadlines:
+                timeout = max(0.0, min(tick, self.next_deadline - monotonic()))
+            for fd, ev in poll(timeout):
+                c = conns.get(fd)
+                if c is not None:
+                    try:
+                        if ev & _OUT:
+                            self._flush(c)
+                        if ev & _IN:
+                            self._readable(c)
+                        elif ev & _HUP and not c.closed:
+                            self._close(c)  # gone while we were not reading it
+                    except Exception as exc:  # noqa: BLE001 - a bug costs one connection, never the server
+                        self.log.error(f"connection on {c.listener.describe()}: internal error: {exc!r}")
+                        self._close(c)
+                elif fd == self.wake_r:
+                    self._completions()
+                elif fd in listeners:
+                    self._accept(fd)
+            now = monotonic()
+            if now >= self.next_deadline:
+                self._expire(now)
+            if now >= next_scan:
+                self._scan(now)
+                next_scan = now + tick
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is pending anyway
+        except OSError:
+            pass  # closed: stopping
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _accept(self, fd: int) -> None:
+        lsock, listener, aliases = self.listeners[fd]
+        server = self.server
+        for _ in range(64):
+            try:
+                sock, _addr = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _NO_DESCRIPTORS:
+                    server._accept_errors.error(f"{listener.describe()}: accept failed ({exc.strerror}): "
+                                                f"not accepting for {_ACCEPT_PAUSE:g}s")
+                    self.ep.unregister(fd)
+                    self.paused[fd] = time.monotonic() + _ACCEPT_PAUSE
+                return  # ECONNABORTED and the like: the client is gone
+            if server.connections >= server.max_connections:
+                server._refusals.warning(f"{listener.describe()}: connection refused: {server.connections} already "
+                                         f"open (max_connections {server.max_connections})")
+                try:
+                    sock.setblocking(False)
+                    sock.send(p.temp("too many connections").encode())
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            sock.setblocking(False)
+            c = Conn(sock, listener, aliases, self.settings.max_key, time.monotonic())
+            self.conns[c.fd] = c
+            self.ep.register(c.fd, _IN)
+            server.connections += 1
+
+    def _close(self, c: Conn) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        del self.conns[c.fd]
+        try:
+            self.ep.unregister(c.fd)
+        except (OSError, ValueError):
+            pass
+        c.sock.close()
+        self.server.connections -= 1
+
+    def _rearm(self, c: Conn) -> None:
+        """Read while there is nothing to send and no lookup out; write while there is."""
+        events = _OUT if c.out else (0 if c.busy or c.eof else _IN)
+        if events != c.events and not c.closed:
+            c.events = events
+            self.ep.modify(c.fd, events)
+
+    def _readable(self, c: Conn) -> None:
+        try:
+            data = c.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(c)
+            return
+        c.last = time.monotonic()
+        if not data:
+            c.proto.receive_data(b"")
+            c.eof = True
+            self._pump(c)
+            return
+        # The common case first: one whole request, a fresh cached answer, nothing else going on.
+        event = c.proto.one_request(data)
+        if event is None:
+            c.proto.receive_data(data)
+        elif type(event) is p.Request and c.chain.failed is None and not c.out:
+            name = c.aliases.get(event.map, event.map)
+            entry = self.resolver.cached(name, event.key)
+            if entry is not None:
+                if self.metrics is not None:
+                    self._count(name, entry.reply, c.last)
+                self._send(c, entry.wire)
+                return
+        self._pump(c, event)
+
+    def _pump(self, c: Conn, first: p.Event | None = None) -> None:
+        """Answer every complete request buffered on `c` (`first`: one read already), until one
+        needs the resolver."""
+        proto, cached, metrics = c.proto, self.resolver.cached, self.metrics
+        replies: list[bytes] = []
+        close = False
+        while True:
+            if first is not None:
+                event, first = first, None
+            else:
+                event = proto.next_event()
+            if event is p.NEED_DATA:
+                break
+            if type(event) is p.Request:
+                name = c.aliases.get(event.map, event.map)
+                refused = c.chain.check(name, event.key) if c.chain.failed is not None else None
+                if refused is None:
+                    entry = cached(name, event.key)
+                    if entry is not None:
+                        replies.append(entry.wire)
+                        if metrics is not None:
+                            self._count(name, entry.reply, c.last)
+                        continue
+                    refused = self.resolver.unknown(name)
+                    if refused is None:
+                        if replies:  # the answers so far go first
+                            self._send(c, replies[0] if len(replies) == 1 else b"".join(replies))
+                            replies = []
+                        c.busy = True
+                        self._ask(c, name, event)
+                        break
+                replies.append(self._answered(c, name, event, refused, c.last))
+            elif event is p.CLOSED:
+                close = True
+                break
+            elif isinstance(event, p.BadRequest):
+                self.log.warning(f"{c.listener.describe()}: bad request: {event.reason}")
+                replies.append(p.perm(event.reason).encode())
+            else:
+                assert isinstance(event, p.ProtocolError)
+                self.log.warning(f"{c.listener.describe()}: closing connection: {event.reason}")
+                replies.append(p.perm(event.reason).encode())
+                close = True
+                break
+        if replies:
+            self._send(c, replies[0] if len(replies) == 1 else b"".join(replies))
+        if close:
+            if c.out and not c.closed:  # the last reply first; closed once it is written
+                self._drain_and_close(c)
+            else:
+                self._close(c)
+            return
+        self._rearm(c)
+
+    def _answered(self, c: Conn, name: str, event: p.Request, reply: p.Reply, started: float) -> bytes:
+        c.chain.record(name, event.key, reply)
+        if self.metrics is not None:
+            self._count(name, reply, started)
+        if reply.status == "PERM":
+            self.log.warning(f"{c.listener.describe()}: map={event.map} key=<{event.key}>: {reply.text}")
+        return reply.encode()
+
+    def _count(self, name: str, reply: p.Reply, started: float) -> None:
+        assert self.metrics is not None
+        self.metrics.inc("lookups_total", "Lookups by map and answer.", map=name, status=reply.status)
+        self.metrics.observe("lookup_seconds", "Time to answer a lookup.",
+                             time.monotonic() - started if started else 0.0)
+
+    def _send(self, c: Conn, data: bytes) -> None:
+        if c.out:
+            c.out += data
+            return
+        try:
+            sent = c.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(c)
+            return
+        if sent < len(data):
+            c.out = data[sent:]
+            self._rearm(c)
+
+    def _flush(self, c: Conn) -> None:
+        try:
+            sent = c.sock.send(c.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(c)
+            return
+        c.out = c.out[sent:]
+        c.last = time.monotonic()
+        if not c.out:
+            if c.eof and not c.busy and not c.proto.pending:
+                self._close(c)
+                return
+            self._pump(c)  # what it sent while we waited for it to read
+
+    def _drain_and_close(self, c: Conn) -> None:
+        # Rare (a protocol error whose reply did not fit the socket buffer): mark end of input,
+        # and let _flush() close once the reply is out; the scan closes it if it never is.
+        c.eof = True
+        c.proto.receive_data(b"")
+        self._rearm(c)
+
+    # -- lookups the cache could not answer ------------------------------------------------
+
+    def _ask(self, c: Conn, name: str, event: p.Request) -> None:
+        """A lookup the cache could not answer: to a lookup thread, under db_timeout.  One
+        query per key at a time: later askers wait for the first one's answer."""
+        now = time.monotonic()
+        k = (name, event.key)
+        waiting = self.inflight.get(k)
+        if waiting is not None:
+            waiting.append((c, event, now))
+            return
+        self.inflight[k] = [(c, event, now)]
+        deadline = now + self.resolver.db_timeout
+        self.deadlines[k] = deadline
+        self.next_deadline = min(self.next_deadline, deadline)
+        done, wake = self.done, self._wake
+
+        def back(f: Future[p.Reply]) -> None:  # in the lookup thread
+            done.append((k, f))
+            wake()
+
+        fut = self.server.executor.submit(self.resolver.fetch, name, event.key)
+        self.pending.add(fut)
+        fut.add_done_callback(back)
+
+    def _completions(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        done = self.done
+        while done:
+            k, fut = done.popleft()
+            self.pending.discard(fut)
+            waiting = self.inflight.pop(k, None)
+            if waiting is None:
+                continue  # answered TIMEOUT already; the late answer is in the cache now
+            self.deadlines.pop(k, None)
+            if fut.cancelled():
+                reply = p.temp("lookup cancelled")
+            elif (exc := fut.exception()) is not None:
+                self.log.error(f"map={k[0]} key=<{k[1]}>: internal error: {exc!r}")
+                reply = p.temp("internal error")
+            else:
+                reply = fut.result()
+            for c, event, started in waiting:
+                self._answer(c, k[0], event, reply, started)
+
+    def _answer(self, c: Conn, name: str, event: p.Request, reply: p.Reply, started: float) -> None:
+        """The resolver's reply to the request `c` waits for; then what it sent meanwhile."""
+        if c.closed:
+            return
+        c.busy = False
+        c.last = time.monotonic()
+        try:
+            self._send(c, self._answered(c, name, event, reply, started))
+            if not c.closed:
+                self._pump(c)
+        except Exception as exc:  # noqa: BLE001 - a bug costs one connection, never the server
+            self.log.error(f"connection on {c.listener.describe()}: internal error: {exc!r}")
+            self._close(c)
+
+    def _expire(self, now: float) -> None:
+        """Lookups out longer than db_timeout: TIMEOUT (or the stale answer) to their askers."""
+        for k, deadline in list(self.deadlines.items()):
+            if deadline <= now:
+                del self.deadlines[k]
+                waiting = self.inflight.pop(k, [])
+                reply = self.resolver.timed_out(*k)
+                for c, event, started in waiting:
+                    self._answer(c, k[0], event, reply, started)
+        self.next_deadline = min(self.deadlines.values(), default=float("inf"))
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def _scan(self, now: float) -> None:
+        for fd, when in list(self.paused.items()):
+            if now >= when:
+                del self.paused[fd]
+                self.ep.register(fd, _IN)
+        client_timeout, idle_timeout = self.settings.client_timeout, self.settings.idle_timeout
+        for c in list(self.conns.values()):
+            if c.busy:
+                continue  # the resolver's db_timeout bounds it
+            stalled = bool(c.out) or c.proto.pending
+            limit = client_timeout if stalled else idle_timeout
+            if limit and now - c.last > limit:
+                why = ("not reading its replies" if c.out else "stalled in the middle of a request") if stalled \
+                    else "idle"
+                self.log.warning(f"{c.listener.describe()}: closing connection: client {why} for {limit:g}s")
+                self._close(c)
