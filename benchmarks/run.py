@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", help="comma-separated substrings: run only cells whose key contains one")
     p.add_argument("--budget", type=float, default=900, help="seconds; later cells are skipped past it")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--no-lmtp-grid", action="store_true", help="skip the LMTP grid (benchmarks/lmtp_grid.py)")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -296,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     say(f"results: {md} ({wall:.0f}s)")
     for line in bad:
         say(f"INTEGRITY: {line}")
+    if not (args.no_lmtp_grid or args.only or args.cells):
+        # Issue 21's LMTP grid: its own entry, its own results file (lmtp-grid.md beside latest.md).
+        from benchmarks import lmtp_grid
+
+        say("the LMTP grid (benchmarks/lmtp_grid.py)")
+        if lmtp_grid.main(["--out", os.path.join(out, "lmtp-grid.md")] + (["--quick"] if args.quick else [])):
+            bad.append("the LMTP grid: a cell failed or a message was not delivered intact")
     if not args.keep and not args.workdir:
         if args.out or not args.quick:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -20,6 +20,7 @@ class _Tree:
 
     def __init__(self, ctx: Context, fmt: str) -> None:
         self.fmt = fmt
+        self.sieve = False  # start_vdeliver() enables [sieve] when the tree has scripts
         self.base = ctx.path(f"vdeliver-lmtp-{fmt}")
         self.vbox = ctx.layout.vbox
         self.home = ctx.layout.home
@@ -37,6 +38,7 @@ class VdeliverLmtp(ResidentAgent):
     key = "vdeliver-lmtp"
     label = "vdeliver LMTP (resident)"
     fsync = "as the vdeliver command line"
+    connections = 16  # concurrent clients the server must admit (the grid sets more)
 
     def missing(self) -> str | None:
         try:
@@ -58,7 +60,7 @@ class VdeliverLmtp(ResidentAgent):
             return
         from benchmarks import lmtp_bench
 
-        self.servers[fmt] = lmtp_bench.start_vdeliver(_Tree(self.ctx, fmt), 16)  # type: ignore[arg-type]
+        self.servers[fmt] = lmtp_bench.start_vdeliver(_Tree(self.ctx, fmt), self.connections)  # type: ignore[arg-type]
 
     def socket_path(self, fmt: str) -> str:
         return str(self.servers[fmt].socket)  # type: ignore[attr-defined]
