@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--boxes", default="1,8")
     ap.add_argument("--formats", default="mbox,maildir")
+    ap.add_argument("--servers", default="vdeliver-lmtp,dovecot-lmtp", help="agent keys (for profiling one)")
     ap.add_argument("--out", help=f"the Markdown file (default {RESULTS}; --quick: a temporary directory)")
     args = ap.parse_args(argv)
     messages = args.messages or (4 if args.quick else 320)
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     vd.connections = max(clients) + 8
     candidates: list[Agent] = [vd, DovecotLmtp()]
     for agent in candidates:
+        if agent.key not in args.servers.split(","):
+            continue
         why = agent.missing()
         if why is None:
             agent.prepare(ctx)

@@ -102,11 +102,14 @@ class Session:
         # previous answer, and a message within transaction_time_limit of DATA.
         self.command_started = time.monotonic()
         self.data_started = 0.0
+        self.kernel_timeouts = False  # SO_RCVTIMEO/SO_SNDTIMEO set (run())
 
     def run(self) -> None:
         conn = self.conn
         conn.greeting()
-        self.sock.settimeout(POLL)
+        self.kernel_timeouts = _kernel_timeouts(self.sock, POLL, self.server.opts.timeout)
+        if not self.kernel_timeouts:
+            self.sock.settimeout(POLL)
         try:
             while True:
                 if self.server.stopping.is_set():
@@ -135,6 +138,12 @@ class Session:
         out = self.conn.data_to_send()
         if not out:
             return True
+        if self.kernel_timeouts:  # SO_SNDTIMEO is the command timeout already
+            try:
+                self.sock.sendall(out)
+                return True
+            except OSError:
+                return False
         try:
             # A client may be slow to read (it pipelines): give it the command timeout, not POLL.
             self.sock.settimeout(self.server.opts.timeout)
@@ -170,7 +179,7 @@ class Session:
                 return False
             try:
                 data = self.sock.recv(RECV)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO ran out
                 waited += POLL
                 limit = server.opts.data_timeout if conn.state == p.DATA else server.opts.timeout
                 if waited >= limit:
@@ -298,13 +307,17 @@ class Session:
         """Deliver one copy; the reply names the address as the client gave it, the log as resolved."""
         address = rcpt.address
         try:
-            lock = self.server.mailbox_lock(target.path)
-            if not lock.acquire(timeout=txn.cfg.lock_timeout):
+            # An mbox takes fcntl locks, which are per process: two of our threads must never
+            # meet inside them.  A Maildir needs no lock (unique names, link(), rename()), and
+            # deliveries to one Maildir in parallel let their fsyncs share journal commits.
+            lock = self.server.mailbox_lock(target.path) if target.format == "mbox" else None
+            if lock is not None and not lock.acquire(timeout=txn.cfg.lock_timeout):
                 raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
             try:
                 result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared, refuse=True)
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
         except DeliveryError as exc:
             status = exc.status
             self._log(address, status, txn.size, status.reason + (f": {status.detail}" if status.detail else ""))
@@ -367,6 +380,23 @@ def _over_quota(path: str, declared: int, bounce: bool) -> Status | None:
         return None
     return Status("5.2.2" if bounce else "4.2.2", "mailbox full",
                   f"{path}: {reached}" + (f", SIZE={declared}" if declared else ""))
+
+
+def _kernel_timeouts(sock: socket.socket, receive: float, send: float) -> bool:
+    """A blocking socket whose recv() gives up after `receive` seconds and send() after `send`
+    (SO_RCVTIMEO, SO_SNDTIMEO).  Python's own socket timeout would poll() before every recv()
+    and send() and switch the descriptor's blocking mode around each reply: three system calls
+    a command that, with many connections, each hand the interpreter lock to another thread.
+    False if the kernel refuses (the caller uses settimeout())."""
+    import struct
+
+    try:
+        sock.settimeout(None)
+        for option, seconds in ((socket.SO_RCVTIMEO, receive), (socket.SO_SNDTIMEO, send)):
+            sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    except OSError:
+        return False
+    return True
 
 
 def _reopen(fd: int) -> int:
