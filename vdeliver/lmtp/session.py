@@ -20,16 +20,17 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from vdeliver.config import Config
-from vdeliver.deliver import Target, deliver, resolve
+from vdeliver.deliver import Copies, Target, deliver, resolve
 from vdeliver.errors import DeliveryError, Status
 from vdeliver.fileio import anonymous_spool, write_all
 from vdeliver.lmtp import protocol as p
 from vdeliver.lmtp.settings import Settings
 from vdeliver.log import Logger, delivery_line
+from vdeliver.message import Prepared, for_recipient
 from vdeliver.recipient import Recipient, parse
 
 TYPE_CHECKING = False
@@ -281,6 +282,10 @@ class Session:
                 self.conn.answer_data(reply_for(status, address))
             self._reset()
             return
+        if sum(1 for _a, _r, target in targets if target.format == "maildir") > 1:
+            self._deliver_shared(txn)
+            self._reset()
+            return
         readers = [_reopen(txn.spool) for _ in targets] if len(targets) > 1 else []
         if len(targets) > 1 and all(fd >= 0 for fd in readers):
             # Several recipients: deliver in parallel, answer in RCPT order as each is ready.
@@ -302,9 +307,65 @@ class Session:
                 self._send()
         self._reset()
 
+    def _deliver_shared(self, txn: _Txn) -> None:
+        """Several Maildir recipients: the message is read and prepared once for all of them
+        (message.for_recipient() adds each one's Delivered-To).  When every recipient's bytes
+        are the same (delivered_to = false), the first copy is written and the others are hard
+        links to it (maildir.link_copy), as Dovecot's LMTP does; with Delivered-To each copy
+        differs, so each is written, from the one prepared record.  The first Maildir recipient
+        is stored first, here; the others then in parallel (links, or their own copies when a
+        link cannot be made); mbox recipients as usual.  Replies in RCPT order, each
+        recipient's its own."""
+        from vdeliver.message import prepare
+
+        cfg = txn.cfg
+        shared: Prepared | Status
+        try:
+            os.lseek(txn.spool, 0, os.SEEK_SET)
+            shared = prepare(txn.spool, sender=txn.sender, recipient="", mbox=False, escape=cfg.mbox_escape,
+                             return_path=cfg.return_path, delivered_to=False, max_size=cfg.max_message_size,
+                             spool_threshold=cfg.spool_threshold, spool_dir=cfg.spool_dir)
+        except DeliveryError as exc:
+            shared = exc.status  # the same for every Maildir recipient: each is answered with it
+        except OSError as exc:
+            shared = Status("4.3.0", "cannot read spool", exc.strerror or str(exc))
+        copies = None if isinstance(shared, Status) else Copies(shared)
+        pool = self.server.pool()
+        answers: list[p.Reply | Future[p.Reply]] = []
+        first = True
+        try:
+            for address, rcpt, target in txn.targets:
+                if target.format != "maildir":
+                    fd = _reopen(txn.spool)
+                    if fd >= 0:
+                        answers.append(pool.submit(self._deliver_one, txn, address, rcpt, target, fd))
+                    else:
+                        os.lseek(txn.spool, 0, os.SEEK_SET)
+                        answers.append(self._deliver_one(txn, address, rcpt, target, txn.spool, own=False))
+                elif copies is None:
+                    assert isinstance(shared, Status)
+                    self._log(rcpt.address, shared, txn.size, shared.reason + (f": {shared.detail}"
+                                                                               if shared.detail else ""))
+                    answers.append(reply_for(shared, address))
+                elif first:
+                    first = False
+                    answers.append(self._deliver_one(txn, address, rcpt, target, -1, own=False, copies=copies))
+                else:
+                    answers.append(pool.submit(self._deliver_one, txn, address, rcpt, target, -1, False, copies))
+            for answer in answers:
+                self.conn.answer_data(answer if isinstance(answer, p.Reply) else answer.result())
+                self._send()
+        finally:
+            for answer in answers:
+                if not isinstance(answer, p.Reply):
+                    answer.exception()  # every delivery over before the record is closed
+            if copies is not None:
+                copies.msg.close()
+
     def _deliver_one(self, txn: _Txn, given: str, rcpt: Recipient, target: Target, fd: int,
-                     own: bool = True) -> p.Reply:
-        """Deliver one copy; the reply names the address as the client gave it, the log as resolved."""
+                     own: bool = True, copies: Copies | None = None) -> p.Reply:
+        """Deliver one copy; the reply names the address as the client gave it, the log as resolved.
+        With `copies`, the record prepared once for the transaction (fd is not read)."""
         address = rcpt.address
         try:
             # An mbox takes fcntl locks, which are per process: two of our threads must never
@@ -314,7 +375,10 @@ class Session:
             if lock is not None and not lock.acquire(timeout=txn.cfg.lock_timeout):
                 raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
             try:
-                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared, refuse=True)
+                msg = None if copies is None else for_recipient(copies.msg, address, txn.cfg.return_path,
+                                                                txn.cfg.delivered_to)
+                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared, refuse=True,
+                                 prepared=msg, copies=copies)
             finally:
                 if lock is not None:
                     lock.release()
