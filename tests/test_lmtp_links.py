@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.dovecot_harness import Dovecot, bad_log_lines, fetch_all, lf, passwd_file_auth
 from tests.helpers import IS_ROOT, Account, MailRoot, require_root
 from tests.test_lmtp_server import Lmtpd, maildir_files, transaction
 from vdeliver import maildir, message
+from vdeliver.errors import DeliveryError
 
 MSG = (b"Subject: for three\r\nFrom: s@example.org\r\nMessage-ID: <three@t>\r\n\r\n"
        b"Hello all\r\n.leading dot\r\nFrom the body\r\n")
@@ -174,3 +178,62 @@ def test_dovecot_reads_linked_messages_with_flags_per_user(lmtpd: list[Lmtpd], m
         dovecot.cleanup()
         shutil.rmtree(mailroot.base / "dovecot", ignore_errors=True)
     assert not bad_log_lines(log), log
+
+
+# -- one parse for several recipients: the same bytes as a parse per recipient -------------------
+
+_HEADER_LINES = st.sampled_from([
+    b"Subject: x\r\n", b"Return-Path: <old@example.org>\r\n", b"Delivered-To: ann@away.com\r\n",
+    b"Delivered-To: other@away.com\n", b"DELIVERED-TO:  Bob@Away.com \n", b"\tfolded\r\n", b"X-A: \xe9\n",
+    b"From: s@example.org\n", b"Received: by x\r\n\tfor <ann@away.com>\r\n",
+])
+_BODIES = st.sampled_from([b"", b"\n", b"body\r\n", b"From here\n.dot\r\n", b"no newline at the end"])
+
+
+def _spooled(data: bytes, tmp: Path) -> int:
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _record(msg: message.Prepared) -> bytes:
+    return b"".join(msg.spool.chunks())
+
+
+@given(st.lists(_HEADER_LINES, max_size=6), st.sampled_from([b"\r\n", b"\n", b""]), _BODIES,
+       st.sampled_from(["ann@away.com", "bob@away.com"]), st.booleans(), st.booleans(), st.booleans())
+def test_for_recipient_is_byte_for_byte_what_prepare_makes(headers: list[bytes], end: bytes, body: bytes, rcpt: str,
+                                                           return_path: bool, delivered_to: bool,
+                                                           from_line: bool) -> None:
+    """message.for_recipient() on the record prepared once (delivered_to=False) gives what
+    prepare() gives for that recipient alone: the same bytes, sizes and line count, or the same
+    loop refusal."""
+    data = (b"From old@example.org  Wed Nov 25 02:56:49 2026\n" if from_line else b"") + b"".join(headers) + end + body
+    kw: dict[str, object] = {"sender": "s@example.org", "mbox": False, "return_path": return_path,
+                             "spool_threshold": 64, "spool_dir": tempfile.gettempdir()}
+    with tempfile.TemporaryDirectory() as tmp:
+        fd = _spooled(data, Path(tmp) / "in")
+        try:
+            try:
+                alone = message.prepare(fd, recipient=rcpt, delivered_to=delivered_to, **kw)  # type: ignore[arg-type]
+            except DeliveryError as exc:
+                alone_error = exc.status.dsn
+                alone = None
+            os.lseek(fd, 0, os.SEEK_SET)
+            once = message.prepare(fd, recipient="", delivered_to=False, **kw)  # type: ignore[arg-type]
+        finally:
+            os.close(fd)
+        try:
+            try:
+                mine = message.for_recipient(once, rcpt, return_path, delivered_to)
+            except DeliveryError as exc:
+                assert alone is None and exc.status.dsn == alone_error == "5.4.6"
+                return
+            assert alone is not None
+            assert _record(mine) == _record(alone)
+            assert (mine.length, mine.lf_count, mine.rfc822_size, mine.input_size, mine.sender) == (
+                alone.length, alone.lf_count, alone.rfc822_size, alone.input_size, alone.sender)
+            alone.close()
+        finally:
+            once.close()
