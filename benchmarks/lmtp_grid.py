@@ -39,9 +39,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, Sample
+from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, LmtpClient, Sample, lmtp_payload
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
-from benchmarks.workloads import SIZES, Box, Layout, Message, check
+from benchmarks.workloads import SENDER, SIZES, Box, Layout, Message, check
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lmtp-grid.md")
 GOAL = 1.2  # vdeliver's msgs/s over Dovecot's, in every cell
@@ -167,6 +167,89 @@ def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | 
         + (f"  ratio {ratio:.2f}" if ratio is not None else ""))
 
 
+# -- several recipients a message ---------------------------------------------------------------
+
+def send_many(client: LmtpClient, rcpts: list[str], payload: bytes) -> tuple[bool, str]:
+    """One transaction for several recipients; ok when every recipient's reply is 250."""
+    for command, code in ((f"MAIL FROM:<{SENDER}>\r\n", b"250"),
+                          *((f"RCPT TO:<{r}>\r\n", b"250") for r in rcpts), ("DATA\r\n", b"354")):
+        client.sock.sendall(command.encode())
+        reply = client._reply()
+        if not reply.startswith(code):
+            client.sock.sendall(b"RSET\r\n")
+            client._reply()
+            return False, reply.decode("latin-1").strip()
+    client.sock.sendall(payload)
+    replies = [client._reply() for _ in rcpts]
+    bad = [r.decode("latin-1").strip() for r in replies if not r.startswith(b"250")]
+    return not bad, "; ".join(bad)
+
+
+@dataclass
+class Multi:
+    """Maildir, one client, `rcpts` recipients a message (one mailbox each)."""
+
+    rcpts: int
+    lines: dict[str, Line] = field(default_factory=dict)
+    links: dict[str, float] = field(default_factory=dict)  # agent -> links per stored copy (nlink)
+
+
+def run_multi(ctx: Context, multi: Multi, servers: list[Agent], messages: int, reps: int,
+              say: Callable[[str], None]) -> None:
+    size = SIZES["4KB"]
+    boxes = {a.key: [ctx.layout.box("maildir", f"{a.key}.multi", f"r{i}") for i in range(multi.rcpts)]
+             for a in servers}
+    clients = {a.key: a.open_writer("maildir") for a in servers}
+    try:
+        for agent in servers:
+            multi.lines[agent.key] = Line(agent)
+        for rep in range(reps):
+            for agent in servers if rep % 2 == 0 else servers[::-1]:
+                line, client = multi.lines[agent.key], clients[agent.key]
+                assert isinstance(client, LmtpClient)
+                rcpts = [f"{b.user}@{b.domain}" for b in boxes[agent.key]]
+                started = time.perf_counter()
+                ok = 0
+                for i in range(messages):
+                    msg = Message(f"{agent.key}.multi.{rep}.{i}", size)
+                    t0 = time.perf_counter()
+                    good, why = send_many(client, rcpts, lmtp_payload(msg.bare()))
+                    if good:
+                        ok += 1
+                        line.latencies.append(time.perf_counter() - t0)
+                        line.expected[msg.bench_id] = msg.body_digest
+                    else:
+                        line.errors.append(why)
+                line.rates.append(ok / (time.perf_counter() - started))
+    finally:
+        for agent in servers:
+            agent.close_writer(clients[agent.key])
+    for agent in servers:
+        line = multi.lines[agent.key]
+        results = [check([box], line.expected) for box in boxes[agent.key]]
+        line.intact = all(r.ok for r in results) and not line.errors
+        line.integrity = f"{sum(r.intact for r in results)}/{sum(r.expected for r in results)} intact"
+        nlinks = [os.stat(os.path.join(box.path, "new", n)).st_nlink for box in boxes[agent.key][:1]
+                  for n in os.listdir(os.path.join(box.path, "new"))]
+        multi.links[agent.key] = statistics.mean(nlinks) if nlinks else 0.0
+        _remove(ctx, boxes[agent.key])
+    say(f"  maildir, {multi.rcpts} recipients a message: " + "  ".join(
+        f"{k}: {ln.rate() or 0:6.0f} msgs/s p99 {ln.pct(99) or 0:6.1f} ms" for k, ln in multi.lines.items()))
+
+
+def multi_table(multi: Multi) -> list[str]:
+    d = multi.lines.get("dovecot-lmtp")
+    out = ["| server | messages/s | recipients/s | ratio to Dovecot | p50 ms | p99 ms | links per file | integrity |",
+           "|---|---|---|---|---|---|---|---|"]
+    for key, line in multi.lines.items():
+        rate = line.rate()
+        ratio = rate / d.rate() if rate and d is not None and d.rate() else None  # type: ignore[operator]
+        out.append(f"| {line.agent.label} | {_f(rate, 0)} | {_f(rate * multi.rcpts if rate else None, 0)} | "
+                   f"{_f(ratio, 2)} | {_f(line.pct(50))} | {_f(line.pct(99))} | {multi.links.get(key, 0):.1f} | "
+                   f"{line.integrity} |")
+    return out
+
+
 def _remove(ctx: Context, boxes: list[Box]) -> None:
     for box in boxes:
         if box.fmt == "mbox":
@@ -250,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boxes", default="1,8")
     ap.add_argument("--formats", default="mbox,maildir")
     ap.add_argument("--servers", default="vdeliver-lmtp,dovecot-lmtp", help="agent keys (for profiling one)")
+    ap.add_argument("--rcpts", type=int, default=8, help="recipients a message in the several-recipients row (0: none)")
     ap.add_argument("--out", help=f"the Markdown file (default {RESULTS}; --quick: a temporary directory)")
     args = ap.parse_args(argv)
     messages = args.messages or (4 if args.quick else 320)
@@ -285,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     floor.prepare(ctx)
     cells: list[GridCell] = []
     failed = []
+    multi = Multi(args.rcpts)
+    links = VdeliverLmtp()
+    links.key, links.label = "vdeliver-lmtp-links", "vdeliver LMTP, delivered_to = false (hard links)"
+    links.settings = "delivered_to = false\n"
     try:
         for fmt in args.formats.split(","):
             for agent in servers:
@@ -298,10 +386,20 @@ def main(argv: list[str] | None = None) -> int:
                         failed.append(f"{cell.key}: {type(exc).__name__}: {exc}")
                         say(f"  {cell.key}: FAILED: {exc}")
                     cells.append(cell)
+            if fmt == "maildir" and args.rcpts > 0 and servers:
+                many = [links, *servers] if vd in servers else list(servers)
+                links.prepare(ctx)
+                links.start(fmt)
+                try:
+                    run_multi(ctx, multi, many, max(2, messages // 4), reps, say)
+                except Exception as exc:  # noqa: BLE001
+                    failed.append(f"several recipients: {type(exc).__name__}: {exc}")
+                    say(f"  several recipients: FAILED: {exc}")
+                links.stop()
             for agent in servers:
                 agent.stop()
     finally:
-        for agent in servers:
+        for agent in [*servers, links]:
             agent.stop()
     wall = time.monotonic() - started
     from benchmarks.report import machine
@@ -323,7 +421,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     body = table(cells)
     floors = floor_lines(cells)
-    text = "\n".join(header + body + (["", *floors] if floors else [])) + "\n"
+    if floors:
+        body += ["", *floors]
+    if multi.lines:
+        body += ["", (f"## Several recipients a message (Maildir, 1 client, {multi.rcpts} recipients, one mailbox "
+                      "each)"), "",
+                 ("vdeliver adds a `Delivered-To:` per recipient by default, so each copy differs: one parse, "
+                  "one write per recipient. With `delivered_to = false` the copies are the same bytes and the "
+                  "others are hard links to the first, as Dovecot's LMTP does (it leaves `Delivered-To:` out when "
+                  "a message has several recipients). Messages/s are transactions; \"links per file\" is the "
+                  "link count of a delivered file (1: copies; the recipient count: one file for all)."),
+                 "", *multi_table(multi)]
+    text = "\n".join(header + body) + "\n"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
@@ -331,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"results: {out} ({wall:.0f}s)")
     bad = [f"{c.key}: {k}: {ln.integrity} {ln.errors[:2]}" for c in cells for k, ln in c.lines.items()
            if k != "fsync-floor" and not ln.intact]
+    bad += [f"several recipients: {k}: {ln.integrity} {ln.errors[:2]}" for k, ln in multi.lines.items()
+            if not ln.intact]
     for problem in bad:
         say(f"INTEGRITY: {problem}")
     shutil.rmtree(ctx.layout.root, ignore_errors=True)

@@ -81,3 +81,8 @@ def test_lmtp_grid_quick_run_fills_every_cell_intact(tmp_path: Path) -> None:
         v, d = cols[9].split(" / ")
         assert v.endswith("intact") and d.endswith("intact") and "missing" not in cols[9], row
     assert "the fsync floor" in out.read_text()
+    # Several recipients a message: the hard-link variant stores one file for all 8 recipients.
+    multi = [line for line in out.read_text().splitlines() if line.startswith(("| vdeliver LMTP", "| Dovecot LMTP"))]
+    assert len(multi) == 3, multi
+    links = next(line for line in multi if "delivered_to = false" in line)
+    assert "| 8.0 |" in links and all(line.rstrip(" |").endswith("intact") for line in multi), multi
