@@ -10,8 +10,13 @@ message again.
 The message is streamed to an unnamed spool file (fileio.anonymous_spool): a client that
 disconnects mid-DATA leaves nothing behind, and nothing is delivered.
 
+Several Maildir recipients share one prepared record (message.for_recipient() adds each
+one's Delivered-To), and when their bytes are the same (delivered_to = false) one file is
+hard-linked into their Maildirs, as Dovecot does (docs/lmtp.md).
+
 What a Session needs from the server that runs it is the `Host` protocol below, so this
-module never imports the daemon.
+module never imports the daemon.  Over 400 lines on purpose: the transaction's spool, its
+recipients' deliveries and their replies in RCPT order share the session's state.
 """
 
 from __future__ import annotations
