@@ -317,10 +317,10 @@ class Session:
         (message.for_recipient() adds each one's Delivered-To).  When every recipient's bytes
         are the same (delivered_to = false), the first copy is written and the others are hard
         links to it (maildir.link_copy), as Dovecot's LMTP does; with Delivered-To each copy
-        differs, so each is written, from the one prepared record.  The first Maildir recipient
-        is stored first, here; the others then in parallel (links, or their own copies when a
-        link cannot be made); mbox recipients as usual.  Replies in RCPT order, each
-        recipient's its own."""
+        differs, so each is written, from the one prepared record, all in parallel.  For links
+        the first Maildir recipient is stored first, here; the others then in parallel (links,
+        or their own copies when a link cannot be made).  mbox recipients as usual.  Replies in
+        RCPT order, each recipient's its own."""
         from vdeliver.message import prepare
 
         cfg = txn.cfg
@@ -337,7 +337,9 @@ class Session:
         copies = None if isinstance(shared, Status) else Copies(shared)
         pool = self.server.pool()
         answers: list[p.Reply | Future[p.Reply]] = []
-        first = True
+        # Links need a first copy to link to: it is stored before the others start.  Copies
+        # that differ (Delivered-To) are all written at once: their fsyncs overlap.
+        first = not cfg.delivered_to
         try:
             for address, rcpt, target in txn.targets:
                 if target.format != "maildir":
