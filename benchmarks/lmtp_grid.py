@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     links = VdeliverLmtp()
     links.key, links.label = "vdeliver-lmtp-links", "vdeliver LMTP, delivered_to = false (hard links)"
     links.settings = "delivered_to = false\n"
+    links.prepare(ctx)
     try:
         for fmt in args.formats.split(","):
             for agent in servers:
@@ -390,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(cell)
             if fmt == "maildir" and args.rcpts > 0 and servers:
                 many = [links, *servers] if vd in servers else list(servers)
-                links.prepare(ctx)
                 links.start(fmt)
                 try:
                     run_multi(ctx, multi, many, max(2, messages // 4), reps, say)
@@ -446,8 +446,13 @@ def main(argv: list[str] | None = None) -> int:
             if not ln.intact]
     for problem in bad:
         say(f"INTEGRITY: {problem}")
-    shutil.rmtree(ctx.layout.root, ignore_errors=True)
-    if not args.quick:
+    # The work directory goes, unless the results file is in it (--quick without --out).
+    if os.path.dirname(os.path.abspath(out)) == workdir:
+        for name in os.listdir(workdir):
+            if name != os.path.basename(out):
+                path = os.path.join(workdir, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if bad or failed else 0
 
