@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boxes", default="1,8")
     ap.add_argument("--formats", default="mbox,maildir")
     ap.add_argument("--servers", default="vdeliver-lmtp,dovecot-lmtp", help="agent keys (for profiling one)")
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                    help="vdeliver-lmtpd's [lmtp] processes (default: the number of CPUs)")
     ap.add_argument("--rcpts", type=int, default=8, help="recipients a message in the several-recipients row (0: none)")
     ap.add_argument("--out", help=f"the Markdown file (default {RESULTS}; --quick: a temporary directory)")
     args = ap.parse_args(argv)
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = []
     vd = VdeliverLmtp()
     vd.connections = max(clients) + 8
+    vd.lmtp_settings = f"processes = {args.processes}\n"
     candidates: list[Agent] = [vd, DovecotLmtp()]
     for agent in candidates:
         if agent.key not in args.servers.split(","):
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     links = VdeliverLmtp()
     links.key, links.label = "vdeliver-lmtp-links", "vdeliver LMTP, delivered_to = false (hard links)"
     links.settings = "delivered_to = false\n"
+    links.lmtp_settings = vd.lmtp_settings
     links.prepare(ctx)
     try:
         for fmt in args.formats.split(","):
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"- Machine: {machine()}; shared with other jobs, so read the ratios (both servers measured in the "
          "same run, taking turns batch by batch, the order alternating)."),
         ("- Both servers as the vmail user, fsyncing every message (vdeliver: as its command line; Dovecot: "
-         "`mail_fsync = optimized`); one persistent connection per client over the unix socket."),
+         "`mail_fsync = optimized`); one persistent connection per client over the unix socket. "
+         f"vdeliver-lmtpd with `[lmtp] processes = {args.processes}` (Dovecot: a process per connection)."),
         *[f"- Skipped: {s}" for s in skipped],
         *[f"- Cell failed: {f}" for f in failed],
         "",
