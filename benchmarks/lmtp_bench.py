@@ -158,8 +158,10 @@ def start_vdeliver(tree: Tree, clients: int) -> Server:
         f.write(f'format = "{tree.fmt}"\nmbox_path = "{tree.vbox}/{{domain}}/{{user}}"\n'
                 f'maildir_path = "{tree.home}/{{domain}}/{{user}}/Maildir"\n'
                 f'spool_dir = "{tree.base}/spool"\nlog = "none"\n'
+                + getattr(tree, "settings", "")  # more top-level keys (lmtp_grid: delivered_to = false)
                 + (f'user = "{tree.owner[0]}"\n' if tree.owner else "")
                 + f'\n[lmtp]\nsocket = "{sock}"\nmax_connections = {max(20, clients + 2)}\n'
+                + getattr(tree, "lmtp_settings", "")  # more [lmtp] keys (lmtp_grid: processes)
                 + ("\n[sieve]\nenabled = true\n" if tree.sieve else ""))
     os.chmod(conf, 0o644)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C", "PYTHONPATH": ROOT}

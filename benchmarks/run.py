@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip benchmarks/cli_bench.py (command line start-up, 10 MB, growth curves)")
     p.add_argument("--no-socketmap", action="store_true",
                    help="skip the socketmap server's run (benchmarks/socketmap_load.py; full mode only)")
+    p.add_argument("--no-lmtp-grid", action="store_true", help="skip the LMTP grid (benchmarks/lmtp_grid.py)")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -333,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         socketmap_run(out, say)
     for line in bad:
         say(f"INTEGRITY: {line}")
+    if not (args.no_lmtp_grid or args.only or args.cells):
+        # Issue 21's LMTP grid: its own entry, its own results file (lmtp-grid.md beside latest.md).
+        from benchmarks import lmtp_grid
+
+        say("the LMTP grid (benchmarks/lmtp_grid.py)")
+        if lmtp_grid.main(["--out", os.path.join(out, "lmtp-grid.md")] + (["--quick"] if args.quick else [])):
+            bad.append("the LMTP grid: a cell failed or a message was not delivered intact")
     if not args.keep and not args.workdir:
         if args.out or not args.quick:
             shutil.rmtree(workdir, ignore_errors=True)

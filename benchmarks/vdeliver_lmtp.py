@@ -18,9 +18,13 @@ from benchmarks.agents import Context, ResidentAgent, proc_usage, session_pids
 class _Tree:
     """The attributes lmtp_bench.start_vdeliver() reads from its Tree, pointing into our layout."""
 
-    def __init__(self, ctx: Context, fmt: str) -> None:
+    def __init__(self, ctx: Context, fmt: str, key: str = "vdeliver-lmtp", settings: str = "",
+                 lmtp_settings: str = "") -> None:
         self.fmt = fmt
-        self.base = ctx.path(f"vdeliver-lmtp-{fmt}")
+        self.lmtp_settings = lmtp_settings  # more [lmtp] lines
+        self.sieve = False  # start_vdeliver() enables [sieve] when the tree has scripts
+        self.settings = settings  # more top-level configuration lines
+        self.base = ctx.path(f"{key}-{fmt}")
         self.vbox = ctx.layout.vbox
         self.home = ctx.layout.home
         self.run = os.path.join(self.base, "run")
@@ -37,6 +41,9 @@ class VdeliverLmtp(ResidentAgent):
     key = "vdeliver-lmtp"
     label = "vdeliver LMTP (resident)"
     fsync = "as the vdeliver command line"
+    connections = 16  # concurrent clients the server must admit (the grid sets more)
+    settings = ""  # more top-level configuration lines (a variant sets its own key and label too)
+    lmtp_settings = ""  # more [lmtp] lines
 
     def missing(self) -> str | None:
         try:
@@ -58,7 +65,8 @@ class VdeliverLmtp(ResidentAgent):
             return
         from benchmarks import lmtp_bench
 
-        self.servers[fmt] = lmtp_bench.start_vdeliver(_Tree(self.ctx, fmt), 16)  # type: ignore[arg-type]
+        tree = _Tree(self.ctx, fmt, self.key, self.settings, self.lmtp_settings)
+        self.servers[fmt] = lmtp_bench.start_vdeliver(tree, self.connections)  # type: ignore[arg-type]
 
     def socket_path(self, fmt: str) -> str:
         return str(self.servers[fmt].socket)  # type: ignore[attr-defined]

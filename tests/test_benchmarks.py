@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IS_ROOT, ROOT, require
+from tests.helpers import IS_ROOT, ROOT, require, require_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
@@ -48,6 +48,10 @@ def test_quick_run_delivers_every_message_intact(tmp_path: Path) -> None:
     cells = {r["cell"] for r in rows}
     assert any("-1w" in c for c in cells) and any("w-one" in c for c in cells) and any("w-many" in c for c in cells)
     assert {r["format"] for r in rows} == {"mbox", "maildir"}
+
+    if IS_ROOT:
+        grid = (out / "lmtp-grid.md").read_text()
+        assert grid.startswith("# The LMTP grid") and "| maildir | 1 | 8 |" in grid
 
     try:
         import matplotlib  # noqa: F401
@@ -122,3 +126,30 @@ def test_socketmap_quick_run_measures_every_cell(tmp_path: Path) -> None:
         assert "matplotlib is not installed" in md
     else:
         assert (out / "socketmap-growth.png").stat().st_size > 1000
+
+
+def test_lmtp_grid_quick_run_fills_every_cell_intact(tmp_path: Path) -> None:
+    """benchmarks/lmtp_grid.py --quick: both LMTP servers in every cell of the grid (1 and a few
+    clients, 1 and 8 mailboxes, both formats), every message read back intact."""
+    require_root("a private Dovecot and the vmail user")
+    require("dovecot")
+    out = tmp_path / "lmtp-grid.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lmtp_grid", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| mbox", "| maildir"))]
+    assert len(rows) == 8, rows  # 2 formats x (1, 4 clients) x (1, 8 mailboxes)
+    for row in rows:
+        cols = [c.strip() for c in row.strip("|").split("|")]
+        assert cols[3] != "-" and cols[4] != "-", row  # both servers measured
+        v, d = cols[9].split(" / ")
+        assert v.endswith("intact") and d.endswith("intact") and "missing" not in cols[9], row
+    assert "the fsync floor" in out.read_text()
+    # Several recipients a message: the hard-link variant stores one file for all 8 recipients.
+    multi = [line for line in out.read_text().splitlines() if line.startswith(("| vdeliver LMTP", "| Dovecot LMTP"))]
+    assert len(multi) == 3, multi
+    links = next(line for line in multi if "delivered_to = false" in line)
+    assert "| 8.0 |" in links and all(line.rstrip(" |").endswith("intact") for line in multi), multi

@@ -472,6 +472,43 @@ def test_sigterm_finishes_the_message_in_flight(start: StartLmtpd, mailroot: Mai
     assert "stopped" in server.log()
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """[lmtp] processes = 3: three processes accept on the one socket (deliveries use every
+    core); connections are served whichever takes them; SIGTERM to the first stops them all,
+    and only the first removes the socket and the pid file."""
+    box = mailroot.add_maildir("away.com", "fred")
+    server = start(processes=3)
+    assert server.proc is not None
+    deadline = time.monotonic() + 10
+    while len(workers := _children(server.proc.pid)) < 2:
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.05)
+    clients = [server.client() for _ in range(6)]
+    for i, c in enumerate(clients):
+        assert transaction(c, "s@example.org", ["fred@away.com"], MSG + f"n{i}\r\n".encode())["fred@away.com"][0] == 250
+        c.quit()
+    assert len(os.listdir(box / "new")) == 6
+    assert server.log().count("listening on") == 1
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} still running"
+    assert not server.pid_file.exists() and not server.socket.exists()
+
+
 def test_sighup_reloads_and_keeps_a_good_config(start: StartLmtpd, mailroot: MailRoot) -> None:
     server = start(max_message_size=1000)
     with server.client() as c:

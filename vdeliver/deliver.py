@@ -147,8 +147,21 @@ class Result:
         return "; ".join(where) + " (sieve)" if where else "discarded by sieve"
 
 
+class Copies:
+    """One record stored for several recipients (the LMTP server's transaction, prepared once):
+    where the first Maildir copy of `msg` went, so that the others are hard links to it
+    (maildir.link_copy) instead of copies.  Only a store of `msg` itself, unedited and without
+    flags, may link: any other record's bytes differ."""
+
+    __slots__ = ("msg", "source")
+
+    def __init__(self, msg: "Prepared") -> None:
+        self.msg = msg
+        self.source: "tuple[str, str] | None" = None  # (Maildir, name in its new/); set once
+
+
 def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", notes: "list[str]",
-           flags: "tuple[str, ...]" = ()) -> object:
+           flags: "tuple[str, ...]" = (), copies: "Copies | None" = None) -> object:
     """Store into one mailbox; returns what _undo() needs to take it back.  IMAP flags (from
     a Sieve script) go where Dovecot reads them (vdeliver.flags)."""
     bounce = cfg.over_quota == "bounce"
@@ -174,10 +187,17 @@ def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", note
         return receipt
     from vdeliver import maildir
 
-    name = maildir.deliver(
-        target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
-        tmp_max_age=cfg.maildir_tmp_max_age,
-    )
+    linkable = copies is not None and msg is copies.msg and not flags and not target.create
+    name = None
+    if linkable and copies is not None and copies.source is not None:
+        name = maildir.link_copy(target.path, *copies.source, msg, host=cfg.host(), over_quota_bounce=bounce)
+    if name is None:
+        name = maildir.deliver(
+            target.path, msg, host=cfg.host(), create_missing=target.create, over_quota_bounce=bounce,
+            tmp_max_age=cfg.maildir_tmp_max_age,
+        )
+        if linkable and copies is not None and copies.source is None:
+            copies.source = (target.path, name)  # two threads may race here: either copy will do
     letters = ""
     if flags:
         from vdeliver.flags import maildir_info
@@ -326,18 +346,22 @@ def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned:
 
 
 def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None,
-            log: "Log | None" = None, shared: "dict[str, object] | None" = None, refuse: bool = False) -> Result:
+            log: "Log | None" = None, shared: "dict[str, object] | None" = None, refuse: bool = False,
+            prepared: "Prepared | None" = None, copies: "Copies | None" = None) -> Result:
     """Read the message from fd and store it for rcpt.  Raises DeliveryError.  `log` hears
     what crash recovery did to the mailbox (the caller's logger).  `shared`: one dict for all
     the recipients of one message (the LMTP server's transaction), where Sieve keeps the
     message parsed once.  `refuse`: the caller can still refuse the message in its protocol
-    (LMTP, before its reply), so a script's reject always refuses."""
+    (LMTP, before its reply), so a script's reject always refuses.  `prepared`: the record
+    already prepared by the caller (fd is not read; the caller closes it): the LMTP server
+    prepares a message once for all its Maildir recipients (message.for_recipient()), and
+    `copies` lets the stores of that very record be hard links to its first copy."""
     from vdeliver import message
 
     if target is None:
         target = resolve(cfg, rcpt)
     is_mbox = target.format == "mbox"
-    msg = message.prepare(
+    msg = prepared or message.prepare(
         fd,
         sender=sender,
         recipient=rcpt.address,
@@ -350,7 +374,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         spool_dir=cfg.spool_dir,
     )
     phase("read")
-    spooled = msg  # closed at the end, whatever copy of the record was stored
+    spooled = None if prepared else msg  # closed at the end, whatever copy of the record was stored
     try:
         dedup = _dedup_claim(cfg, rcpt, msg, log) if cfg.dedup_seconds > 0 else None
         if dedup is not None and dedup[0] is None:
@@ -390,7 +414,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         done: list[tuple[Target, object]] = []
         try:
             for store in stores:
-                done.append((store, _store(cfg, store, msg, log, notes, flags.get(store.path, ()))))  # noqa: PERF401 - recorded as each completes, for the undo
+                done.append((store, _store(cfg, store, msg, log, notes, flags.get(store.path, ()), copies)))  # noqa: PERF401 - recorded as each completes, for the undo
             # Redirects go once every store stands (a store can be taken back, a sent message
             # cannot).  One that is not sent leaves the message in the INBOX.
             sent: "list[str]" = []
@@ -400,7 +424,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
                 sent = redirect.send(cfg, rcpt, home, msg, redirects, log)
             if len(sent) < len(redirects) and all(s.path != target.path for s in stores):
                 stores.append(target)
-                done.append((target, _store(cfg, target, msg, log, notes)))
+                done.append((target, _store(cfg, target, msg, log, notes, copies=copies)))
         except BaseException:
             for store, receipt in reversed(done):  # a later store failed: no copy may stay behind
                 _undo(cfg, store, receipt, log)
@@ -423,6 +447,7 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         return result
     finally:
         try:
-            spooled.close()
+            if spooled is not None:
+                spooled.close()
         except OSError:  # the spool only; whatever the store did stands
             pass

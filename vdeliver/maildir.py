@@ -386,6 +386,63 @@ def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_b
     raise fail("cannot write mailbox", f"{path}/new: no unique name after 10 tries")
 
 
+def link_copy(path: str, source: str, source_name: str, msg: Prepared, *, host: str,
+              over_quota_bounce: bool = False) -> "str | None":
+    """Store msg in the Maildir at path as a hard link to a copy of the same bytes already
+    delivered to source/new/source_name (another recipient of the same LMTP transaction), as
+    Dovecot does; returns the new name, or None when a link cannot stand for a copy here
+    (another file system or owner, the source already moved by a mail reader, a link limit):
+    the caller then writes a copy with deliver().  Quota is checked and counted as for a
+    copy; new/ is synced before returning, as after deliver()."""
+    mfd = _open_dir(path)
+    sfd = nfd = -1
+    try:
+        nfd = _open_sub(mfd, "new", path)
+        try:
+            sfd = _open_sub_of(source, "new")
+            st = os.stat(source_name, dir_fd=sfd, follow_symlinks=False)
+        except (OSError, DeliveryError):
+            return None
+        here = os.fstat(mfd)
+        # Never across owners or file systems: the link shares the inode, its owner and mode.
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != here.st_uid or st.st_dev != here.st_dev
+                or st.st_size != msg.length):
+            return None
+        update_quota = check_quota(path, msg.length, over_quota_bounce, mfd)
+        for _attempt in range(10):
+            name = unique_name(host, msg.length, msg.rfc822_size)
+            try:
+                os.link(source_name, name, src_dir_fd=sfd, dst_dir_fd=nfd, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            except OSError:
+                return None  # EMLINK, EXDEV, ENOENT (moved to cur/ meanwhile): write a copy
+            try:
+                os.fsync(nfd)
+            except OSError as exc:
+                _remove(name, nfd)  # not acknowledged: the client will try again
+                raise DeliveryError(status_for_errno(exc.errno or errno.EIO, path, over_quota_bounce)) from None
+            if update_quota:
+                _add_to_quota(mfd, msg.length)
+            return name
+        return None
+    finally:
+        for fd in (sfd, nfd, mfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _open_sub_of(path: str, sub: str) -> int:
+    fd = _open_dir(path)
+    try:
+        return _open_sub(fd, sub, path)
+    finally:
+        os.close(fd)
+
+
 def set_flags(path: str, name: str, letters: str) -> str:
     """Move a message just delivered from new/NAME to cur/NAME:2,LETTERS, as a mail reader does
     when it sets flags, and make the move durable; returns the new name.  A crash in between

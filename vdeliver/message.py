@@ -562,3 +562,28 @@ def prepare(
     except BaseException:
         spool.close()
         raise
+
+
+def for_recipient(msg: Prepared, recipient: str, return_path: bool, delivered_to: bool) -> Prepared:
+    """One recipient's record from a Maildir record prepared once for every recipient of a
+    message (prepare(..., mbox=False, delivered_to=False)): the same bytes prepare() would
+    have made for this recipient alone, i.e. its `Delivered-To:` line after our
+    `Return-Path:` line, and a `Delivered-To:` already naming it refused as a loop (5.4.6).
+    Without delivered_to every recipient's record is `msg` itself (byte for byte the same:
+    the LMTP server may then hard-link one file into several Maildirs).  The body is never
+    copied; the caller closes `msg` once, after the last recipient."""
+    if not delivered_to:
+        return msg
+    head = msg.spool.head(MAX_HEADER + (1 << 16))
+    if head.startswith(b"\n"):
+        block = b""  # no header at all
+    else:
+        end = head.find(b"\n\n")
+        block = head[:end + 1] if end >= 0 else head  # no empty line: the header runs to the end
+    want = recipient.lower().encode("utf-8", "surrogateescape")
+    if _filter_headers(block, frozenset(), want)[1]:
+        raise DeliveryError(Status("5.4.6", "mail forwarding loop", f"Delivered-To: {recipient} already present"))
+    at = head.find(b"\n") + 1 if return_path and head.startswith(b"Return-Path: <") else 0
+    line = b"Delivered-To: " + recipient.encode("utf-8", "surrogateescape") + b"\n"
+    view = Spliced(msg.spool, head[:at] + line, at)
+    return Prepared(view, msg.sender, view.length, msg.lf_count + 1, msg.input_size, msg.had_from_line)

@@ -172,8 +172,8 @@ class Server:
 
     def reload(self, cfg: Config, opts: Settings) -> None:
         if opts.restart_keys() != self.opts.restart_keys():
-            self.log.warning("reload: changes to socket*, tcp, pid_file, user, group, max_connections and "
-                             "delivery_threads take effect after a restart")
+            self.log.warning("reload: changes to socket*, tcp, pid_file, user, group, max_connections, "
+                             "delivery_threads and processes take effect after a restart")
         self.cfg, self.opts = cfg, opts
 
     def _drain(self) -> None:
@@ -295,6 +295,54 @@ class Server:
                 self._pool = ThreadPoolExecutor(self.opts.delivery_threads, thread_name_prefix="deliver")
             return self._pool
 
+
+
+def _fork_workers(server: Server, count: int) -> tuple[bool, list[int]]:
+    """[lmtp] processes: `count` more processes accepting on the same listeners, so that
+    deliveries use every core (one Python process runs its threads' Python code on one core at a
+    time).  Forked once the sockets are bound and root is given up, before any thread starts.
+    Returns (True, []) in a worker and (False, pids) in the first process, which alone owns the
+    socket file, the pid file, the metrics endpoint and the service manager's notifications,
+    and passes its signals on."""
+    pids: list[int] = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            os.environ.pop("NOTIFY_SOCKET", None)
+            server._socket_ino = -1  # the socket file is the first process's to remove
+            metrics, server.metrics_server = server.metrics_server, None
+            if metrics is not None and metrics.sock is not None:
+                metrics.sock.close()  # no shutdown(): the socket itself is shared
+            return True, []
+        pids.append(pid)
+    return False, pids
+
+
+def _reap(pids: list[int], grace: int, logger: Logger) -> None:
+    """Wait for the workers to finish their messages (as long as shutdown_grace, and a little)."""
+    deadline = time.monotonic() + grace + 5
+    left = list(pids)
+    while left:
+        for pid in list(left):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                left.remove(pid)
+        if left and time.monotonic() > deadline:
+            logger.warning(f"{len(left)} worker process(es) still running after shutdown_grace: killed")
+            import signal
+
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
+            return
+        if left:
+            time.sleep(0.05)
 
 
 def _refuse(client: socket.socket, reply: p.Reply) -> None:
@@ -436,10 +484,16 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     except BaseException:
         server.close_listeners()
         raise
+    worker, workers = _fork_workers(server, opts.processes - 1)
 
     reload_wanted = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        for pid in workers:  # the workers follow the first process: stop, or reload
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
         if signum == signal.SIGHUP:
             reload_wanted.set()
         else:
@@ -475,8 +529,11 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     if server.metrics_server is not None:
         server.metrics_server.start()
         where += f" (metrics on {server.metrics_server.describe()})"
-    logger.info(f"listening on {where} (vdeliver {__version__}, max_connections={opts.max_connections})")
-    unixd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
+    if not worker:
+        processes = f", processes={opts.processes}" if opts.processes > 1 else ""
+        logger.info(f"listening on {where} (vdeliver {__version__}, max_connections={opts.max_connections}"
+                    f"{processes})")
+        unixd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
     try:
         server.serve(wake_r, on_wake)
     finally:
@@ -487,8 +544,9 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
-        if pid_file is not None:
+        if pid_file is not None and not worker:
             pid_file.remove()
+        _reap(workers, opts.shutdown_grace, logger)
     logger.info("stopped")
     if server.abandoned:
         # Delivery threads still waiting on a lock would hold interpreter shutdown (it joins

@@ -308,7 +308,8 @@ class Connection:
             # a 5xx would make sendmail bounce the message.  Kept byte for byte (surrogates);
             # the log shows the bytes as \xNN, the From_ line and Return-Path as they came.
             line = body.decode("utf-8", "surrogateescape")
-        if not all(" " <= ch != "\x7f" or ch == "\t" for ch in line):
+        # (The common line is printable ASCII, checked in C; only the others are walked.)
+        if not (line.isascii() and line.isprintable()) and not all(" " <= ch != "\x7f" or ch == "\t" for ch in line):
             return self._reject("", Reply(500, "5.5.2", "control characters in a command"))
         verb, _, arg = line.partition(" ")
         verb = verb.upper()

@@ -10,8 +10,13 @@ message again.
 The message is streamed to an unnamed spool file (fileio.anonymous_spool): a client that
 disconnects mid-DATA leaves nothing behind, and nothing is delivered.
 
+Several Maildir recipients share one prepared record (message.for_recipient() adds each
+one's Delivered-To), and when their bytes are the same (delivered_to = false) one file is
+hard-linked into their Maildirs, as Dovecot does (docs/lmtp.md).
+
 What a Session needs from the server that runs it is the `Host` protocol below, so this
-module never imports the daemon.
+module never imports the daemon.  Over 400 lines on purpose: the transaction's spool, its
+recipients' deliveries and their replies in RCPT order share the session's state.
 """
 
 from __future__ import annotations
@@ -20,16 +25,17 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from vdeliver.config import Config
-from vdeliver.deliver import Target, deliver, resolve
+from vdeliver.deliver import Copies, Target, deliver, resolve
 from vdeliver.errors import DeliveryError, Status
 from vdeliver.fileio import anonymous_spool, write_all
 from vdeliver.lmtp import protocol as p
 from vdeliver.lmtp.settings import Settings
 from vdeliver.log import Logger, delivery_line
+from vdeliver.message import Prepared, for_recipient
 from vdeliver.recipient import Recipient, parse
 
 TYPE_CHECKING = False
@@ -102,11 +108,14 @@ class Session:
         # previous answer, and a message within transaction_time_limit of DATA.
         self.command_started = time.monotonic()
         self.data_started = 0.0
+        self.kernel_timeouts = False  # SO_RCVTIMEO/SO_SNDTIMEO set (run())
 
     def run(self) -> None:
         conn = self.conn
         conn.greeting()
-        self.sock.settimeout(POLL)
+        self.kernel_timeouts = _kernel_timeouts(self.sock, POLL, self.server.opts.timeout)
+        if not self.kernel_timeouts:
+            self.sock.settimeout(POLL)
         try:
             while True:
                 if self.server.stopping.is_set():
@@ -135,6 +144,12 @@ class Session:
         out = self.conn.data_to_send()
         if not out:
             return True
+        if self.kernel_timeouts:  # SO_SNDTIMEO is the command timeout already
+            try:
+                self.sock.sendall(out)
+                return True
+            except OSError:
+                return False
         try:
             # A client may be slow to read (it pipelines): give it the command timeout, not POLL.
             self.sock.settimeout(self.server.opts.timeout)
@@ -170,7 +185,7 @@ class Session:
                 return False
             try:
                 data = self.sock.recv(RECV)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO ran out
                 waited += POLL
                 limit = server.opts.data_timeout if conn.state == p.DATA else server.opts.timeout
                 if waited >= limit:
@@ -272,6 +287,10 @@ class Session:
                 self.conn.answer_data(reply_for(status, address))
             self._reset()
             return
+        if sum(1 for _a, _r, target in targets if target.format == "maildir") > 1:
+            self._deliver_shared(txn)
+            self._reset()
+            return
         readers = [_reopen(txn.spool) for _ in targets] if len(targets) > 1 else []
         if len(targets) > 1 and all(fd >= 0 for fd in readers):
             # Several recipients: deliver in parallel, answer in RCPT order as each is ready.
@@ -293,18 +312,83 @@ class Session:
                 self._send()
         self._reset()
 
+    def _deliver_shared(self, txn: _Txn) -> None:
+        """Several Maildir recipients: the message is read and prepared once for all of them
+        (message.for_recipient() adds each one's Delivered-To).  When every recipient's bytes
+        are the same (delivered_to = false), the first copy is written and the others are hard
+        links to it (maildir.link_copy), as Dovecot's LMTP does; with Delivered-To each copy
+        differs, so each is written, from the one prepared record, all in parallel.  For links
+        the first Maildir recipient is stored first, here; the others then in parallel (links,
+        or their own copies when a link cannot be made).  mbox recipients as usual.  Replies in
+        RCPT order, each recipient's its own."""
+        from vdeliver.message import prepare
+
+        cfg = txn.cfg
+        shared: Prepared | Status
+        try:
+            os.lseek(txn.spool, 0, os.SEEK_SET)
+            shared = prepare(txn.spool, sender=txn.sender, recipient="", mbox=False, escape=cfg.mbox_escape,
+                             return_path=cfg.return_path, delivered_to=False, max_size=cfg.max_message_size,
+                             spool_threshold=cfg.spool_threshold, spool_dir=cfg.spool_dir)
+        except DeliveryError as exc:
+            shared = exc.status  # the same for every Maildir recipient: each is answered with it
+        except OSError as exc:
+            shared = Status("4.3.0", "cannot read spool", exc.strerror or str(exc))
+        copies = None if isinstance(shared, Status) else Copies(shared)
+        pool = self.server.pool()
+        answers: list[p.Reply | Future[p.Reply]] = []
+        # Links need a first copy to link to: it is stored before the others start.  Copies
+        # that differ (Delivered-To) are all written at once: their fsyncs overlap.
+        first = not cfg.delivered_to
+        try:
+            for address, rcpt, target in txn.targets:
+                if target.format != "maildir":
+                    fd = _reopen(txn.spool)
+                    if fd >= 0:
+                        answers.append(pool.submit(self._deliver_one, txn, address, rcpt, target, fd))
+                    else:
+                        os.lseek(txn.spool, 0, os.SEEK_SET)
+                        answers.append(self._deliver_one(txn, address, rcpt, target, txn.spool, own=False))
+                elif copies is None:
+                    assert isinstance(shared, Status)
+                    self._log(rcpt.address, shared, txn.size, shared.reason + (f": {shared.detail}"
+                                                                               if shared.detail else ""))
+                    answers.append(reply_for(shared, address))
+                elif first:
+                    first = False
+                    answers.append(self._deliver_one(txn, address, rcpt, target, -1, own=False, copies=copies))
+                else:
+                    answers.append(pool.submit(self._deliver_one, txn, address, rcpt, target, -1, False, copies))
+            for answer in answers:
+                self.conn.answer_data(answer if isinstance(answer, p.Reply) else answer.result())
+                self._send()
+        finally:
+            for answer in answers:
+                if not isinstance(answer, p.Reply):
+                    answer.exception()  # every delivery over before the record is closed
+            if copies is not None:
+                copies.msg.close()
+
     def _deliver_one(self, txn: _Txn, given: str, rcpt: Recipient, target: Target, fd: int,
-                     own: bool = True) -> p.Reply:
-        """Deliver one copy; the reply names the address as the client gave it, the log as resolved."""
+                     own: bool = True, copies: Copies | None = None) -> p.Reply:
+        """Deliver one copy; the reply names the address as the client gave it, the log as resolved.
+        With `copies`, the record prepared once for the transaction (fd is not read)."""
         address = rcpt.address
         try:
-            lock = self.server.mailbox_lock(target.path)
-            if not lock.acquire(timeout=txn.cfg.lock_timeout):
+            # An mbox takes fcntl locks, which are per process: two of our threads must never
+            # meet inside them.  A Maildir needs no lock (unique names, link(), rename()), and
+            # deliveries to one Maildir in parallel let their fsyncs share journal commits.
+            lock = self.server.mailbox_lock(target.path) if target.format == "mbox" else None
+            if lock is not None and not lock.acquire(timeout=txn.cfg.lock_timeout):
                 raise DeliveryError(Status("4.2.0", "mailbox is locked", f"{target.path}: busy in this server"))
             try:
-                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared, refuse=True)
+                msg = None if copies is None else for_recipient(copies.msg, address, txn.cfg.return_path,
+                                                                txn.cfg.delivered_to)
+                result = deliver(txn.cfg, rcpt, fd, txn.sender, target, self.server.log, txn.shared, refuse=True,
+                                 prepared=msg, copies=copies)
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
         except DeliveryError as exc:
             status = exc.status
             self._log(address, status, txn.size, status.reason + (f": {status.detail}" if status.detail else ""))
@@ -367,6 +451,23 @@ def _over_quota(path: str, declared: int, bounce: bool) -> Status | None:
         return None
     return Status("5.2.2" if bounce else "4.2.2", "mailbox full",
                   f"{path}: {reached}" + (f", SIZE={declared}" if declared else ""))
+
+
+def _kernel_timeouts(sock: socket.socket, receive: float, send: float) -> bool:
+    """A blocking socket whose recv() gives up after `receive` seconds and send() after `send`
+    (SO_RCVTIMEO, SO_SNDTIMEO).  Python's own socket timeout would poll() before every recv()
+    and send() and switch the descriptor's blocking mode around each reply: three system calls
+    a command that, with many connections, each hand the interpreter lock to another thread.
+    False if the kernel refuses (the caller uses settimeout())."""
+    import struct
+
+    try:
+        sock.settimeout(None)
+        for option, seconds in ((socket.SO_RCVTIMEO, receive), (socket.SO_SNDTIMEO, send)):
+            sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    except OSError:
+        return False
+    return True
 
 
 def _reopen(fd: int) -> int:

@@ -19,6 +19,7 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "max_recipients": (1000, "count"),
     "max_message_size": (None, "size"),
     "delivery_threads": (8, "count"),
+    "processes": (1, "count"),
     "pid_file": ("", "path?"),
     "user": (None, "str"),
     "group": (None, "str"),
@@ -44,6 +45,7 @@ class Settings:
     max_recipients: int
     max_message_size: int
     delivery_threads: int
+    processes: int  # processes accepting on the socket (each with its own max_connections)
     pid_file: str
     user: str
     group: str
@@ -58,7 +60,7 @@ class Settings:
 
     def restart_keys(self) -> tuple[object, ...]:
         return (self.socket, self.socket_mode, self.socket_owner, self.tcp, self.user, self.group, self.pid_file,
-                self.max_connections, self.delivery_threads, self.metrics)
+                self.max_connections, self.delivery_threads, self.metrics, self.processes)
 
 
 def settings(cfg: Config) -> Settings:
