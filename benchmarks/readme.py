@@ -27,7 +27,7 @@ END = "<!-- results: end -->"
 class Source:
     path: str  # under benchmarks/results
     title: str  # what the README calls it
-    sections: tuple[str, ...]  # headings ("## ...") whose tables are shown; "" = before the first heading
+    sections: tuple[str, ...]  # heading prefixes ("## ...") whose tables are shown; "" = before the first heading
 
 
 SOURCES = (
@@ -81,12 +81,16 @@ def render_source(source: Source, results: str = RESULTS) -> list[str]:
     link = f"[benchmarks/results/{source.path}](benchmarks/results/{source.path})"
     out = [f"**{source.title}** ({_when(lines)}; {link}):", ""]
     for heading in source.sections:
-        chosen = [line for line in parts.get(heading, []) if _wanted(line)]
+        found = [lines for name, lines in parts.items() if name == heading or (heading and name.startswith(heading))]
+        chosen = [line for lines in found for line in lines if _wanted(line)]
         if not chosen:
             continue
         if out[-1].startswith("|") and chosen[0].startswith("|"):
             out.append("")  # two tables must not run together
-        out.extend(chosen)
+        for line in chosen:
+            if out[-1].startswith("|") and not line.startswith("|"):
+                out.append("")  # a list right after a table starts a paragraph of its own
+            out.append(line)
     out.append("")
     return out
 

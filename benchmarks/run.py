@@ -341,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         say("the LMTP grid (benchmarks/lmtp_grid.py)")
         if lmtp_grid.main(["--out", os.path.join(out, "lmtp-grid.md")] + (["--quick"] if args.quick else [])):
             bad.append("the LMTP grid: a cell failed or a message was not delivered intact")
+    if not args.quick and out == RESULTS and not (args.only or args.cells):
+        # A full run into the committed results: the README's results block follows them.
+        from benchmarks import readme
+
+        try:
+            say("README.md: results block " + ("rewritten" if readme.update() else "unchanged"))
+        except (readme.MissingResult, ValueError) as exc:
+            say(f"README.md: results block not rewritten: {exc}")
     if not args.keep and not args.workdir:
         if args.out or not args.quick:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -153,3 +153,20 @@ def test_lmtp_grid_quick_run_fills_every_cell_intact(tmp_path: Path) -> None:
     assert len(multi) == 3, multi
     links = next(line for line in multi if "delivered_to = false" in line)
     assert "| 8.0 |" in links and all(line.rstrip(" |").endswith("intact") for line in multi), multi
+
+
+def test_readme_results_block_is_what_the_results_make() -> None:
+    """The README's results block is made from benchmarks/results by benchmarks/readme.py, never
+    typed: after a result file changes, `python -m benchmarks.readme` must be run (make bench does)."""
+    from benchmarks import readme
+
+    text = (ROOT / "README.md").read_text()
+    assert readme.BEGIN in text and readme.END in text
+    assert readme.splice(text, readme.render()) == text, "run: python -m benchmarks.readme"
+
+
+def test_readme_block_names_a_missing_result_file(tmp_path: Path) -> None:
+    from benchmarks import readme
+
+    with pytest.raises(readme.MissingResult, match="missing"):
+        readme.render(str(tmp_path))
