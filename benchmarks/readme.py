@@ -32,7 +32,8 @@ class Source:
 
 SOURCES = (
     Source("key-rows/latest.md", "Every agent, 4 KB messages, empty mailbox, one writer", ("## Summary",)),
-    Source("cli.md", "The command line: start-up and 10 MB messages", ("## Start-up", "## Large messages")),
+    Source("cli.md", "The command line: start-up, 10 MB messages, growing mailboxes",
+           ("## Start-up", "## Large messages", "## Growth")),
     Source("journal.md", "mbox crash journal: syncs a message", ("",)),
     Source("lmtp-grid.md", "LMTP: vdeliver-lmtpd against Dovecot LMTP", ("",)),
     Source("socketmap.md", "socketmap server against bare echo servers", ("## Goals",)),
