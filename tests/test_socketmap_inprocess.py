@@ -1,0 +1,175 @@
+"""vdeliver-socketmapd's answer loop (loop.py) and server (daemon.py) run inside the test process.
+
+The other socketmap tests start the real server as a process, as sendmail meets it; these run the
+same Server on a thread of the test, so the loop's paths (cached answers, misses through the
+lookup threads, pipelined requests, protocol errors, deadlines, the connection cap, metrics) are
+exercised where a debugger and coverage see them.  SQLite accounts; no timing assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.socketmap_harness import Client, populate, write_config
+from vdeliver import config as config_module
+from vdeliver.accounts.maps import local_mailbox
+from vdeliver.log import Logger
+from vdeliver.socketmap import protocol as p
+from vdeliver.socketmap.daemon import Server
+from vdeliver.socketmap.lookup import open_backend
+from vdeliver.socketmap.settings import load_settings
+
+
+@contextmanager
+def in_process(base: Path, socketmap: str = "") -> Iterator[Server]:
+    """The server of `base`'s configuration, serving on a thread of this process until the end."""
+    config = write_config(base, f'database = "{base}/accounts.sqlite"', socketmap)
+    populate(config)
+    cfg = config_module.load(str(config))
+    settings = load_settings(cfg)
+    log = Logger("vdeliver-socketmapd", cfg.syslog_facility, str(base / "server.log"))
+    server = Server(settings, open_backend(cfg, log), log)
+    loop = asyncio.new_event_loop()
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            loop.run_until_complete(server.run(install_signals=False))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failed.append(exc)
+
+    thread = threading.Thread(target=serve, name="test-socketmapd", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.ready and not failed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.ready, failed
+    try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(server.stop)
+        thread.join(20)
+        assert not thread.is_alive(), "the server did not stop"
+        loop.close()
+        assert not failed, failed
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def test_answers_cached_and_uncached_keys_in_order_on_one_connection(base: Path) -> None:
+    with in_process(base) as server:
+        c = Client(str(base / "out.sock"))
+        try:
+            first = c.ask("virtuser", "fred@away.com")  # a miss: through a lookup thread
+            assert first == p.ok(local_mailbox("fred", "away.com"))
+            assert c.ask("virtuser", "fred@away.com") == first  # a cached answer, from the loop itself
+            assert c.ask("virtuser", "nobody@away.com") == p.NOTFOUND
+            # Several requests in one write: the replies come back in the order asked.
+            keys = ["fred@home.com", "nobody@away.com", "fred@away.com", "wilma@home.com"]
+            c.send_raw(b"".join(p.encode_request("virtuser", k) for k in keys))
+            replies = [c.read_reply() for _ in keys]
+            assert replies[0] == p.ok(local_mailbox("fred", "home.com"))
+            assert replies[1] == p.NOTFOUND
+            assert replies[2] == first
+            assert replies[3] == p.ok(local_mailbox("wilma", "home.com"))
+            assert server.resolver.stats["hit"] >= 2 and server.resolver.stats["miss"] >= 3
+        finally:
+            c.close()
+
+
+def test_an_unknown_map_is_a_permanent_error_and_the_connection_goes_on(base: Path) -> None:
+    with in_process(base):
+        c = Client(str(base / "out.sock"))
+        try:
+            reply = c.ask("no-such-map", "x")
+            assert reply.status == "PERM"
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+        finally:
+            c.close()
+
+
+@pytest.mark.parametrize("garbage", [b"x:abc,", b"999999999999:", b"3:a b;"],
+                         ids=["no-length", "huge-length", "bad-terminator"])
+def test_a_broken_netstring_ends_that_connection_only(base: Path, garbage: bytes) -> None:
+    with in_process(base):
+        bad = Client(str(base / "out.sock"), timeout=5)
+        good = Client(str(base / "out.sock"))
+        try:
+            bad.send_raw(garbage)
+            assert bad.closed_by_peer() or bad.read_reply() is not None
+            assert good.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+        finally:
+            bad.close()
+            good.close()
+
+
+def test_a_client_silent_mid_request_is_closed_after_client_timeout(base: Path) -> None:
+    with in_process(base, "client_timeout = 0.3\nidle_timeout = 30"):
+        c = Client(str(base / "out.sock"), timeout=10)
+        try:
+            c.send_raw(b"20:virtuser fr")  # half a request, then nothing
+            assert c.closed_by_peer()
+        finally:
+            c.close()
+
+
+def test_an_idle_client_is_closed_after_idle_timeout(base: Path) -> None:
+    with in_process(base, "idle_timeout = 1"):
+        c = Client(str(base / "out.sock"), timeout=10)
+        try:
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            assert c.closed_by_peer()
+        finally:
+            c.close()
+
+
+def test_connections_over_the_cap_are_refused_and_the_others_served(base: Path) -> None:
+    with in_process(base, "max_connections = 2") as server:
+        assert server.max_connections == 2
+        kept = [Client(str(base / "out.sock")) for _ in range(2)]
+        try:
+            for c in kept:
+                assert c.ask("virtuser", "fred@away.com").status == "OK"
+            extra = Client(str(base / "out.sock"), timeout=5)
+            try:
+                refusal = extra.read_reply()  # a TEMP, then the connection is closed
+                assert isinstance(refusal, p.Reply) and refusal.status == "TEMP", refusal
+                assert extra.closed_by_peer()
+            finally:
+                extra.close()
+            assert kept[0].ask("virtuser", "wilma@home.com").status == "OK"
+        finally:
+            for c in kept:
+                c.close()
+
+
+def test_metrics_count_lookups_when_an_endpoint_is_set(base: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with in_process(base, f'metrics = "127.0.0.1:{port}"'):
+        c = Client(str(base / "out.sock"))
+        try:
+            for _ in range(3):
+                c.ask("virtuser", "fred@away.com")
+            c.ask("virtuser", "nobody@away.com")
+        finally:
+            c.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            text = page.read().decode()
+    lookups = [line for line in text.splitlines() if line.startswith("vdeliver_socketmap_lookups_total")]
+    assert lookups and sum(float(line.rsplit(" ", 1)[1]) for line in lookups) >= 4, text
+    assert "vdeliver_socketmap_database_up" in text
