@@ -260,3 +260,35 @@ def test_a_bounce_to_an_srs_address_routes_back_to_the_sender(site: Site) -> Non
     assert "partner" not in routes[forged.lower()], routes  # no way back: the incoming check refuses it
     assert "RELAY" in access[0] and "RELAY" not in access[1], access
     assert "Traceback" not in server_log(config)
+
+
+def test_incoming_socketmap_sendmail_takes_srs_bounces_and_refuses_forged_ones_at_rcpt(site: Site) -> None:
+    """[sieve] srs_domain: a bounce from a client on another machine to one of our SRS0 addresses
+    is accepted at RCPT by the incoming sendmail (the SRS domain is in class R, map `R`), while a
+    forged, stale or SRS1 address, or any other user at the SRS domain, is refused at RCPT with a
+    5xx: never accepted and bounced later (backscatter).  Before, every bounce of a redirected
+    message was "550 Relaying denied": the SRS domain was in no relay class."""
+    from vdeliver import srs
+
+    base = socket_dir(site)
+    secret = base / "srs-secret"
+    secret.write_bytes(b"a secret for the srs end to end test\n")
+    secret.chmod(0o600)
+    config = write_config(base, f'database = "{base}/accounts.sqlite"')
+    config.write_text(config.read_text() + f'\n[sieve]\nsrs_domain = "srs.hub.example"\nsrs_secret_file = "{secret}"\n')
+    populate(config)
+    sock_in = site.compile(SOCK_IN_MC, "in-sock", replace={PROD_IN: str(base / "in.sock")})
+    key = srs.read_secret(str(secret))
+    bounce = srs.forward("alice@partner.example", "srs.hub.example", key)
+    forged = bounce.replace("=partner.example=", "=evil.example=")
+    stale = srs.forward("alice@partner.example", "srs.hub.example", key, now=time.time() - 40 * 86400)
+    srs1 = "SRS1=abcd=other.example==efgh=AB=partner.example=alice@srs.hub.example"
+    shouted = bounce.upper()  # the hash is compared without case (sendmail may fold the key)
+    with running_server(config):
+        got = check_rcpt(site, sock_in, [bounce, shouted, forged, stale, srs1, "postmaster@srs.hub.example",
+                                         "fred@away.com"])
+    assert got[bounce] == "RELAY" and got[shouted] == "RELAY", got
+    for refused in (forged, stale, srs1, "postmaster@srs.hub.example"):
+        assert got[refused].startswith("$# error $@ 5 . 1 . 1 $: 550"), (refused, got)
+    assert got["fred@away.com"] == "RELAY", got
+    assert "Traceback" not in server_log(config)

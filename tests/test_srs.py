@@ -98,10 +98,15 @@ def test_the_socketmap_sends_a_bounce_back_and_refuses_a_forged_one(tmp_path: Pa
     backend = open_backend(cfg, statement_timeout=3.0)
     address = srs.forward("alice@example.org", "srs.hub.example", SECRET)
     assert backend.lookup("virtuser", address) == "alice@example.org"
-    assert backend.lookup("access", f"To:{address}") == "RELAY"
+    assert backend.lookup("access_in", f"To:{address}") == "RELAY"
+    assert backend.lookup("access_out", f"To:{address}") == "RELAY"
     assert backend.srs is not None
     forged = address.replace("=example.org=", "=evil.example=")
-    assert backend._srs("virtuser", forged) is None and backend._srs("access", f"To:{forged}") is None
+    assert backend._srs("virtuser", forged) is None and backend._srs("access_out", f"To:{forged}") is None
+    # The incoming sendmail relays for the SRS domain (map R): what is not ours is refused at RCPT.
+    assert backend.lookup("access_in", f"To:{forged}") == "ERROR:5.1.1:550 Invalid or expired SRS address"
+    assert backend._srs("access_in", "To:postmaster@srs.hub.example") is None  # To:srs.hub.example decides
+    assert backend._srs("access_in", "To:example.org") is None
     os.unlink(tmp_path / "secret")
     with pytest.raises(Exception, match="srs_secret_file"):
         open_backend(cfg, statement_timeout=3.0)

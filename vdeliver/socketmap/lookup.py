@@ -23,6 +23,11 @@ Socket map name -> generated file:
     R                relay-domains      (the same words, for the incoming sendmail's class R:
                                          `RELAY_DOMAIN_FILE(`domains@socket:...')` asks map `R`)
 
+With [sieve] srs_domain (vdeliver.srs), VirtHost and R also hold the SRS domain, and its
+addresses are answered from the secret, not the database: virtuser gives a valid SRS0
+address's original sender; access_in lets it in and refuses at RCPT a forged or stale one
+and every other address there (unless the SRS domain is also hosted).
+
 Database access: SQLite opened read-only, or PostgreSQL through psycopg 3 with the
 [accounts] dsn (libpq multi-host strings fail over: `host=db1,db2 target_session_attrs=any`).
 One connection per worker thread.  A broken connection is retried once on a fresh one
@@ -48,6 +53,10 @@ MAPS = {
     "VirtHost": "virtuserdomains",
     "R": "relay-domains",
 }
+
+
+# The incoming access map's answer for an SRS address at the SRS domain that is not valid.
+SRS_INVALID = "ERROR:5.1.1:550 Invalid or expired SRS address"
 
 
 class BackendConfigError(Exception):
@@ -252,6 +261,10 @@ class Backend:
             answer = self._srs(map_name, key)
             if answer is not None:
                 return answer
+        return self._lookup(map_name, key)
+
+    def _lookup(self, map_name: str, key: str) -> str | None:
+        """The answer of the generated map files (no SRS)."""
         if map_name == "quota":
             return self._quota(key)
         file_name = _file_name(map_name)
@@ -261,8 +274,10 @@ class Backend:
             # domain alone (an access `To:user@domain RELAY` only exempts it from a refusal).
             text = self._render(self._run(self._whole), file_name)
             words = list(parse_map(file_name, text))
-            if map_name == "VirtHost" and self.srs is not None and self.srs[0] not in words:
-                words.append(self.srs[0])  # its bounces go through the virtusertable too
+            if self.srs is not None and self.srs[0] not in words:
+                # Its bounces go through the virtusertable ({VirtHost}), and the incoming sendmail
+                # must relay for it (R): without it every bounce was "550 Relaying denied".
+                words.append(self.srs[0])
             return " ".join(words) if words else None
         if map_name == "aliases":
             from vdeliver.accounts.maps import alias_name
@@ -313,8 +328,11 @@ class Backend:
 
     def _srs(self, map_name: str, key: str) -> str | None:
         """A bounce to one of our SRS0 addresses (vdeliver.srs): the virtuser map sends it on to
-        the original sender, the incoming access map lets it in; a forged or stale one is
-        answered as any unknown address is."""
+        the original sender, the incoming access map lets it in.  The SRS domain is in class R
+        (the incoming sendmail relays for it), so the incoming access map refuses at RCPT what
+        would otherwise be accepted and bounced later (backscatter): an SRS0 address whose hash
+        is wrong (forged) or whose day is stale, an SRS1 address (vdeliver makes none), and,
+        unless the SRS domain is also hosted, every other address there."""
         from vdeliver import srs
 
         assert self.srs is not None
@@ -323,7 +341,21 @@ class Backend:
             return srs.reverse(key, domain, secret)
         if map_name == "virtuserdomains":
             return domain if key.lower() == domain else None
-        if map_name.startswith("access") and key[:3].lower() == "to:":
+        if map_name == "access_in" and key[:3].lower() == "to:":
+            address = key[3:]
+            local, at, where = address.rpartition("@")
+            if (where if at else address).rstrip(".").lower() != domain:
+                return None
+            if srs.reverse(address, domain, secret):
+                return "RELAY"
+            if at and local[:5].upper() in ("SRS0=", "SRS1="):
+                return SRS_INVALID
+            if not at:  # `To:srs-domain`: what the hosted domain says, else nobody is there
+                from vdeliver.accounts.maps import ACCESS_UNKNOWN
+
+                return self._lookup(map_name, key) or ACCESS_UNKNOWN
+            return None  # another user: `To:srs-domain` decides, as for a hosted domain
+        if map_name == "access_out" and key[:3].lower() == "to:":
             return "RELAY" if srs.reverse(key[3:], domain, secret) else None
         return None
 
