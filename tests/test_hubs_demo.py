@@ -136,6 +136,9 @@ def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # a failed assertion must not leak the pipes
+            if stream is not None:
+                stream.close()
     assert proc.returncode == code, "".join(seen) + rest
     assert our_namespaces() == []
     assert not lab.exists()
@@ -232,6 +235,9 @@ def test_interrupted_mail_run_tears_down(mail_peers: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # a failed assertion must not leak the pipes
+            if stream is not None:
+                stream.close()
     assert proc.returncode == 130, "".join(seen) + rest
     assert our_namespaces() == []
     assert not lab.exists() and not MAIL_ROOT.exists()
