@@ -316,7 +316,9 @@ def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Pr
                      result.implicit_flags)
         store = _folder(inbox, folders, folder, create)
         if store is None:
-            report(log, own, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
+            problem = folder_problem(inbox.format, folder)
+            what = f"invalid folder name ({problem})" if problem else "no such mailbox"
+            report(log, own, rcpt, f"fileinto {folder!r}: {what}; kept in the INBOX")
             store = inbox
         if all(s.path != store.path for s in stores):
             stores.append(Store(store.format, store.path, store.create, store.folder, flags))
@@ -527,17 +529,40 @@ def _read(path: str, limit: int, follow: bool = True) -> bytes:
     return data
 
 
-def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | None":
-    """Where a folder of that name lives for this user, or None if it does not exist and may
-    not be created (or the name is not a safe one: it must stay inside `folders`)."""
-    if name.upper() == "INBOX":
-        return inbox
-    if inbox.format == "maildir" and "/" in name:
-        return None  # Maildir++ separates levels with '.'; a '/' would make a directory path
-    parts = name.split("/") if inbox.format == "mbox" else name.split(".")
+# One file name on Linux file systems, in bytes: a folder's name on disk must fit in it.
+NAME_MAX = 255
+
+
+def folder_problem(fmt: str, name: str) -> str:
+    """Why `name` cannot be a folder of this format (mbox or maildir), "" if it can: names that
+    could leave the mailbox tree, and names Dovecot 2.3 refuses to CREATE or SELECT (measured
+    over IMAP, tests/test_sieve_delivery.py), which would hide the mail from the user."""
+    if fmt == "maildir" and "/" in name:
+        return "'/' in a Maildir++ name"  # Maildir++ separates levels with '.'; '/' would make a path
+    parts = name.split("/") if fmt == "mbox" else name.split(".")
     if any(not p or p in (".", "..") or p.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in p)
            for p in parts) or "\x00" in name:
+        return "an empty level, a level starting with '.', or a control character"
+    if name.startswith("~"):
+        return "Dovecot refuses names that begin with '~'"  # its home-directory shorthand
+    if fmt == "mbox" and any(p.endswith(".lock") for p in parts):
+        # Dovecot's mbox storage takes these for lock files: it never lists them, and beside a
+        # folder "Foo", "Foo.lock" is that folder's dotlock, broken as stale, mail and all.
+        return "Dovecot reserves mbox names ending in '.lock' for lock files"
+    on_disk = [_mutf7(p) for p in parts] if fmt == "mbox" else ["." + ".".join(_mutf7(p) for p in parts)]
+    if any(len(n) > NAME_MAX for n in on_disk):  # modified UTF-7 is ASCII: characters are bytes
+        return f"its name on disk is longer than {NAME_MAX} bytes"
+    return ""
+
+
+def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | None":
+    """Where a folder of that name lives for this user, or None if it does not exist and may
+    not be created, or the name cannot be a folder (folder_problem())."""
+    if name.upper() == "INBOX":
+        return inbox
+    if folder_problem(inbox.format, name):
         return None
+    parts = name.split("/") if inbox.format == "mbox" else name.split(".")
     if inbox.format == "maildir":
         path = os.path.join(folders, "." + ".".join(_mutf7(p) for p in parts))
         exists = os.path.isdir(os.path.join(path, "new"))
