@@ -198,7 +198,8 @@ def test_fcc_into_a_folder_name_dovecot_hides_keeps_no_copy_and_says_why(tmp_pat
     """A `:fcc` folder named as Dovecot refuses ("~Sent": it never opens it) gets no copy, even
     with :create, and the log says the name is invalid rather than missing."""
     cfg = make_config(tmp_path)
-    script(tmp_path, b'require ["enotify", "fcc", "mailbox"];\nnotify :fcc "~Sent" :create "mailto:fred@phone.example";')
+    script(tmp_path, b'require ["enotify", "fcc", "mailbox"];\n'
+                     b'notify :fcc "~Sent" :create "mailto:fred@phone.example";')
     log = RecordingLog()
     send(tmp_path, cfg, log=log)
     assert len(sent(tmp_path)) == 1 and not maildir_folder(tmp_path, "~Sent").exists()
