@@ -196,6 +196,24 @@ def test_fileinto_a_folder_name_dovecot_hides_keeps_the_message_in_the_inbox(tmp
     assert any("invalid folder name" in text for _level, text in log.lines)
 
 
+@pytest.mark.parametrize("order", [b'"Lists/dev" "Lists"', b'"Lists" "Lists/dev"'])
+def test_an_mbox_folder_that_holds_folders_keeps_its_message_in_the_inbox(tmp_path: Path, order: bytes) -> None:
+    """For an mbox user "Lists" cannot be a mailbox once "Lists/dev" made it a directory (Dovecot
+    lists it \\Noselect): filing into both in one message, in either order, or into "Lists"
+    later, stores the "Lists" copy in the INBOX instead of deferring for ever on EISDIR."""
+    cfg = make_config(tmp_path, fmt="mbox")
+    first, second = order.split(b" ")
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create ' + first + b';\n'
+                         b'fileinto :create ' + second + b';')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    run(tmp_path, cfg)
+    run(tmp_path, cfg)
+    assert (h / "mail" / "Lists" / "dev").read_bytes().count(b"Subject: weekly report") == 2
+    assert (tmp_path / "mbox" / "example.org" / "fred").read_bytes().count(b"Subject: weekly report") == 2
+    logged = (h / ".dovecot.sieve.log").read_text()
+    assert logged.count("fileinto 'Lists': invalid folder name (a directory of folders") == 2, logged
+
+
 @pytest.mark.parametrize("name", ["Foo.lock", "x.vdeliver-journal", "x.unresolved", "x.untrusted"])
 def test_maildir_folder_names_dovecot_shows_are_still_filed_into(tmp_path: Path, name: str) -> None:
     """Only mbox storage reserves `.lock`: for a Maildir user "Foo.lock" is the folder "lock"

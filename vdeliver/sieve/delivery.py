@@ -308,15 +308,21 @@ def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Pr
         target = special_use(a.specialuse) if a.type == "fileinto" and a.specialuse else None
         if target is not None:
             result.actions[i] = interpreter.Action("fileinto", target, copy=a.copy, flags=a.flags, line=a.line)
-    stores: "list[Store]" = []
+    planned: "list[tuple[str, Store | None, tuple[str, ...]]]" = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
         flags = next((a.flags for a in result.actions
                       if (a.type == "keep" and folder == "INBOX") or (a.type == "fileinto" and a.mailbox == folder)),
                      result.implicit_flags)
-        store = _folder(inbox, folders, folder, create)
+        planned.append((folder, _folder(inbox, folders, folder, create), flags))
+    stores: "list[Store]" = []
+    for folder, store, flags in planned:
+        # Checked once every folder is planned: "Lists/dev" made the directory Lists, so "Lists"
+        # filed into in the same message can no longer be an mbox.
+        if store is not None and store is not inbox and _holds_folders(inbox, folders, folder):
+            store = None
         if store is None:
-            problem = folder_problem(inbox.format, folder)
+            problem = folder_problem(inbox.format, folder) or _holds_folders(inbox, folders, folder)
             what = f"invalid folder name ({problem})" if problem else "no such mailbox"
             report(log, own, rcpt, f"fileinto {folder!r}: {what}; kept in the INBOX")
             store = inbox
@@ -570,14 +576,23 @@ def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | N
         # Dovecot names mbox folders on disk in modified UTF-7 too: "Projects/Büro" is Projects/B&APw-ro.
         path = os.path.join(folders, *(_mutf7(p) for p in parts))
         exists = os.path.isfile(path)
-    if not exists and not create:
-        return None
+    if not exists and (not create or (inbox.format == "mbox" and os.path.lexists(path))):
+        return None  # an mbox path that is a directory (of folders: _holds_folders) is no mailbox
     if not exists and inbox.format == "mbox":
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the folders of Lists/dev
         except OSError:
             return None
     return Store(inbox.format, path, create and not exists, name)
+
+
+def _holds_folders(inbox: "Store", folders: str, name: str) -> str:
+    """Why an mbox folder name cannot take mail when it names a directory (of subfolders:
+    Dovecot lists it \\Noselect and never opens it), else ""."""
+    if inbox.format != "mbox" or name.upper() == "INBOX":
+        return ""
+    path = os.path.join(folders, *(_mutf7(p) for p in name.split("/")))
+    return "a directory of folders, which Dovecot cannot open as an mbox" if os.path.isdir(path) else ""
 
 
 def _mutf7(text: str) -> str:
