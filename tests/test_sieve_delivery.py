@@ -169,7 +169,8 @@ def test_unsafe_folder_names_are_refused(tmp_path: Path, name: str) -> None:
 HIDDEN = [("mbox", "Foo.lock", "names ending in '.lock'"), ("mbox", "Lists/x.lock/dev", "names ending in '.lock'"),
           ("mbox", "~Tilde", "begin with '~'"), ("maildir", "~Tilde", "begin with '~'"),
           ("mbox", "y" * 256, "longer than 255 bytes"), ("maildir", "Work." + "y" * 251, "longer than 255 bytes"),
-          ("mbox", "Caf\u00e9" * 40, "longer than 255 bytes")]
+          ("mbox", "Caf\u00e9" * 40, "longer than 255 bytes"),  # 200 bytes of UTF-8, 320 on disk
+          ("mbox", "Lists/" + "y" * 240, "no room for its lock file")]  # vdeliver's dotlock name: too long
 
 
 @pytest.mark.parametrize(("fmt", "name", "why"), HIDDEN)

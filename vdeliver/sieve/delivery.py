@@ -537,6 +537,10 @@ def _read(path: str, limit: int, follow: bool = True) -> bytes:
 
 # One file name on Linux file systems, in bytes: a folder's name on disk must fit in it.
 NAME_MAX = 255
+# What an mbox folder's file name must leave free for the names vdeliver makes from it: the
+# dotlock's temporary `.NAME.lock.HOST.PID.RANDOM` (locking.py; a host name of up to 64 bytes,
+# a 7-digit pid) is the longest, longer than the journal's `.NAME.vdeliver-journal.unresolved.lock`.
+MBOX_ROOM = len("..lock...") + 64 + 7 + 8
 
 
 def folder_problem(fmt: str, name: str) -> str:
@@ -555,9 +559,12 @@ def folder_problem(fmt: str, name: str) -> str:
         # Dovecot's mbox storage takes these for lock files: it never lists them, and beside a
         # folder "Foo", "Foo.lock" is that folder's dotlock, broken as stale, mail and all.
         return "Dovecot reserves mbox names ending in '.lock' for lock files"
+    # Modified UTF-7 is ASCII: characters are bytes.  Dovecot counts a name's levels the same way.
     on_disk = [_mutf7(p) for p in parts] if fmt == "mbox" else ["." + ".".join(_mutf7(p) for p in parts)]
-    if any(len(n) > NAME_MAX for n in on_disk):  # modified UTF-7 is ASCII: characters are bytes
+    if any(len(n) > NAME_MAX for n in on_disk):
         return f"its name on disk is longer than {NAME_MAX} bytes"
+    if fmt == "mbox" and len(on_disk[-1]) > NAME_MAX - MBOX_ROOM:
+        return f"its name on disk is longer than {NAME_MAX - MBOX_ROOM} bytes, which leaves no room for its lock file"
     return ""
 
 
