@@ -164,8 +164,9 @@ def test_unsafe_folder_names_are_refused(tmp_path: Path, name: str) -> None:
     assert sorted(os.listdir(maildir_folder(tmp_path))) == ["cur", "new", "tmp"]
 
 
-# Names Dovecot 2.3 refuses to CREATE or SELECT (measured over IMAP: test_dovecot_shows_the_message_a_
-# script_filed_into_a_name_it_hides): mail stored there would be out of the user's sight for good.
+# Names Dovecot 2.3 refuses to CREATE or SELECT (measured over IMAP, and pinned by the Dovecot test
+# below): mail stored there would be out of the user's sight for good.  And names too long for the
+# file system, or, for mbox, for the dotlock's temporary name: they deferred the delivery for ever.
 HIDDEN = [("mbox", "Foo.lock", "names ending in '.lock'"), ("mbox", "Lists/x.lock/dev", "names ending in '.lock'"),
           ("mbox", "~Tilde", "begin with '~'"), ("maildir", "~Tilde", "begin with '~'"),
           ("mbox", "y" * 256, "longer than 255 bytes"), ("maildir", "Work." + "y" * 251, "longer than 255 bytes"),
