@@ -164,6 +164,82 @@ def test_unsafe_folder_names_are_refused(tmp_path: Path, name: str) -> None:
     assert sorted(os.listdir(maildir_folder(tmp_path))) == ["cur", "new", "tmp"]
 
 
+# Names Dovecot 2.3 refuses to CREATE or SELECT (measured over IMAP, and pinned by the Dovecot test
+# below): mail stored there would be out of the user's sight for good.  And names too long for the
+# file system, or, for mbox, for the dotlock's temporary name: they deferred the delivery for ever.
+HIDDEN = [("mbox", "Foo.lock", "names ending in '.lock'"), ("mbox", "Lists/x.lock/dev", "names ending in '.lock'"),
+          ("mbox", "~Tilde", "begin with '~'"), ("maildir", "~Tilde", "begin with '~'"),
+          ("mbox", "y" * 256, "longer than 255 bytes"), ("maildir", "Work." + "y" * 251, "longer than 255 bytes"),
+          ("mbox", "Caf\u00e9" * 40, "longer than 255 bytes"),  # 200 bytes of UTF-8, 320 on disk
+          ("mbox", "Lists/" + "y" * 240, "no room for its lock file")]  # vdeliver's dotlock name: too long
+
+
+@pytest.mark.parametrize(("fmt", "name", "why"), HIDDEN)
+def test_fileinto_a_folder_name_dovecot_hides_keeps_the_message_in_the_inbox(tmp_path: Path, fmt: str, name: str,
+                                                                            why: str) -> None:
+    """`fileinto :create "Foo.lock"` for an mbox user made ~/mail/Foo.lock: a file Dovecot never
+    lists (and the dotlock of a folder "Foo": broken as stale, mail and all); a name too long
+    for the file system deferred the delivery for ever.  Such a name is now what any invalid
+    name is: the message stays in the INBOX, the script's log says why, no file is made."""
+    cfg = make_config(tmp_path, fmt=fmt)
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "' + name.encode() + b'";')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    log = RecordingLog()
+    run(tmp_path, cfg, log=log)
+    if fmt == "mbox":
+        assert (tmp_path / "mbox" / "example.org" / "fred").read_bytes().count(b"Subject: weekly report") == 1
+        assert not (h / "mail").exists() or os.listdir(h / "mail") == []
+    else:
+        assert len(messages(maildir_folder(tmp_path))) == 1
+        assert sorted(os.listdir(maildir_folder(tmp_path))) == ["cur", "new", "tmp"]
+    logged = (h / ".dovecot.sieve.log").read_text()
+    assert logged.count("\n") == 1 and "invalid folder name" in logged and why in logged
+    assert "kept in the INBOX" in logged
+    assert any("invalid folder name" in text for _level, text in log.lines)
+
+
+@pytest.mark.parametrize("order", [b'"Lists/dev" "Lists"', b'"Lists" "Lists/dev"'])
+def test_an_mbox_folder_that_holds_folders_keeps_its_message_in_the_inbox(tmp_path: Path, order: bytes) -> None:
+    """For an mbox user "Lists" cannot be a mailbox once "Lists/dev" made it a directory (Dovecot
+    lists it \\Noselect): filing into both in one message, in either order, or into "Lists"
+    later, stores the "Lists" copy in the INBOX instead of deferring for ever on EISDIR."""
+    cfg = make_config(tmp_path, fmt="mbox")
+    first, second = order.split(b" ")
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create ' + first + b';\n'
+                         b'fileinto :create ' + second + b';')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    run(tmp_path, cfg)
+    run(tmp_path, cfg)
+    assert (h / "mail" / "Lists" / "dev").read_bytes().count(b"Subject: weekly report") == 2
+    assert (tmp_path / "mbox" / "example.org" / "fred").read_bytes().count(b"Subject: weekly report") == 2
+    logged = (h / ".dovecot.sieve.log").read_text()
+    assert logged.count("fileinto 'Lists': invalid folder name (a directory of folders") == 2, logged
+
+
+@pytest.mark.parametrize("name", ["Foo.lock", "x.vdeliver-journal", "x.unresolved", "x.untrusted"])
+def test_maildir_folder_names_dovecot_shows_are_still_filed_into(tmp_path: Path, name: str) -> None:
+    """Only mbox storage reserves `.lock`: for a Maildir user "Foo.lock" is the folder "lock"
+    inside "Foo" (Maildir++ `.Foo.lock`), and Dovecot shows it; the journal's other suffixes are
+    names Dovecot shows in both formats."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "' + name.encode() + b'";')
+    run(tmp_path, cfg)
+    assert len(messages(maildir_folder(tmp_path, name))) == 1 and messages(maildir_folder(tmp_path)) == []
+
+
+def test_an_mbox_folder_named_like_a_journal_suffix_is_filed_into(tmp_path: Path) -> None:
+    """vdeliver's journals start with '.', which no folder level may: "x.vdeliver-journal" is an
+    ordinary mbox folder Dovecot lists, never mistaken for a journal."""
+    cfg = make_config(tmp_path, fmt="mbox")
+    h = script(tmp_path, b'require ["fileinto", "mailbox"];\nfileinto :create "x.vdeliver-journal";\n'
+                         b'fileinto :create "x.unresolved";\nfileinto :create "x.untrusted";\n'
+                         b'fileinto :create "X.LOCK";')
+    (tmp_path / "mbox" / "example.org").mkdir(parents=True)
+    run(tmp_path, cfg)
+    for name in ("x.vdeliver-journal", "x.unresolved", "x.untrusted", "X.LOCK"):
+        assert (h / "mail" / name).read_bytes().count(b"Subject: weekly report") == 1, name
+
+
 @pytest.mark.parametrize("text", [b"fileinto \"x\";", b"foo;",
                                   b"".join(b'redirect "u%d@example.net";' % i for i in range(9))])
 def test_a_script_that_cannot_decide_keeps_the_mail_in_the_inbox(tmp_path: Path, text: bytes) -> None:
@@ -378,6 +454,65 @@ def test_dovecot_shows_the_folders_the_script_filed_into(vmail: Account) -> None
     finally:
         import shutil
 
+        shutil.rmtree(root.base, ignore_errors=True)
+
+
+@pytest.mark.peers
+def test_dovecot_shows_the_message_a_script_filed_into_a_name_it_hides(vmail: Account) -> None:
+    """Read back through a real Dovecot 2.3: it refuses to CREATE an mbox folder "Foo.lock" or
+    any folder "~Tilde" (and would never list or open one vdeliver made), so the mbox user's
+    `fileinto :create` of those names leaves the message in the INBOX, where IMAP shows it,
+    and nothing in ~/mail.  For a Maildir user "Foo.lock" is an ordinary folder (Maildir++
+    `.Foo.lock`, "lock" inside "Foo"), and Dovecot shows the message there."""
+    require_root("Dovecot's mail processes switch to the vmail user")
+    root = MailRoot(world_tmpdir(), vmail)
+    try:
+        passwd = root.base / "passwd"
+        md = root.add_maildir("home.com", "fred")
+        root.add_mbox("away.com", "wilma")
+        wilma = root.home / "away.com" / "wilma"
+        passwd.write_text(
+            f"fred@home.com:s3cret:{vmail.uid}:{vmail.gid}::{root.home}/home.com/fred::userdb_mail=maildir:~/Maildir\n"
+            f"wilma@away.com:s3cret:{vmail.uid}:{vmail.gid}::{wilma}::\n")
+        passwd.chmod(0o644)
+        cfg = root.write_config()
+        cfg.write_text(cfg.read_text() + "\n[sieve]\nenabled = true\n")
+        scripts = {md.parent: b'require ["fileinto", "mailbox"];\nfileinto :create "Foo.lock";',
+                   wilma: b'require ["fileinto", "mailbox"];\nfileinto :create "Foo.lock";\nfileinto :create "~Tilde";'}
+        for home_dir, text in scripts.items():
+            (home_dir / "sieve").mkdir(parents=True, exist_ok=True)
+            (home_dir / "sieve" / "main.sieve").write_bytes(text)
+            (home_dir / ".dovecot.sieve").symlink_to("sieve/main.sieve")
+            for path in (home_dir, home_dir / "sieve", home_dir / "sieve" / "main.sieve"):
+                os.chown(path, vmail.uid, vmail.gid)
+            os.lchown(home_dir / ".dovecot.sieve", vmail.uid, vmail.gid)
+        for address in ("fred@home.com", "wilma@away.com"):
+            user, domain = address.split("@")
+            done = run_vdeliver(["-f", "alice@example.org", "-a", domain, "-a", user], RAW, config=cfg, as_user=vmail)
+            assert done.returncode == 0, done.stderr
+        with Dovecot(root, vmail, auth=passwd_file_auth(passwd)) as dc:
+            for address, folder in (("fred@home.com", "Foo.lock"), ("wilma@away.com", "INBOX")):
+                imap = dc.login(address, "s3cret")
+                try:
+                    status, data = imap.select(f'"{folder}"', readonly=True)
+                    assert status == "OK" and data[0] == b"1", (address, folder, data)
+                    status, fetched = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+                    assert status == "OK" and b"weekly report" in b"".join(
+                        p for item in fetched for p in (item if isinstance(item, tuple) else (item,))
+                        if isinstance(p, bytes)), fetched
+                    if address.startswith("wilma"):
+                        listed = [line for line in imap.list()[1] if isinstance(line, bytes)]
+                        assert len(listed) == 1 and listed[0].endswith(b" INBOX"), listed
+                        # The rule vdeliver follows, as Dovecot states it.
+                        for name in ("Foo.lock", "~Tilde"):
+                            status, said = imap.create(f'"{name}"')
+                            assert status == "NO" and b"Invalid mailbox name" in said[0], (name, said)
+                finally:
+                    imap.logout()
+            assert bad_log_lines(dc.log_text()) == []
+        assert sorted(os.listdir(wilma / "mail")) == [".imap"]  # Dovecot's index, and no folder
+        assert (wilma / ".dovecot.sieve.log").read_text().count("invalid folder name") == 2
+    finally:
         shutil.rmtree(root.base, ignore_errors=True)
 
 

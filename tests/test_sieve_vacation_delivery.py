@@ -194,6 +194,19 @@ def test_fcc_into_a_missing_folder_without_create_keeps_no_copy(tmp_path: Path) 
     assert any("the :fcc folder does not exist" in text for _level, text in log.lines)
 
 
+def test_fcc_into_a_folder_name_dovecot_hides_keeps_no_copy_and_says_why(tmp_path: Path) -> None:
+    """A `:fcc` folder named as Dovecot refuses ("~Sent": it never opens it) gets no copy, even
+    with :create, and the log says the name is invalid rather than missing."""
+    cfg = make_config(tmp_path)
+    script(tmp_path, b'require ["enotify", "fcc", "mailbox"];\n'
+                     b'notify :fcc "~Sent" :create "mailto:fred@phone.example";')
+    log = RecordingLog()
+    send(tmp_path, cfg, log=log)
+    assert len(sent(tmp_path)) == 1 and not maildir_folder(tmp_path, "~Sent").exists()
+    assert any("the :fcc folder name is invalid (Dovecot refuses names that begin with '~')" in text
+               for _level, text in log.lines)
+
+
 def test_fcc_tags_need_fcc() -> None:
     from vdeliver.sieve.errors import SieveError
     from vdeliver.sieve.validator import compile_script

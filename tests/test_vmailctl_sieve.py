@@ -78,6 +78,39 @@ def test_check_reports_every_error_with_its_line(sqlite_acct: Acct, tmp_path: Pa
     assert r.rc == 1 and [e["line"] for e in json.loads(r.out)["errors"]] == [1, 3]
 
 
+HIDDEN = (b'require ["fileinto", "mailbox", "variables"];\r\nfileinto :create "Foo.lock";\r\n'
+          b'if true {\r\n  fileinto "~Tilde";\r\n}\r\nset "x" "lock";\r\nfileinto :create "Foo.${x}";\r\n'
+          b'fileinto "Lists.dev.lock";\r\n')
+
+
+def test_check_reports_a_constant_folder_name_dovecot_hides(sqlite_acct: Acct, tmp_path: Path) -> None:
+    """A constant `fileinto` folder this mailbox's format cannot hold (Dovecot would hide it; at
+    delivery the message stays in the INBOX): `check` reports it with its line (exit 1), `put`
+    stores the script (it compiles, as managesieved would) and warns.  "Foo.lock" is an mbox
+    user's problem only; "~Tilde" everyone's; a name made with variables is judged at delivery."""
+    acct = sqlite_acct
+    acct.ok("domain", "add", "away.com")
+    acct.ok("user", "add", "fred@away.com", "--format", "maildir", "--no-password")
+    acct.ok("user", "add", "wilma@away.com", "--format", "mbox", "--no-password")
+    src = tmp_path / "hidden.sieve"
+    src.write_bytes(HIDDEN)
+    expected = {"wilma@away.com": [2, 4, 8], "fred@away.com": [4]}
+    for address, lines in expected.items():
+        stored = acct.run("sieve", "put", address, "rules", str(src))
+        assert stored.rc == 0 and [int(w.split()[3].rstrip(":")) for w in stored.err.splitlines()] == lines, (
+            address, stored.err)
+        assert all("invalid folder name" in w and "kept in the INBOX" in w for w in stored.err.splitlines())
+        r = acct.run("sieve", "check", address, "rules", "--json")
+        errors = json.loads(r.out)["errors"]
+        assert r.rc == 1 and [e["line"] for e in errors] == lines, (address, r.out)
+    mbox_errors = json.loads(acct.run("sieve", "check", "wilma@away.com", "rules", "--json").out)["errors"]
+    assert "'.lock'" in mbox_errors[0]["message"] and "'~'" in mbox_errors[1]["message"]
+    # The same names are fine where they can be held: the check passes.
+    src.write_bytes(SCRIPT.replace(b"Reports", b"Reports.lock"))
+    acct.ok("sieve", "put", "fred@away.com", "ok", str(src))
+    assert acct.ok("sieve", "check", "fred@away.com", "ok").out.strip() == "ok"
+
+
 def test_bad_names_and_unknown_mailboxes(sqlite_acct: Acct, tmp_path: Path) -> None:
     acct = sqlite_acct
     _home, src = _setup(acct, tmp_path)

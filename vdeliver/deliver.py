@@ -304,7 +304,10 @@ def _fcc(cfg: Config, rcpt: Recipient, home: str, target: Target, folders: str, 
     inbox = sieve.Store(target.format, target.path, target.create, "INBOX")
     store = sieve.fcc_target(cfg, rcpt, home, inbox, folders, action)
     if store is None:
-        return "; the :fcc folder does not exist: no copy kept"
+        fcc = action.vacation.fcc if action.vacation is not None else None
+        why = sieve.folder_problem(target.format, fcc.mailbox) if fcc is not None else ""
+        return f"; the :fcc folder name is invalid ({why}): no copy kept" if why else (
+            "; the :fcc folder does not exist: no copy kept")
     from vdeliver import message
     from vdeliver.fileio import anonymous_spool, write_all
 

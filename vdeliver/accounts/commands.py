@@ -437,7 +437,7 @@ def cmd_sieve(ctx: Context) -> int:
     a = ctx.args
     user, dom = _addr(a.address)
     with ctx.store.transaction(write=False):
-        ctx.store.user(user, dom)  # the mailbox must exist
+        fmt = str(ctx.store.user(user, dom)["format"])  # the mailbox must exist
     lay = sievescripts.layout(ctx.cfg, user, dom)
     who = mailboxes.owner(ctx.settings)
     text = b""
@@ -462,7 +462,8 @@ def cmd_sieve(ctx: Context) -> int:
             else:
                 sys.stdout.write(data.decode("utf-8", "replace"))
         elif a.verb == "put":
-            sievescripts.put(lay, a.name, text)
+            for line, message in sievescripts.put(lay, a.name, text, fmt):
+                sys.stderr.write(f"vmailctl: warning: line {line}: {message}\n")
             print(f"stored {a.name} for {user}@{dom}")
         elif a.verb == "activate":
             sievescripts.activate(lay, a.name)
@@ -473,7 +474,7 @@ def cmd_sieve(ctx: Context) -> int:
             sievescripts.delete(lay, a.name)
             print(f"deleted {a.name}")
         else:  # check
-            errors = sievescripts.check(lay, a.name)
+            errors = sievescripts.check(lay, a.name, fmt)
             _emit(a, {"ok": not errors, "errors": [{"line": n, "message": m} for n, m in errors]},
                   lambda d: "\n".join(f"line {e['line']}: {e['message']}" for e in d["errors"]) or "ok")
             return EXIT_ERROR if errors else EXIT_OK

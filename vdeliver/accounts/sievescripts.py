@@ -9,6 +9,11 @@ same files.  Every file operation runs with the vmail user's ids (root's rights 
 used in a directory vmail owns): scripts are written 0600 through a temporary name and
 renamed into place, the link is made beside and renamed over the old one.  `put` refuses a
 script that does not compile, as managesieved does, and `delete` refuses the active script.
+
+A folder the script names in a constant string (`fileinto "Foo.lock"`, `:fcc`) that the
+mailbox's format cannot hold (vdeliver.sieve.delivery.folder_problem: names Dovecot hides)
+is reported by `check` as an error and by `put` as a warning (the script is stored: it
+compiles, and managesieved would store it too); at delivery such a message stays in the INBOX.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 from vdeliver.accounts.errors import Conflict, InvalidName, NotFound
 from vdeliver.config import Config
+from vdeliver.sieve.compiled import Compiled, Node
 
 ACTIVE = ".dovecot.sieve"
 DIRECTORY = "sieve"
@@ -89,18 +95,21 @@ def read(lay: Layout, name: str) -> bytes:
         return f.read()
 
 
-def put(lay: Layout, name: str, text: bytes) -> None:
+def put(lay: Layout, name: str, text: bytes, fmt: str = "") -> list[tuple[int, str]]:
+    """Store the script; the folders it names that a mailbox of format `fmt` cannot hold
+    (folder_problems()), for the caller to warn about."""
     from vdeliver import fileio
     from vdeliver.sieve.errors import SieveError
     from vdeliver.sieve.validator import compile_script
 
     path = lay.path(name)
     try:
-        compile_script(text)
+        compiled = compile_script(text)
     except SieveError as exc:
         raise InvalidName("script does not compile: " + "; ".join(str(e) for e in exc.errors)) from None
     os.makedirs(lay.directory, mode=0o700, exist_ok=True)
     fileio.replace(path, text, 0o600)
+    return folder_problems(compiled, fmt) if fmt else []
 
 
 def activate(lay: Layout, name: str) -> None:
@@ -127,8 +136,9 @@ def delete(lay: Layout, name: str) -> None:
         raise NotFound(f"no script {name!r}") from None
 
 
-def check(lay: Layout, name: str | None) -> list[tuple[int, str]]:
-    """The errors of a script (the active one when no name), with their lines."""
+def check(lay: Layout, name: str | None, fmt: str = "") -> list[tuple[int, str]]:
+    """The errors of a script (the active one when no name), with their lines; with the
+    mailbox's format, also the folders it names that the format cannot hold."""
     from vdeliver.sieve.errors import SieveError
     from vdeliver.sieve.validator import compile_script
 
@@ -137,7 +147,34 @@ def check(lay: Layout, name: str | None) -> list[tuple[int, str]]:
         if name is None:
             raise NotFound("no active script")
     try:
-        compile_script(read(lay, name))
+        compiled = compile_script(read(lay, name))
     except SieveError as exc:
         return [(e.line, e.message) for e in exc.errors]
-    return []
+    return folder_problems(compiled, fmt) if fmt else []
+
+
+def folder_problems(compiled: Compiled, fmt: str) -> list[tuple[int, str]]:
+    """The folders named in constant strings (`fileinto`, `:fcc`) that a mailbox of this format
+    cannot hold, with their lines, in order.  A name made with variables is known only at
+    delivery, where it is checked the same way."""
+    from vdeliver.sieve.delivery import folder_problem
+
+    out: list[tuple[int, str]] = []
+
+    def visit(nodes: tuple[Node, ...], variables: bool) -> None:
+        for node in nodes:
+            named = [(node.name, node.args[0])] if node.name == "fileinto" and node.args else []
+            named += [(":fcc", node.tags["fcc"])] if "fcc" in node.tags else []
+            for what, folder in named:
+                if not isinstance(folder, str) or folder.upper() == "INBOX" or (variables and "${" in folder):
+                    continue
+                why = folder_problem(fmt, folder)
+                if why:
+                    out.append((node.line, (f"{what} {folder!r}: invalid folder name for this {fmt} mailbox "
+                                            f"({why}); the message would be kept in the INBOX")))
+            visit(node.block or (), variables)
+
+    visit(compiled.commands, "variables" in compiled.extensions)
+    for included in compiled.includes.values():
+        out += folder_problems(included, fmt)
+    return out

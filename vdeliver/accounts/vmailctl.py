@@ -187,8 +187,8 @@ def build_parser() -> _Parser:
     sub(sv, "activate", "make a script the active one", "address", "name")
     sub(sv, "deactivate", "leave the mailbox without an active script", "address")
     sub(sv, "delete", "delete a script (not the active one)", "address", "name")
-    sub(sv, "check", "compile a script (default: the active one) and report every error with its line", "address",
-        "name?", json=True)
+    sub(sv, "check", "compile a script (default: the active one) and report every error with its line, and "
+        "every folder it names that the mailbox's format cannot hold", "address", "name?", json=True)
     sp = sub(sv, "from-procmailrc", "convert a procmailrc into one Sieve script; list what cannot be converted",
              "file", json=True)
     sp.description = FROM_PROCMAILRC

@@ -308,15 +308,23 @@ def _run(cfg: Config, opts: "Settings", rcpt: Recipient, inbox: "Store", msg: Pr
         target = special_use(a.specialuse) if a.type == "fileinto" and a.specialuse else None
         if target is not None:
             result.actions[i] = interpreter.Action("fileinto", target, copy=a.copy, flags=a.flags, line=a.line)
-    stores: "list[Store]" = []
+    planned: "list[tuple[str, Store | None, tuple[str, ...]]]" = []
     for folder in result.stores():
         create = any(a.type == "fileinto" and a.mailbox == folder and a.create for a in result.actions)
         flags = next((a.flags for a in result.actions
                       if (a.type == "keep" and folder == "INBOX") or (a.type == "fileinto" and a.mailbox == folder)),
                      result.implicit_flags)
-        store = _folder(inbox, folders, folder, create)
+        planned.append((folder, _folder(inbox, folders, folder, create), flags))
+    stores: "list[Store]" = []
+    for folder, store, flags in planned:
+        # Checked once every folder is planned: "Lists/dev" made the directory Lists, so "Lists"
+        # filed into in the same message can no longer be an mbox.
+        if store is not None and store is not inbox and _holds_folders(inbox, folders, folder):
+            store = None
         if store is None:
-            report(log, own, rcpt, f"fileinto {folder!r}: no such mailbox; kept in the INBOX")
+            problem = folder_problem(inbox.format, folder) or _holds_folders(inbox, folders, folder)
+            what = f"invalid folder name ({problem})" if problem else "no such mailbox"
+            report(log, own, rcpt, f"fileinto {folder!r}: {what}; kept in the INBOX")
             store = inbox
         if all(s.path != store.path for s in stores):
             stores.append(Store(store.format, store.path, store.create, store.folder, flags))
@@ -527,17 +535,47 @@ def _read(path: str, limit: int, follow: bool = True) -> bytes:
     return data
 
 
-def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | None":
-    """Where a folder of that name lives for this user, or None if it does not exist and may
-    not be created (or the name is not a safe one: it must stay inside `folders`)."""
-    if name.upper() == "INBOX":
-        return inbox
-    if inbox.format == "maildir" and "/" in name:
-        return None  # Maildir++ separates levels with '.'; a '/' would make a directory path
-    parts = name.split("/") if inbox.format == "mbox" else name.split(".")
+# One file name on Linux file systems, in bytes: a folder's name on disk must fit in it.
+NAME_MAX = 255
+# What an mbox folder's file name must leave free for the names vdeliver makes from it: the
+# dotlock's temporary `.NAME.lock.HOST.PID.RANDOM` (locking.py; a host name of up to 64 bytes,
+# a 7-digit pid) is the longest, longer than the journal's `.NAME.vdeliver-journal.unresolved.lock`.
+MBOX_ROOM = len("..lock...") + 64 + 7 + 8
+
+
+def folder_problem(fmt: str, name: str) -> str:
+    """Why `name` cannot be a folder of this format (mbox or maildir), "" if it can: names that
+    could leave the mailbox tree, and names Dovecot 2.3 refuses to CREATE or SELECT (measured
+    over IMAP, tests/test_sieve_delivery.py), which would hide the mail from the user."""
+    if fmt == "maildir" and "/" in name:
+        return "'/' in a Maildir++ name"  # Maildir++ separates levels with '.'; '/' would make a path
+    parts = name.split("/") if fmt == "mbox" else name.split(".")
     if any(not p or p in (".", "..") or p.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in p)
            for p in parts) or "\x00" in name:
+        return "an empty level, a level starting with '.', or a control character"
+    if name.startswith("~"):
+        return "Dovecot refuses names that begin with '~'"  # its home-directory shorthand
+    if fmt == "mbox" and any(p.endswith(".lock") for p in parts):
+        # Dovecot's mbox storage takes these for lock files: it never lists them, and beside a
+        # folder "Foo", "Foo.lock" is that folder's dotlock, broken as stale, mail and all.
+        return "Dovecot reserves mbox names ending in '.lock' for lock files"
+    # Modified UTF-7 is ASCII: characters are bytes.  Dovecot counts a name's levels the same way.
+    on_disk = [_mutf7(p) for p in parts] if fmt == "mbox" else ["." + ".".join(_mutf7(p) for p in parts)]
+    if any(len(n) > NAME_MAX for n in on_disk):
+        return f"its name on disk is longer than {NAME_MAX} bytes"
+    if fmt == "mbox" and len(on_disk[-1]) > NAME_MAX - MBOX_ROOM:
+        return f"its name on disk is longer than {NAME_MAX - MBOX_ROOM} bytes, which leaves no room for its lock file"
+    return ""
+
+
+def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | None":
+    """Where a folder of that name lives for this user, or None if it does not exist and may
+    not be created, or the name cannot be a folder (folder_problem())."""
+    if name.upper() == "INBOX":
+        return inbox
+    if folder_problem(inbox.format, name):
         return None
+    parts = name.split("/") if inbox.format == "mbox" else name.split(".")
     if inbox.format == "maildir":
         path = os.path.join(folders, "." + ".".join(_mutf7(p) for p in parts))
         exists = os.path.isdir(os.path.join(path, "new"))
@@ -545,14 +583,23 @@ def _folder(inbox: "Store", folders: str, name: str, create: bool) -> "Store | N
         # Dovecot names mbox folders on disk in modified UTF-7 too: "Projects/Büro" is Projects/B&APw-ro.
         path = os.path.join(folders, *(_mutf7(p) for p in parts))
         exists = os.path.isfile(path)
-    if not exists and not create:
-        return None
+    if not exists and (not create or (inbox.format == "mbox" and os.path.lexists(path))):
+        return None  # an mbox path that is a directory (of folders: _holds_folders) is no mailbox
     if not exists and inbox.format == "mbox":
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # the folders of Lists/dev
         except OSError:
             return None
     return Store(inbox.format, path, create and not exists, name)
+
+
+def _holds_folders(inbox: "Store", folders: str, name: str) -> str:
+    """Why an mbox folder name cannot take mail when it names a directory (of subfolders:
+    Dovecot lists it \\Noselect and never opens it), else ""."""
+    if inbox.format != "mbox" or name.upper() == "INBOX":
+        return ""
+    path = os.path.join(folders, *(_mutf7(p) for p in name.split("/")))
+    return "a directory of folders, which Dovecot cannot open as an mbox" if os.path.isdir(path) else ""
 
 
 def _mutf7(text: str) -> str:
