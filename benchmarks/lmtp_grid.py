@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import pwd
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, LmtpClient, Sample, lmtp_payload
+from benchmarks.runner import cleanup_boxes, make_context
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
-from benchmarks.workloads import SENDER, SIZES, Box, Layout, Message, check
+from benchmarks.workloads import SENDER, SIZES, Box, Message, check
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lmtp-grid.md")
 GOAL = 1.2  # vdeliver's msgs/s over Dovecot's, in every cell
@@ -157,9 +156,9 @@ def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | 
         line = cell.lines[agent.key]
         result = check(boxes[agent.key], line.expected)
         line.integrity, line.intact = result.text(), result.ok and not line.errors
-        _remove(ctx, boxes[agent.key])
+        cleanup_boxes(ctx, boxes[agent.key])
     if floor_box is not None:
-        _remove(ctx, [floor_box])
+        cleanup_boxes(ctx, [floor_box])
     v, d = cell.lines.get("vdeliver-lmtp"), cell.lines.get("dovecot-lmtp")
     ratio = (v.rate() or 0) / (d.rate() or 1) if v and d and d.rate() else None
     say(f"  {cell.key:18} " + "  ".join(f"{k}: {ln.rate() or 0:7.0f}/s p99 {ln.pct(99) or 0:6.1f} ms"
@@ -232,7 +231,7 @@ def run_multi(ctx: Context, multi: Multi, servers: list[Agent], messages: int, r
         nlinks = [os.stat(os.path.join(box.path, "new", n)).st_nlink for box in boxes[agent.key][:1]
                   for n in os.listdir(os.path.join(box.path, "new"))]
         multi.links[agent.key] = statistics.mean(nlinks) if nlinks else 0.0
-        _remove(ctx, boxes[agent.key])
+        cleanup_boxes(ctx, boxes[agent.key])
     say(f"  maildir, {multi.rcpts} recipients a message: " + "  ".join(
         f"{k}: {ln.rate() or 0:6.0f} msgs/s p99 {ln.pct(99) or 0:6.1f} ms" for k, ln in multi.lines.items()))
 
@@ -248,19 +247,6 @@ def multi_table(multi: Multi) -> list[str]:
                    f"{_f(ratio, 2)} | {_f(line.pct(50))} | {_f(line.pct(99))} | {multi.links.get(key, 0):.1f} | "
                    f"{line.integrity} |")
     return out
-
-
-def _remove(ctx: Context, boxes: list[Box]) -> None:
-    for box in boxes:
-        if box.fmt == "mbox":
-            for path in (box.path, box.path + ".lock"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        else:
-            shutil.rmtree(os.path.dirname(box.path), ignore_errors=True)
-        shutil.rmtree(ctx.path("dovecot-mail", box.domain, box.user), ignore_errors=True)
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -305,25 +291,6 @@ def floor_lines(cells: list[GridCell]) -> list[str]:
     return out
 
 
-def context(workdir: str, quick: bool) -> Context:
-    creds = None
-    if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam("vmail")
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--user-group", "--home-dir", "/nonexistent", "--no-create-home",
-                            "--shell", "/usr/sbin/nologin", "vmail"], check=True)
-            pw = pwd.getpwnam("vmail")
-        creds = (pw.pw_uid, pw.pw_gid)
-    uid, gid = creds or (os.getuid(), os.getgid())
-    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-    os.chmod(workdir, 0o755)
-    os.chmod(os.path.join(workdir, "logs"), 0o777)
-    layout = Layout(os.path.join(workdir, "mail"), uid, gid)
-    layout.setup()
-    return Context(workdir, layout, creds, quick=quick)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.lmtp_grid", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts: a smoke test of the harness, not a measurement")
@@ -349,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (os.path.join(workdir, "lmtp-grid.md") if args.quick else RESULTS)
     when = datetime.datetime.now(datetime.UTC)
     started = time.monotonic()
-    ctx = context(workdir, args.quick)
+    ctx = make_context(workdir, args.quick)
 
     def say(text: str) -> None:
         print(text, flush=True)

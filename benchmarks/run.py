@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -36,8 +35,8 @@ from benchmarks.agents import (
     VdeliverScript,
     VdeliverVenv,
 )
-from benchmarks.runner import Cell, Row, run_cell
-from benchmarks.workloads import Layout, Message
+from benchmarks.runner import Cell, Row, make_context, run_cell
+from benchmarks.workloads import Message
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -216,22 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(workdir, 0o755)
     out = args.out or (os.path.join(workdir, "results") if args.quick else RESULTS)
     os.makedirs(out, exist_ok=True)
-    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-    os.chmod(os.path.join(workdir, "logs"), 0o777)
-
-    creds = None
-    if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam("vmail")
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--user-group", "--home-dir", "/nonexistent", "--no-create-home",
-                            "--shell", "/usr/sbin/nologin", "vmail"], check=True)
-            pw = pwd.getpwnam("vmail")
-        creds = (pw.pw_uid, pw.pw_gid)
-    uid, gid = creds or (os.getuid(), os.getgid())
-    layout = Layout(os.path.join(workdir, "mail"), uid, gid)
-    layout.setup()
-    ctx = Context(workdir, layout, creds, quick=args.quick)
+    ctx = make_context(workdir, args.quick)
+    layout = ctx.layout
 
     def say(text: str) -> None:
         print(text, flush=True)

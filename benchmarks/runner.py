@@ -10,15 +10,17 @@ agent fill caches and build its indexes first (for Dovecot: the index of a large
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import statistics
+import subprocess
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
 from benchmarks.agents import Agent, Context, Sample
-from benchmarks.workloads import SIZES, Box, Integrity, Message, check
+from benchmarks.workloads import SIZES, Box, Integrity, Layout, Message, check
 
 RSS_PROBES = 3
 
@@ -123,12 +125,33 @@ class Row:
         return max(self.peaks) / 1024 if self.peaks else None
 
 
+def make_context(workdir: str, quick: bool) -> Context:
+    """The mail tree and the vmail user (made if missing, as root) every benchmark delivers as."""
+    creds = None
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("vmail")
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--user-group", "--home-dir", "/nonexistent", "--no-create-home",
+                            "--shell", "/usr/sbin/nologin", "vmail"], check=True)
+            pw = pwd.getpwnam("vmail")
+        creds = (pw.pw_uid, pw.pw_gid)
+    uid, gid = creds or (os.getuid(), os.getgid())
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    os.chmod(workdir, 0o755)
+    os.chmod(os.path.join(workdir, "logs"), 0o777)
+    layout = Layout(os.path.join(workdir, "mail"), uid, gid)
+    layout.setup()
+    return Context(workdir, layout, creds, quick=quick)
+
+
 def _boxes(ctx: Context, cell: Cell, agent: Agent) -> list[Box]:
     return [ctx.layout.box(cell.fmt, f"{agent.key}.test", f"{cell.key}-{i}", cell.large, ctx.quick)
             for i in range(cell.boxes)]
 
 
-def _cleanup(ctx: Context, boxes: list[Box]) -> None:
+def cleanup_boxes(ctx: Context, boxes: list[Box]) -> None:
+    """Remove the mailboxes of a cell (and what Dovecot kept for them)."""
     for box in boxes:
         if box.fmt == "mbox":
             for path in (box.path, box.path + ".lock"):
@@ -267,7 +290,7 @@ def run_cell(ctx: Context, cell: Cell, agents: list[Agent], say) -> list[Row]:  
             twins[agent.key].integrity = check(twin_boxes[agent.key], twin_expected[agent.key])
     for agent_boxes in [*boxes.values(), *twin_boxes.values()]:
         if agent_boxes and agent_boxes[0].path != "/nonexistent":
-            _cleanup(ctx, agent_boxes)
+            cleanup_boxes(ctx, agent_boxes)
     out = []
     for key, row in rows.items():
         out.append(row)

@@ -11,6 +11,8 @@ import ast
 import os
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "vdeliver"
 
 
@@ -146,17 +148,6 @@ MAILDIR_IMPORT_SET = [
 ]
 
 
-def test_maildir_delivery_imports_exactly_the_pinned_set_without_os() -> None:
-    from benchmarks.import_set import measure
-
-    found = measure(str(PACKAGE.parent), "maildir")
-    expected = MAILDIR_IMPORT_SET
-    if os.geteuid() != 0:  # not started as root: nothing to drop
-        found = [m for m in found if m not in ("pwd", "vdeliver.privileges")]
-        expected = [m for m in expected if m not in ("pwd", "vdeliver.privileges")]
-    assert sorted(found) == sorted(expected)
-
-
 # The mbox path adds the locks, the store and its crash journal (binascii for the record's CRC-32,
 # a built-in module; fcntl for the kernel lock), still without `os`.
 MBOX_IMPORT_SET = sorted(
@@ -165,11 +156,12 @@ MBOX_IMPORT_SET = sorted(
 )
 
 
-def test_mbox_delivery_imports_exactly_the_pinned_set_without_os() -> None:
+@pytest.mark.parametrize(("fmt", "pinned"), [("maildir", MAILDIR_IMPORT_SET), ("mbox", MBOX_IMPORT_SET)])
+def test_delivery_imports_exactly_the_pinned_set_without_os(fmt: str, pinned: list[str]) -> None:
     from benchmarks.import_set import measure
 
-    found = measure(str(PACKAGE.parent), "mbox")
-    expected = MBOX_IMPORT_SET
+    found = measure(str(PACKAGE.parent), fmt)
+    expected = pinned
     if os.geteuid() != 0:  # not started as root: nothing to drop
         found = [m for m in found if m not in ("pwd", "vdeliver.privileges")]
         expected = [m for m in expected if m not in ("pwd", "vdeliver.privileges")]

@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +115,20 @@ def test_failover_drill_with_the_primary_host_gone(base: Path) -> None:
     assert report["namespaces_left"] == [] and our_namespaces() == []
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)],
-                         ids=["SIGINT", "SIGTERM"])
-def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code: int) -> None:
-    lab = base / "lab"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--quick", "--baseline", "30", "--base", str(lab)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT))
+def interrupt_at(args: list[str], phase: str, sig: signal.Signals,
+                 running: Callable[[], object]) -> tuple[int, str]:
+    """Run hubs-demo with args until its stderr announces `phase`, check running() there, send
+    sig and return (exit code, all of stderr).  Never leaves the process or its pipes behind."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=str(ROOT))
     seen: list[str] = []
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
             seen.append(line)
-            if "drill: baseline" in line:
+            if phase in line:
                 break
-        assert our_namespaces(), "".join(seen)
-        assert any(lab.glob("db*/data*/postmaster.pid"))
+        assert running(), "".join(seen)
         proc.send_signal(sig)
         _, rest = proc.communicate(timeout=120)
     finally:
@@ -139,10 +138,20 @@ def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code:
         for stream in (proc.stdout, proc.stderr):  # a failed assertion must not leak the pipes
             if stream is not None:
                 stream.close()
-    assert proc.returncode == code, "".join(seen) + rest
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_interrupted_mid_drill_tears_down(base: Path, sig: signal.Signals, code: int) -> None:
+    lab = base / "lab"
+    returncode, output = interrupt_at(
+        ["--quick", "--baseline", "30", "--base", str(lab)], "drill: baseline", sig,
+        lambda: our_namespaces() and any(lab.glob("db*/data*/postmaster.pid")))
+    assert returncode == code, output
     assert our_namespaces() == []
     assert not lab.exists()
-    assert "torn down" in rest
+    assert "torn down" in output
 
 
 MAIL_ROOT = Path("/run/vdeliver-hubs")  # hubs-demo --mail keeps the hubs' mail side here
@@ -218,28 +227,11 @@ def test_mail_failure_run_keeps_every_invariant(mail_peers: Path) -> None:
 
 def test_interrupted_mail_run_tears_down(mail_peers: Path) -> None:
     lab = mail_peers / "lab"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--mail", "--quick", "--promote-after", "30",
-                             "--base", str(lab)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT))
-    seen: list[str] = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            seen.append(line)
-            if "mail: primary down" in line:
-                break
-        assert processes_naming(str(MAIL_ROOT)), "".join(seen)  # sendmail, the servers, Dovecot
-        proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):  # a failed assertion must not leak the pipes
-            if stream is not None:
-                stream.close()
-    assert proc.returncode == 130, "".join(seen) + rest
+    returncode, output = interrupt_at(
+        ["--mail", "--quick", "--promote-after", "30", "--base", str(lab)], "mail: primary down", signal.SIGINT,
+        lambda: processes_naming(str(MAIL_ROOT)))  # sendmail, the servers, Dovecot
+    assert returncode == 130, output
     assert our_namespaces() == []
     assert not lab.exists() and not MAIL_ROOT.exists()
     assert processes_naming(str(MAIL_ROOT), str(lab)) == []
-    assert "torn down" in rest
+    assert "torn down" in output

@@ -8,6 +8,10 @@ actually write (`key = "string" | 'string' | integer | true | false`, `[table]`,
 comments) are read by a small reader here, and anything else falls back to
 tomllib.  The tests check that both readers agree on every input the small one
 accepts.
+
+Over 400 lines on purpose: the key table, the small reader, the checks with file and line,
+and the cache of the parsed form (keyed by the file's identity and bytes) are the one way a
+configuration is read; every program imports this module first, so it stays one import.
 """
 
 import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py

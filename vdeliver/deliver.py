@@ -5,6 +5,10 @@ formats without configuration: a directory with new/ is a Maildir (at either
 template's path), a regular file at the mbox path is an mbox.  When neither
 exists, the domain directory decides between "unknown domain", "unknown user" and
 (with create_mailbox) a new mailbox in the default format.
+
+Over 400 lines on purpose: resolve, read, store and undo are one sequence whose every
+step decides an exit code; kept in one place so the order of the steps (and what a failure
+leaves behind) reads top to bottom.  Only the stdlib modules it needs are imported here.
 """
 
 import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py

@@ -23,6 +23,10 @@ vdeliver's `:regex` (RE2) reads.  Each converted recipe is compiled on its own w
 vdeliver's validator; one that does not compile is reported, never written.  Standard
 library only; nothing here runs a program or reads more than the rcfile and its INCLUDERC
 files.
+
+One file of about 1200 lines on purpose: the reader of procmail's syntax and the converter
+share its quirks (line continuation, flags, `\\/`, INCLUDERC scoping) line by line; split,
+each half would have to re-learn the other's rules.
 """
 
 from __future__ import annotations

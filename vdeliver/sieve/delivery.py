@@ -33,6 +33,10 @@ is then also stored in the INBOX: it is never lost.
     spamtest_status_header = "X-Spam-Status: ^[[:alpha:]]+, score=(...)"
     spamtest_max_header = "..."      # or spamtest_max_value = 5.0; spamtest_text_value0..10
     virustest_status_type = "text"   # and virustest_status_header, ..., virustest_text_value0..5
+
+About 650 lines on purpose: the plan, the folder-name rules (which names Dovecot hides,
+per format) and the sending actions' envelope are one decision per message, kept where the
+deliver step calls it.
 """
 
 

@@ -6,6 +6,9 @@ trace of `sieve-test --trace`.
 
 The interpreter imports this module only when a script runs one of them: a delivery with a
 webmail's filter of headers, addresses and folders does not pay for loading it.
+
+About 650 lines on purpose: it is the one module loaded lazily for the rarer extensions;
+splitting it would add an import to every script that uses two of them.
 """
 
 from vdeliver.sieve import headers, variables

@@ -12,6 +12,9 @@ RFC 5228 section 4's rules for the implicit keep):
 Limits a hostile script cannot pass: actions per message (`max_actions`) and redirects
 (`max_redirects`); past them the run fails with a SieveRuntimeError, and the caller keeps
 the message in the INBOX (a failing script never loses mail).
+
+About 575 lines on purpose: the core commands and tests and the action rules they obey
+are read together; the rarer extensions live in extensions.py, loaded only when used.
 """
 
 

@@ -22,6 +22,10 @@ Deadlines (client_timeout mid-request or while a reply cannot be written,
 idle_timeout between requests) are checked by a scan every `tick` seconds; the
 connection cap is applied at accept(); an accept() that fails for lack of
 descriptors pauses that listener for a second (logged at most once per interval).
+
+One file of about 450 lines on purpose: the loop's states (reading, waiting on a lookup,
+writing, closing) and their deadlines share every field of a connection; split across
+modules, each step would have to pass the whole loop around.
 """
 
 from __future__ import annotations
