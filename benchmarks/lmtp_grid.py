@@ -170,18 +170,7 @@ def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | 
 
 def send_many(client: LmtpClient, rcpts: list[str], payload: bytes) -> tuple[bool, str]:
     """One transaction for several recipients; ok when every recipient's reply is 250."""
-    for command, code in ((f"MAIL FROM:<{SENDER}>\r\n", b"250"),
-                          *((f"RCPT TO:<{r}>\r\n", b"250") for r in rcpts), ("DATA\r\n", b"354")):
-        client.sock.sendall(command.encode())
-        reply = client._reply()
-        if not reply.startswith(code):
-            client.sock.sendall(b"RSET\r\n")
-            client._reply()
-            return False, reply.decode("latin-1").strip()
-    client.sock.sendall(payload)
-    replies = [client._reply() for _ in rcpts]
-    bad = [r.decode("latin-1").strip() for r in replies if not r.startswith(b"250")]
-    return not bad, "; ".join(bad)
+    return client.transaction(SENDER, rcpts, payload)
 
 
 @dataclass

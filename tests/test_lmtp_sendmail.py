@@ -94,3 +94,86 @@ def test_one_status_per_recipient_and_only_the_failed_one_requeued(site: Site, m
         assert len(mbox_messages(fred_away)) == 1 and len(os.listdir(wilma / "new")) == 1
     finally:
         server.stop()
+
+
+class _Recorder:
+    """A minimal LMTP server on a unix socket that records each read as it arrived, so a test
+    can see which commands the client sent together (its pipelining), and answers 250/354."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)
+        self.listener.listen(1)
+        self.listener.settimeout(60)
+        self.reads: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(60)
+        with conn:
+            conn.sendall(b"220 recorder LMTP\r\n")
+            buf, in_data, rcpts = b"", False, 0
+            while chunk := conn.recv(65536):
+                self.reads.append(chunk)
+                buf += chunk
+                while True:
+                    if in_data:
+                        end = buf.find(b"\r\n.\r\n")
+                        if end < 0:
+                            break
+                        buf, in_data = buf[end + 5:], False
+                        conn.sendall(b"250 2.0.0 ok\r\n" * rcpts)
+                        rcpts = 0
+                        continue
+                    end = buf.find(b"\r\n")
+                    if end < 0:
+                        break
+                    line, buf = buf[:end].upper(), buf[end + 2:]
+                    if line.startswith(b"LHLO"):
+                        conn.sendall(b"250-recorder\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n")
+                    elif line.startswith(b"RCPT"):
+                        rcpts += 1
+                        conn.sendall(b"250 2.1.5 ok\r\n")
+                    elif line.startswith(b"DATA"):
+                        in_data, buf = True, b"\r\n" + buf  # the dot line may end the message at once
+                        conn.sendall(b"354 go ahead\r\n")
+                    elif line.startswith(b"QUIT"):
+                        conn.sendall(b"221 bye\r\n")
+                        return
+                    else:
+                        conn.sendall(b"250 2.0.0 ok\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+def test_sendmail_pipelines_rcpt_and_data_but_not_mail(site: Site) -> None:
+    """What the LMTP benchmarks' client imitates (benchmarks/agents.py LmtpClient): the real
+    sendmail sends MAIL FROM alone, then every RCPT TO and DATA in one write."""
+    rundir = site.base / "recorder"
+    rundir.mkdir()
+    os.chmod(rundir, 0o755)
+    recorder = _Recorder(str(rundir / "lmtp.sock"))
+    try:
+        cf = site.compile(LMTP_MC, "out-lmtp", replace={PRODUCTION_SOCKET: str(rundir / "lmtp.sock")})
+        sent = site.sendmail(cf, "-odq", "-f", "sender@remote.example", "fred@away.com", "wilma@home.com",
+                             input=b"Subject: pipelining\n\nhello\n")
+        assert sent.returncode == 0, sent.stderr
+        site.run_queue(cf)
+        recorder.thread.join(60)
+    finally:
+        recorder.close()
+    commands = [r for r in recorder.reads if r[:4].upper() in (b"LHLO", b"MAIL", b"RCPT", b"QUIT")]
+    assert [c[:4].upper() for c in commands] == [b"LHLO", b"MAIL", b"RCPT", b"QUIT"], recorder.reads
+    mail, rcpts = commands[1], commands[2]
+    assert mail.count(b"\r\n") == 1  # MAIL FROM waits for its reply
+    lines = rcpts.upper().split(b"\r\n")
+    assert sorted(lines[:2]) == [b"RCPT TO:<FRED@AWAY.COM>", b"RCPT TO:<WILMA@HOME.COM>"]
+    assert lines[2:] == [b"DATA", b""]  # both RCPTs and DATA in one write
