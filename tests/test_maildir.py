@@ -234,6 +234,29 @@ def test_the_same_bytes_delivered_at_once_are_two_messages(md: Path, msg: Prepar
     assert len(listing(md)["new"]) == 2
 
 
+def test_leftover_check_stats_no_file_of_a_running_delivery(md: Path, msg: Prepared,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load tmp/ holds a file per delivery in flight, all of one size when the messages
+    are alike (32 LMTP clients into one Maildir): whether one is a leftover is asked by the pid
+    in its name first, so a delivery costs no stat() per concurrent delivery (issue 21)."""
+    for _ in range(32):
+        name = maildir.unique_name(HOST, msg.length, msg.rfc822_size)  # this process: alive
+        (md / "tmp" / name).write_bytes(RECORD)
+        os.link(md / "tmp" / name, md / "new" / name)
+    real_stat = os.stat
+    looked: list[object] = []
+
+    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if kwargs.get("dir_fd") is not None:
+            looked.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    patch_os(monkeypatch, "stat", counting_stat)
+    new = deliver(md, msg)
+    assert looked == []
+    assert (md / "new" / new).read_bytes() == RECORD and len(listing(md)["new"]) == 33
+
+
 def test_a_different_linked_tmp_file_is_not_taken_for_ours(md: Path, msg: Prepared) -> None:
     other = RECORD.replace(b"body", b"BODY")
     name = maildir.unique_name(HOST, len(other), len(other))

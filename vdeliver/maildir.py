@@ -529,17 +529,19 @@ def clean_tmp(tmpdir: "str | int", max_age: int, now: "float | None" = None) -> 
     return removed
 
 
-def _writer_alive(name: str, host: str) -> bool:
-    """Whether the delivery that wrote tmp/NAME, on this host, is still running (P<pid> in our
-    names): then the file is a concurrent delivery of the same bytes (the same message for the
-    same recipient twice at once), not a leftover, and both copies stay.  A file another host
-    wrote (a shared Maildir), or not named by us, cannot be asked: it counts as a leftover."""
+def _writer_pid(name: str, host: str) -> int:
+    """The P<pid> of a tmp/ file this host named (our names), else 0: a file another host wrote
+    (a shared Maildir), or not named by us, cannot be asked whose it is."""
     pid_at = name.find("P", name.find(".M"))
     end = name.find("R", pid_at)
     if pid_at < 0 or end < 0 or not name[pid_at + 1:end].isdigit() or f".{escape_host(host)}," not in name:
-        return False
+        return 0
+    return int(name[pid_at + 1:end])
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.kill(int(name[pid_at + 1:end]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
@@ -560,16 +562,25 @@ def _linked_leftover(tfd: int, msg: Prepared, host: str = "") -> "str | None":
     except OSError:
         return None
     marker = f",S={msg.length},"
+    # The files of deliveries still running are not leftovers, whatever their links: ask by
+    # the pid in the name before any stat().  Under load tmp/ holds one file per delivery in
+    # flight (32 clients into one Maildir: up to 32 of the same size), and a stat() of each,
+    # on every delivery, grew the cost of a delivery with the concurrency.
+    alive: "dict[int, bool]" = {}
     for name in names:
         if marker not in name:
             continue
+        pid = _writer_pid(name, host) if host else 0
+        if pid > 0:
+            if pid not in alive:
+                alive[pid] = _alive(pid)
+            if alive[pid]:
+                continue
         try:
             st = os.stat(name, dir_fd=tfd, follow_symlinks=False)
         except OSError:
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2 or st.st_size != msg.length:
-            continue
-        if host and _writer_alive(name, host):
             continue
         if _same_bytes(name, tfd, msg):
             return name
