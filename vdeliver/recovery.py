@@ -86,6 +86,11 @@ SIZE = 4096  # the persistent journal: one block, written in full once
 RECLEN = 512  # one record at offset 0: one sector, written with one pwrite()
 HEAD = 96  # bytes of the record kept in the journal to recognise it again
 SCAN_CHUNK = 1 << 20
+# The LMTP server's group journal (vdeliver/groupjournal.py): GROUP_SLOTS records of GROUP_SLOT
+# bytes; every mbox delivery looks for a busy one naming its mbox (check_group()).
+GROUP_SLOT = 1024
+GROUP_SLOTS = 128
+GROUP_BUSY = b"vdeliver-slot 1 busy "
 _OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # never follow, never block
 
 # Outcomes of recover(), also the words of `vdeliver --repair`.
@@ -98,24 +103,24 @@ KEPT = "kept"  # a complete record under a journal from before a reboot: not cut
 UNTRUSTED = "untrusted"  # a journal we cannot have written: moved aside, mailbox untouched
 
 
-def _seal(text: str) -> bytes:
+def _seal(text: str, length: int = RECLEN) -> bytes:
     """A fixed-size record: text padded with spaces, its CRC-32 in hex, a newline."""
     import binascii
 
-    body = text.encode("ascii").ljust(RECLEN - 9)
-    if len(body) != RECLEN - 9 or body[-1] != 32:
+    body = text.encode("ascii").ljust(length - 9)
+    if len(body) != length - 9 or body[-1] != 32:
         raise ValueError("journal record too long")
     return body + b"%08x\n" % binascii.crc32(body)
 
 
-def _unseal(block: bytes) -> "str | None":
+def _unseal(block: bytes, length: int = RECLEN) -> "str | None":
     """The text of a whole record, or None when it is short or torn (its CRC does not match)."""
     import binascii
 
-    if len(block) < RECLEN or block[RECLEN - 1] != 10:
+    if len(block) < length or block[length - 1] != 10:
         return None
-    body = block[: RECLEN - 9]
-    if block[RECLEN - 9: RECLEN - 1] != b"%08x" % binascii.crc32(body):
+    body = block[: length - 9]
+    if block[length - 9: length - 1] != b"%08x" % binascii.crc32(body):
         return None
     return body.decode("ascii", "replace")
 
@@ -444,12 +449,13 @@ def _foreign_from_line(fd: int, start: int, stop: int) -> int:
 
 
 def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
-            keep: bool = True) -> "tuple[str, str]":
+            keep: bool = True, group: str = "") -> "tuple[str, str]":
     """Undo an interrupted append to the mbox open on fd (both locks held).
 
     Returns (outcome, text for the log/administrator).  Raises DeliveryError when
     the journal cannot be reset or removed (the delivery defers).  keep=False (journalling
-    turned off) removes the journal instead of resetting it.
+    turned off) removes the journal instead of resetting it.  `group`: the LMTP server's group
+    journal, whose busy slots naming this mbox are recovered too (check_group()).
     """
     outcome, text = CLEAN, ""
     if fileio.lexists(journal_path(path, OLD_SUFFIX)):  # left by an earlier version
@@ -459,12 +465,39 @@ def recover(fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
         finally:
             old.close()
         st = os.fstat(fd)
+    if group:  # first: it recovers the mbox's own journal before it moves a slot's record there
+        st, now = check_group(group, fd, path, st, log, keep)
+        if now[0] != CLEAN:
+            outcome, text = now
     j = find(journal_path(path))
     try:
         now = decide(j, fd, path, st, log, keep)
     finally:
         j.close()
     return (outcome, text) if now[0] == CLEAN else now
+
+
+def check_group(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
+                keep: bool = True) -> "tuple[os.stat_result, tuple[str, str]]":
+    """Recover an append of the LMTP server's group commit to the mbox open on fd (both locks
+    held), found in a busy slot of its group journal at jpath.  The common case is one open and
+    one pread that finds no busy slot (or a failed open: no server); vdeliver.groupjournal is
+    imported only when a slot is busy.  Returns the mbox's stat after, and what recovery did."""
+    try:
+        gfd = os.open(jpath, os.O_RDONLY | _OPEN)
+    except OSError:
+        return st, (CLEAN, "")  # none (no LMTP server), or not ours: our server cannot have written it
+    try:
+        busy = GROUP_BUSY in os.pread(gfd, GROUP_SLOT * GROUP_SLOTS, 0)
+    except OSError:
+        busy = False
+    finally:
+        os.close(gfd)
+    if not busy:
+        return st, (CLEAN, "")
+    from vdeliver import groupjournal
+
+    return groupjournal.recover_mbox(jpath, fd, path, st, log, keep)
 
 
 def decide(j: Found, fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
@@ -556,11 +589,12 @@ class MboxJournal(Journal):
     recover() opens the persistent journal and keeps it open; begin() writes the busy
     record into it (or makes it, the first time); end() writes the idle record."""
 
-    __slots__ = ("log", "found", "busy", "outcome", "record")
+    __slots__ = ("log", "found", "busy", "outcome", "record", "group")
 
-    def __init__(self, log: "Log | None" = None, record: bool = True) -> None:
+    def __init__(self, log: "Log | None" = None, record: bool = True, group: str = "") -> None:
         self.log = log  # where recovery says what it did (the caller's logger)
         self.record = record  # False (mbox_journal = false): recover old journals, write none
+        self.group = group  # the LMTP server's group journal, whose slots may name this mbox
         self.found = Found("")
         self.busy = False
         self.outcome = CLEAN
@@ -574,6 +608,10 @@ class MboxJournal(Journal):
             finally:
                 old.close()
             st = os.fstat(fd)
+        if self.group:
+            st, (outcome, _text) = check_group(self.group, fd, path, st, self.log, self.record)
+            if outcome != CLEAN:
+                self.outcome = outcome
         j = self.found = find(journal_path(path))
         if j.persistent and self.record and j.data[:RECLEN] == IDLE:
             return st  # the common case: open, fstat, pread
@@ -693,7 +731,7 @@ def _sweep_lock_temps(path: str, host: str) -> int:
 
 
 def repair(path: str, *, host: str, lock_timeout: float = 60.0, stale_age: float = 300.0,
-           log: "Log | None" = None) -> "tuple[str, str]":
+           log: "Log | None" = None, group: str = "") -> "tuple[str, str]":
     """`vdeliver --repair MBOX`: take the locks like a delivery and recover."""
     from vdeliver.mbox import MailboxLock
 
@@ -702,7 +740,7 @@ def repair(path: str, *, host: str, lock_timeout: float = 60.0, stale_age: float
         for note in box.broke:
             if log is not None:
                 log.warning(f"mbox recovery: broke stale lock {note}")
-        outcome, text = recover(box.fd, path, box.st, log)
+        outcome, text = recover(box.fd, path, box.st, log, group=group)
         swept = _sweep_lock_temps(path, host)
         if swept:
             text = (text or f"{path}: clean") + f"; removed {swept} temporary lock file(s) of dead processes"
