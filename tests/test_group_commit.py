@@ -44,8 +44,8 @@ def busy_slots(root: MailRoot) -> list[int]:
     if not path.exists():
         return []
     data = path.read_bytes()
-    return [i for i in range(groupjournal.SLOTS)
-            if not data[i * groupjournal.SLOT:].startswith(groupjournal.IDLE)]
+    return [i for i in range(recovery.GROUP_SLOTS)
+            if not data[i * recovery.GROUP_SLOT:].startswith(recovery.SLOT_IDLE)]
 
 
 def _is_group(fd: int) -> bool:
@@ -108,7 +108,7 @@ def point_patch(point: str, rng: random.Random, record_len: int) -> Callable[[],
     if point == "before-slot":
         return kill_at_slot_write(b"busy")
     if point == "torn-slot":
-        return kill_at_slot_write(b"busy", k=rng.randint(1, groupjournal.SLOT - 1))
+        return kill_at_slot_write(b"busy", k=rng.randint(1, recovery.GROUP_SLOT - 1))
     if point == "slot-before-sync":
         return kill_at_group_sync(after=False)
     if point == "after-group-sync":
@@ -155,15 +155,15 @@ def tree(mailroot: MailRoot) -> MailRoot:
     for user in ("fred", "anna", "bob", "cleo"):
         mailroot.add_mbox(fi.DOMAIN, user)
     # Made as server start makes it (the kill points are those of a delivery, not of its making).
-    os.close(groupjournal.open_journal(str(group_path(mailroot)), True))
+    os.close(recovery.open_journal(str(group_path(mailroot)), True))
     os.chown(group_path(mailroot), mailroot.owner.uid, mailroot.owner.gid)
     return mailroot
 
 
 def whole_busy_slots(root: MailRoot) -> int:
     data = group_path(root).read_bytes()
-    return sum(groupjournal.parse_slot(data[i * groupjournal.SLOT: (i + 1) * groupjournal.SLOT]) is not None
-               for i in range(groupjournal.SLOTS))
+    return sum(recovery.parse_slot(data[i * recovery.GROUP_SLOT: (i + 1) * recovery.GROUP_SLOT]) is not None
+               for i in range(recovery.GROUP_SLOTS))
 
 
 def _acked(path: Path) -> set[int]:
@@ -181,8 +181,8 @@ def _whole_last(mbox: Path, msg: bytes) -> bool:
 def _named_by_busy_slot(root: MailRoot, mbox: Path) -> bool:
     st_ = os.stat(mbox)
     data = group_path(root).read_bytes()
-    for i in range(groupjournal.SLOTS):
-        found = groupjournal.parse_slot(data[i * groupjournal.SLOT: (i + 1) * groupjournal.SLOT])
+    for i in range(recovery.GROUP_SLOTS):
+        found = recovery.parse_slot(data[i * recovery.GROUP_SLOT: (i + 1) * recovery.GROUP_SLOT])
         if found is not None and (found[0].dev, found[0].ino) == (st_.st_dev, st_.st_ino):
             return True
     return False
@@ -277,7 +277,7 @@ def test_server_start_recovers_every_busy_slot_of_a_killed_server(tree: MailRoot
 
 
 def _flock(slot: int, kind: int) -> bytes:
-    return struct.pack("hhqqi4x", kind, os.SEEK_SET, slot * groupjournal.SLOT, groupjournal.SLOT, 0)
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, slot * recovery.GROUP_SLOT, recovery.GROUP_SLOT, 0)
 
 
 def test_cli_never_resets_a_slot_of_a_live_server_process(tree: MailRoot, vmail: Account) -> None:
@@ -308,7 +308,7 @@ def test_cli_never_resets_a_slot_of_a_live_server_process(tree: MailRoot, vmail:
         fd = os.open(journal, os.O_RDWR)
         try:
             owned = []
-            for slot in range(groupjournal.SLOTS):
+            for slot in range(recovery.GROUP_SLOTS):
                 try:
                     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(slot, fcntl.F_WRLCK))
                     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(slot, fcntl.F_UNLCK))
@@ -319,8 +319,8 @@ def test_cli_never_resets_a_slot_of_a_live_server_process(tree: MailRoot, vmail:
             st = os.stat(mbox)
             rec = recovery.Record(st.st_dev, st.st_ino, st.st_size, st.st_size + 100, server.proc.pid if server.proc
                                   else 1, b"From x")
-            planted = groupjournal.slot_block(rec, str(mbox))
-            os.pwrite(fd, planted, owned[-1] * groupjournal.SLOT)
+            planted = recovery.slot_block(rec, str(mbox))
+            os.pwrite(fd, planted, owned[-1] * recovery.GROUP_SLOT)
         finally:
             os.close(fd)
         res = run_vdeliver(["-f", fi.SENDER, "-a", fi.DOMAIN, "-a", "bob"], b"Subject: x\n\nx\n", config=tree.config,
@@ -330,7 +330,7 @@ def test_cli_never_resets_a_slot_of_a_live_server_process(tree: MailRoot, vmail:
         res = run_vdeliver(["--repair", str(mbox)], config=tree.config, as_user=vmail)
         assert res.returncode == 75
         data = journal.read_bytes()
-        assert data[owned[-1] * groupjournal.SLOT:][:groupjournal.SLOT] == planted, "a live owner's slot was reset"
+        assert data[owned[-1] * recovery.GROUP_SLOT:][:recovery.GROUP_SLOT] == planted, "a live owner's slot was reset"
         assert mbox.read_bytes() == b""
     finally:
         server.stop()
@@ -393,20 +393,20 @@ def test_group_sync_error_fails_every_record_of_its_batch(tmp_path: Path, monkey
 
 def test_slot_record_round_trips_and_a_long_path_falls_back() -> None:
     rec = recovery.Record(2049, 12345, 100, 5000, 77, b"\nFrom a@b Sat Dec  5 20:00:00 2026\n", "boot-1")
-    block = groupjournal.slot_block(rec, "/var/spool/vbox/example.org/fred")
-    assert len(block) == groupjournal.SLOT
-    found = groupjournal.parse_slot(block)
+    block = recovery.slot_block(rec, "/var/spool/vbox/example.org/fred")
+    assert len(block) == recovery.GROUP_SLOT
+    found = recovery.parse_slot(block)
     assert found is not None
     got, path = found
     assert (got.dev, got.ino, got.orig, got.end, got.pid, got.head, got.boot) == (
         2049, 12345, 100, 5000, 77, rec.head, "boot-1")
     assert path == "/var/spool/vbox/example.org/fred"
     with pytest.raises(ValueError, match="too long"):
-        groupjournal.slot_block(rec, "/" + "x" * 600)
-    torn = block[:300] + bytes(groupjournal.SLOT - 300)
-    assert groupjournal.parse_slot(torn) is None
-    assert groupjournal.parse_slot(groupjournal.IDLE) is None
-    assert groupjournal.IDLE.startswith(IDLE_PREFIX)
+        recovery.slot_block(rec, "/" + "x" * 600)
+    torn = block[:300] + bytes(recovery.GROUP_SLOT - 300)
+    assert recovery.parse_slot(torn) is None
+    assert recovery.parse_slot(recovery.SLOT_IDLE) is None
+    assert recovery.SLOT_IDLE.startswith(IDLE_PREFIX)
 
 
 def test_group_journal_default_path_is_above_the_mbox_domains(tmp_path: Path) -> None:
@@ -429,11 +429,11 @@ def _layout(tmp: Path, old: bytes, ours: bytes) -> tuple[Path, int]:
 @settings(max_examples=int(os.environ.get("VDELIVER_HYPOTHESIS", "80")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
-    junk=st.binary(max_size=3 * groupjournal.SLOT),
-    where=st.integers(0, groupjournal.SIZE - 1),
+    junk=st.binary(max_size=3 * recovery.GROUP_SLOT),
+    where=st.integers(0, recovery.GROUP_SIZE - 1),
     name_this=st.booleans(),
     fields=st.tuples(st.integers(0, 400), st.integers(0, 400), st.integers(0, 120)),
-    cut_at=st.integers(0, groupjournal.SLOT),
+    cut_at=st.integers(0, recovery.GROUP_SLOT),
 )
 def test_any_group_journal_bytes_never_raise_nor_cut_someone_elses_data(
         tmp_path_factory: pytest.TempPathFactory, junk: bytes, where: int, name_this: bool,
@@ -453,14 +453,14 @@ def test_any_group_journal_bytes_never_raise_nor_cut_someone_elses_data(
     head = (ours if h % 2 == 0 else b"From zzz")[: min(h, 96)]
     rec = recovery.Record(st_.st_dev if name_this else st_.st_dev + 1, st_.st_ino, rec_orig,
                           rec_orig + len(head) + e, 1, head)
-    block = groupjournal.slot_block(rec, str(mbox))[:cut_at] if cut_at < groupjournal.SLOT else \
-        groupjournal.slot_block(rec, str(mbox))
-    data = bytearray(groupjournal.IDLE * groupjournal.SLOTS)
+    block = recovery.slot_block(rec, str(mbox))[:cut_at] if cut_at < recovery.GROUP_SLOT else \
+        recovery.slot_block(rec, str(mbox))
+    data = bytearray(recovery.SLOT_IDLE * recovery.GROUP_SLOTS)
     data[where: where + len(junk)] = junk
-    slot = (where // groupjournal.SLOT) % groupjournal.SLOTS
-    data[slot * groupjournal.SLOT: slot * groupjournal.SLOT + len(block)] = block
+    slot = (where // recovery.GROUP_SLOT) % recovery.GROUP_SLOTS
+    data[slot * recovery.GROUP_SLOT: slot * recovery.GROUP_SLOT + len(block)] = block
     journal = tmp / "group.lock"
-    journal.write_bytes(bytes(data[: groupjournal.SIZE]))
+    journal.write_bytes(bytes(data[: recovery.GROUP_SIZE]))
     journal.chmod(0o600)
     before = mbox.read_bytes()
     fd = os.open(mbox, os.O_RDWR | os.O_APPEND)

@@ -46,206 +46,33 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 import threading
 import time
 
-from vdeliver import fileio, recovery
+from vdeliver import recovery
 from vdeliver.errors import DeliveryError, fail
 from vdeliver.mbox import MailboxLock
 from vdeliver.message import Prepared
-from vdeliver.recovery import MboxJournal, Record, head_of
+from vdeliver.recovery import (
+    GROUP_BUSY,
+    GROUP_SIZE,
+    GROUP_SLOT,
+    GROUP_SLOTS,
+    OWN,
+    MboxJournal,
+    Record,
+    _lock,
+    _reset_torn,
+    _write_idle,
+    head_of,
+    open_journal,
+    parse_slot,
+    slot_block,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from vdeliver.hooks import Log
-
-MAGIC = "vdeliver-slot"
-VERSION = "1"
-SLOT = recovery.GROUP_SLOT  # bytes a slot: the record, padded, CRC, newline
-SLOTS = recovery.GROUP_SLOTS  # slots in the file: concurrent mbox appends of all server processes
-SIZE = SLOT * SLOTS
-BUSY = recovery.GROUP_BUSY  # how a busy slot starts
-IDLE = recovery._seal(f"{MAGIC} {VERSION} idle", SLOT)
-_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_FLOCK = "hhqqi4x"  # struct flock on Linux (64-bit): type, whence, start, len, pid (0 for OFD locks)
-
-# The server process's group, so that a recoverer in this process can settle a slot of its own
-# (set by Group.open(); a slot of this process is never lock-free to this process's other descriptors).
-_OWN: "list[Group]" = []
-
-
-def slot_block(rec: Record, path: str) -> bytes:
-    """The busy record of a slot; ValueError when the path does not fit."""
-    return recovery._seal(
-        f"{MAGIC} {VERSION} busy {rec.dev} {rec.ino} {rec.orig} {rec.end} {rec.pid} {rec.head.hex()}"
-        f" {rec.boot or recovery.boot_id()} {os.fsencode(path).hex()}", SLOT)
-
-
-def parse_slot(block: bytes) -> "tuple[Record, str] | None":
-    """(record, mbox path) of a whole busy slot, or None: idle, zeros, torn or foreign."""
-    if not block.startswith(BUSY):
-        return None
-    text = recovery._unseal(block, SLOT)
-    fields = text.split() if text is not None else []
-    if len(fields) != 11:
-        return None
-    try:
-        dev, ino, orig, end, pid = (int(f) for f in fields[3:8])
-        head = bytes.fromhex(fields[8])
-        path = os.fsdecode(bytes.fromhex(fields[10]))
-    except ValueError:
-        return None
-    if min(dev, ino, orig, end, pid) < 0 or end < orig or len(head) > end - orig or not path.startswith("/"):
-        return None
-    if "\0" in path:
-        return None
-    return Record(dev, ino, orig, end, pid, head, fields[9]), path
-
-
-def _lock(fd: int, slot: int, kind: int) -> bool:
-    """Take (F_WRLCK) or drop (F_UNLCK) our OFD lock on a slot's bytes; False if another holds it."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, slot * SLOT, SLOT, 0))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def open_journal(path: str, create: bool) -> int:
-    """Open the group journal read-write, checked like a per-mbox journal (a regular file of
-    ours, one link, the right size, never followed); made (all slots idle, synced with its
-    directory) when missing and `create`.  OSError with the reason otherwise."""
-    try:
-        fd = os.open(path, os.O_RDWR | _OPEN)
-    except FileNotFoundError:
-        if not create:
-            raise
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN, 0o600)
-        try:
-            fileio.write_all(fd, IDLE * SLOTS)
-            os.fsync(fd)
-            fileio.fsync_dir(fileio.dirname(path))
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            raise
-        return fd
-    try:
-        st = os.fstat(fd)
-        why = ""
-        if st.st_mode & 0o170000 != 0o100000:
-            why = "not a regular file"
-        elif st.st_uid != os.geteuid():
-            why = f"owned by uid {st.st_uid}, not by the delivering uid {os.geteuid()}"
-        elif st.st_nlink != 1:
-            why = f"it has {st.st_nlink} links"
-        elif st.st_size != SIZE:
-            why = f"its size is {st.st_size}, not {SIZE}"
-        if why:
-            raise OSError(errno.EPERM, f"not a vdeliver group journal: {why}")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def recover_mbox(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log | None",
-                 keep: bool) -> "tuple[os.stat_result, tuple[str, str]]":
-    """Settle every busy slot naming the mbox open on fd (both its locks held): see the module's
-    docstring.  Returns the mbox's stat after and what recovery did.  DeliveryError: the
-    delivery defers."""
-    now: "tuple[str, str]" = (recovery.CLEAN, "")
-    try:
-        gfd = open_journal(jpath, False)
-    except OSError:
-        return st, now  # none, or not ours (wrong owner, a link...): our server cannot have written it
-    try:
-        data = os.pread(gfd, SIZE, 0)
-        i = data.find(BUSY)
-        while i >= 0:
-            slot, off = divmod(i, SLOT)
-            found = parse_slot(data[i: i + SLOT]) if off == 0 else None
-            if found is not None and (found[0].dev, found[0].ino) == (st.st_dev, st.st_ino):
-                st, said = _settle(gfd, slot, found[0], jpath, fd, path, st, log, keep)
-                if said[0] != recovery.CLEAN:
-                    now = said
-            elif found is None and off == 0:
-                _reset_torn(gfd, slot)
-            i = data.find(BUSY, i + 1)
-    finally:
-        os.close(gfd)
-    return st, now
-
-
-def _settle(gfd: int, slot: int, rec: Record, jpath: str, fd: int, path: str, st: os.stat_result,
-            log: "Log | None", keep: bool) -> "tuple[os.stat_result, tuple[str, str]]":
-    where = f"slot {slot} of the group journal {jpath}"
-    if not _lock(gfd, slot, fcntl.F_WRLCK):
-        # Its owner is alive; we hold the mbox's locks, so its append is not in progress.
-        if rec.pid == os.getpid() and _OWN and _OWN[0].settle_own(slot):
-            return st, (recovery.NOTHING, f"{path}: settled {where}, left by a rolled-back delivery")
-        raise fail("mailbox journal busy", f"{path}: {where} (vdeliver-lmtpd pid {rec.pid}) is not settled yet")
-    try:
-        now = os.pread(gfd, SLOT, slot * SLOT)  # again, under its lock
-        if parse_slot(now) is None:
-            return st, (recovery.CLEAN, "")
-        recovery.recover(fd, path, st, log, keep)  # the mbox's own journal first: its record goes there
-        st = os.fstat(fd)
-        pj = recovery.find(recovery.journal_path(path))
-        if pj.why:
-            pj.close()
-            raise fail("cannot recover mailbox", f"{path}: {where}: the mailbox's journal is untrusted: {pj.why}")
-        block = rec.block()
-        try:
-            if pj.persistent:
-                if os.pwrite(pj.fd, block, 0) != recovery.RECLEN:
-                    raise OSError(errno.ENOSPC, "short write")
-                os.fdatasync(pj.fd)
-                pj.data = block
-            else:
-                pj.close()
-                if pj.fd < 0 and fileio.lexists(pj.path):
-                    raise OSError(errno.EEXIST, "a journal of another size is in the way")
-                recovery._make(pj, block)
-            _write_idle(gfd, slot, sync=True)
-        except OSError as exc:
-            pj.close()
-            raise fail("cannot recover mailbox", f"{path}: {where}: {exc.strerror}") from None
-        if log is not None:
-            log.info(f"mbox recovery: {path}: moved the record of {where} (pid {rec.pid}) into {pj.path}")
-        try:
-            said = recovery.decide(pj, fd, path, st, log, keep)
-        finally:
-            pj.close()
-        return os.fstat(fd), said
-    finally:
-        _lock(gfd, slot, fcntl.F_UNLCK)
-
-
-def _reset_torn(gfd: int, slot: int) -> None:
-    """A torn busy record of a dead owner: its append never started (the slot's sync comes
-    first); reset it so that the next deliveries find no busy slot (and import nothing)."""
-    if not _lock(gfd, slot, fcntl.F_WRLCK):
-        return  # its owner is alive: it is writing it now
-    try:
-        if os.pread(gfd, SLOT, slot * SLOT).startswith(BUSY) and parse_slot(os.pread(gfd, SLOT, slot * SLOT)) is None:
-            _write_idle(gfd, slot, sync=True)
-    finally:
-        _lock(gfd, slot, fcntl.F_UNLCK)
-
-
-def _write_idle(gfd: int, slot: int, sync: bool = False) -> None:
-    if os.pwrite(gfd, IDLE, slot * SLOT) != SLOT:
-        raise OSError(errno.ENOSPC, "short write")
-    if sync:
-        os.fdatasync(gfd)
-
 
 def recover_all(jpath: str, *, host: str, lock_timeout: float, stale_age: float, keep: bool,
                 log: "Log | None") -> "list[str]":
@@ -259,10 +86,10 @@ def recover_all(jpath: str, *, host: str, lock_timeout: float, stale_age: float,
         return []
     said: "list[str]" = []
     try:
-        data = os.pread(gfd, SIZE, 0)
-        for slot in range(SLOTS):
-            found = parse_slot(data[slot * SLOT: (slot + 1) * SLOT])
-            if found is None and data.startswith(BUSY, slot * SLOT):
+        data = os.pread(gfd, GROUP_SIZE, 0)
+        for slot in range(GROUP_SLOTS):
+            found = parse_slot(data[slot * GROUP_SLOT: (slot + 1) * GROUP_SLOT])
+            if found is None and data.startswith(GROUP_BUSY, slot * GROUP_SLOT):
                 _reset_torn(gfd, slot)
             if found is None or not _lock(gfd, slot, fcntl.F_WRLCK):
                 continue  # idle, or a live owner's
@@ -340,7 +167,7 @@ class Group:
                 return False
             self.pid = os.getpid()
             self.free, self.poisoned, self.next = [], set(), 0
-            _OWN[:] = [self]
+            OWN[:] = [self]
             return True
 
     def claim(self) -> int:
@@ -348,12 +175,12 @@ class Group:
         with self.mutex:
             if self.free:
                 return self.free.pop()
-            while self.next < SLOTS:
+            while self.next < GROUP_SLOTS:
                 slot = self.next
                 self.next += 1
                 if not _lock(self.fd, slot, fcntl.F_WRLCK):
                     continue  # another process's
-                if parse_slot(os.pread(self.fd, SLOT, slot * SLOT)) is not None:
+                if parse_slot(os.pread(self.fd, GROUP_SLOT, slot * GROUP_SLOT)) is not None:
                     _lock(self.fd, slot, fcntl.F_UNLCK)  # a dead owner's record: for recovery
                     continue
                 return slot
@@ -440,7 +267,7 @@ class GroupHook(MboxJournal):
             super().begin(fd, path, size, st, sep, msg)
             return
         try:
-            if os.pwrite(self.shared.fd, block, slot * SLOT) != SLOT:
+            if os.pwrite(self.shared.fd, block, slot * GROUP_SLOT) != GROUP_SLOT:
                 raise OSError(errno.ENOSPC, "short write")
             self.shared.commit()
         except OSError as exc:

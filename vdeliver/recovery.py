@@ -71,6 +71,8 @@ from vdeliver.message import Prepared
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
+    from typing import Any
+
     from vdeliver.hooks import Log
 
 OLD_SUFFIX = ".vdeliver-journal"  # where versions 1 and 2 wrote their journal, still recovered
@@ -88,9 +90,11 @@ HEAD = 96  # bytes of the record kept in the journal to recognise it again
 SCAN_CHUNK = 1 << 20
 # The LMTP server's group journal (vdeliver/groupjournal.py): GROUP_SLOTS records of GROUP_SLOT
 # bytes; every mbox delivery looks for a busy one naming its mbox (check_group()).
-GROUP_SLOT = 1024
-GROUP_SLOTS = 128
-GROUP_BUSY = b"vdeliver-slot 1 busy "
+GROUP_SLOT = 1024  # bytes a slot: the record, padded, CRC, newline
+GROUP_SLOTS = 128  # slots in the file: concurrent mbox appends of all server processes
+GROUP_SIZE = GROUP_SLOT * GROUP_SLOTS
+GROUP_BUSY = b"vdeliver-slot 1 busy "  # how a busy slot starts
+_WRLCK, _UNLCK = 1, 2  # fcntl.F_WRLCK, F_UNLCK (Linux)
 _OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # never follow, never block
 
 # Outcomes of recover(), also the words of `vdeliver --repair`.
@@ -495,9 +499,7 @@ def check_group(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log | 
         os.close(gfd)
     if not busy:
         return st, (CLEAN, "")
-    from vdeliver import groupjournal
-
-    return groupjournal.recover_mbox(jpath, fd, path, st, log, keep)
+    return recover_mbox(jpath, fd, path, st, log, keep)
 
 
 def decide(j: Found, fd: int, path: str, st: os.stat_result, log: "Log | None" = None,
@@ -581,6 +583,192 @@ def _say(log: "Log | None", level: str, outcome: str, text: str) -> "tuple[str, 
     if log is not None:
         getattr(log, level)(f"mbox recovery: {text}")
     return outcome, text
+
+
+SLOT_MAGIC = "vdeliver-slot"
+SLOT_VERSION = "1"
+SLOT_IDLE = _seal(f"{SLOT_MAGIC} {SLOT_VERSION} idle", GROUP_SLOT)
+_FLOCK = "hhqqi4x"  # struct flock on Linux (64-bit): type, whence, start, len, pid (0 for OFD locks)
+
+# The server process's group, so that a recoverer in this process can settle a slot of its own
+# (set by Group.open(); a slot of this process is never lock-free to this process's other descriptors).
+OWN: "list[Any]" = []
+
+
+def slot_block(rec: Record, path: str) -> bytes:
+    """The busy record of a slot; ValueError when the path does not fit."""
+    return _seal(
+        f"{SLOT_MAGIC} {SLOT_VERSION} busy {rec.dev} {rec.ino} {rec.orig} {rec.end} {rec.pid} {rec.head.hex()}"
+        f" {rec.boot or boot_id()} {path.encode('utf-8', 'surrogateescape').hex()}", GROUP_SLOT)
+
+
+def parse_slot(block: bytes) -> "tuple[Record, str] | None":
+    """(record, mbox path) of a whole busy slot, or None: idle, zeros, torn or foreign."""
+    if not block.startswith(GROUP_BUSY):
+        return None
+    text = _unseal(block, GROUP_SLOT)
+    fields = text.split() if text is not None else []
+    if len(fields) != 11:
+        return None
+    try:
+        dev, ino, orig, end, pid = (int(f) for f in fields[3:8])
+        head = bytes.fromhex(fields[8])
+        path = bytes.fromhex(fields[10]).decode('utf-8', 'surrogateescape')
+    except ValueError:
+        return None
+    if min(dev, ino, orig, end, pid) < 0 or end < orig or len(head) > end - orig or not path.startswith("/"):
+        return None
+    if "\0" in path:
+        return None
+    return Record(dev, ino, orig, end, pid, head, fields[9]), path
+
+
+def _lock(fd: int, slot: int, kind: int) -> bool:
+    """Take (F_WRLCK) or drop (F_UNLCK) our OFD lock on a slot's bytes; False if another holds it."""
+    import fcntl
+    import struct
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, 0, slot * GROUP_SLOT, GROUP_SLOT, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def open_journal(path: str, create: bool) -> int:
+    """Open the group journal read-write, checked like a per-mbox journal (a regular file of
+    ours, one link, the right size, never followed); made (all slots idle, synced with its
+    directory) when missing and `create`.  OSError with the reason otherwise."""
+    try:
+        fd = os.open(path, os.O_RDWR | _OPEN)
+    except FileNotFoundError:
+        if not create:
+            raise
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN, 0o600)
+        try:
+            fileio.write_all(fd, SLOT_IDLE * GROUP_SLOTS)
+            os.fsync(fd)
+            fileio.fsync_dir(fileio.dirname(path))
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        return fd
+    try:
+        st = os.fstat(fd)
+        why = ""
+        if st.st_mode & 0o170000 != 0o100000:
+            why = "not a regular file"
+        elif st.st_uid != os.geteuid():
+            why = f"owned by uid {st.st_uid}, not by the delivering uid {os.geteuid()}"
+        elif st.st_nlink != 1:
+            why = f"it has {st.st_nlink} links"
+        elif st.st_size != GROUP_SIZE:
+            why = f"its size is {st.st_size}, not {GROUP_SIZE}"
+        if why:
+            raise OSError(errno.EPERM, f"not a vdeliver group journal: {why}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def recover_mbox(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log | None",
+                 keep: bool) -> "tuple[os.stat_result, tuple[str, str]]":
+    """Settle every busy slot naming the mbox open on fd (both its locks held): see the module's
+    docstring.  Returns the mbox's stat after and what recovery did.  DeliveryError: the
+    delivery defers."""
+    now: "tuple[str, str]" = (CLEAN, "")
+    try:
+        gfd = open_journal(jpath, False)
+    except OSError:
+        return st, now  # none, or not ours (wrong owner, a link...): our server cannot have written it
+    try:
+        data = os.pread(gfd, GROUP_SIZE, 0)
+        i = data.find(GROUP_BUSY)
+        while i >= 0:
+            slot, off = divmod(i, GROUP_SLOT)
+            found = parse_slot(data[i: i + GROUP_SLOT]) if off == 0 else None
+            if found is not None and (found[0].dev, found[0].ino) == (st.st_dev, st.st_ino):
+                st, said = _settle(gfd, slot, found[0], jpath, fd, path, st, log, keep)
+                if said[0] != CLEAN:
+                    now = said
+            elif found is None and off == 0:
+                _reset_torn(gfd, slot)
+            i = data.find(GROUP_BUSY, i + 1)
+    finally:
+        os.close(gfd)
+    return st, now
+
+
+def _settle(gfd: int, slot: int, rec: Record, jpath: str, fd: int, path: str, st: os.stat_result,
+            log: "Log | None", keep: bool) -> "tuple[os.stat_result, tuple[str, str]]":
+    where = f"slot {slot} of the group journal {jpath}"
+    if not _lock(gfd, slot, _WRLCK):
+        # Its owner is alive; we hold the mbox's locks, so its append is not in progress.
+        if rec.pid == os.getpid() and OWN and OWN[0].settle_own(slot):
+            return st, (NOTHING, f"{path}: settled {where}, left by a rolled-back delivery")
+        raise fail("mailbox journal busy", f"{path}: {where} (vdeliver-lmtpd pid {rec.pid}) is not settled yet")
+    try:
+        now = os.pread(gfd, GROUP_SLOT, slot * GROUP_SLOT)  # again, under its lock
+        if parse_slot(now) is None:
+            return st, (CLEAN, "")
+        recover(fd, path, st, log, keep)  # the mbox's own journal first: its record goes there
+        st = os.fstat(fd)
+        pj = find(journal_path(path))
+        if pj.why:
+            pj.close()
+            raise fail("cannot recover mailbox", f"{path}: {where}: the mailbox's journal is untrusted: {pj.why}")
+        block = rec.block()
+        try:
+            if pj.persistent:
+                if os.pwrite(pj.fd, block, 0) != RECLEN:
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fdatasync(pj.fd)
+                pj.data = block
+            else:
+                pj.close()
+                if pj.fd < 0 and fileio.lexists(pj.path):
+                    raise OSError(errno.EEXIST, "a journal of another size is in the way")
+                _make(pj, block)
+            _write_idle(gfd, slot, sync=True)
+        except OSError as exc:
+            pj.close()
+            raise fail("cannot recover mailbox", f"{path}: {where}: {exc.strerror}") from None
+        if log is not None:
+            log.info(f"mbox recovery: {path}: moved the record of {where} (pid {rec.pid}) into {pj.path}")
+        try:
+            said = decide(pj, fd, path, st, log, keep)
+        finally:
+            pj.close()
+        return os.fstat(fd), said
+    finally:
+        _lock(gfd, slot, _UNLCK)
+
+
+def _reset_torn(gfd: int, slot: int) -> None:
+    """A torn busy record of a dead owner: its append never started (the slot's sync comes
+    first); reset it so that the next deliveries find no busy slot (and import nothing)."""
+    if not _lock(gfd, slot, _WRLCK):
+        return  # its owner is alive: it is writing it now
+    try:
+        block = os.pread(gfd, GROUP_SLOT, slot * GROUP_SLOT)
+        if block.startswith(GROUP_BUSY) and parse_slot(block) is None:
+            _write_idle(gfd, slot, sync=True)
+    finally:
+        _lock(gfd, slot, _UNLCK)
+
+
+def _write_idle(gfd: int, slot: int, sync: bool = False) -> None:
+    if os.pwrite(gfd, SLOT_IDLE, slot * GROUP_SLOT) != GROUP_SLOT:
+        raise OSError(errno.ENOSPC, "short write")
+    if sync:
+        os.fdatasync(gfd)
 
 
 class MboxJournal(Journal):

@@ -455,7 +455,7 @@ def _start_group(cfg: Config, opts: Settings, logger: Logger) -> None:
     """Recover what killed server processes left in the group journal (vdeliver/groupjournal.py),
     then turn group commit on (made here once; each process opens it for itself at its first
     mbox delivery, after the fork: its OFD locks must be its own)."""
-    from vdeliver import deliver, groupjournal
+    from vdeliver import deliver, groupjournal, recovery
     from vdeliver.config import group_journal
 
     path = group_journal(cfg)
@@ -466,7 +466,7 @@ def _start_group(cfg: Config, opts: Settings, logger: Logger) -> None:
     if not (opts.group_commit and cfg.mbox_journal):
         return
     try:
-        os.close(groupjournal.open_journal(path, True))
+        os.close(recovery.open_journal(path, True))
     except OSError as exc:
         logger.warning(f"group commit off: cannot use the group journal {path}: {exc.strerror or exc}; "
                        "mbox deliveries use their own journal")
