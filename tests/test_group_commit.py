@@ -286,7 +286,7 @@ def test_cli_never_resets_a_slot_of_a_live_server_process(tree: MailRoot, vmail:
     once the servers are gone, the next delivery settles it."""
     from tests.test_lmtp_server import Lmtpd, transaction
 
-    server = Lmtpd(tree, None, processes=2, delivery_threads=4).start()
+    server = Lmtpd(tree, None, processes=2, delivery_threads=4, group_commit=True).start()
     try:
         results: list[object] = []
 
@@ -514,5 +514,5 @@ def test_lmtp_settings_group_commit_keys(tree: MailRoot) -> None:
     with pytest.raises(DeliveryError, match="group_journal"):
         settings.settings(cfg)
     s = settings.settings(config.build({}))
-    assert s.group_commit is True and s.group_journal == ""
+    assert s.group_commit is False and s.group_journal == ""
     assert "group_commit" in "\n".join(toml_lines({"group_commit": False}))

@@ -91,9 +91,13 @@ SCAN_CHUNK = 1 << 20
 # The LMTP server's group journal (vdeliver/groupjournal.py): GROUP_SLOTS records of GROUP_SLOT
 # bytes; every mbox delivery looks for a busy one naming its mbox (check_group()).
 GROUP_SLOT = 1024  # bytes a slot: the record, padded, CRC, newline
-GROUP_SLOTS = 128  # slots in the file: concurrent mbox appends of all server processes
+GROUP_SLOTS = 64  # slots in the file: concurrent mbox appends of all server processes
 GROUP_SIZE = GROUP_SLOT * GROUP_SLOTS
 GROUP_BUSY = b"vdeliver-slot 1 busy "  # how a busy slot starts
+# What check_group() looks for: in a record only the word "busy" holds these letters (the other
+# fields are digits, hex and dashes), and a needle without the padding's spaces makes the search
+# skip: 10 us for the whole file, against 100 us for GROUP_BUSY itself.
+_GROUP_NEEDLE = b"busy"
 _WRLCK, _UNLCK = 1, 2  # fcntl.F_WRLCK, F_UNLCK (Linux)
 _OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # never follow, never block
 
@@ -492,7 +496,7 @@ def check_group(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log | 
     except OSError:
         return st, (CLEAN, "")  # none (no LMTP server), or not ours: our server cannot have written it
     try:
-        busy = GROUP_BUSY in os.pread(gfd, GROUP_SLOT * GROUP_SLOTS, 0)
+        busy = _GROUP_NEEDLE in os.pread(gfd, GROUP_SIZE, 0)
     except OSError:
         busy = False
     finally:
@@ -690,17 +694,16 @@ def recover_mbox(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log |
         return st, now  # none, or not ours (wrong owner, a link...): our server cannot have written it
     try:
         data = os.pread(gfd, GROUP_SIZE, 0)
-        i = data.find(GROUP_BUSY)
-        while i >= 0:
-            slot, off = divmod(i, GROUP_SLOT)
-            found = parse_slot(data[i: i + GROUP_SLOT]) if off == 0 else None
-            if found is not None and (found[0].dev, found[0].ino) == (st.st_dev, st.st_ino):
+        for slot in range(GROUP_SLOTS):
+            if not data.startswith(GROUP_BUSY, slot * GROUP_SLOT):
+                continue
+            found = parse_slot(data[slot * GROUP_SLOT: (slot + 1) * GROUP_SLOT])
+            if found is None:
+                _reset_torn(gfd, slot)
+            elif (found[0].dev, found[0].ino) == (st.st_dev, st.st_ino):
                 st, said = _settle(gfd, slot, found[0], jpath, fd, path, st, log, keep)
                 if said[0] != CLEAN:
                     now = said
-            elif found is None and off == 0:
-                _reset_torn(gfd, slot)
-            i = data.find(GROUP_BUSY, i + 1)
     finally:
         os.close(gfd)
     return st, now

@@ -31,7 +31,7 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "shutdown_grace": (60, "count"),
     "metrics": ("", "metrics"),
     "rcpt_check_quota": (True, "bool"),
-    "group_commit": (True, "bool"),
+    "group_commit": (False, "bool"),
     "group_journal": ("", "path?"),
 }
 
