@@ -516,3 +516,73 @@ def test_lmtp_settings_group_commit_keys(tree: MailRoot) -> None:
     s = settings.settings(config.build({}))
     assert s.group_commit is False and s.group_journal == ""
     assert "group_commit" in "\n".join(toml_lines({"group_commit": False}))
+
+
+def test_real_server_killed_under_load_then_restarted_keeps_every_acknowledged_message_once(
+        tree: MailRoot, vmail: Account) -> None:
+    """vdeliver-lmtpd with group commit, 8 clients into 4 mboxes, SIGKILLed (the whole process
+    group) while it delivers; started again, it recovers at start: every acknowledged message is
+    there once and whole, nothing else but whole unacknowledged ones, no busy slot left."""
+    import signal
+    import smtplib
+    import time
+
+    from tests.test_lmtp_server import Lmtpd
+
+    users = ["fred", "anna", "bob", "cleo"]
+    rng = random.Random(int(os.environ.get("VDELIVER_SEED", "5")))
+    rounds = 2 * int(os.environ.get("VDELIVER_SOAK", "1"))
+    acked: dict[str, list[bytes]] = {u: [] for u in users}
+    sent: dict[str, list[bytes]] = {u: [] for u in users}
+    lock = threading.Lock()
+    for r in range(rounds):
+        server = Lmtpd(tree, None, group_commit=True, delivery_threads=8).start()
+        stop = threading.Event()
+
+        def client(n: int, server: Lmtpd = server, stop: threading.Event = stop, r: int = r) -> None:
+            try:
+                c = smtplib.LMTP(str(server.socket), timeout=10)
+                c.ehlo("client.test")
+                k = 0
+                while not stop.is_set():
+                    user = users[(n + k) % len(users)]
+                    msg = fi.make_message(random.Random(f"{r}-{n}-{k}"), 100000 * r + 1000 * n + k, 3000)
+                    with lock:
+                        sent[user].append(msg)
+                    refused = c.sendmail(fi.SENDER, [f"{user}@{fi.DOMAIN}"], msg)
+                    if not refused:
+                        with lock:
+                            acked[user].append(msg)
+                    k += 1
+            except (smtplib.SMTPException, OSError):
+                pass  # the server was killed
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3 + rng.random() * 0.7)
+        assert server.proc is not None
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        stop.set()
+        for t in threads:
+            t.join(20)
+        server.proc = None
+        restarted = Lmtpd(tree, None, group_commit=True).start()  # recovers at start
+        restarted.stop()
+        print(f"round {r}: acknowledged {sum(map(len, acked.values()))};",
+              [line.split("group journal: ")[1][-80:] for line in restarted.log().splitlines()
+               if "group journal: " in line][-4:])
+        assert busy_slots(tree) == [], "server start left a busy slot"
+    for u in users:
+        data = (tree.vbox / fi.DOMAIN / u).read_bytes()
+        stored = [fi.unstore(rec) for rec in fi.split_mbox(data)]
+        ids = [fi.message_id(m) for m in stored]
+        assert len(ids) == len(set(ids)), f"{u}: a message stored twice"
+        known = {fi.message_id(m): m for m in sent[u]}
+        for m in stored:  # (LMTP's DATA may not keep empty lines at the very end of a message)
+            assert known.get(fi.message_id(m), b"").rstrip(b"\n") == m.rstrip(b"\n"), \
+                f"{u}: a record that is not a whole sent message"
+        missing = {fi.message_id(m) for m in acked[u]} - set(ids)
+        assert not missing, f"{u}: acknowledged messages lost: {missing}"
+        assert recovery.state(str(tree.vbox / fi.DOMAIN / u)) in ("none", "idle")

@@ -109,8 +109,8 @@ def recover_all(jpath: str, *, host: str, lock_timeout: float, stale_age: float,
             try:
                 with MailboxLock(path, host=host, lock_timeout=lock_timeout, stale_age=stale_age) as box:
                     assert box.st is not None
-                    recovery.recover(box.fd, path, box.st, log, keep, group=jpath)
-                said.append(f"{path}: slot {slot} (pid {rec.pid}) recovered")
+                    outcome, text = recovery.recover(box.fd, path, box.st, log, keep, group=jpath)
+                said.append(f"{path}: slot {slot} (pid {rec.pid}): {outcome}" + (f" ({text})" if text else ""))
             except (DeliveryError, OSError) as exc:
                 text = exc.status.detail or exc.status.reason if isinstance(exc, DeliveryError) else str(exc)
                 said.append(f"{path}: slot {slot} (pid {rec.pid}) left for the next delivery: {text}")
