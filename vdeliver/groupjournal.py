@@ -9,7 +9,7 @@ others wait for it.  Then each appends and fsyncs its own mbox and writes its sl
 to idle, without a sync, exactly as the per-mbox journal does.  Under load a message
 costs about one mbox sync, plus a share of one journal sync.
 
-    <group journal> (SLOTS x SLOT bytes, made once, never grows)
+    <group journal> (GROUP_SLOTS x GROUP_SLOT bytes, made once, never grows)
     vdeliver-slot 1 busy <st_dev> <st_ino> <orig> <end> <pid> <head hex> <boot id> <mbox path hex> ... <crc32>
     vdeliver-slot 1 idle ... <crc32>
 
@@ -24,9 +24,10 @@ instances never share one) on the byte range of each slot it uses, for its lifet
 A lock that can be taken means the owner is dead.  A slot is claimed only when its lock
 can be taken and it holds no busy record: a dead owner's busy record waits for recovery.
 
-Recovery: whoever takes an mbox's locks (vdeliver, `vdeliver --repair`, the server)
-looks in the group journal for a busy slot naming that mbox's device and inode
-(recovery.check_group: one open and one pread, nothing imported unless a slot is busy).
+Recovery (in recovery.py, so that every mbox locker has it without importing this module):
+whoever takes an mbox's locks (vdeliver, `vdeliver --repair`, the server) looks in the group
+journal for a busy slot naming that mbox's device and inode (recovery.check_group: one open
+and one pread of 64 KiB when no slot is busy).
 Found, and its owner dead (its lock taken), the record is moved into the mbox's own
 journal (busy, synced), the slot reset (synced), and the per-mbox decision made on it
 unchanged (recovery.decide): cut, nothing written, kept, dropped or unresolved, with the
@@ -37,8 +38,8 @@ delivery defers until that server writes it (its next delivery through the slot)
 settles it itself when the owner is this process.  Server start recovers every busy slot
 of dead owners (recover_all()).
 
-Only the server imports this module (and the command line, on the rare path where a slot
-is busy), so the threading and struct imports never reach a CLI delivery.
+Only the server imports this module (threading, struct: never on a CLI delivery).
+Off by default ([lmtp] group_commit): see docs/crash-safety.md for what it costs and saves.
 """
 
 from __future__ import annotations

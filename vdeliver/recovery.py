@@ -51,6 +51,12 @@ either the busy record with the size already at orig (and resets it) or the
 journal idle.  A reset after recovery is synced (it is rare, and a busy record
 coming back after a power loss would be recovered again).
 
+vdeliver-lmtpd with `[lmtp] group_commit` writes the same record, plus the mbox's path, into
+a slot of one server-wide group journal instead (vdeliver/groupjournal.py): every mbox locker
+looks there too (check_group(): one open and one pread when no slot is busy), and a dead
+server's record naming this mbox is moved into the mbox's own journal and decided like any
+other (recover_mbox()).  A slot's OFD lock tells a live owner from a dead one.
+
 Design notes and the fault table: docs/crash-safety.md.  Only `os` at import
 time: this module is on the delivery path (binascii, a built-in module, is
 imported when a record is written or checked).
