@@ -700,10 +700,17 @@ def recover_mbox(jpath: str, fd: int, path: str, st: os.stat_result, log: "Log |
         return st, now  # none, or not ours (wrong owner, a link...): our server cannot have written it
     try:
         data = os.pread(gfd, GROUP_SIZE, 0)
+        ours = GROUP_BUSY + b"%d %d " % (st.st_dev, st.st_ino)  # a record naming this mbox starts so
         for slot in range(GROUP_SLOTS):
-            if not data.startswith(GROUP_BUSY, slot * GROUP_SLOT):
+            at = slot * GROUP_SLOT
+            if not data.startswith(GROUP_BUSY, at):
                 continue
-            found = parse_slot(data[slot * GROUP_SLOT: (slot + 1) * GROUP_SLOT])
+            block = data[at: at + GROUP_SLOT]
+            if not block.startswith(ours):  # another mbox's (in the server, mostly live ones): only if torn
+                if _unseal(block, GROUP_SLOT) is None:
+                    _reset_torn(gfd, slot)
+                continue
+            found = parse_slot(block)
             if found is None:
                 _reset_torn(gfd, slot)
             elif (found[0].dev, found[0].ino) == (st.st_dev, st.st_ino):
