@@ -288,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a failed side entry is a note, not a lost run
             notes.append(f"journal benchmark failed: {type(exc).__name__}: {exc}")
 
+    if not args.no_journal and not args.only:
+        # Its own entry and results file (group-commit.md): the LMTP server's group commit on and off.
+        from benchmarks import group_bench
+
+        say("mbox group commit in vdeliver-lmtpd: on against off")
+        try:
+            group_bench.main(["--out", os.path.join(out, "group-commit.md"), *(["--quick"] if args.quick else [])])
+        except Exception as exc:  # noqa: BLE001 - a failed side entry is a note, not a lost run
+            notes.append(f"group commit benchmark failed: {type(exc).__name__}: {exc}")
+
     wall = time.monotonic() - started
     data = report.figures(rows, syncs)
     header = [

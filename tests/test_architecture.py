@@ -86,7 +86,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "vdeliver.unixd", "vdeliver.metrics")),
     ("inputs", ("vdeliver.config", "vdeliver.recipient", "vdeliver.message", "vdeliver.locking", "vdeliver.srs")),
     ("stores", ("vdeliver.mbox", "vdeliver.maildir", "vdeliver.flags", "vdeliver.tracking")),
-    ("recovery", ("vdeliver.recovery",)),
+    ("recovery", ("vdeliver.recovery", "vdeliver.groupjournal")),
     ("sieve", ("vdeliver.sieve.*",)),
     ("delivery", ("vdeliver.deliver",)),
     ("front doors of delivery", ("vdeliver.cli", "vdeliver.__main__", "vdeliver.launcher", "vdeliver.lmtp.*")),

@@ -81,6 +81,26 @@ def test_journal_benchmark_quick_run_counts_two_syncs_a_message(tmp_path: Path) 
         assert "| 3 a message (3 fsync)" in before
 
 
+def test_group_commit_benchmark_quick_run_counts_syncs_on_and_off(tmp_path: Path) -> None:
+    """`python -m benchmarks.group_bench --quick`: both servers deliver every message, and strace
+    counts what group commit is for: off, two syncs a message (its journal record, the mbox);
+    on, never more.  Counts, not times: no timing assertion."""
+    require("strace")
+    if os.geteuid() != 0:
+        pytest.skip("the servers start as root serving as vmail")
+    out = tmp_path / "group-commit.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.group_bench", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines()
+            if line.startswith(("| true", "| false"))}
+    assert float(rows["false"][2]) == 2.0
+    assert 1.0 <= float(rows["true"][2]) <= 2.0
+
+
 def test_cli_bench_quick_run_writes_its_rows_and_curves(tmp_path: Path) -> None:
     """benchmarks/cli_bench.py --quick (issue 21): every part runs, every delivery succeeds."""
     require("procmail")

@@ -354,7 +354,8 @@ def _repair(args: Args) -> int:
     for path in args.paths:
         try:
             outcome, text = recovery.repair(
-                path, host=cfg.host(), lock_timeout=cfg.lock_timeout, stale_age=cfg.stale_lock_age, log=logger
+                path, host=cfg.host(), lock_timeout=cfg.lock_timeout, stale_age=cfg.stale_lock_age, log=logger,
+                group=config_mod.group_journal(cfg),
             )
         except DeliveryError as exc:
             outcome, text = "error", f"{path}: {exc.status.reason}: {exc.status.detail}"

@@ -356,6 +356,24 @@ def build(data: "dict[str, object]", path: str = "", lines: "dict[tuple[str, str
     return cfg
 
 
+GROUP_JOURNAL = ".vdeliver-group-journal.lock"  # beside the mbox domains (never a domain's name)
+
+
+def group_journal(cfg: Config) -> str:
+    """Where the LMTP server's group journal is ([lmtp] group_journal, vdeliver/groupjournal.py):
+    by default in the directory above the first placeholder of mbox_path (/var/spool/vbox for
+    /var/spool/vbox/{domain}/{user}).  Every mbox delivery looks there for a busy slot naming
+    its mbox.  "" when the value is not an absolute path (vdeliver-lmtpd refuses to start
+    with it, so no server wrote one anywhere)."""
+    value = cfg.table("lmtp").get("group_journal", "")
+    if value:
+        return value if isinstance(value, str) and value.startswith("/") else ""
+    template = cfg.mbox_path
+    cut = template.find("{")
+    prefix = template if cut < 0 else template[:cut]
+    return (prefix[: prefix.rfind("/")] or "") + "/" + GROUP_JOURNAL
+
+
 def home_template(cfg: Config) -> str:
     """A user's home as the generated Dovecot configuration gives it: `[dovecot] home`, else
     the Maildir template's parent (`/home/vmail-users/{domain}/{user}`)."""

@@ -22,10 +22,15 @@ from vdeliver.recipient import Recipient
 
 TYPE_CHECKING = False  # typing costs an import on the delivery path; mypy knows this name
 if TYPE_CHECKING:
+    from vdeliver.groupjournal import Group
     from vdeliver.hooks import Log
     from vdeliver.message import Prepared
     from vdeliver.sieve.delivery import Plan
     from vdeliver.sieve.interpreter import Action
+
+# vdeliver-lmtpd's group commit (vdeliver.groupjournal.Group), set at its start when on: its mbox
+# appends write their busy record into a slot of the group journal and share its syncs.
+GROUP: "list[Group]" = []
 
 
 class Target:
@@ -171,13 +176,16 @@ def _store(cfg: Config, target: Target, msg: "Prepared", log: "Log | None", note
     bounce = cfg.over_quota == "bounce"
     if target.format == "mbox":
         from vdeliver import mbox
+        from vdeliver.config import group_journal
         from vdeliver.recovery import MboxJournal
 
         if flags:
             from vdeliver.flags import mbox_header, mbox_keywords
 
             msg = msg.with_header(mbox_header(flags, mbox_keywords(target.path), notes))
-        receipt = mbox.Recorded(MboxJournal(log, record=cfg.mbox_journal))
+        hook = GROUP[0].hook(log, cfg.mbox_journal) if GROUP else MboxJournal(log, cfg.mbox_journal,
+                                                                              group_journal(cfg))
+        receipt = mbox.Recorded(hook)
         notes += mbox.deliver(
             target.path,
             msg,

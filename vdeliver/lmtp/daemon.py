@@ -451,6 +451,29 @@ def _check_start(cfg: Config, opts: Settings) -> str:
     return ""
 
 
+def _start_group(cfg: Config, opts: Settings, logger: Logger) -> None:
+    """Recover what killed server processes left in the group journal (vdeliver/groupjournal.py),
+    then turn group commit on (made here once; each process opens it for itself at its first
+    mbox delivery, after the fork: its OFD locks must be its own)."""
+    from vdeliver import deliver, groupjournal, recovery
+    from vdeliver.config import group_journal
+
+    path = group_journal(cfg)
+    for line in groupjournal.recover_all(path, host=cfg.host(), lock_timeout=min(cfg.lock_timeout, 10),
+                                         stale_age=cfg.stale_lock_age, keep=cfg.mbox_journal, log=logger):
+        logger.warning(f"mbox recovery: group journal: {line}")
+    deliver.GROUP[:] = []
+    if not (opts.group_commit and cfg.mbox_journal):
+        return
+    try:
+        os.close(recovery.open_journal(path, True))
+    except OSError as exc:
+        logger.warning(f"group commit off: cannot use the group journal {path}: {exc.strerror or exc}; "
+                       "mbox deliveries use their own journal")
+        return
+    deliver.GROUP[:] = [groupjournal.Group(path, cfg.lock_timeout)]
+
+
 def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int:
     import signal
 
@@ -484,6 +507,7 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     except BaseException:
         server.close_listeners()
         raise
+    _start_group(cfg, opts, logger)
     worker, workers = _fork_workers(server, opts.processes - 1)
 
     reload_wanted = threading.Event()

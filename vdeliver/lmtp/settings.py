@@ -31,6 +31,8 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "shutdown_grace": (60, "count"),
     "metrics": ("", "metrics"),
     "rcpt_check_quota": (True, "bool"),
+    "group_commit": (False, "bool"),
+    "group_journal": ("", "path?"),
 }
 
 
@@ -57,10 +59,13 @@ class Settings:
     shutdown_grace: int
     metrics: tuple[str, int] | str | None  # where /metrics is served (vdeliver.metrics), or None
     rcpt_check_quota: bool  # refuse a full Maildir at RCPT (452 4.2.2 / 552 5.2.2)
+    group_commit: bool  # concurrent mbox appends share the group journal's syncs (vdeliver/groupjournal.py)
+    group_journal: str  # where; "" = beside the mbox domains (config.group_journal())
 
     def restart_keys(self) -> tuple[object, ...]:
         return (self.socket, self.socket_mode, self.socket_owner, self.tcp, self.user, self.group, self.pid_file,
-                self.max_connections, self.delivery_threads, self.metrics, self.processes)
+                self.max_connections, self.delivery_threads, self.metrics, self.processes, self.group_commit,
+                self.group_journal)
 
 
 def settings(cfg: Config) -> Settings:
