@@ -173,3 +173,101 @@ def test_metrics_count_lookups_when_an_endpoint_is_set(base: Path) -> None:
     lookups = [line for line in text.splitlines() if line.startswith("vdeliver_socketmap_lookups_total")]
     assert lookups and sum(float(line.rsplit(" ", 1)[1]) for line in lookups) >= 4, text
     assert "vdeliver_socketmap_database_up" in text
+
+
+# -- one connection alone: its next request awaited in a blocking recv() (loop._solo_read) --------
+
+
+def test_a_new_connection_is_served_while_a_lone_one_keeps_asking_cached_keys(base: Path) -> None:
+    with in_process(base) as server:
+        busy = Client(str(base / "out.sock"))
+        stop = threading.Event()
+        answered: list[int] = [0]
+
+        def ask_forever() -> None:
+            while not stop.is_set():
+                assert busy.ask("virtuser", "fred@away.com").status == "OK"
+                answered[0] += 1
+
+        asker = threading.Thread(target=ask_forever, daemon=True)
+        try:
+            busy.ask("virtuser", "fred@away.com")  # cached from now on
+            asker.start()
+            deadline = time.monotonic() + 10
+            while answered[0] < 100 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert answered[0] >= 100  # the lone connection is in its tight loop
+            late = Client(str(base / "out.sock"), timeout=10)  # must not wait for the other one to stop
+            try:
+                assert late.ask("virtuser", "wilma@home.com") == p.ok(local_mailbox("wilma", "home.com"))
+                assert server.connections == 2
+            finally:
+                late.close()
+        finally:
+            stop.set()
+            asker.join(10)
+            busy.close()
+
+
+def test_a_lone_client_answered_from_the_cache_is_still_closed_when_idle(base: Path) -> None:
+    with in_process(base, "idle_timeout = 1"):
+        c = Client(str(base / "out.sock"), timeout=10)
+        try:
+            for _ in range(3):  # a miss, then cached answers: the connection waits in recv()
+                assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            assert c.closed_by_peer()
+        finally:
+            c.close()
+
+
+def test_a_lone_client_closing_after_cached_answers_frees_its_slot(base: Path) -> None:
+    with in_process(base) as server:
+        c = Client(str(base / "out.sock"))
+        for _ in range(3):
+            assert c.ask("virtuser", "fred@away.com").status == "OK"
+        c.close()
+        deadline = time.monotonic() + 10
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.connections == 0
+
+
+# -- requests remembered parsed (loop: Conn.known) ---------------------------------------------
+
+
+def test_a_known_request_completing_a_partial_one_is_a_protocol_error(base: Path) -> None:
+    with in_process(base):
+        c = Client(str(base / "out.sock"), timeout=10)
+        try:
+            for _ in range(2):  # parsed once, then remembered by its bytes
+                assert c.ask("virtuser", "fred@away.com").status == "OK"
+            c.send_raw(b"1:")  # the start of a request ...
+            time.sleep(0.2)  # ... read on its own (no assertion on time: only the order matters)
+            c.send_raw(p.encode_request("virtuser", "fred@away.com"))  # ... and bytes met before
+            reply = c.read_reply()  # "1:2" then "2:" where "," was due: the framing is lost
+            assert isinstance(reply, p.Reply) and reply.status == "PERM", reply
+            assert c.closed_by_peer()
+        finally:
+            c.close()
+
+
+def test_a_failed_lookup_fails_its_cached_fallback_even_for_a_known_request(base: Path) -> None:
+    with in_process(base) as server:
+        c = Client(str(base / "out.sock"))
+        try:
+            for _ in range(2):  # the catch-all, cached and remembered by its bytes
+                assert c.ask("virtuser", "@home.com") == p.ok("wilma@home.com")
+
+            class Down:
+                maps = server.resolver.backend.maps
+
+                def lookup(self, map_name: str, key: str) -> str | None:
+                    raise OSError("database down (test)")
+
+            server.resolver.backend = Down()
+            assert c.ask("virtuser", "fred@home.com").status == "TEMP"
+            # sendmail's next fallback for fred@home.com: its cached answer would route the mail
+            # to the catch-all, so this connection must say TEMP (session.FallbackChain).
+            assert c.ask("virtuser", "@home.com").status == "TEMP"
+        finally:
+            c.close()
