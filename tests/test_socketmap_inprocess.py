@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg import pg_cluster, pg_conninfo  # noqa: F401
 from tests.socketmap_harness import Client, populate, write_config
 from vdeliver import config as config_module
 from vdeliver.accounts.maps import local_mailbox
@@ -31,9 +32,10 @@ from vdeliver.socketmap.settings import load_settings
 
 
 @contextmanager
-def in_process(base: Path, socketmap: str = "") -> Iterator[Server]:
-    """The server of `base`'s configuration, serving on a thread of this process until the end."""
-    config = write_config(base, f'database = "{base}/accounts.sqlite"', socketmap)
+def in_process(base: Path, socketmap: str = "", accounts: str = "") -> Iterator[Server]:
+    """The server of `base`'s configuration, serving on a thread of this process until the end
+    (SQLite accounts unless `accounts` says otherwise)."""
+    config = write_config(base, accounts or f'database = "{base}/accounts.sqlite"', socketmap)
     populate(config)
     cfg = config_module.load(str(config))
     settings = load_settings(cfg)
@@ -277,5 +279,74 @@ def test_a_failed_lookup_fails_its_cached_fallback_even_for_a_known_request(base
             # sendmail's next fallback for fred@home.com: its cached answer would route the mail
             # to the catch-all, so this connection must say TEMP (session.FallbackChain).
             assert c.ask("virtuser", "@home.com").status == "TEMP"
+        finally:
+            c.close()
+
+
+# -- misses on the loop's own PostgreSQL connections (pglink.py) -------------------------------
+
+PG_KEYS = [("virtuser", "fred@away.com"), ("virtuser", "fred@alias.org"), ("virtuser", "anyone@home.com"),
+           ("virtuser", "team@away.com"), ("virtuser", "multi@away.com"), ("virtuser", "dino@away.com"),
+           ("virtuser", "nobody@away.com"), ("virtuser", "@home.com"), ("virtuserdomains", "alias.org"),
+           ("access", "To:fred@away.com"), ("access", "To:dino@away.com"), ("access", "To:away.com"),
+           ("access", "Connect:10.0.0.1"), ("Alias1", "nobody"), ("VirtHost", "x")]
+
+
+@pytest.mark.peers
+def test_postgresql_misses_are_sent_by_the_answer_loop_and_answer_as_the_backend_does(
+        base: Path, pg_conninfo: str) -> None:  # noqa: F811
+    with in_process(base, "workers = 2", accounts=f'dsn = "{pg_conninfo}"') as server:
+        backend = server.resolver.backend
+        expected = {k: backend.lookup(k[0] if k[0] != "access" else "access_out",
+                                      k[1]) for k in PG_KEYS if k[0] not in ("Alias1",)}
+        clients = [Client(str(base / "out.sock")) for _ in range(3)]
+        try:
+            # All at once from three connections (queued for the links), then one at a time.
+            for c in clients:
+                c.send_raw(b"".join(p.encode_request(m, k) for m, k in PG_KEYS))
+            for c in clients:
+                replies = [c.read_reply() for _ in PG_KEYS]
+                for (m, k), reply in zip(PG_KEYS, replies, strict=True):
+                    if (m, k) in expected:
+                        value = expected[(m, k)]
+                        assert reply == (p.NOTFOUND if value is None else p.ok(value)), (m, k, reply)
+            answers = server.answers
+            assert answers is not None and answers.links and len(answers.links) <= 2
+            assert not answers.link_queue and not answers.inflight
+        finally:
+            for c in clients:
+                c.close()
+
+
+@pytest.mark.peers
+def test_a_loop_database_connection_lost_mid_statement_asks_again_the_thread_way(
+        base: Path, pg_conninfo: str) -> None:  # noqa: F811
+    import psycopg
+
+    with in_process(base, "ttl = 0\nnegative_ttl = 0\nworkers = 1\ndb_timeout = 8",
+                    accounts=f'dsn = "{pg_conninfo}"') as server:
+        c = Client(str(base / "out.sock"), timeout=30)
+        try:
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            answers = server.answers
+            assert answers is not None and len(answers.links) == 1
+            pid = next(iter(answers.links.values())).pg.backend_pid
+            with psycopg.connect(pg_conninfo) as locker, psycopg.connect(pg_conninfo, autocommit=True) as admin:
+                locker.execute("LOCK TABLE mailboxes IN ACCESS EXCLUSIVE MODE")  # held until commit
+                c.send_raw(p.encode_request("virtuser", "wilma@home.com"))  # its statement waits
+                deadline = time.monotonic() + 20
+                while not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = "
+                                        "'Lock'", (pid,)).fetchone():
+                    assert time.monotonic() < deadline, "the loop's statement never waited for the lock"
+                    time.sleep(0.02)
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # lost with its statement out
+                deadline = time.monotonic() + 20
+                while pid in [lk.pg.backend_pid for lk in list(answers.links.values())]:
+                    assert time.monotonic() < deadline, "the lost connection was not noticed"
+                    time.sleep(0.02)
+                locker.commit()
+            # Asked again the thread way (a fresh connection there), answered, not TEMP.
+            assert c.read_reply() == p.ok(local_mailbox("wilma", "home.com"))
+            assert c.ask("virtuser", "nobody@away.com") == p.NOTFOUND
         finally:
             c.close()

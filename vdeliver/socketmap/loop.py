@@ -59,6 +59,7 @@ from vdeliver.socketmap.session import FallbackChain
 
 if TYPE_CHECKING:
     from vdeliver.socketmap.daemon import Server
+    from vdeliver.socketmap.pglink import Link
     from vdeliver.socketmap.settings import Listener
 
 _IN, _OUT, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLHUP | select.EPOLLERR
@@ -132,6 +133,17 @@ class AnswerLoop:
         self.pending: set[Future[p.Reply]] = set()
         self.paused: dict[int, float] = {}
         self.solo: Conn | None = None  # the one open connection, while it keeps asking cached keys
+        # PostgreSQL connections of the loop's own (pglink.py): all of them by descriptor, the
+        # idle ones, misses waiting for one, and those being opened by a lookup thread.
+        backend = self.resolver.backend
+        self.plan = getattr(backend, "slice_plan", None) if getattr(backend, "kind", "") == "postgresql" else None
+        self.links: dict[int, Link] = {}
+        self.idle_links: list[Link] = []
+        self.link_queue: deque[tuple[tuple[str, str], tuple[str, str, str]]] = deque()
+        self.links_max = self.settings.workers if self.plan is not None else 0
+        self.opening = 0
+        self.open_after = 0.0  # after a failed connect: not again before then
+        self.opened: deque[Future[object]] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
         limits = [t for t in (self.settings.client_timeout, self.settings.idle_timeout) if t > 0]
@@ -157,6 +169,11 @@ class AnswerLoop:
             fut.cancel()
         for c in list(self.conns.values()):
             self._close(c)
+        for link in list(self.links.values()):
+            link.close()
+        for opened in self.opened:  # opened after the loop stopped reading them
+            if not opened.cancelled() and opened.exception() is None:
+                opened.result().close()  # type: ignore[attr-defined]
         self.ep.close()
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
@@ -212,6 +229,8 @@ class AnswerLoop:
                     self._completions()
                 elif fd in listeners:
                     self._accept(fd)
+                elif (link := self.links.get(fd)) is not None:
+                    self._link_event(link, ev)
             now = monotonic()
             poll_by = now + _SOLO_SLICE
             if now >= self.next_deadline:
@@ -470,13 +489,19 @@ class AnswerLoop:
         deadline = now + self.resolver.db_timeout
         self.deadlines[k] = deadline
         self.next_deadline = min(self.next_deadline, deadline)
+        plan = self.plan(name, event.key) if self.plan is not None else None
+        if plan is None or not self._link_ask(k, plan):
+            self._submit(k)
+
+    def _submit(self, k: tuple[str, str]) -> None:
+        """The thread way: Resolver.fetch() in a lookup thread, back through the wake-up pipe."""
         done, wake = self.done, self._wake
 
         def back(f: Future[p.Reply]) -> None:  # in the lookup thread
             done.append((k, f))
             wake()
 
-        fut = self.server.executor.submit(self.resolver.fetch, name, event.key)
+        fut = self.server.executor.submit(self.resolver.fetch, *k)
         self.pending.add(fut)
         fut.add_done_callback(back)
 
@@ -486,14 +511,14 @@ class AnswerLoop:
                 pass
         except BlockingIOError:
             pass
+        while self.opened:
+            self._link_opened(self.opened.popleft())
         done = self.done
         while done:
             k, fut = done.popleft()
             self.pending.discard(fut)
-            waiting = self.inflight.pop(k, None)
-            if waiting is None:
+            if k not in self.inflight:
                 continue  # answered TIMEOUT already; the late answer is in the cache now
-            self.deadlines.pop(k, None)
             if fut.cancelled():
                 reply = p.temp("lookup cancelled")
             elif (exc := fut.exception()) is not None:
@@ -501,8 +526,122 @@ class AnswerLoop:
                 reply = p.temp("internal error")
             else:
                 reply = fut.result()
-            for c, event, started in waiting:
-                self._answer(c, k[0], event, reply, started)
+            self._finish(k, reply)
+
+    def _finish(self, k: tuple[str, str], reply: p.Reply) -> None:
+        """The answer to a lookup that was out: to everyone waiting for it."""
+        waiting = self.inflight.pop(k, None)
+        if waiting is None:
+            return  # answered TIMEOUT already; the answer is in the cache now
+        self.deadlines.pop(k, None)
+        for c, event, started in waiting:
+            self._answer(c, k[0], event, reply, started)
+
+    # -- the loop's own PostgreSQL connections (pglink.py) -----------------------------------
+
+    def _link_ask(self, k: tuple[str, str], plan: tuple[str, str, str]) -> bool:
+        """Send the slice statement for `k` on an idle link, or queue it for the next one;
+        False when no link is coming (then the thread way)."""
+        while self.idle_links:
+            if self._link_send(self.idle_links.pop(), k, plan):
+                return True
+        if len(self.links) + self.opening < self.links_max and time.monotonic() >= self.open_after:
+            self._open_link()
+        if not self.links and not self.opening:
+            return False
+        self.link_queue.append((k, plan))
+        return True
+
+    def _link_send(self, link: Link, k: tuple[str, str], plan: tuple[str, str, str]) -> bool:
+        from vdeliver.accounts.snapshot import slice_params
+        from vdeliver.socketmap.pglink import LinkError
+
+        domain, local, file_name = plan
+        try:
+            flushed = link.send(slice_params(domain, local))
+        except LinkError:
+            self._drop_link(link)
+            return False
+        link.job, link.since = (k, domain, file_name), time.monotonic()
+        self.resolver.count_miss()
+        if not flushed:
+            self.ep.modify(link.fd, _IN | _OUT)
+        return True
+
+    def _link_event(self, link: Link, ev: int) -> None:
+        from vdeliver.socketmap.pglink import LinkError
+
+        try:
+            if ev & _OUT and link.flush():
+                self.ep.modify(link.fd, _IN)
+            rows = link.read()
+        except LinkError as exc:
+            job = link.job
+            self._drop_link(link)
+            if job is not None:
+                self.log.warning(f"map={job[0][0]} key=<{job[0][1]}>: database connection: {exc}; asking again")
+                self._submit(job[0])  # the thread way: a fresh connection, and trouble is tracked
+            return
+        if rows is None or link.job is None:
+            return
+        (k, domain, file_name), link.job = link.job, None
+        resolver = self.resolver
+        try:
+            reply = resolver.answered(k[0], k[1], resolver.backend.slice_answer(  # type: ignore[attr-defined]
+                k[0], k[1], domain, file_name, rows))
+        except Exception as exc:  # noqa: BLE001 - a row vmailctl never wrote: as the thread way says
+            reply = resolver.failed(k[0], k[1], exc)
+        self._link_idle(link)
+        self._finish(k, reply)
+
+    def _link_idle(self, link: Link) -> None:
+        while self.link_queue:
+            k, plan = self.link_queue.popleft()
+            if self._link_send(link, k, plan):
+                return
+            self._submit(k)
+            return  # the link is gone
+        self.idle_links.append(link)
+
+    def _open_link(self) -> None:
+        self.opening += 1
+        opened, wake = self.opened, self._wake
+
+        def back(f: Future[object]) -> None:  # in the lookup thread
+            opened.append(f)
+            wake()
+
+        fut: Future[object] = self.server.executor.submit(self.resolver.backend.open_link)  # type: ignore[attr-defined]
+        fut.add_done_callback(back)
+
+    def _link_opened(self, fut: Future[object]) -> None:
+        from vdeliver.socketmap.pglink import Link
+
+        self.opening -= 1
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            self.open_after = time.monotonic() + 1.0
+            if not self.links and not self.opening:
+                while self.link_queue:  # no link is coming: the thread way says what is wrong
+                    self._submit(self.link_queue.popleft()[0])
+            return
+        link = Link(fut.result())
+        self.links[link.fd] = link
+        self.ep.register(link.fd, _IN)
+        self._link_idle(link)
+
+    def _drop_link(self, link: Link) -> None:
+        self.links.pop(link.fd, None)
+        if link in self.idle_links:
+            self.idle_links.remove(link)
+        try:
+            self.ep.unregister(link.fd)
+        except (OSError, ValueError):
+            pass
+        link.close()
+        if not self.links and not self.opening:
+            while self.link_queue:
+                self._submit(self.link_queue.popleft()[0])
 
     def _answer(self, c: Conn, name: str, event: p.Request, reply: p.Reply, started: float) -> None:
         """The resolver's reply to the request `c` waits for; then what it sent meanwhile."""
@@ -532,6 +671,10 @@ class AnswerLoop:
     # -- deadlines -------------------------------------------------------------------------
 
     def _scan(self, now: float) -> None:
+        stuck = 2 * self.resolver.db_timeout + 1  # its askers had TIMEOUT long ago; statement_timeout failed
+        for link in [lk for lk in self.links.values() if lk.job is not None and now - lk.since > stuck]:
+            self.log.warning(f"database connection: no answer for {now - link.since:.0f}s: closed")
+            self._drop_link(link)
         for fd, when in list(self.paused.items()):
             if now >= when:
                 del self.paused[fd]
