@@ -22,22 +22,25 @@ Two short cuts keep a cached answer near the cost of a bare echo server's reply
   _SOLO_SLICE and after _LINGER of silence, so a new connection, the deadline scan
   and stop() wait a few milliseconds at most.
 
-Anything else - a key not cached or stale - goes to a lookup thread (the server's
-pool: one database connection each) as Resolver.fetch(), one query per key at a
-time, and comes back through a wake-up pipe; after db_timeout the askers get
-Resolver.timed_out() (TIMEOUT, or a stale positive answer) and a late answer only
+Anything else - a key not cached or stale - is asked of the database, one query per
+key at a time: with PostgreSQL, a key that is one slice statement (nearly all) by
+this loop itself, on connections of its own in its epoll (pglink.py: no thread
+hand-off); the rest in a lookup thread (the server's pool: one database connection
+each) as Resolver.fetch(), back through a wake-up pipe.  After db_timeout the askers
+get Resolver.timed_out() (TIMEOUT, or a stale positive answer) and a late answer only
 fills the cache.  Meanwhile the connection is not read: its replies keep the order
-of its requests.  (Two thread hand-offs a miss; through the asyncio loop it was four,
-and about 100 us more of CPU a lookup.)
+of its requests.  (A miss in a lookup thread: two thread hand-offs; through the asyncio
+loop it was four, and about 100 us more of CPU a lookup.)
 
 Deadlines (client_timeout mid-request or while a reply cannot be written,
 idle_timeout between requests) are checked by a scan every `tick` seconds; the
 connection cap is applied at accept(); an accept() that fails for lack of
 descriptors pauses that listener for a second (logged at most once per interval).
 
-One file of about 450 lines on purpose: the loop's states (reading, waiting on a lookup,
-writing, closing) and their deadlines share every field of a connection; split across
-modules, each step would have to pass the whole loop around.
+One file of about 700 lines on purpose: the loop's states (reading, waiting on a lookup,
+writing, closing), its database connections and their deadlines share every field of a
+connection and of the loop; split across modules, each step would have to pass the whole
+loop around.  (pglink.py holds what a database connection does by itself.)
 """
 
 from __future__ import annotations
