@@ -178,7 +178,7 @@ def test_metrics_count_lookups_when_an_endpoint_is_set(base: Path) -> None:
     assert "vdeliver_socketmap_database_up" in text
 
 
-# -- one connection alone: its next request awaited in a blocking recv() (loop._solo_read) --------
+# -- one connection alone: its next request awaited in a blocking recv() (loop._solo) -------------
 
 
 def test_a_new_connection_is_served_while_a_lone_one_keeps_asking_cached_keys(
@@ -350,3 +350,18 @@ def test_a_loop_database_connection_lost_mid_statement_asks_again_the_thread_way
             assert c.ask("virtuser", "nobody@away.com") == p.NOTFOUND
         finally:
             c.close()
+
+
+def test_each_cached_answer_counts_one_hit_on_a_lone_connection_with_metrics(base: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with in_process(base, f'metrics = "127.0.0.1:{port}"') as server:
+        c = Client(str(base / "out.sock"))
+        try:
+            for _ in range(21):  # a miss, then 20 cached answers (the lone connection's tight loop)
+                assert c.ask("virtuser", "fred@away.com").status == "OK"
+        finally:
+            c.close()
+        assert server.resolver.stats["miss"] == 1
+        assert server.resolver.stats["hit"] == 20

@@ -263,9 +263,9 @@ class AnswerLoop:
             except OSError:
                 self._close(c)
                 return
-            k = known.get(data) if len(data) <= _KNOWN_LEN else None
+            k = known.get(data) if len(data) <= _KNOWN_LEN and self.metrics is None else None
             entry = cached(*k) if k is not None and c.chain.failed is None and c.proto.idle else None
-            if entry is None or self.metrics is not None:
+            if entry is None:  # (with metrics, every request: _received() counts it)
                 self._received(c, data)
                 return
             now = c.last = monotonic()
@@ -319,7 +319,7 @@ class AnswerLoop:
                     pass
                 sock.close()
                 continue
-            # The socket stays blocking for _solo_read(); every other recv and send passes
+            # The socket stays blocking for _solo(); every other recv and send passes
             # MSG_DONTWAIT.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
             c = Conn(sock, listener, aliases, known, self.settings.max_key, time.monotonic())
