@@ -365,3 +365,27 @@ def test_each_cached_answer_counts_one_hit_on_a_lone_connection_with_metrics(bas
             c.close()
         assert server.resolver.stats["miss"] == 1
         assert server.resolver.stats["hit"] == 20
+
+
+@pytest.mark.peers
+def test_an_idle_loop_database_connection_closed_by_the_server_is_replaced(
+        base: Path, pg_conninfo: str) -> None:  # noqa: F811
+    import psycopg
+
+    with in_process(base, "ttl = 0\nnegative_ttl = 0\nworkers = 1", accounts=f'dsn = "{pg_conninfo}"') as server:
+        c = Client(str(base / "out.sock"))
+        try:
+            assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+            answers = server.answers
+            assert answers is not None and len(answers.links) == 1
+            pid = next(iter(answers.links.values())).pg.backend_pid
+            with psycopg.connect(pg_conninfo, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))  # as idle_session_timeout would
+            deadline = time.monotonic() + 20
+            while pid in [lk.pg.backend_pid for lk in list(answers.links.values())]:
+                assert time.monotonic() < deadline, "the closed connection was not noticed"
+                time.sleep(0.02)
+            assert c.ask("virtuser", "wilma@home.com") == p.ok(local_mailbox("wilma", "home.com"))
+            assert [lk.pg.backend_pid for lk in list(answers.links.values())] not in ([], [pid])
+        finally:
+            c.close()
