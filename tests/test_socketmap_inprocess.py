@@ -389,3 +389,23 @@ def test_an_idle_loop_database_connection_closed_by_the_server_is_replaced(
             assert [lk.pg.backend_pid for lk in list(answers.links.values())] not in ([], [pid])
         finally:
             c.close()
+
+
+@pytest.mark.peers
+def test_a_statement_not_written_at_once_is_finished_when_the_socket_is_writable(
+        base: Path, pg_conninfo: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # libpq in non-blocking mode may keep part of a statement when the socket buffer is full;
+    # the loop then waits for EPOLLOUT and flushes.  A statement always fits here, so the link
+    # says it did not (the rest of the path is real).
+    from vdeliver.socketmap import pglink
+
+    send = pglink.Link.send
+    monkeypatch.setattr(pglink.Link, "send", lambda self, params: send(self, params) and False)
+    with in_process(base, "ttl = 0\nnegative_ttl = 0\nworkers = 1", accounts=f'dsn = "{pg_conninfo}"'):
+        c = Client(str(base / "out.sock"))
+        try:
+            for _ in range(3):
+                assert c.ask("virtuser", "fred@away.com") == p.ok(local_mailbox("fred", "away.com"))
+                assert c.ask("virtuser", "nobody@away.com") == p.NOTFOUND
+        finally:
+            c.close()
