@@ -154,8 +154,7 @@ class Resolver:
         """Ask the database and cache its answer; on trouble, the stale answer or TEMP.  Blocks:
         runs in a lookup thread (the answer loop, or resolve(), bounds the wait by db_timeout
         and answers timed_out() when it is over; a late answer is still cached)."""
-        with self._lock:
-            self.stats["miss"] += 1
+        self.count_miss()
         ask = getattr(self.backend, "lookup_asked", None)
         try:
             if ask is not None:
@@ -164,6 +163,14 @@ class Resolver:
                 value, asked = self.backend.lookup(map_name, key), True
         except Exception as exc:  # noqa: BLE001 - any driver error is "database trouble", never an answer
             return self._failed(map_name, key, _describe(exc), False)
+        return self.answered(map_name, key, value, asked)
+
+    def count_miss(self) -> None:
+        with self._lock:
+            self.stats["miss"] += 1
+
+    def answered(self, map_name: str, key: str, value: str | None, asked: bool = True) -> p.Reply:
+        """An answer to a miss (fetch(), or the answer loop's own statement): cache it."""
         # An answer made without a query (a `Connect:` key during an outage) says nothing
         # about the database: the trouble (log, database_up gauge) lasts until one answers.
         if self._trouble and asked:
@@ -173,6 +180,10 @@ class Resolver:
                 self.log.info(f"database answers again (was: {was})")
         with self._lock:
             return self._store((map_name, key), value).reply
+
+    def failed(self, map_name: str, key: str, exc: BaseException) -> p.Reply:
+        """The database could not answer a miss (`exc`): the stale answer, or TEMP."""
+        return self._failed(map_name, key, _describe(exc), False)
 
     def timed_out(self, map_name: str, key: str) -> p.Reply:
         return self._failed(map_name, key, f"database lookup timed out after {self.db_timeout:g}s", True)

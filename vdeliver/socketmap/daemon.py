@@ -8,10 +8,10 @@ loop.py serves the connections, cache.py and lookup.py answer; this module binds
 listeners, sizes the connection cap, handles signals and drops root.
 
 One thread (loop.py, plain epoll) serves every connection (sendmail keeps one per
-process, so hundreds may be open) and answers cached keys at once; the others go to
-the resolver on this module's asyncio loop, whose database lookups run in a thread
-pool under a timeout (cache.py), so one slow lookup holds up only the connection
-waiting for it.  A client silent in the middle of a request is closed after `client_timeout`.
+process, so hundreds may be open) and answers cached keys at once; the others are
+asked of the database under a timeout, by that loop itself on PostgreSQL connections
+of its own (pglink.py) or in a lookup thread (cache.py), so one slow lookup holds up
+only the connection waiting for it.  A client silent in the middle of a request is closed after `client_timeout`.
 
 Listeners, from the [socketmap] table (see docs/socketmap.md):
 
@@ -206,7 +206,8 @@ class Server:
 
 
 # Descriptors kept free beyond the connections: listeners, the log, the event loop's own,
-# and a database connection per lookup thread (twice: one may be reconnecting).
+# a database connection per lookup thread (twice: one may be reconnecting), and as many
+# of the answer loop's own (PostgreSQL: up to `workers`).
 FD_RESERVE = 32
 
 
@@ -226,7 +227,7 @@ def connection_cap(settings: Settings) -> tuple[int, int, str]:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return settings.max_connections, backlog, ""
-    reserve = FD_RESERVE + 2 * settings.workers + len(settings.listeners)
+    reserve = FD_RESERVE + 3 * settings.workers + len(settings.listeners)
     room = max(2, soft - reserve)
     burst = min(backlog, max(1, room // 4))
     if settings.max_connections + burst <= room:

@@ -160,6 +160,14 @@ class Backend:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
+        conn = self._open(probe)
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _open(self, probe: bool = False) -> Any:
+        """A new connection, or DatabaseDown while a failed connect is recent (unless probing)."""
         if not probe and time.monotonic() < self._down_until:
             raise DatabaseDown(f"{self._down_reason} (reconnecting in the background)")
         try:
@@ -169,10 +177,44 @@ class Backend:
             self._down_reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise
         self._down_until = 0.0
-        self._local.conn = conn
-        with self._lock:
-            self._all.append(conn)
         return conn
+
+    def open_link(self) -> Any:
+        """A PostgreSQL connection for the answer loop to drive itself (pglink.Link): the slice
+        statement prepared, then libpq in non-blocking mode.  Blocks: runs in a lookup thread."""
+        from psycopg import pq
+
+        from vdeliver.accounts import snapshot
+
+        conn = self._open()
+        try:
+            res = conn.pgconn.prepare(SLICE_STATEMENT, _numbered(snapshot.SLICE_SQL).encode())
+            if res.status != pq.ExecStatus.COMMAND_OK:
+                raise OSError(f"cannot prepare the lookup statement: {res.get_error_message()}")
+            conn.pgconn.nonblocking = 1
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def slice_plan(self, map_name: str, key: str) -> tuple[str, str, str] | None:
+        """(domain, local part, generated file) when the answer to `key` is exactly one slice
+        statement (what lookup() would run, and all it would run), else None."""
+        if self.kind != "postgresql" or map_name not in MAPS or map_name in ("VirtHost", "R", "aliases"):
+            return None
+        if map_name.startswith("access") and key.partition(":")[0].lower() != "to":
+            return None
+        if self.srs is not None and self.srs[0] in key.lower():
+            return None  # the SRS domain's addresses are answered from the secret (lookup._srs)
+        domain, local = key_parts(map_name, key)
+        return (domain, local, MAPS[map_name]) if domain else None
+
+    def slice_answer(self, map_name: str, key: str, domain: str, file_name: str, rows: list[tuple[Any, ...]]) -> \
+            str | None:
+        """The key's line in the generated file, from the rows of its slice statement."""
+        from vdeliver.accounts import snapshot
+
+        return parse_map(file_name, self._render(snapshot.slice_rows(rows, domain), file_name)).get(key.lower())
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -301,6 +343,11 @@ class Backend:
             snap = snapshot.empty()
         else:
             domain, local = key_parts(map_name, key)
+            if domain:  # the same as the answer loop's own statements give (slice_plan)
+                from vdeliver.accounts import snapshot
+
+                return self.slice_answer(map_name, key, domain, file_name,
+                                         self._run_one(snapshot.SLICE_SQL, snapshot.slice_params(domain, local)))
             snap = self._slice(domain, local)
         return parse_map(file_name, self._render(snap, file_name)).get(key.lower())
 
@@ -409,6 +456,13 @@ class Backend:
 
 
 _PG_SQL: dict[str, str] = {}
+SLICE_STATEMENT = b"vdeliver_slice"  # its name on the answer loop's own connections
+
+
+def _numbered(sql: str) -> str:
+    """`?` placeholders as libpq's `$1`, `$2`, ... (the statement has no `?` in literals)."""
+    parts = sql.split("?")
+    return "".join(f"{part}${i + 1}" for i, part in enumerate(parts[:-1])) + parts[-1]
 
 
 def _pg(sql: str) -> str:

@@ -226,6 +226,11 @@ class Connection:
     def pending(self) -> bool:
         return self._reader.pending
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered, no framing error: the next bytes start a new request."""
+        return not self._reader._buf and self._reader._error is None
+
     def next_event(self) -> Event:
         item = self._reader.next()
         if isinstance(item, bytes):
