@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = []
     vd = VdeliverLmtp()
     vd.lmtp_settings = f"processes = {os.cpu_count() or 1}\n"
-    for agent in (vd, DovecotLmtp()):
+    candidates: list[Agent] = [vd, DovecotLmtp()]
+    for agent in candidates:
         if agent.key not in args.servers.split(","):
             continue
         why = agent.missing()

@@ -35,7 +35,7 @@ def escape_lines(data: bytes, mode: str | None) -> bytes:
 
 
 def stream(data: bytes, mode: str | None, cuts: list[int]) -> bytes:
-    out: list[bytes] = []
+    out: list[bytes | bytearray | memoryview] = []
     esc = Escaper(mode, out.append)
     prev = 0
     for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
