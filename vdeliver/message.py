@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # Reads of 64 KB (a pipe's size): larger ones cost more CPU (os.read allocates the whole size,
 # then shrinks it), and each pass of the escaper over a block stays in the CPU's cache.
 CHUNK = 1 << 16
+JOIN_MAX = 1 << 20  # a record held in memory up to this size is written in one piece (one write call)
 WRITE_BATCH = 1 << 18  # a spool file is written this much at a time (writev of the pieces)
 LF_BLOCK = 1 << 16  # line feeds are counted in pieces this size, which stay in the CPU's cache
 COPY_BLOCK = 8 << 20  # copy_file_range in pieces, so that a writer can refresh its lock between them
@@ -273,7 +274,10 @@ class Spool:
         """Yield the collected bytes from the start (memory: the pieces themselves; file: reads)."""
         self.flush()
         if self.fd < 0:
-            yield from self.parts
+            if len(self.parts) > 1 and self.length <= JOIN_MAX:
+                yield b"".join(self.parts)  # one write for a small record
+            else:
+                yield from self.parts
             return
         offset = 0
         while offset < self.length:
