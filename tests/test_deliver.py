@@ -546,3 +546,32 @@ def test_spooled_mbox_messages_are_copied_in_the_kernel_and_appends_stay_whole(t
             os.close(fd)
     assert box.read_bytes() == OLD + mbox_record(big) + mbox_record(RAW) + mbox_record(big)
     assert b"\n>From the middle\n" in mbox_record(big)
+
+
+def test_large_maildir_message_spools_in_the_maildirs_tmp_and_is_linked_not_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21, large messages: with spool_dir on another file system (/dev/shm here), a
+    spooled Maildir record is spooled in the Maildir's own tmp/ (unnamed) and linked in as the
+    message: no copy_file_range, no write of the record in maildir.py, the exact bytes stored,
+    nothing left in tmp/."""
+    import posix
+
+    from vdeliver import maildir as maildir_mod
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    md = maildir_of(tmp_path)
+    raw = RAW + b"line\r\n" * 30000
+
+    def no_copy(*args: object, **kw: object) -> None:
+        raise AssertionError("the record was copied")
+
+    monkeypatch.setattr(posix, "copy_file_range", no_copy)
+    monkeypatch.setattr(maildir_mod, "write_all", no_copy)
+    fd = fd_of(tmp_path, raw)
+    try:
+        deliver(make_config(tmp_path, spool_threshold=100, spool_dir="/dev/shm"), FRED, fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    assert new_files(md) == [maildir_record(raw.replace(b"\r\n", b"\n"))]
+    assert os.listdir(md / "tmp") == []

@@ -221,11 +221,12 @@ class Spool:
     """Collects output in memory as a list of pieces (never joined, never copied: each piece
     must not change once written), moving to an unnamed file past a threshold."""
 
-    __slots__ = ("threshold", "spool_dir", "parts", "held", "fd", "length", "linked")
+    __slots__ = ("threshold", "spool_dir", "near", "parts", "held", "fd", "length", "linked")
 
-    def __init__(self, threshold: int, spool_dir: str) -> None:
+    def __init__(self, threshold: int, spool_dir: str, near: str = "") -> None:
         self.threshold = threshold
         self.spool_dir = spool_dir
+        self.near = near  # tried first: the target Maildir's tmp/ (see prepare())
         self.parts: "list[bytes | bytearray | memoryview]" = []
         self.held = 0  # file mode: bytes in parts, not written yet
         self.fd = -1
@@ -253,6 +254,14 @@ class Spool:
             self.held = 0
 
     def _open_file(self) -> None:
+        if self.near:
+            try:
+                # Unnamed, in a directory of ours (we never run as root here); never through a
+                # symbolic link.  Any failure: spool_dir, as without `near`.
+                self.fd = os.open(self.near, os.O_TMPFILE | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                return
+            except OSError:
+                pass
         try:
             self.fd = anonymous_spool(self.spool_dir, "vdeliver.")
         except OSError as exc:
@@ -535,11 +544,15 @@ def prepare(
     max_size: int = 0,
     spool_threshold: int = 1 << 20,
     spool_dir: str = "/var/tmp",
+    near: str = "",
     when: "float | None" = None,
 ) -> Prepared:
     """Read the whole message from fd and build the record for one mailbox.
 
-    recipient is `user@domain` for Delivered-To and the loop check.
+    recipient is `user@domain` for Delivered-To and the loop check.  `near`: a directory to
+    spool a large record in first, the target Maildir's tmp/: the spool file is then on the
+    Maildir's file system and becomes the message by a link (maildir.py), wherever
+    spool_dir is.
     """
     reader = _Reader(fd, max_size)
     # 1. Collect the first line and the header block (CRLF normalised).  The header block is
@@ -612,7 +625,7 @@ def prepare(
         )
 
     # 4. Write the record: [From_ line] + our headers + the rest, escaped.
-    spool = Spool(spool_threshold, spool_dir)
+    spool = Spool(spool_threshold, spool_dir, near)
     try:
         if mbox:
             spool.write(from_line(clean, when))
