@@ -575,3 +575,27 @@ def test_large_maildir_message_spools_in_the_maildirs_tmp_and_is_linked_not_copi
         os.close(fd)
     assert new_files(md) == [maildir_record(raw.replace(b"\r\n", b"\n"))]
     assert os.listdir(md / "tmp") == []
+
+
+@pytest.mark.parametrize(("over_quota", "dsn"), [("bounce", "5.2.2"), ("defer", "4.2.2")])
+def test_full_quota_while_spooling_in_the_maildir_is_the_mailboxs_full_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over_quota: str, dsn: str) -> None:
+    """A large Maildir record is spooled in the Maildir's tmp/: a full quota (EDQUOT) there is
+    the mailbox's, answered as the store answers it (a bounce with over_quota = "bounce"),
+    never as a spool fault; the Maildir is left as it was."""
+    import errno
+
+    md = maildir_of(tmp_path)
+
+    def full(fd: int, parts: object) -> None:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(message, "writev_all", full)
+    fd = fd_of(tmp_path, RAW + b"line\n" * 3000)
+    try:
+        with pytest.raises(DeliveryError) as info:
+            deliver(make_config(tmp_path, spool_threshold=100, over_quota=over_quota), FRED, fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    assert info.value.status.dsn == dsn and "mailbox full" in info.value.status.text()
+    assert os.listdir(md / "new") == [] and os.listdir(md / "tmp") == []

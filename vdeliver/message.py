@@ -26,7 +26,7 @@ spool are one streaming pass over the message; apart they would each need the ot
 
 import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py
 
-from vdeliver.errors import DeliveryError, Status, fail
+from vdeliver.errors import DeliveryError, Status, fail, status_for_errno
 from vdeliver.fileio import anonymous_spool, writev_all
 
 TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
@@ -221,12 +221,13 @@ class Spool:
     """Collects output in memory as a list of pieces (never joined, never copied: each piece
     must not change once written), moving to an unnamed file past a threshold."""
 
-    __slots__ = ("threshold", "spool_dir", "near", "parts", "held", "fd", "length", "linked")
+    __slots__ = ("threshold", "spool_dir", "near", "in_near", "parts", "held", "fd", "length", "linked")
 
     def __init__(self, threshold: int, spool_dir: str, near: str = "") -> None:
         self.threshold = threshold
         self.spool_dir = spool_dir
         self.near = near  # tried first: the target Maildir's tmp/ (see prepare())
+        self.in_near = False  # the file is there
         self.parts: "list[bytes | bytearray | memoryview]" = []
         self.held = 0  # file mode: bytes in parts, not written yet
         self.fd = -1
@@ -259,6 +260,7 @@ class Spool:
                 # Unnamed, in a directory of ours (we never run as root here); never through a
                 # symbolic link.  Any failure: spool_dir, as without `near`.
                 self.fd = os.open(self.near, os.O_TMPFILE | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                self.in_near = True
                 return
             except OSError:
                 pass
@@ -545,6 +547,7 @@ def prepare(
     spool_threshold: int = 1 << 20,
     spool_dir: str = "/var/tmp",
     near: str = "",
+    over_quota_bounce: bool = False,
     when: "float | None" = None,
 ) -> Prepared:
     """Read the whole message from fd and build the record for one mailbox.
@@ -552,7 +555,8 @@ def prepare(
     recipient is `user@domain` for Delivered-To and the loop check.  `near`: a directory to
     spool a large record in first, the target Maildir's tmp/: the spool file is then on the
     Maildir's file system and becomes the message by a link (maildir.py), wherever
-    spool_dir is.
+    spool_dir is; a full disk or quota there is the Maildir's, answered as its store would
+    (over_quota_bounce: 5.2.2, else 4.2.2; a full disk 4.3.1).
     """
     reader = _Reader(fd, max_size)
     # 1. Collect the first line and the header block (CRLF normalised).  The header block is
@@ -650,6 +654,8 @@ def prepare(
         return Prepared(spool, clean, spool.length, None if mbox else esc.out_lf, reader.total, had_from)
     except OSError as exc:
         spool.close()
+        if spool.in_near and exc.errno is not None:  # the Maildir's own disk or quota
+            raise DeliveryError(status_for_errno(exc.errno, spool.near, over_quota_bounce)) from None
         raise DeliveryError(Status("4.3.0", "cannot spool message", exc.strerror or str(exc))) from None
     except BaseException:
         spool.close()
