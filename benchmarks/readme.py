@@ -36,6 +36,7 @@ SOURCES = (
            ("## Start-up", "## Large messages", "## Growth")),
     Source("journal.md", "mbox crash journal: syncs a message", ("",)),
     Source("lmtp-grid.md", "LMTP: vdeliver-lmtpd against Dovecot LMTP", ("",)),
+    Source("lmtp-large.md", "LMTP, 10 MB messages: against Dovecot LMTP and the fsync floor", ("",)),
     Source("socketmap.md", "socketmap server against bare echo servers", ("## Goals",)),
 )
 

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip benchmarks/cli_bench.py (command line start-up, 10 MB, growth curves)")
     p.add_argument("--no-socketmap", action="store_true",
                    help="skip the socketmap server's run (benchmarks/socketmap_load.py; full mode only)")
-    p.add_argument("--no-lmtp-grid", action="store_true", help="skip the LMTP grid (benchmarks/lmtp_grid.py)")
+    p.add_argument("--no-lmtp-grid", action="store_true",
+                   help="skip the LMTP grid and its large messages (benchmarks/lmtp_grid.py, lmtp_large.py)")
     args = p.parse_args(argv)
 
     started = time.monotonic()
@@ -336,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         say("the LMTP grid (benchmarks/lmtp_grid.py)")
         if lmtp_grid.main(["--out", os.path.join(out, "lmtp-grid.md")] + (["--quick"] if args.quick else [])):
             bad.append("the LMTP grid: a cell failed or a message was not delivered intact")
+        from benchmarks import lmtp_large
+
+        say("large messages through LMTP (benchmarks/lmtp_large.py)")
+        if lmtp_large.main(["--out", os.path.join(out, "lmtp-large.md")] + (["--quick"] if args.quick else [])):
+            bad.append("LMTP, large messages: a delivery failed or a message was not delivered intact")
     if not args.quick and out == RESULTS and not (args.only or args.cells):
         # A full run into the committed results: the README's results block follows them.
         from benchmarks import readme

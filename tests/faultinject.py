@@ -381,13 +381,17 @@ def kill_on_ftruncate(after: bool) -> Callable[[], None]:
 
 
 # Kill points inside a Maildir delivery (maildir.deliver() called directly).
-def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k: int = 0) -> str:
+def maildir_in_child(root: MailRoot, account: Account, msg: bytes, point: str, k: int = 0,
+                     spool_threshold: int = 1 << 20) -> str:
+    """spool_threshold below the message's size: the record is spooled to an unnamed file on
+    the Maildir's file system, which becomes tmp/NAME by a link (no write in maildir.py)."""
+
     def run() -> None:
         from vdeliver import maildir, message
 
         fd = _stdin_fd(msg)
         prepared = message.prepare(fd, sender=SENDER, recipient=f"{USER}@{DOMAIN}", mbox=False,
-                                   spool_dir=str(root.base / "spool"))
+                                   spool_dir=str(root.base / "spool"), spool_threshold=spool_threshold)
         before_link = None
         if point == "write":
             kill_at_record_byte(k, "maildir")()
@@ -592,17 +596,20 @@ def mbox_precise_loop(root: MailRoot, account: Account, rng: random.Random, kill
 
 
 def maildir_precise_loop(root: MailRoot, account: Account, rng: random.Random, kills: int,
-                         tally: Tally) -> tuple[list[bytes], list[bytes]]:
-    """Returns (acknowledged, killed after the link: complete but unacknowledged)."""
+                         tally: Tally, spooled: bool = False) -> tuple[list[bytes], list[bytes]]:
+    """Returns (acknowledged, killed after the link: complete but unacknowledged).  spooled:
+    every record goes through a spool file linked in as tmp/NAME (nothing is written in
+    maildir.py, so there is no "write" point: a kill while spooling is a kill while reading)."""
     acked: list[bytes] = []
     linked: list[bytes] = []
-    points = ("write", "fsync", "link", "unlink")
+    points = ("fsync", "link", "unlink") if spooled else ("write", "fsync", "link", "unlink")
     for i in range(kills):
         point = points[i % len(points)]
-        size = rng.randint(50, 100_000)
-        msg = make_message(rng, 500000 + i, size)
-        outcome = maildir_in_child(root, account, msg, point, rng.randint(0, size))
-        tally.add(f"maildir {point}", outcome)
+        size = rng.randint(2000 if spooled else 50, 100_000)
+        msg = make_message(rng, (700000 if spooled else 500000) + i, size)
+        outcome = maildir_in_child(root, account, msg, point, rng.randint(0, size),
+                                   spool_threshold=1000 if spooled else 1 << 20)
+        tally.add(f"maildir {point}{' (spooled)' if spooled else ''}", outcome)
         assert outcome == "killed", f"{point}: child ended {outcome}"
         if point == "unlink":
             linked.append(msg)

@@ -429,6 +429,20 @@ def test_kill_at_every_step_of_a_maildir_delivery(mailroot: MailRoot, vmail: Acc
     print(tally.report())
 
 
+def test_kill_at_every_step_of_a_maildir_delivery_from_a_linked_spool_file(mailroot: MailRoot, vmail: Account,
+                                                                          vdeliver_install: object) -> None:
+    """A record spooled to an unnamed file on the Maildir's file system is linked in as
+    tmp/NAME instead of being copied (a 10 MB message written once): killed at its fsync,
+    at the link into new/ or before the tmp/ name goes, the Maildir holds each acknowledged
+    message once, and sendmail's retry after a kill past the link adds no second copy."""
+    md = mailroot.add_maildir(fi.DOMAIN, fi.USER)
+    rng = random.Random(int(os.environ.get("VDELIVER_SEED", "0")) or None)
+    tally = fi.Tally()
+    acked, linked = fi.maildir_precise_loop(mailroot, vmail, rng, 30 * SOAK, tally, spooled=True)
+    assert linked and fi.check_maildir(md, acked, linked) == 0
+    print(tally.report())
+
+
 def test_tmp_sweep_runs_from_deliveries(mailroot: MailRoot, vmail: Account, vdeliver_install: object) -> None:
     """Deliveries sweep tmp/ now and then (about 1 in 32), not every time."""
     md = mailroot.add_maildir(fi.DOMAIN, fi.USER)

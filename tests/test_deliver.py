@@ -546,3 +546,56 @@ def test_spooled_mbox_messages_are_copied_in_the_kernel_and_appends_stay_whole(t
             os.close(fd)
     assert box.read_bytes() == OLD + mbox_record(big) + mbox_record(RAW) + mbox_record(big)
     assert b"\n>From the middle\n" in mbox_record(big)
+
+
+def test_large_maildir_message_spools_in_the_maildirs_tmp_and_is_linked_not_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21, large messages: with spool_dir on another file system (/dev/shm here), a
+    spooled Maildir record is spooled in the Maildir's own tmp/ (unnamed) and linked in as the
+    message: no copy_file_range, no write of the record in maildir.py, the exact bytes stored,
+    nothing left in tmp/."""
+    import posix
+
+    from vdeliver import maildir as maildir_mod
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    md = maildir_of(tmp_path)
+    raw = RAW + b"line\r\n" * 30000
+
+    def no_copy(*args: object, **kw: object) -> None:
+        raise AssertionError("the record was copied")
+
+    monkeypatch.setattr(posix, "copy_file_range", no_copy)
+    monkeypatch.setattr(maildir_mod, "write_all", no_copy)
+    fd = fd_of(tmp_path, raw)
+    try:
+        deliver(make_config(tmp_path, spool_threshold=100, spool_dir="/dev/shm"), FRED, fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    assert new_files(md) == [maildir_record(raw.replace(b"\r\n", b"\n"))]
+    assert os.listdir(md / "tmp") == []
+
+
+@pytest.mark.parametrize(("over_quota", "dsn"), [("bounce", "5.2.2"), ("defer", "4.2.2")])
+def test_full_quota_while_spooling_in_the_maildir_is_the_mailboxs_full_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over_quota: str, dsn: str) -> None:
+    """A large Maildir record is spooled in the Maildir's tmp/: a full quota (EDQUOT) there is
+    the mailbox's, answered as the store answers it (a bounce with over_quota = "bounce"),
+    never as a spool fault; the Maildir is left as it was."""
+    import errno
+
+    md = maildir_of(tmp_path)
+
+    def full(fd: int, parts: object) -> None:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(message, "writev_all", full)
+    fd = fd_of(tmp_path, RAW + b"line\n" * 3000)
+    try:
+        with pytest.raises(DeliveryError) as info:
+            deliver(make_config(tmp_path, spool_threshold=100, over_quota=over_quota), FRED, fd, "alice@example.org")
+    finally:
+        os.close(fd)
+    assert info.value.status.dsn == dsn and "mailbox full" in info.value.status.text()
+    assert os.listdir(md / "new") == [] and os.listdir(md / "tmp") == []

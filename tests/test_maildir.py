@@ -548,3 +548,57 @@ def test_any_write_failure_leaves_nothing(record: bytes, k: int) -> None:
             assert (path / "new" / name).read_bytes() == record
         finally:
             m.close()
+
+
+# -- a record spooled to a file: linked in, not copied (issue 21, large messages) ------------
+
+
+def test_spooled_record_becomes_the_maildir_file_without_a_copy(md: Path, tmp_path: Path) -> None:
+    """A record past spool_threshold sits in an unnamed file; on the Maildir's file system that
+    file is linked in as the message (one write of a 10 MB message, not two): same inode, the
+    exact bytes, nothing left in tmp/."""
+    record = RECORD + b"x" * 70 + b"\n"
+    m = prepared(record, str(tmp_path), threshold=16)
+    try:
+        spool_ino = os.fstat(m.spool.fd).st_ino  # type: ignore[union-attr]
+        name = deliver(md, m)
+    finally:
+        m.close()
+    stored = md / "new" / name
+    assert stored.read_bytes() == record
+    assert stored.stat().st_ino == spool_ino and stored.stat().st_nlink == 1
+    lf = record.count(b"\n")
+    assert f",S={len(record)},W={len(record) + lf}" in name
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert listing(md)["tmp"] == []
+
+
+def test_spooled_record_is_linked_once_and_copied_into_a_second_maildir(md: Path, tmp_path: Path) -> None:
+    """The same record stored in two Maildirs (a Sieve fileinto beside the INBOX): the spool
+    file becomes the first one's message only; the second gets its own copy, not a hard link."""
+    other = tmp_path / "example.org" / "wilma" / "Maildir"
+    maildir.create(str(other))
+    record = RECORD + b"y" * 70 + b"\n"
+    m = prepared(record, str(tmp_path), threshold=16)
+    try:
+        first, second = deliver(md, m), deliver(other, m)
+    finally:
+        m.close()
+    a, b = md / "new" / first, other / "new" / second
+    assert a.read_bytes() == b.read_bytes() == record
+    assert a.stat().st_ino != b.stat().st_ino and a.stat().st_nlink == b.stat().st_nlink == 1
+
+
+def test_spool_on_another_file_system_is_copied(md: Path) -> None:
+    """A spool directory on another file system (/dev/shm, a tmpfs) cannot be linked from: the
+    record is copied as before, byte for byte."""
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == md.stat().st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    record = RECORD + b"z" * 70 + b"\n"
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        m = prepared(record, shm, threshold=16)
+        try:
+            name = deliver(md, m)
+        finally:
+            m.close()
+    assert (md / "new" / name).read_bytes() == record and listing(md)["tmp"] == []

@@ -35,7 +35,7 @@ def escape_lines(data: bytes, mode: str | None) -> bytes:
 
 
 def stream(data: bytes, mode: str | None, cuts: list[int]) -> bytes:
-    out: list[bytes] = []
+    out: list[bytes | bytearray | memoryview] = []
     esc = Escaper(mode, out.append)
     prev = 0
     for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
@@ -298,3 +298,40 @@ def test_read_error_is_temporary() -> None:
     with pytest.raises(DeliveryError) as info:
         prepare(r, sender=None, recipient="a@b", mbox=True)
     assert info.value.status.temporary
+
+
+# -- large messages: no copies, no needless passes (issue 21) ----------------------------
+
+
+def test_escaped_pieces_are_slices_of_the_read_not_copies() -> None:
+    """An escaped block reaches the record as slices of the read itself with a '>' between
+    them (memoryviews: a 10 MB message is not copied to insert a few bytes)."""
+    out: list[bytes | bytearray | memoryview] = []
+    chunk = b"a line\n" * 1000 + b"From here\n" + b"another\n" * 1000
+    esc = Escaper("mboxo", out.append, count_lf=False)
+    esc.feed(chunk, normalized=True)
+    esc.close()
+    assert b"".join(out) == reference(chunk, "mboxo")
+    big = [piece for piece in out if len(piece) > 100]
+    assert len(big) == 2 and all(isinstance(p, memoryview) and p.obj is chunk for p in big)
+
+
+def test_mbox_record_counts_line_feeds_only_when_asked() -> None:
+    """Only a Maildir name needs the line feeds (W=): an mbox record skips the pass over the
+    message that counts them, and still gives the right count when something asks."""
+    data = b"Subject: x\n\n" + b"line\n" * 5000
+    for threshold in (1 << 20, 100):  # in memory, spooled to a file
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.seek(0)
+            prepared = prepare(f.fileno(), sender=None, recipient="fred@away.com", mbox=True, when=0,
+                               spool_threshold=threshold)
+        try:
+            record = b"".join(prepared.spool.chunks())
+            assert prepared._lf is None
+            assert prepared.lf_count == record.count(b"\n")
+            assert prepared.rfc822_size == len(record) + record.count(b"\n")
+        finally:
+            prepared.close()
+    _, maildir_record = run_prepare(data, mbox=False, when=0)
+    assert maildir_record._lf is not None

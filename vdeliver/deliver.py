@@ -387,6 +387,9 @@ def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target:
         max_size=cfg.max_message_size,
         spool_threshold=cfg.spool_threshold,
         spool_dir=cfg.spool_dir,
+        # A large Maildir record is spooled in the Maildir's own tmp/: linked in, not copied.
+        near=f"{target.path}/tmp" if target.format == "maildir" and not target.create else "",
+        over_quota_bounce=cfg.over_quota == "bounce",
     )
     phase("read")
     spooled = None if prepared else msg  # closed at the end, whatever copy of the record was stored

@@ -111,6 +111,23 @@ def write_all(fd: int, data: "bytes | bytearray | memoryview") -> None:
         view = view[n:]
 
 
+IOV_MAX = 1024  # Linux's limit on the pieces of one writev
+
+
+def writev_all(fd: int, parts: "list[bytes | bytearray | memoryview]") -> None:
+    """Write the pieces in order, as few writev calls as it takes (a write may be short)."""
+    todo = [part for part in parts if len(part)]
+    while todo:
+        n = os.writev(fd, todo[:IOV_MAX])
+        done = 0
+        while done < len(todo) and n >= len(todo[done]):
+            n -= len(todo[done])
+            done += 1
+        todo = todo[done:]
+        if n:
+            todo[0] = memoryview(todo[0])[n:]
+
+
 def fsync_dir(directory: str) -> None:
     """Make a directory's entries durable (a new or removed name survives a power cut)."""
     fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -18,7 +18,7 @@ class Hook(Protocol):
 class Sink(Protocol):
     """Where a stream of bytes goes, one chunk per call (the Escaper's output)."""
 
-    def __call__(self, data: bytes, /) -> object: ...
+    def __call__(self, data: "bytes | bytearray | memoryview", /) -> object: ...
 
 
 class Log(Protocol):

@@ -1,6 +1,7 @@
 """Deliver one prepared message into a Maildir, with Maildir++ quota.
 
-1. write tmp/<name> (O_EXCL), fsync it;
+1. write tmp/<name> (O_EXCL), fsync it (a record spooled to an unnamed file on this
+   file system is not copied: that file is linked in as tmp/<name>, message.Spool.link_into);
 2. link() it to new/<name> (a clash picks a new name), fsync new/ so the entry
    survives a power cut (mpop#8), unlink the tmp file.
 Any failure removes the tmp file.  Every step after the first open is relative to
@@ -346,24 +347,31 @@ def deliver(
 def _store(path: str, msg: Prepared, tfd: int, nfd: int, host: str, over_quota_bounce: bool,
            before_link: "Hook | None") -> str:
     """tmp/NAME written and synced, linked to new/NAME, new/ synced; tmp/NAME still there."""
+    spool = msg.spool
     for _attempt in range(10):
         name = unique_name(host, msg.length, msg.rfc822_size)
+        fd = -1
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=tfd)
+            # A record spooled to a file on this file system becomes tmp/NAME itself.
+            if not (isinstance(spool, Spool) and spool.link_into(tfd, name)):
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=tfd)
         except FileExistsError:
             continue
         except OSError as exc:  # a full disk or quota here is the same as while writing
             raise DeliveryError(status_for_errno(exc.errno or errno.EIO, f"{path}/tmp", over_quota_bounce)) from None
         try:
-            try:
-                spool = msg.spool
-                if not (isinstance(spool, Spool) and spool.copy_file(fd)):
-                    for chunk in spool.chunks():
-                        write_all(fd, chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if fd < 0:
+                assert isinstance(spool, Spool)
+                os.fsync(spool.fd)
+            else:
+                try:
+                    if not (isinstance(spool, Spool) and spool.copy_file(fd)):
+                        for chunk in spool.chunks():
+                            write_all(fd, chunk)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             if before_link is not None:
                 before_link()
             try:

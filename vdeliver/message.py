@@ -11,9 +11,14 @@ re-serialised, so signed headers keep their folding.  What changes:
 - mbox only: headers a sender could use to confuse readers are dropped, and body
   lines that would read as a message separator are escaped (mboxo or mboxrd).
 
-All of it is read before any lock is taken.  Above `spool_threshold` bytes the
-result goes to an unnamed temporary file (O_TMPFILE), so a 100 MB message does
-not sit in memory.  Nothing here imports more than os and time.
+All of it is read before any lock is taken.  The record is a list of pieces (the reads,
+slices of them, the lines we add), never joined: escaping inserts a '>' between two
+slices instead of copying the message.  Above `spool_threshold` bytes the record goes to
+an unnamed temporary file (O_TMPFILE), so a 100 MB message does not sit in memory; a
+Maildir on the same file system then takes that file itself as its new message (a link,
+no copy: maildir.py).  Fresh memory is dearer than the page cache (a page fault per 4
+KB), so a large message is better spooled than held.  Nothing here imports more than os
+and time.
 
 Over 400 lines on purpose: the envelope, the From_ line, the added headers, escaping and the
 spool are one streaming pass over the message; apart they would each need the others' state.
@@ -21,8 +26,8 @@ spool are one streaming pass over the message; apart they would each need the ot
 
 import posix as os  # not `os`, which costs 1 ms a process: see vdeliver/fileio.py
 
-from vdeliver.errors import DeliveryError, Status, fail
-from vdeliver.fileio import anonymous_spool, write_all
+from vdeliver.errors import DeliveryError, Status, fail, status_for_errno
+from vdeliver.fileio import anonymous_spool, writev_all
 
 TYPE_CHECKING = False  # typing costs an import on the hot path; mypy knows this name
 if TYPE_CHECKING:
@@ -33,6 +38,9 @@ if TYPE_CHECKING:
 # Reads of 64 KB (a pipe's size): larger ones cost more CPU (os.read allocates the whole size,
 # then shrinks it), and each pass of the escaper over a block stays in the CPU's cache.
 CHUNK = 1 << 16
+JOIN_MAX = 1 << 20  # a record held in memory up to this size is written in one piece (one write call)
+WRITE_BATCH = 1 << 18  # a spool file is written this much at a time (writev of the pieces)
+LF_BLOCK = 1 << 16  # line feeds are counted in pieces this size, which stay in the CPU's cache
 COPY_BLOCK = 8 << 20  # copy_file_range in pieces, so that a writer can refresh its lock between them
 MAX_HEADER = 1 << 20  # a longer header block is refused (5.3.4): see prepare()
 MAX_SENDER = 512
@@ -84,17 +92,32 @@ def from_line(sender: str, when: "float | None" = None) -> bytes:
     return f"From {shown}  {stamp}\n".encode("utf-8", "surrogateescape")
 
 
+def count_lf(data: "bytes | bytearray | memoryview") -> int:
+    """The line feeds in data: len - len(without LFs), a third of the time of bytes.count(b"\n")
+    on CPython 3.11, in pieces that stay in the CPU's cache."""
+    if len(data) <= LF_BLOCK and not isinstance(data, memoryview):
+        return len(data) - len(data.replace(b"\n", b""))
+    view = memoryview(data)
+    n = 0
+    for at in range(0, len(view), LF_BLOCK):
+        piece = bytes(view[at:at + LF_BLOCK])
+        n += len(piece) - len(piece.replace(b"\n", b""))
+    return n
+
+
 class Escaper:
     """Streaming CRLF normalisation and mbox From_-escaping of a byte stream.
 
-    Feed chunks with `feed()`, end with `close()`.  Output goes to `sink(bytes)`.
-    mode is None (no escaping, Maildir), "mboxo" (`From ` -> `>From `) or
-    "mboxrd" (`>*From ` gains one more `>`).
+    Feed chunks with `feed()`, end with `close()`.  Output goes to `sink(piece)`, in pieces
+    that are the chunks themselves or slices of them (memoryviews: nothing is copied), so a
+    chunk must not change once fed.  mode is None (no escaping, Maildir), "mboxo" (`From `
+    -> `>From `) or "mboxrd" (`>*From ` gains one more `>`).  Line feeds are counted
+    (out_lf) only with count_lf: a Maildir name needs them, an mbox does not.
     """
 
-    __slots__ = ("mode", "sink", "at_bol", "carry", "pending_cr", "out_bytes", "out_lf", "last")
+    __slots__ = ("mode", "sink", "at_bol", "carry", "pending_cr", "out_bytes", "out_lf", "last", "count_lf")
 
-    def __init__(self, mode: "str | None", sink: "Sink") -> None:
+    def __init__(self, mode: "str | None", sink: "Sink", count_lf: bool = True) -> None:
         self.mode = mode
         self.sink = sink
         self.at_bol = True
@@ -103,16 +126,17 @@ class Escaper:
         self.out_bytes = 0
         self.out_lf = 0
         self.last = 10  # the last byte written: pretend a newline before the start
+        self.count_lf = count_lf
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: "bytes | bytearray | memoryview") -> None:
         if data:
             self.out_bytes += len(data)
-            # len - len(without LFs): a third of the time of bytes.count(b"\n") on CPython 3.11.
-            self.out_lf += len(data) - len(data.replace(b"\n", b""))
+            if self.count_lf:
+                self.out_lf += count_lf(data)
             self.last = data[-1]
             self.sink(data)
 
-    def feed(self, chunk: bytes, normalized: bool = False) -> None:
+    def feed(self, chunk: "bytes | bytearray", normalized: bool = False) -> None:
         """Take the next chunk; normalized=True for text whose CRLFs are already LFs."""
         if not normalized:
             if self.pending_cr:
@@ -130,59 +154,56 @@ class Escaper:
             return
         data = self.carry + chunk if self.carry else chunk
         self.carry = b""
-        out = self._escape(data)
         # Hold back a trailing partial line that could still become `From `.
         nl = data.rfind(b"\n")
         tail = data[nl + 1 :]
         line_start = nl >= 0 or self.at_bol
         rest = tail.lstrip(b">") if self.mode == "mboxrd" else tail
+        held = b""
         if line_start and len(rest) < 5 and b"From ".startswith(rest):
-            if rest:
-                out = out[: -len(rest)]
-                self.carry = rest
-            self.at_bol = True
+            held = bytes(rest)
+            next_bol = True
         else:
-            self.at_bol = False
-        self._emit(out)
+            next_bol = False
+        self._escape(data, len(data) - len(held))
+        self.carry = held
+        self.at_bol = next_bol
 
-    def _escape(self, data: bytes) -> bytes:
+    def _escape(self, data: "bytes | bytearray", end: int) -> None:
+        """Emit data[:end] with a '>' before each `From ` that starts a line (mboxrd: after '>'s)."""
         # Searching for `From ` and looking at the byte before is about four times faster than
         # searching for `\nFrom ` (a needle that starts with the commonest byte).  The loop runs
         # once per `From ` in the block, never per line; a block made of them (more than one
-        # in a KB) takes the one-pass replace instead.
-        pieces = []
+        # in a KB) takes the one-pass replace for what is left of it.
+        view = None
         start = 0
-        p = data.find(b"From ")
-        if self.mode == "mboxo":
-            budget = (len(data) >> 10) + 16
-            while p >= 0:
-                if (p == 0 and self.at_bol) or (p > 0 and data[p - 1] == 10):
-                    pieces.append(data[start:p])
-                    pieces.append(b">")
-                    start = p
-                budget -= 1
-                if budget < 0:
-                    out = data.replace(b"\nFrom ", b"\n>From ")
-                    return b">" + out if self.at_bol and data.startswith(b"From ") else out
-                p = data.find(b"From ", p + 5)
-            if not pieces:
-                return data
-            pieces.append(data[start:])
-            return b"".join(pieces)
-        # mboxrd: insert '>' before `From ` when only '>'s stand between it and a line start.
+        marked = False  # a '>' emitted for the `From ` at `start`
+        p = data.find(b"From ", 0, end)
+        budget = (end >> 10) + 16 if self.mode == "mboxo" else -1
         while p >= 0:
             q = p
-            while q > 0 and data[q - 1] == 62:  # '>'
-                q -= 1
+            if self.mode == "mboxrd":
+                while q > 0 and data[q - 1] == 62:  # '>'
+                    q -= 1
             if (q == 0 and self.at_bol) or (q > 0 and data[q - 1] == 10):
-                pieces.append(data[start:p])
-                pieces.append(b">")
-                start = p
-            p = data.find(b"From ", p + 5)
-        if not pieces:
-            return data
-        pieces.append(data[start:])
-        return b"".join(pieces)
+                if view is None:
+                    view = memoryview(data)
+                self._emit(view[start:p])
+                self._emit(b">")
+                start, marked = p, True
+            if budget >= 0:
+                budget -= 1
+                if budget < 0:
+                    rest = bytes(data[start:end])
+                    if not marked and self.at_bol and start == 0 and rest.startswith(b"From "):
+                        self._emit(b">")
+                    self._emit(rest.replace(b"\nFrom ", b"\n>From "))
+                    return
+            p = data.find(b"From ", p + 5, end)
+        if start == 0 and end == len(data):
+            self._emit(data)
+        else:
+            self._emit((view if view is not None else memoryview(data))[start:end])
 
     def close(self) -> None:
         """Flush what is held back and make sure the stream ends with a newline."""
@@ -197,29 +218,52 @@ class Escaper:
 
 
 class Spool:
-    """Collects output in memory, moving to an unnamed file past a threshold."""
+    """Collects output in memory as a list of pieces (never joined, never copied: each piece
+    must not change once written), moving to an unnamed file past a threshold."""
 
-    __slots__ = ("threshold", "spool_dir", "buf", "fd", "length")
+    __slots__ = ("threshold", "spool_dir", "near", "in_near", "parts", "held", "fd", "length", "linked")
 
-    def __init__(self, threshold: int, spool_dir: str) -> None:
+    def __init__(self, threshold: int, spool_dir: str, near: str = "") -> None:
         self.threshold = threshold
         self.spool_dir = spool_dir
-        self.buf = bytearray()
+        self.near = near  # tried first: the target Maildir's tmp/ (see prepare())
+        self.in_near = False  # the file is there
+        self.parts: "list[bytes | bytearray | memoryview]" = []
+        self.held = 0  # file mode: bytes in parts, not written yet
         self.fd = -1
         self.length = 0
+        self.linked = False  # the file was given a name (link_into): it is a stored message now
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: "bytes | bytearray | memoryview") -> None:
         self.length += len(data)
+        self.parts.append(data)
         if self.fd < 0:
-            self.buf += data
-            if len(self.buf) > self.threshold:
+            if self.length > self.threshold:
                 self._open_file()
-                write_all(self.fd, self.buf)
-                self.buf = bytearray()
+                self.flush()
             return
-        write_all(self.fd, data)
+        # To the file a few reads at a time, in one writev: an escaped read is many pieces.
+        self.held += len(data)
+        if self.held >= WRITE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write out the pieces held back (file mode); before anyone reads the file."""
+        if self.fd >= 0 and self.parts:
+            writev_all(self.fd, self.parts)
+            self.parts = []
+            self.held = 0
 
     def _open_file(self) -> None:
+        if self.near:
+            try:
+                # Unnamed, in a directory of ours (we never run as root here); never through a
+                # symbolic link.  Any failure: spool_dir, as without `near`.
+                self.fd = os.open(self.near, os.O_TMPFILE | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                self.in_near = True
+                return
+            except OSError:
+                pass
         try:
             self.fd = anonymous_spool(self.spool_dir, "vdeliver.")
         except OSError as exc:
@@ -227,14 +271,24 @@ class Spool:
 
     def head(self, n: int) -> bytes:
         """The first n bytes collected (fewer if there are fewer)."""
+        self.flush()
         if self.fd < 0:
-            return bytes(self.buf[:n])
+            out = bytearray()
+            for part in self.parts:
+                out += part[:n - len(out)]
+                if len(out) >= n:
+                    break
+            return bytes(out)
         return os.pread(self.fd, n, 0)
 
-    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
-        """Yield the collected bytes from the start (memory or file)."""
+    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes | bytearray | memoryview]":
+        """Yield the collected bytes from the start (memory: the pieces themselves; file: reads)."""
+        self.flush()
         if self.fd < 0:
-            yield bytes(self.buf)
+            if len(self.parts) > 1 and self.length <= JOIN_MAX:
+                yield b"".join(self.parts)  # one write for a small record
+            else:
+                yield from self.parts
             return
         offset = 0
         while offset < self.length:
@@ -249,6 +303,7 @@ class Spool:
         no pass through Python's memory, a reflink where the file system has them).  False,
         with nothing written, when the spool is in memory or the kernel refuses the pair (an
         O_APPEND target, another file system on an old kernel): then use chunks()."""
+        self.flush()
         if self.fd < 0:
             return False
         offset = 0
@@ -267,11 +322,32 @@ class Spool:
                 tick()
         return True
 
+    def link_into(self, dir_fd: int, name: str) -> bool:
+        """Give the spool file the name `name` in dir_fd (a Maildir's tmp/), so that it is the
+        message itself, not a copy of it: no second write of 10 MB.  Once only: a second
+        mailbox gets a copy (hard links between mailboxes are maildir.link_copy()'s decision).
+        False, with nothing done, when the record is in memory or the file cannot be linked
+        there (another file system, no /proc, a named spool file already unlinked); a name
+        that exists raises FileExistsError (pick another)."""
+        self.flush()
+        if self.fd < 0 or self.linked:
+            return False
+        try:
+            # /proc/self/fd/N with AT_SYMLINK_FOLLOW: linkat(2) of an O_TMPFILE file without
+            # CAP_DAC_READ_SEARCH (which AT_EMPTY_PATH needs).
+            os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+        except FileExistsError:
+            raise
+        except OSError:
+            return False
+        self.linked = True
+        return True
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.buf = bytearray()
+        self.parts = []
 
 
 class HeaderView:
@@ -291,13 +367,13 @@ class HeaderView:
         data = self.spool.head(n)
         return (data[: self.cut] + self.lines + data[self.cut:])[:n]
 
-    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
+    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes | bytearray | memoryview]":
         pending = self.cut
         if not pending:
             yield self.lines
         for chunk in self.spool.chunks(size):
             if 0 < pending <= len(chunk):
-                yield chunk[:pending] + self.lines
+                yield bytes(chunk[:pending]) + self.lines
                 chunk = chunk[pending:]
                 pending = 0
             elif pending:
@@ -322,7 +398,7 @@ class Spliced:
     def head(self, n: int) -> bytes:
         return (self.prefix + self.spool.head(n + self.skip)[self.skip:])[:n]
 
-    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes]":
+    def chunks(self, size: int = 1 << 20) -> "Iterator[bytes | bytearray | memoryview]":
         yield self.prefix
         pending = self.skip
         for chunk in self.spool.chunks(size):
@@ -339,15 +415,26 @@ class Spliced:
 class Prepared:
     """The record to store: `spool` holds it; sizes for Maildir names and logs."""
 
-    __slots__ = ("spool", "sender", "length", "lf_count", "input_size", "had_from_line")
+    __slots__ = ("spool", "sender", "length", "_lf", "input_size", "had_from_line")
 
-    def __init__(self, spool: "Spool | HeaderView | Spliced", sender: str, length: int, lf_count: int,
+    def __init__(self, spool: "Spool | HeaderView | Spliced", sender: str, length: int, lf_count: "int | None",
                  input_size: int,
                  had_from_line: bool) -> None:
         self.spool, self.sender = spool, sender
-        self.length, self.lf_count = length, lf_count  # the record as stored, and its line feeds
+        self.length = length  # the record as stored
+        self._lf = lf_count  # its line feeds; None: not counted yet (an mbox record needs no count)
         self.input_size = input_size  # as read from sendmail (the log's size=)
         self.had_from_line = had_from_line
+
+    @property
+    def lf_count(self) -> int:
+        if self._lf is None:
+            self._lf = sum(count_lf(chunk) for chunk in self.spool.chunks())
+        return self._lf
+
+    def _lf_plus(self, delta: int) -> "int | None":
+        """The line feeds of a record made from this one with `delta` more (None stays None)."""
+        return None if self._lf is None else self._lf + delta
 
     @property
     def rfc822_size(self) -> int:
@@ -379,7 +466,7 @@ class Prepared:
         prefix = head[:start] + block
         view = Spliced(self.spool, prefix, end + 1)
         old_lf = head[:end + 1].count(b"\n")
-        return Prepared(view, self.sender, view.length, self.lf_count - old_lf + prefix.count(b"\n"),
+        return Prepared(view, self.sender, view.length, self._lf_plus(prefix.count(b"\n") - old_lf),
                         self.input_size, self.had_from_line)
 
     def with_header(self, lines: bytes) -> "Prepared":
@@ -387,7 +474,7 @@ class Prepared:
         if not lines:
             return self
         return Prepared(HeaderView(self.spool, lines), self.sender, self.length + len(lines),
-                        self.lf_count + lines.count(b"\n"), self.input_size, self.had_from_line)
+                        self._lf_plus(lines.count(b"\n")), self.input_size, self.had_from_line)
 
 
 class _Reader:
@@ -409,12 +496,15 @@ class _Reader:
         if not data:
             self.eof = True
             return b""
-        self.total += len(data)
+        self._count(len(data))
+        return data
+
+    def _count(self, n: int) -> None:
+        self.total += n
         if self.max_size and self.total > self.max_size:
             raise DeliveryError(
                 Status("5.3.4", "message too big", f"more than {self.max_size} bytes")
             )
-        return data
 
 
 def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) -> "tuple[bytes, bool]":
@@ -456,11 +546,17 @@ def prepare(
     max_size: int = 0,
     spool_threshold: int = 1 << 20,
     spool_dir: str = "/var/tmp",
+    near: str = "",
+    over_quota_bounce: bool = False,
     when: "float | None" = None,
 ) -> Prepared:
     """Read the whole message from fd and build the record for one mailbox.
 
-    recipient is `user@domain` for Delivered-To and the loop check.
+    recipient is `user@domain` for Delivered-To and the loop check.  `near`: a directory to
+    spool a large record in first, the target Maildir's tmp/: the spool file is then on the
+    Maildir's file system and becomes the message by a link (maildir.py), wherever
+    spool_dir is; a full disk or quota there is the Maildir's, answered as its store would
+    (over_quota_bounce: 5.2.2, else 4.2.2; a full disk 4.3.1).
     """
     reader = _Reader(fd, max_size)
     # 1. Collect the first line and the header block (CRLF normalised).  The header block is
@@ -533,7 +629,7 @@ def prepare(
         )
 
     # 4. Write the record: [From_ line] + our headers + the rest, escaped.
-    spool = Spool(spool_threshold, spool_dir)
+    spool = Spool(spool_threshold, spool_dir, near)
     try:
         if mbox:
             spool.write(from_line(clean, when))
@@ -542,7 +638,7 @@ def prepare(
             added += b"Return-Path: <" + clean.encode("utf-8", "surrogateescape") + b">\n"
         if delivered_to:
             added += b"Delivered-To: " + recipient.encode("utf-8", "surrogateescape") + b"\n"
-        esc = Escaper((escape if mbox else None), spool.write)
+        esc = Escaper((escape if mbox else None), spool.write, count_lf=not mbox)
         esc.feed(added + block + body, normalized=True)
         if pending_cr:
             esc.feed(b"\r")
@@ -554,10 +650,12 @@ def prepare(
         esc.close()
         if mbox:
             spool.write(b"\n")  # the empty line that ends an mbox message
-        lf = esc.out_lf + (2 if mbox else 0)
-        return Prepared(spool, clean, spool.length, lf, reader.total, had_from)
+        spool.flush()
+        return Prepared(spool, clean, spool.length, None if mbox else esc.out_lf, reader.total, had_from)
     except OSError as exc:
         spool.close()
+        if spool.in_near and exc.errno is not None:  # the Maildir's own disk or quota
+            raise DeliveryError(status_for_errno(exc.errno, spool.near, over_quota_bounce)) from None
         raise DeliveryError(Status("4.3.0", "cannot spool message", exc.strerror or str(exc))) from None
     except BaseException:
         spool.close()
@@ -586,4 +684,4 @@ def for_recipient(msg: Prepared, recipient: str, return_path: bool, delivered_to
     at = head.find(b"\n") + 1 if return_path and head.startswith(b"Return-Path: <") else 0
     line = b"Delivered-To: " + recipient.encode("utf-8", "surrogateescape") + b"\n"
     view = Spliced(msg.spool, head[:at] + line, at)
-    return Prepared(view, msg.sender, view.length, msg.lf_count + 1, msg.input_size, msg.had_from_line)
+    return Prepared(view, msg.sender, view.length, msg._lf_plus(1), msg.input_size, msg.had_from_line)

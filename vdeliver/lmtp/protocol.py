@@ -427,11 +427,17 @@ class Connection:
         buf = self._in
         n = len(buf)
         out: list[bytes] = []
+        # Two-byte needles that start with "\n" are searched for at about 1 GB/s (a stop at every
+        # line); a "." is found by memchr at memory speed.  So every search for a dot line
+        # (the end, a stuffed dot) first asks whether there is a dot at all: a base64
+        # attachment has none.
         if self._bol and buf[:3] == b".\r\n":
             term = 0
-        else:
+        elif b"." in buf:
             found = buf.find(b"\n.\r\n")
             term = found + 1 if found >= 0 else -1
+        else:
+            term = -1
         if term >= 0:
             end, consumed, ended = term, term + 3, True
         else:
@@ -442,12 +448,14 @@ class Connection:
                 end = n - 1 if buf[n - 1] == 0x0D else n
             consumed, ended = end, False
         if end:
-            region = bytes(buf[:end])
-            if self._bol and region[0] == 0x2E:  # a stuffed dot (the end was handled above)
-                region = region[1:]
-            region = region.replace(b"\n.", b"\n")  # every other line that starts with a dot
-            crlf = region.count(b"\r\n")
-            data = region.replace(b"\r\n", b"\n") if crlf else region
+            with memoryview(buf) as view:  # one copy out of the buffer, not two
+                region = bytes(view[1:end] if self._bol and buf[0] == 0x2E else view[:end])  # a stuffed dot
+            if b"." in region:
+                region = region.replace(b"\n.", b"\n")  # every other line that starts with a dot
+            # split+join is replace(b"\r\n", b"\n") in two thirds of the time (CPython 3.11, 64 KB
+            # blocks); one pass, and the number of CRLFs is the length it lost.
+            data = b"\n".join(region.split(b"\r\n")) if b"\r" in region else region
+            crlf = len(region) - len(data)
             size = len(data) + crlf  # the size as sent, less the stuffed dots
             if self._too_big:
                 pass
