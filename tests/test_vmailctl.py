@@ -628,3 +628,28 @@ def test_check_reports_mbox_journals_that_need_a_look(acct: Acct) -> None:
     assert ".fred.vdeliver-journal.untrusted.lock: a journal vdeliver did not write was set aside" in problems
     assert ".gone.vdeliver-journal.lock: crash journal without a mailbox" in problems
     assert "mailbox without a user" not in problems
+
+
+def test_check_reports_busy_and_torn_slots_of_the_lmtp_group_journal(acct: Acct) -> None:
+    """A busy slot of vdeliver-lmtpd's group journal (a server killed mid-append) is reported
+    with the mbox it names and how to recover it; an idle group journal is not a problem, and
+    never taken for a domain or a mailbox."""
+    from vdeliver import recovery
+    from vdeliver.config import GROUP_JOURNAL
+
+    acct.ok("domain", "add", "away.com")
+    acct.ok("user", "add", "fred@away.com", "--format", "mbox", "--no-password")
+    acct.ok("maps", "build")
+    box = acct.root.vbox / "away.com" / "fred"
+    journal = acct.root.vbox / GROUP_JOURNAL
+    journal.write_bytes(recovery.SLOT_IDLE * recovery.GROUP_SLOTS)
+    assert acct.run("check", "--json").json()["problems"] == []
+    st = os.stat(box)
+    busy = recovery.slot_block(recovery.Record(st.st_dev, st.st_ino, 0, 100, 4242, b"From x"), str(box))
+    torn = recovery.GROUP_BUSY + b"x" * (recovery.GROUP_SLOT - len(recovery.GROUP_BUSY))
+    journal.write_bytes(recovery.SLOT_IDLE * 3 + busy + torn + recovery.SLOT_IDLE * (recovery.GROUP_SLOTS - 5))
+    problems = acct.run("check", "--json").json()["problems"]
+    assert [p for p in problems if "slot 3 records a delivery into" in p and f"--repair {box}" in p
+            and "pid 4242" in p], problems
+    assert [p for p in problems if "slot 4 is torn" in p], problems
+    assert len(problems) == 2, problems

@@ -59,6 +59,7 @@ def problems(cfg: Config, settings: Settings, snap: Snapshot) -> list[str]:
                 found.append(f"{user}@{dom}: mailbox without a user ({path})")
     found += [f"{j}: crash journal without a mailbox (left when its mbox was removed by hand); safe to delete"
               for j in mailboxes.orphan_journals(cfg)]
+    found += mailboxes.group_journal_problems(cfg)
     found += reserved_names(snap)
     found += dangling(snap)
     found += _maps(cfg, settings, snap)

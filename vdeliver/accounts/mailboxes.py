@@ -210,6 +210,48 @@ def journal_problems(cfg: Config, user: str, domain: str) -> list[str]:
     return found
 
 
+def group_journal_problems(cfg: Config) -> list[str]:
+    """What vdeliver-lmtpd's group journal ([lmtp] group_commit) says that needs the
+    administrator: a slot recording a delivery in progress or interrupted (a server killed
+    mid-append; the next delivery into that mbox, the server's next start or `vdeliver --repair`
+    recovers it), a torn slot, or a file that is not one.  Read-only, never followed."""
+    import stat
+
+    from vdeliver import recovery
+    from vdeliver.config import group_journal
+
+    jpath = group_journal(cfg)
+    if not jpath:
+        return []
+    try:
+        fd = os.open(jpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        return [(f"{jpath}: group journal cannot be read ({exc.strerror}); the LMTP server and every mbox"
+                " delivery read it")]
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return [f"{jpath}: group journal is not a regular file; the LMTP server refuses it"]
+        data = os.pread(fd, recovery.GROUP_SIZE, 0)
+    finally:
+        os.close(fd)
+    found: list[str] = []
+    for slot in range(len(data) // recovery.GROUP_SLOT):
+        block = data[slot * recovery.GROUP_SLOT:(slot + 1) * recovery.GROUP_SLOT]
+        if not block.startswith(recovery.GROUP_BUSY):
+            continue
+        parsed = recovery.parse_slot(block)
+        if parsed is None:
+            found.append(f"{jpath}: slot {slot} is torn (a power loss while it was written); the LMTP"
+                         " server's next start resets it")
+            continue
+        rec, path = parsed
+        found.append(f"{jpath}: slot {slot} records a delivery into {path} (pid {rec.pid}) in progress or"
+                     f" interrupted; the next delivery into it recovers it, or `vdeliver --repair {path}`")
+    return found
+
+
 def inspect(cfg: Config, fmt: str, user: str, domain: str, who: Owner | None) -> list[str]:
     """Problems with one user's mailbox on disk ([] when it is as delivery expects)."""
     path = mailbox_path(cfg, fmt, user, domain)
