@@ -509,6 +509,34 @@ def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroo
     assert not server.pid_file.exists() and not server.socket.exists()
 
 
+def test_a_worker_killed_is_reported_and_the_others_keep_serving(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """[lmtp] processes = 3 and one worker killed (the OOM killer, say): the first process reaps
+    it and says so in the log with how many processes still serve; mail keeps being delivered
+    through the socket, and SIGTERM still stops everything."""
+    box = mailroot.add_maildir("away.com", "fred")
+    server = start(processes=3)
+    assert server.proc is not None
+    deadline = time.monotonic() + 10
+    while len(workers := _children(server.proc.pid)) < 2:
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.05)
+    victim, survivor = workers[0], workers[1]
+    os.kill(victim, signal.SIGKILL)
+    while f"worker process {victim} killed by signal 9: 2 of 3 processes serving" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{victim}")  # reaped, not a zombie
+    for i in range(6):
+        with server.client() as c:
+            replies = transaction(c, "s@example.org", ["fred@away.com"], MSG + f"n{i}\r\n".encode())
+            assert replies["fred@away.com"][0] == 250
+    assert len(os.listdir(box / "new")) == 6
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not os.path.exists(f"/proc/{survivor}"), f"worker {survivor} still running"
+    assert "worker process" not in server.log().split(f"worker process {victim}", 1)[1]  # a stop is no death
+
+
 def test_sighup_reloads_and_keeps_a_good_config(start: StartLmtpd, mailroot: MailRoot) -> None:
     server = start(max_message_size=1000)
     with server.client() as c:

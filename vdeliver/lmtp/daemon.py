@@ -318,6 +318,27 @@ def _fork_workers(server: Server, count: int) -> tuple[bool, list[int]]:
     return False, pids
 
 
+def _gone_workers(pids: list[int], total: int, logger: Logger) -> None:
+    """A worker process that ended while the server runs (killed by the OOM killer, by hand, or
+    by a bug in the interpreter) is reaped and reported, loudly: the others keep serving the
+    socket, with less capacity, until the service is restarted.  Not forked again: this process
+    runs threads, and a fork from a threaded process may inherit a lock held mid-update."""
+    for pid in list(pids):
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 0
+        if not done:
+            continue
+        pids.remove(pid)
+        if os.WIFSIGNALED(status):
+            how = f"killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+        logger.error(f"worker process {pid} {how}: {len(pids) + 1} of {total} processes serving until "
+                     "vdeliver-lmtpd is restarted")
+
+
 def _reap(pids: list[int], grace: int, logger: Logger) -> None:
     """Wait for the workers to finish their messages (as long as shutdown_grace, and a little)."""
     deadline = time.monotonic() + grace + 5
@@ -525,6 +546,8 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
             server.stop()
 
     def on_wake() -> None:
+        if workers and not server.stopping.is_set():
+            _gone_workers(workers, opts.processes, logger)
         if not reload_wanted.is_set():
             return
         reload_wanted.clear()
@@ -549,6 +572,11 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
+        if workers:  # a worker's end wakes the loop (through the wakeup fd), which reports it
+            signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+    if not worker and opts.processes > 1:
+        server.metrics.gauge("processes", "Server processes serving the socket(s): this one and its live workers.",
+                             lambda: len(workers) + 1)
     where = opts.socket + (f" and {opts.tcp[0]}:{opts.tcp[1]}" if opts.tcp else "")
     if server.metrics_server is not None:
         server.metrics_server.start()
@@ -563,7 +591,7 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     finally:
         if in_main:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
         for s in (wake_r, wake_w):
             if s is not None:
