@@ -687,6 +687,42 @@ class FsyncFloor(Agent):
         return object()  # a distinct token per writer thread, for unique names
 
 
+class JournalFloor(FsyncFloor):
+    """The least an mbox delivery with a crash journal costs, in this process: a 512-byte record
+    into a preallocated journal and its fdatasync, the append and its fsync, the idle record back
+    (not synced), as vdeliver's persistent journal does (vdeliver/recovery.py).  No locks, no
+    protocol, no parsing: against it, a server's time is its own work, not the two syncs that
+    crash safety takes.  mbox only (for a Maildir the fsync floor already makes two syncs)."""
+
+    key = "journal-floor"
+    label = "floor: journal record fdatasync + append fsync (mbox), in-process"
+    fsync = "mbox: the journal (fdatasync), the file (fsync)"
+
+    def deliver(self, state: object, box: Box, msg: Message) -> Sample:
+        data = b"From " + SENDER.encode() + b"  Wed Nov 25 02:56:49 2026\n" + msg.bare() + b"\n"
+        journal = os.path.join(os.path.dirname(box.path), f".{os.path.basename(box.path)}.floor-journal")
+        if not os.path.exists(journal):
+            with open(journal, "wb") as f:
+                f.write(bytes(4096))
+                f.flush()
+                os.fsync(f.fileno())
+        busy, idle = b"busy".ljust(511) + b"\n", b"idle".ljust(511) + b"\n"
+        cpu0 = time.thread_time()
+        started = time.perf_counter()
+        jfd = os.open(journal, os.O_WRONLY)
+        fd = os.open(box.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.pwrite(jfd, busy, 0)
+            os.fdatasync(jfd)
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.pwrite(jfd, idle, 0)
+        finally:
+            os.close(fd)
+            os.close(jfd)
+        return Sample(time.perf_counter() - started, time.thread_time() - cpu0, None)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

@@ -14,7 +14,9 @@ into 8 is four clients a mailbox.  msgs/s is a batch's messages over its wall ti
 over repetitions); latency is each message's MAIL FROM to final reply (p50, p99 over all
 repetitions); CPU is the server's own (all its processes and threads) per message.  With one
 client the in-process fsync floor (benchmarks.agents.FsyncFloor: write+fsync, and for Maildir
-link + fsync of new/) takes its turns too, and the table gives the time per message against it.
+link + fsync of new/) takes its turns too, and the table gives the time per message against it;
+for mbox also the two-sync floor of a journalled append (benchmarks.agents.JournalFloor: the
+journal record's fdatasync and the append's fsync, the least crash safety costs).
 
 Afterwards every mailbox is read back and every acknowledged message must be there once, body
 intact (benchmarks.workloads.check), so no server wins by skipping work.
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, LmtpClient, Sample, lmtp_payload
+from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, JournalFloor, LmtpClient, Sample, lmtp_payload
 from benchmarks.runner import cleanup_boxes, make_context
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
 from benchmarks.workloads import SENDER, SIZES, Box, Message, check
@@ -126,7 +128,7 @@ def _batch(agent: Agent, line: Line, boxes: list[Box], clients: int, messages: i
 
 
 def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | None, messages: int, reps: int,
-             say: Callable[[str], None]) -> None:
+             say: Callable[[str], None], floor2: Agent | None = None) -> None:
     size = SIZES["4KB"]
     boxes: dict[str, list[Box]] = {}
     for agent in servers:
@@ -142,23 +144,27 @@ def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | 
                 cell.lines[agent.key].expected[msg.bench_id] = msg.body_digest
         finally:
             agent.close_writer(state)
-    floor_box = None
-    if floor is not None and cell.clients == 1 and cell.boxes == 1:
-        cell.lines[floor.key] = Line(floor)
-        floor_box = ctx.layout.box(cell.fmt, "floor.grid", cell.key)
+    # With one client into one mailbox the floors take their turns too: the fsync floor, and for
+    # mbox the two-sync floor of a journalled append (floor2).
+    floors: list[tuple[Agent, Box]] = []
+    if cell.clients == 1 and cell.boxes == 1:
+        for f in (floor, floor2 if cell.fmt == "mbox" else None):
+            if f is not None:
+                cell.lines[f.key] = Line(f)
+                floors.append((f, ctx.layout.box(cell.fmt, f"{f.key}.grid", cell.key)))
     for rep in range(reps):
         order = servers if rep % 2 == 0 else servers[::-1]
         for agent in order:
             _batch(agent, cell.lines[agent.key], boxes[agent.key], cell.clients, messages, size, f"{cell.key}.{rep}")
-        if floor is not None and floor_box is not None:
-            _batch(floor, cell.lines[floor.key], [floor_box], 1, messages, size, f"{cell.key}.{rep}")
+        for f, fbox in floors:
+            _batch(f, cell.lines[f.key], [fbox], 1, messages, size, f"{cell.key}.{rep}")
     for agent in servers:
         line = cell.lines[agent.key]
         result = check(boxes[agent.key], line.expected)
         line.integrity, line.intact = result.text(), result.ok and not line.errors
         cleanup_boxes(ctx, boxes[agent.key])
-    if floor_box is not None:
-        cleanup_boxes(ctx, [floor_box])
+    if floors:
+        cleanup_boxes(ctx, [fbox for _f, fbox in floors])
     v, d = cell.lines.get("vdeliver-lmtp"), cell.lines.get("dovecot-lmtp")
     ratio = (v.rate() or 0) / (d.rate() or 1) if v and d and d.rate() else None
     say(f"  {cell.key:18} " + "  ".join(f"{k}: {ln.rate() or 0:7.0f}/s p99 {ln.pct(99) or 0:6.1f} ms"
@@ -275,8 +281,13 @@ def floor_lines(cells: list[GridCell]) -> list[str]:
                 continue
             x = f.rate() / line.rate()  # type: ignore[operator]
             goal = f" (goal <= {FLOOR_GOAL[cell.fmt]}x)" if key == "vdeliver-lmtp" else ""
+            two = cell.lines.get("journal-floor")
+            beside = ""
+            if two is not None and two.rate():
+                beside = (f"; {two.rate() / line.rate():.2f}x the two-sync floor of a journalled append "  # type: ignore[operator]
+                          f"({1000 / two.rate():.2f} ms: journal fdatasync + append fsync)")  # type: ignore[operator]
             out.append(f"- {cell.fmt}, 1 client: {label} {1000 / line.rate():.2f} ms/msg against the fsync floor's "  # type: ignore[operator]
-                       f"{1000 / f.rate():.2f} ms (floor p50 {_f(f.pct(50), 2)} ms): {x:.2f}x the floor{goal}.")  # type: ignore[operator]
+                       f"{1000 / f.rate():.2f} ms (floor p50 {_f(f.pct(50), 2)} ms): {x:.2f}x the floor{goal}{beside}.")  # type: ignore[operator]
     return out
 
 
@@ -328,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"skip {agent.key}: {why}")
     floor = FsyncFloor()
     floor.prepare(ctx)
+    floor2 = JournalFloor()
+    floor2.prepare(ctx)
     cells: list[GridCell] = []
     failed = []
     multi = Multi(args.rcpts)
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 for b in (int(x) for x in args.boxes.split(",")):
                     cell = GridCell(fmt, n, b)
                     try:
-                        run_cell(ctx, cell, servers, floor, messages, reps, say)
+                        run_cell(ctx, cell, servers, floor, messages, reps, say, floor2)
                     except Exception as exc:  # noqa: BLE001 - name the cell, keep the others
                         failed.append(f"{cell.key}: {type(exc).__name__}: {exc}")
                         say(f"  {cell.key}: FAILED: {exc}")
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     say(text)
     say(f"results: {out} ({wall:.0f}s)")
     bad = [f"{c.key}: {k}: {ln.integrity} {ln.errors[:2]}" for c in cells for k, ln in c.lines.items()
-           if k != "fsync-floor" and not ln.intact]
+           if k not in ("fsync-floor", "journal-floor") and not ln.intact]
     bad += [f"several recipients: {k}: {ln.integrity} {ln.errors[:2]}" for k, ln in multi.lines.items()
             if not ln.intact]
     for problem in bad:
