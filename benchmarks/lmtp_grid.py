@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, JournalFloor, LmtpClient, Sample, lmtp_payload
-from benchmarks.runner import cleanup_boxes, make_context
+from benchmarks.runner import cleanup_boxes, make_context, remove_workdir, write_results
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
 from benchmarks.workloads import SENDER, SIZES, Box, Message, check
 
@@ -409,25 +408,14 @@ def main(argv: list[str] | None = None) -> int:
                   "link count of a delivered file (1: copies; the recipient count: one file for all)."),
                  "", *multi_table(multi)]
     text = "\n".join(header + body) + "\n"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    say(text)
-    say(f"results: {out} ({wall:.0f}s)")
+    write_results(out, text, say, wall)
     bad = [f"{c.key}: {k}: {ln.integrity} {ln.errors[:2]}" for c in cells for k, ln in c.lines.items()
            if k not in ("fsync-floor", "journal-floor") and not ln.intact]
     bad += [f"several recipients: {k}: {ln.integrity} {ln.errors[:2]}" for k, ln in multi.lines.items()
             if not ln.intact]
     for problem in bad:
         say(f"INTEGRITY: {problem}")
-    # The work directory goes, unless the results file is in it (--quick without --out).
-    if os.path.dirname(os.path.abspath(out)) == workdir:
-        for name in os.listdir(workdir):
-            if name != os.path.basename(out):
-                path = os.path.join(workdir, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    remove_workdir(workdir, out)
     return 1 if bad or failed else 0
 
 

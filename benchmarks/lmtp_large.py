@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 
 from benchmarks.agents import Agent, DovecotLmtp, FsyncFloor
-from benchmarks.runner import cleanup_boxes, make_context
+from benchmarks.runner import cleanup_boxes, make_context, remove_workdir, write_results
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
 from benchmarks.workloads import Message, check
 
@@ -196,22 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     text = "\n".join(header + report(rows, mb)) + "\n"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    say(text)
-    say(f"results: {out} ({wall:.0f}s)")
+    write_results(out, text, say, wall)
     bad = [f"{fmt}: {key}: {integrity}" for fmt, got in rows.items() for _l, key, _ms, _c, integrity, ok in got
            if not ok]
     for problem in bad:
         say(f"INTEGRITY: {problem}")
-    if os.path.dirname(os.path.abspath(out)) == workdir:
-        for name in os.listdir(workdir):
-            if name != os.path.basename(out):
-                path = os.path.join(workdir, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    remove_workdir(workdir, out)
     return 1 if bad or failed else 0
 
 

@@ -145,6 +145,27 @@ def make_context(workdir: str, quick: bool) -> Context:
     return Context(workdir, layout, creds, quick=quick)
 
 
+def write_results(out: str, text: str, say, wall: float) -> None:  # type: ignore[no-untyped-def]
+    """A benchmark module's Markdown results, written and echoed."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    say(text)
+    say(f"results: {out} ({wall:.0f}s)")
+
+
+def remove_workdir(workdir: str, out: str) -> None:
+    """The work directory goes, unless the results file is in it (--quick without --out): then
+    everything else in it goes."""
+    if os.path.dirname(os.path.abspath(out)) == workdir:
+        for name in os.listdir(workdir):
+            if name != os.path.basename(out):
+                path = os.path.join(workdir, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _boxes(ctx: Context, cell: Cell, agent: Agent) -> list[Box]:
     return [ctx.layout.box(cell.fmt, f"{agent.key}.test", f"{cell.key}-{i}", cell.large, ctx.quick)
             for i in range(cell.boxes)]

@@ -16,16 +16,32 @@ from tests.helpers import IS_ROOT, ROOT, require, require_root
 pytestmark = [pytest.mark.slow, pytest.mark.peers]
 
 
+def quick_run(module: str, *args: str, timeout: int) -> "subprocess.CompletedProcess[str]":
+    """`python -m MODULE --quick ARGS` from the checkout; it must exit 0 (its output tail if not)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--quick", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_plotted(text: str, png: Path) -> None:
+    """A curve was drawn, or the results say why not (matplotlib is optional)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in text
+    else:
+        assert png.stat().st_size > 1000
+
+
 def test_quick_run_delivers_every_message_intact(tmp_path: Path) -> None:
     peers = ["procmail", "maildrop", "dovecot-lda"] + (["dovecot"] if IS_ROOT else [])
     require(*peers)
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--no-cli", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = quick_run("benchmarks.run", "--no-cli", "--out", str(out), timeout=240)
     assert (out / "latest.md").read_text().startswith("# vdeliver benchmarks")
     with open(out / "latest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -66,12 +82,7 @@ def test_journal_benchmark_quick_run_counts_two_syncs_a_message(tmp_path: Path) 
     the persistent journal is for: two syncs a message, where the journal file made per
     delivery took three.  Counts, not times: no timing assertion."""
     require("strace", "git")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.journal_bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quick_run("benchmarks.journal_bench", "--out", str(tmp_path), timeout=240)
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "journal.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| variant")}
     assert "| 2 a message (1 fdatasync, 1 fsync); first delivery into a new mbox: 3 |" in rows["after"]
@@ -89,12 +100,7 @@ def test_group_commit_benchmark_quick_run_counts_syncs_on_and_off(tmp_path: Path
     if os.geteuid() != 0:
         pytest.skip("the servers start as root serving as vmail")
     out = tmp_path / "group-commit.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.group_bench", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quick_run("benchmarks.group_bench", "--out", str(out), timeout=240)
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines()
             if line.startswith(("| true", "| false"))}
     assert float(rows["false"][2]) == 2.0
@@ -104,22 +110,12 @@ def test_group_commit_benchmark_quick_run_counts_syncs_on_and_off(tmp_path: Path
 def test_cli_bench_quick_run_writes_its_rows_and_curves(tmp_path: Path) -> None:
     """benchmarks/cli_bench.py --quick (issue 21): every part runs, every delivery succeeds."""
     require("procmail")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cli_bench", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quick_run("benchmarks.cli_bench", "--out", str(tmp_path), timeout=240)
     text = (tmp_path / "cli.md").read_text()
     for row in ("| vdeliver new, mbox |", "| vdeliver new, maildir |", "| mbox | procmail 3.22 |",
                 "| Maildir | 1000 messages |", ": main cpu="):
         assert row in text, row
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in text
-    else:
-        assert (tmp_path / "cli-growth.png").stat().st_size > 1000
+    assert_plotted(text, tmp_path / "cli-growth.png")
 
 
 def test_socketmap_quick_run_measures_every_cell(tmp_path: Path) -> None:
@@ -128,24 +124,14 @@ def test_socketmap_quick_run_measures_every_cell(tmp_path: Path) -> None:
     checked, only that each row was measured and every reply was the right one."""
     require("initdb", "pg_ctl")
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.socketmap_load", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = quick_run("benchmarks.socketmap_load", "--out", str(out), timeout=240)
     assert "WRONG REPLIES" not in proc.stdout
     md = (out / "socketmap.md").read_text()
     for text in ("| 1 | vdeliver-socketmapd (cached)", "| 16 | vdeliver-socketmapd (cached)", "| 1 | echo (asyncio)",
                  "| 16 | echo (threads)", "| 16 | vdeliver-socketmapd (uncached, PostgreSQL)", "| 100 |", "| 1,000 |",
                  "Index", "x echo"):
         assert text in md, text
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in md
-    else:
-        assert (out / "socketmap-growth.png").stat().st_size > 1000
+    assert_plotted(md, out / "socketmap-growth.png")
 
 
 def test_lmtp_grid_quick_run_fills_every_cell_intact(tmp_path: Path) -> None:
@@ -154,12 +140,7 @@ def test_lmtp_grid_quick_run_fills_every_cell_intact(tmp_path: Path) -> None:
     require_root("a private Dovecot and the vmail user")
     require("dovecot")
     out = tmp_path / "lmtp-grid.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lmtp_grid", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quick_run("benchmarks.lmtp_grid", "--out", str(out), timeout=180)
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| mbox", "| maildir"))]
     assert len(rows) == 8, rows  # 2 formats x (1, 4 clients) x (1, 8 mailboxes)
     for row in rows:
@@ -181,12 +162,7 @@ def test_lmtp_large_quick_run_measures_both_servers_and_the_floor_intact(tmp_pat
     require_root("a private Dovecot and the vmail user")
     require("dovecot")
     out = tmp_path / "lmtp-large.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.lmtp_large", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quick_run("benchmarks.lmtp_large", "--out", str(out), timeout=180)
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith(("| mbox", "| maildir"))]
     assert len(rows) == 8, rows  # 2 formats x (floor alone, floor in the rotation, vdeliver, Dovecot)

@@ -485,17 +485,23 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _workers(server: Lmtpd, count: int) -> list[int]:
+    """The worker processes of a server started with [lmtp] processes, once `count` are up."""
+    assert server.proc is not None
+    deadline = time.monotonic() + 10
+    while len(workers := _children(server.proc.pid)) < count:
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.05)
+    return workers
+
+
 def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroot: MailRoot) -> None:
     """[lmtp] processes = 3: three processes accept on the one socket (deliveries use every
     core); connections are served whichever takes them; SIGTERM to the first stops them all,
     and only the first removes the socket and the pid file."""
     box = mailroot.add_maildir("away.com", "fred")
     server = start(processes=3)
-    assert server.proc is not None
-    deadline = time.monotonic() + 10
-    while len(workers := _children(server.proc.pid)) < 2:
-        assert time.monotonic() < deadline, workers
-        time.sleep(0.05)
+    workers = _workers(server, 2)
     clients = [server.client() for _ in range(6)]
     for i, c in enumerate(clients):
         assert transaction(c, "s@example.org", ["fred@away.com"], MSG + f"n{i}\r\n".encode())["fred@away.com"][0] == 250
@@ -515,13 +521,10 @@ def test_a_worker_killed_is_reported_and_the_others_keep_serving(start: StartLmt
     through the socket, and SIGTERM still stops everything."""
     box = mailroot.add_maildir("away.com", "fred")
     server = start(processes=3)
-    assert server.proc is not None
-    deadline = time.monotonic() + 10
-    while len(workers := _children(server.proc.pid)) < 2:
-        assert time.monotonic() < deadline, workers
-        time.sleep(0.05)
+    workers = _workers(server, 2)
     victim, survivor = workers[0], workers[1]
     os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
     while f"worker process {victim} killed by signal 9: 2 of 3 processes serving" not in server.log():
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
