@@ -548,6 +548,8 @@ def _writer_pid(name: str, host: str) -> int:
 
 
 def _alive(pid: int) -> bool:
+    # locking._pid_alive's twin: importing vdeliver.locking would put it on the Maildir path,
+    # which takes no lock (the pinned import set, tests/test_architecture.py).
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

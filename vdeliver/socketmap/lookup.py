@@ -35,7 +35,7 @@ One connection per worker thread.  A broken connection is retried once on a fres
 lookups fail fast (TEMP, or a stale cached answer) until the background probe
 (`serial()`, polled by the server) connects again.
 
-One file of about 450 lines on purpose: the two engines (SQLite, PostgreSQL), their
+One file of about 500 lines on purpose: the two engines (SQLite, PostgreSQL), their
 connections and retry, and the one-statement slice are one job, reading the rows a key
 depends on; split, the retry rules would be spread over modules that must agree.
 """
