@@ -16,7 +16,10 @@ repetitions); CPU is the server's own (all its processes and threads) per messag
 client the in-process fsync floor (benchmarks.agents.FsyncFloor: write+fsync, and for Maildir
 link + fsync of new/) takes its turns too, and the table gives the time per message against it;
 for mbox also the two-sync floor of a journalled append (benchmarks.agents.JournalFloor: the
-journal record's fdatasync and the append's fsync, the least crash safety costs).
+journal record's fdatasync and the append's fsync, the least crash safety costs); and the runtime
+floor, a bare Python LMTP responder that frames the protocol and makes the same syncs and nothing
+else (benchmarks.lmtp_floor.BareLmtp: what any LMTP server in this interpreter costs at the least,
+as the netstring echo server is for the socketmap; its messages are read back too).
 
 Afterwards every mailbox is read back and every acknowledged message must be there once, body
 intact (benchmarks.workloads.check), so no server wins by skipping work.
@@ -39,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, JournalFloor, LmtpClient, Sample, lmtp_payload
+from benchmarks.lmtp_floor import BareLmtp
 from benchmarks.runner import cleanup_boxes, make_context, remove_workdir, write_results
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
 from benchmarks.workloads import SENDER, SIZES, Box, Message, check
@@ -127,7 +131,7 @@ def _batch(agent: Agent, line: Line, boxes: list[Box], clients: int, messages: i
 
 
 def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | None, messages: int, reps: int,
-             say: Callable[[str], None], floor2: Agent | None = None) -> None:
+             say: Callable[[str], None], floor2: Agent | None = None, bare: Agent | None = None) -> None:
     size = SIZES["4KB"]
     boxes: dict[str, list[Box]] = {}
     for agent in servers:
@@ -143,11 +147,11 @@ def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | 
                 cell.lines[agent.key].expected[msg.bench_id] = msg.body_digest
         finally:
             agent.close_writer(state)
-    # With one client into one mailbox the floors take their turns too: the fsync floor, and for
-    # mbox the two-sync floor of a journalled append (floor2).
+    # With one client into one mailbox the floors take their turns too: the fsync floor, for
+    # mbox the two-sync floor of a journalled append (floor2), and the bare LMTP responder.
     floors: list[tuple[Agent, Box]] = []
     if cell.clients == 1 and cell.boxes == 1:
-        for f in (floor, floor2 if cell.fmt == "mbox" else None):
+        for f in (floor, floor2 if cell.fmt == "mbox" else None, bare):
             if f is not None:
                 cell.lines[f.key] = Line(f)
                 floors.append((f, ctx.layout.box(cell.fmt, f"{f.key}.grid", cell.key)))
@@ -162,6 +166,10 @@ def run_cell(ctx: Context, cell: GridCell, servers: list[Agent], floor: Agent | 
         result = check(boxes[agent.key], line.expected)
         line.integrity, line.intact = result.text(), result.ok and not line.errors
         cleanup_boxes(ctx, boxes[agent.key])
+    if bare is not None and bare.key in cell.lines:  # it stores real messages: they are checked too
+        line = cell.lines[bare.key]
+        result = check([fbox for f, fbox in floors if f is bare], line.expected)
+        line.integrity, line.intact = result.text(), result.ok and not line.errors
     if floors:
         cleanup_boxes(ctx, [fbox for _f, fbox in floors])
     v, d = cell.lines.get("vdeliver-lmtp"), cell.lines.get("dovecot-lmtp")
@@ -285,6 +293,11 @@ def floor_lines(cells: list[GridCell]) -> list[str]:
             if two is not None and two.rate():
                 beside = (f"; {two.rate() / line.rate():.2f}x the two-sync floor of a journalled append "  # type: ignore[operator]
                           f"({1000 / two.rate():.2f} ms: journal fdatasync + append fsync)")  # type: ignore[operator]
+            bare = cell.lines.get("bare-lmtp")
+            if bare is not None and bare.rate():
+                beside += (f"; {bare.rate() / line.rate():.2f}x the bare Python LMTP responder "  # type: ignore[operator]
+                           f"({1000 / bare.rate():.2f} ms, {f.rate() / bare.rate():.2f}x the floor: the "  # type: ignore[operator]
+                           "protocol and the same syncs in this interpreter, nothing else)")
             out.append(f"- {cell.fmt}, 1 client: {label} {1000 / line.rate():.2f} ms/msg against the fsync floor's "  # type: ignore[operator]
                        f"{1000 / f.rate():.2f} ms (floor p50 {_f(f.pct(50), 2)} ms): {x:.2f}x the floor{goal}{beside}.")  # type: ignore[operator]
     return out
@@ -340,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     floor.prepare(ctx)
     floor2 = JournalFloor()
     floor2.prepare(ctx)
+    bare = BareLmtp()
+    bare.prepare(ctx)
     cells: list[GridCell] = []
     failed = []
     multi = Multi(args.rcpts)
@@ -352,11 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in args.formats.split(","):
             for agent in servers:
                 agent.start(fmt)
+            if 1 in clients and "1" in args.boxes.split(","):
+                bare.start(fmt)
             for n in clients:
                 for b in (int(x) for x in args.boxes.split(",")):
                     cell = GridCell(fmt, n, b)
                     try:
-                        run_cell(ctx, cell, servers, floor, messages, reps, say, floor2)
+                        run_cell(ctx, cell, servers, floor, messages, reps, say, floor2, bare)
                     except Exception as exc:  # noqa: BLE001 - name the cell, keep the others
                         failed.append(f"{cell.key}: {type(exc).__name__}: {exc}")
                         say(f"  {cell.key}: FAILED: {exc}")
@@ -372,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                 links.stop()
             for agent in servers:
                 agent.stop()
+            bare.stop()
     finally:
-        for agent in [*servers, links]:
+        for agent in [*servers, links, bare]:
             agent.stop()
     wall = time.monotonic() - started
     from benchmarks.report import machine

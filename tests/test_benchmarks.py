@@ -149,6 +149,9 @@ def test_lmtp_grid_quick_run_fills_every_cell_intact(tmp_path: Path) -> None:
         v, d = cols[9].split(" / ")
         assert v.endswith("intact") and d.endswith("intact") and "missing" not in cols[9], row
     assert "the fsync floor" in out.read_text()
+    # The runtime floor (benchmarks/lmtp_floor.py) takes its turns in the one-client cells, and
+    # what it stored was read back intact (the run exits 1 otherwise).
+    assert "x the bare Python LMTP responder" in out.read_text()
     # Several recipients a message: the hard-link variant stores one file for all 8 recipients.
     multi = [line for line in out.read_text().splitlines() if line.startswith(("| vdeliver LMTP", "| Dovecot LMTP"))]
     assert len(multi) == 3, multi
