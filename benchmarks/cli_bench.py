@@ -12,7 +12,9 @@ is measured against its peer in the same run, interleaved turn by turn:
   the phase timer's line (VDELIVER_PHASES=1) of one delivery of each;
 - large: a 10 MB message against the fsync floor for that size (the harness writes the same
   record and fsyncs it, plus link and directory fsync for a Maildir: goal at most 2x; timed
-  alone first and in the turns, the lower counts) and procmail (goal: faster);
+  alone first and in the turns, the lower counts) and procmail (goal: faster), with the runtime
+  floor beside them: a bare `python3 -IS` program reading the pipe and storing with the fsync
+  floor's syscalls, nothing else (what any delivery process in this interpreter costs at least);
 - growth: 4 KB deliveries into an mbox filled with real 4 KB messages up to 2 GB (no sparse
   file: the delivery reads the end of the mbox), and into a Maildir with up to 200000 messages
   in cur/ and new/, each point against an empty mailbox in the same turns (goal: within 10%);
@@ -54,6 +56,33 @@ def message(size: int, tag: str) -> bytes:
         body += b"From the desk of line %d\n" % i if i % 500 == 0 else line  # a few From_ lines to escape
         i += 1
     return FROM_LINE + head + bytes(body)
+
+
+# benchmarks: Bench.bare() runs this as the vmail user: argv[1] the format, argv[2] the mbox or Maildir.
+BARE = """\
+import posix as os, sys
+fmt, target = sys.argv[1], sys.argv[2]
+if fmt == "mbox":
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+else:
+    name = "%d.bare" % os.getpid()
+    fd = os.open(target + "/tmp/" + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+while True:
+    data = os.read(0, 65536)
+    if not data:
+        break
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+os.fsync(fd)
+os.close(fd)
+if fmt != "mbox":
+    os.link(target + "/tmp/" + name, target + "/new/" + name)
+    dfd = os.open(target + "/new", os.O_RDONLY)
+    os.fsync(dfd)
+    os.unlink(target + "/tmp/" + name)
+os._exit(0)
+"""
 
 
 class Bench:
@@ -188,6 +217,15 @@ class Bench:
             raise SystemExit(f"procmail -> {target} failed: {s.error}")
         return s.latency, s.cpu or 0.0
 
+    def bare(self, fmt: str, target: str, data: bytes) -> tuple[float, float]:
+        """The runtime floor of a delivery process: `python3 -IS` reading the message from the pipe in
+        64 KB reads and storing it with the fsync floor's syscalls, and nothing else (no locks,
+        no journal, no escaping, no headers, no imports beyond the interpreter's own)."""
+        s = spawn([SYSTEM_PYTHON, "-IS", "-c", BARE, fmt, target], data, {}, self.creds, self.devnull)
+        if not s.ok:
+            raise SystemExit(f"bare python -> {target} failed: {s.error}")
+        return s.latency, s.cpu or 0.0
+
     def fsync_floor(self, fmt: str, data: bytes) -> tuple[float, float]:
         """What storing the record costs at the least, in this process: write it, fsync it (and
         for a Maildir link it into new/ and fsync new/)."""
@@ -267,6 +305,8 @@ def part_large(b: Bench, names: list[str]) -> list[str]:
         runs: dict[str, object] = {"fsync floor (write + fsync in one process)": lambda f=fmt: b.fsync_floor(f, record)}
         pm_target = str(b.mbox("large-procmail")) if fmt == "mbox" else str(b.maildir("large-procmail-md")) + "/"
         runs["procmail 3.22"] = lambda t=pm_target: b.procmail(t, msg)
+        bare_target = str(b.mbox("large-bare")) if fmt == "mbox" else str(b.maildir("large-bare-md"))
+        runs["bare python3 -IS: read the pipe, write, fsync"] = lambda f=fmt, t=bare_target: b.bare(f, t, record)
         for name in names:
             user = f"large-{name.replace(' --', '-')}-{fmt}"
             b.mbox(user) if fmt == "mbox" else b.maildir(user)
