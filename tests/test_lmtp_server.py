@@ -571,6 +571,7 @@ def test_sighup_reloads_and_keeps_a_good_config(start: StartLmtpd, mailroot: Mai
         ('socket_mode = "rw"', "[lmtp] socket_mode: must be an octal mode"),
         ('tcp = "0.0.0.0:24"', "[lmtp] tcp: only loopback addresses are allowed"),
         ('tcp = "127.0.0.1"', "[lmtp] tcp: must be HOST:PORT"),
+        ("recovery_time_limit = 0", "[lmtp] recovery_time_limit: must be at least 1"),
         ("colour = 1", "[lmtp] colour: unknown key"),
     ],
 )

@@ -480,9 +480,16 @@ def _start_group(cfg: Config, opts: Settings, logger: Logger) -> None:
     from vdeliver.config import group_journal
 
     path = group_journal(cfg)
-    for line in groupjournal.recover_all(path, host=cfg.host(), lock_timeout=min(cfg.lock_timeout, 10),
-                                         stale_age=cfg.stale_lock_age, keep=cfg.mbox_journal, log=logger):
+    # Bounded as a whole: a service manager kills a server that does not start in time (systemd:
+    # 90 s), and would restart it into the same wait for ever.  What is left, the deliveries do.
+    said, left = groupjournal.recover_all(path, host=cfg.host(), lock_timeout=min(cfg.lock_timeout, 10),
+                                          stale_age=cfg.stale_lock_age, keep=cfg.mbox_journal, log=logger,
+                                          time_limit=opts.recovery_time_limit)
+    for line in said:
         logger.warning(f"mbox recovery: group journal: {line}")
+    if left:
+        logger.warning(f"mbox recovery: group journal: [lmtp] recovery_time_limit ({opts.recovery_time_limit}s) "
+                       f"reached: {left} busy slot(s) left, each recovered by the next delivery into its mailbox")
     deliver.GROUP[:] = []
     if not (opts.group_commit and cfg.mbox_journal):
         return
