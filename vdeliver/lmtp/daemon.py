@@ -7,7 +7,8 @@ deliver.resolve() at RCPT time and deliver.deliver() after DATA, with the same
 configuration file, locks, fsync, rollback, headers and log lines.
 
 Shape: protocol.py holds every protocol rule and does no I/O; settings.py the [lmtp]
-table; session.py one connection; this module the listeners, the threads and start-up.
+table; session.py one connection; processes.py the spawner of [lmtp] processes' workers;
+this module the listeners, the threads and start-up.
 One thread per connection (bounded by [lmtp] max_connections);
 a message with several recipients is delivered to them in parallel by a small
 pool, and the replies go out in RCPT order as each becomes ready.  Deliveries are
@@ -38,6 +39,7 @@ from vdeliver import __version__, unixd
 from vdeliver.config import Config, ConfigError
 from vdeliver.errors import DeliveryError
 from vdeliver.lmtp import protocol as p
+from vdeliver.lmtp.processes import SPAWNER_SIGNALS, fork_spawner, reap, spawner_gone
 from vdeliver.lmtp.session import POLL, Session, where
 from vdeliver.lmtp.settings import Settings, load
 from vdeliver.log import Logger, RateLimited
@@ -83,6 +85,7 @@ class Server:
         self._refusals = RateLimited(logger, 10.0)
         self._socket_ino = -1
         self.run_user: unixd.RunUser | None = None  # set by _run() before listen()
+        self.parent = 0  # in a worker: its spawner (processes.py), whose end stops it
         self.metrics = self._registry()
         self.metrics_server: MetricsServer | None = None
 
@@ -145,6 +148,10 @@ class Server:
             sel.register(wakeup, selectors.EVENT_READ, "wake")
         try:
             while not self.stopping.is_set():
+                if self.parent and os.getppid() != self.parent:  # besides PR_SET_PDEATHSIG
+                    self.log.error(f"worker process {os.getpid()}: its spawner {self.parent} is gone: stopping")
+                    self.stop()
+                    break
                 for key, _ in sel.select(POLL):
                     if key.data == "wake":
                         try:
@@ -296,216 +303,6 @@ class Server:
                 self._pool = ThreadPoolExecutor(self.opts.delivery_threads, thread_name_prefix="deliver")
             return self._pool
 
-
-
-# The signals a spawner waits for with sigtimedwait(); blocked from before its fork until each
-# process has its handlers (a signal in between waits instead of killing it).
-SPAWNER_SIGNALS = (15, 2, 1, 17)  # SIGTERM, SIGINT, SIGHUP, SIGCHLD (Linux)
-YOUNG = 10.0  # a worker that dies sooner after its start makes the next start wait twice as long
-MAX_DELAY = 60.0  # the longest wait between two starts of a crash-looping worker
-
-
-def _die_with_parent(parent: int) -> bool:
-    """Ask the kernel for SIGTERM when our parent process ends (Linux PR_SET_PDEATHSIG), so that
-    a spawner or worker never serves on unsupervised; True if the parent is already gone."""
-    try:
-        import ctypes  # imported before root was given up (_run)
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGTERM
-    except (OSError, AttributeError):
-        pass  # the spawner also looks at its parent; its workers then stop with it
-    return os.getppid() != parent
-
-
-class Spawner:
-    """[lmtp] processes: a process of its own that forks the workers, reaps them and forks a new
-    one for each that dies (the OOM killer, a kill -9, a crash), so that the count stays what the
-    administrator set, as Postfix's master and Dovecot keep theirs.  It is forked by the first
-    process before any thread starts and never starts one, never accepts and never delivers: a
-    fork from it is safe (a fork from the threaded first process may inherit a lock held
-    mid-update), and each worker starts from the same state as the first ones: listeners bound,
-    root given up, the group journal not yet opened (each process opens its own, for its own
-    OFD locks).  It follows the first process's signals (TERM/INT stop the workers and wait for
-    them, HUP is passed on and re-reads the configuration the next workers start with) and ends
-    with it (PR_SET_PDEATHSIG, and its parent looked at every second); the workers end with it.
-    Starts are rate-limited: one a second at most, and a worker that died young doubles the wait
-    before the next start, up to a minute, so that a crash loop is no fork storm."""
-
-    def __init__(self, server: Server, config: str | None, logger: Logger, count: int, shared: mmap,
-                 parent: int) -> None:
-        self.server, self.config, self.log = server, config, logger
-        self.count = count  # workers to keep
-        self.shared = shared  # the live workers' count, read by the first process's gauge
-        self.parent = parent  # the first process
-        self.workers: dict[int, float] = {}  # pid -> when it started (monotonic)
-        self.delay = 1.0
-        self.next_start = 0.0
-
-    def run(self) -> int:
-        """The spawner's loop: -1 in a worker just forked (which goes on to serve, its signals
-        still blocked), else the spawner's exit status once its workers are gone."""
-        import signal
-
-        stop = signal.SIGTERM if _die_with_parent(self.parent) else 0
-        for _ in range(self.count):  # the first workers, at once
-            if self._fork(replacing=False):
-                return -1
-        while not stop:
-            while len(self.workers) < self.count and time.monotonic() >= self.next_start:
-                if self._fork(replacing=True):
-                    return -1
-            wait = self.next_start - time.monotonic() if len(self.workers) < self.count else 1.0
-            info = signal.sigtimedwait(SPAWNER_SIGNALS, min(max(wait, 0.01), 1.0))
-            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                stop = info.si_signo
-            elif info is not None and info.si_signo == signal.SIGHUP:
-                self._pass_on(signal.SIGHUP)
-                self._reload()
-            if os.getppid() != self.parent:
-                self.log.error(f"spawner process {os.getpid()}: the first process {self.parent} is gone: "
-                               "stopping the workers")
-                stop = signal.SIGTERM
-            self._reap()
-        self._pass_on(stop)
-        _reap(list(self.workers), self.server.opts.shutdown_grace, self.log)
-        return EX_OK
-
-    def _fork(self, replacing: bool) -> bool:
-        """Start one worker; True in it."""
-        now = time.monotonic()
-        self.next_start = now + self.delay
-        me = os.getpid()
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            self.log.error(f"cannot start a worker process: {exc.strerror}; trying again in {self.delay:.0f}s")
-            return False
-        if pid == 0:
-            if _die_with_parent(me):
-                os.kill(os.getpid(), 15)  # delivered once its handlers are in place: it stops at once
-            return True
-        self.workers[pid] = now
-        self._publish()
-        if replacing:
-            self.log.info(f"started worker process {pid}: {len(self.workers) + 1} of {self.count + 1} "
-                          "processes serving")
-        return False
-
-    def _reap(self) -> None:
-        """Reap the workers that ended, each logged; its replacement is due after the delay."""
-        while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = 0, 0
-            if not pid:
-                return
-            started = self.workers.pop(pid, None)
-            if started is None:
-                continue
-            self._publish()
-            age = time.monotonic() - started
-            if age < YOUNG:
-                self.delay = min(self.delay * 2, MAX_DELAY)
-                why = f"; it ran {age:.1f}s: the next start waits {self.delay:.0f}s (crash loop?)"
-            else:
-                self.delay = 1.0
-                why = ""
-            self.next_start = max(self.next_start, time.monotonic() + (self.delay if why else 0))
-            self.log.error(f"worker process {pid} {_how(status)}: {len(self.workers) + 1} of {self.count + 1} "
-                           f"processes serving{why}")
-
-    def _publish(self) -> None:
-        self.shared[:4] = len(self.workers).to_bytes(4, "little")
-
-    def _pass_on(self, signum: int) -> None:
-        for pid in self.workers:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
-
-    def _reload(self) -> None:
-        """The workers started from now on start with the new configuration (they and the first
-        process reload and log for themselves; a bad file keeps the old one here too)."""
-        try:
-            self.server.cfg, self.server.opts = load(self.config)
-        except DeliveryError:
-            pass
-
-
-def _fork_spawner(server: Server, config: str | None, logger: Logger, count: int, shared: mmap) -> tuple[bool, int]:
-    """Fork the Spawner, which forks `count` workers.  (False, its pid) in the first process,
-    (True, 0) in a worker; the spawner itself never returns from here.  The socket file, the
-    pid file, the metrics endpoint and the service manager's notifications stay the first
-    process's."""
-    first = os.getpid()
-    pid = os.fork()
-    if pid:
-        return False, pid
-    os.environ.pop("NOTIFY_SOCKET", None)
-    server._socket_ino = -1  # the socket file is the first process's to remove
-    metrics, server.metrics_server = server.metrics_server, None
-    if metrics is not None and metrics.sock is not None:
-        metrics.sock.close()  # no shutdown(): the socket itself is shared
-    me = os.getpid()
-    try:
-        code = Spawner(server, config, logger, count, shared, first).run()
-    except BaseException as exc:
-        if os.getpid() != me:
-            raise  # a worker's, after its fork
-        logger.error(f"spawner process {me}: internal error: {type(exc).__name__}: {exc}{where(exc)}")
-        code = 70
-    if code < 0:
-        return True, 0
-    os._exit(code)
-
-
-def _spawner_gone(pid: int, total: int, logger: Logger) -> bool:
-    """The spawner ended while the server runs (killed by hand or by the OOM killer): its workers
-    stop with it (they finish their messages), and this process serves alone, loudly."""
-    try:
-        done, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        done, status = pid, 0
-    if not done:
-        return False
-    logger.error(f"spawner process {pid} (it starts the worker processes) {_how(status)}: its workers stop; "
-                 f"1 of {total} processes serving until vdeliver-lmtpd is restarted")
-    return True
-
-
-def _how(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-def _reap(pids: list[int], grace: int, logger: Logger, what: str = "worker process(es)") -> None:
-    """Wait for the children to finish their messages (as long as shutdown_grace, and a little)."""
-    deadline = time.monotonic() + grace + 5
-    left = list(pids)
-    while left:
-        for pid in list(left):
-            try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                left.remove(pid)
-        if left and time.monotonic() > deadline:
-            logger.warning(f"{len(left)} {what} still running after shutdown_grace: killed")
-            import signal
-
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                except OSError:
-                    pass
-            return
-        if left:
-            time.sleep(0.05)
 
 
 def _refuse(client: socket.socket, reply: p.Reply) -> None:
@@ -667,7 +464,10 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     from vdeliver import locking, maildir, mbox, message  # noqa: F401
 
     if opts.processes > 1:
-        import ctypes  # noqa: F401  (the spawner's and workers' PR_SET_PDEATHSIG)
+        try:
+            import ctypes  # noqa: F401  (the spawner's and workers' PR_SET_PDEATHSIG)
+        except (ImportError, OSError, MemoryError):
+            pass  # they look at their parent instead
 
     server = Server(cfg, opts, logger)
     server.run_user = owner
@@ -685,7 +485,7 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     if opts.processes > 1:
         shared = mmap(-1, 4)  # the spawner's count of live workers, for the gauge
         signal.pthread_sigmask(signal.SIG_BLOCK, SPAWNER_SIGNALS)
-        worker, spawner[0] = _fork_spawner(server, config, logger, opts.processes - 1, shared)
+        worker, spawner[0] = fork_spawner(server, config, logger, opts.processes - 1, shared)
 
     reload_wanted = threading.Event()
 
@@ -702,7 +502,7 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
             server.stop()
 
     def on_wake() -> None:
-        if spawner[0] and not server.stopping.is_set() and _spawner_gone(spawner[0], opts.processes, logger):
+        if spawner[0] and not server.stopping.is_set() and spawner_gone(spawner[0], opts.processes, logger):
             spawner[0] = 0
         if not reload_wanted.is_set():
             return
@@ -757,7 +557,7 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         if pid_file is not None and not worker:
             pid_file.remove()
         if spawner[0]:  # it waits for its workers as long (and a little): wait for it a little longer
-            _reap([spawner[0]], opts.shutdown_grace + 5, logger, "spawner process")
+            reap([spawner[0]], opts.shutdown_grace + 5, logger, "spawner process")
     logger.info("stopped")
     if server.abandoned:
         # Delivery threads still waiting on a lock would hold interpreter shutdown (it joins
