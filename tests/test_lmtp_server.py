@@ -570,6 +570,36 @@ def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroo
     assert "worker process" not in server.log()  # a stop is no death
 
 
+def test_sigterm_lets_a_worker_finish_its_message_in_flight(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """SIGTERM to the first process reaches a worker through the spawner: the worker stops
+    accepting, finishes the message it is receiving, and every process exits."""
+    box = mailroot.add_mbox("away.com", "fred")
+    server = start(processes=2)
+    spawner = _spawner(server)
+    (worker,) = _workers(server, 1)
+    with _alone(server, worker):
+        s, got = raw_until_data(server, b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
+    with s:
+        s.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        server.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while server.socket.exists():  # the first process stopped accepting
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # (the worker has had the signal: it still waits for the rest)
+        assert _alive(worker)
+        s.sendall(b"second half\r\n.\r\n")
+        lines = got.count(b"\r\n")
+        while got.count(b"\r\n") == lines:
+            data = s.recv(4096)
+            assert data, got
+            got += data
+    assert b"250 2.0.0 <fred@away.com> delivered\r\n" in got
+    assert server.wait() == 0
+    _wait_gone([spawner, worker])
+    assert b"first half\nsecond half\n" in box.read_bytes()
+
+
 def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(start: StartLmtpd, mailroot: MailRoot) -> None:
     """[lmtp] processes = 3 and one worker killed (the OOM killer, say): the spawner reaps it,
     logs it, and starts another at once, which serves the socket; the count (and its gauge)
