@@ -20,7 +20,9 @@ on and would re-read a configuration that may be readable by root only: not chos
 Signals: the first process passes TERM, INT and HUP to the spawner, which passes them to the
 workers; it waits for them with sigtimedwait() (they are blocked from before its fork, and in
 each worker until its handlers are in place).  The spawner and the workers ask the kernel for
-SIGTERM when their parent dies (PR_SET_PDEATHSIG), so nothing serves on unsupervised.
+a signal when their parent dies (PR_SET_PDEATHSIG: SIGUSR2 for the spawner, which then says so
+and stops its workers, SIGTERM for a worker), so nothing serves on unsupervised; each also
+looks at its parent now and then, in case prctl() cannot be called.
 Standard library only; only the server imports this module.
 """
 
@@ -40,19 +42,21 @@ if TYPE_CHECKING:
     from vdeliver.lmtp.daemon import Server
 
 # The signals a spawner waits for with sigtimedwait(); blocked from before its fork until each
-# process has its handlers (a signal in between waits instead of killing it).
-SPAWNER_SIGNALS = (15, 2, 1, 17)  # SIGTERM, SIGINT, SIGHUP, SIGCHLD (Linux)
+# process has its handlers (a signal in between waits instead of killing it).  SIGUSR2 is the
+# spawner's parent-death signal: a SIGTERM may be the first process's own, passed on.
+SPAWNER_SIGNALS = (15, 2, 1, 17, 12)  # SIGTERM, SIGINT, SIGHUP, SIGCHLD, SIGUSR2 (Linux)
+PARENT_GONE = 12
 YOUNG = 10.0  # a worker that dies sooner after its start makes the next start wait twice as long
 MAX_DELAY = 60.0  # the longest wait between two starts of a crash-looping worker
 
 
-def _die_with_parent(parent: int) -> bool:
-    """Ask the kernel for SIGTERM when our parent process ends (Linux PR_SET_PDEATHSIG), so that
+def _die_with_parent(parent: int, signum: int) -> bool:
+    """Ask the kernel for `signum` when our parent process ends (Linux PR_SET_PDEATHSIG), so that
     a spawner or worker never serves on unsupervised; True if the parent is already gone."""
     try:
         import ctypes  # imported before root was given up (_run)
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGTERM
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (ImportError, OSError, AttributeError, MemoryError):
         pass  # each also looks at its parent: the spawner every second, a worker every POLL
     return os.getppid() != parent
@@ -79,7 +83,7 @@ class Spawner:
         still blocked), else the spawner's exit status once its workers are gone."""
         import signal
 
-        stop = signal.SIGTERM if _die_with_parent(self.parent) else 0
+        stop = 0 if not _die_with_parent(self.parent, PARENT_GONE) else self._orphaned()
         for _ in range(self.count):  # the first workers, at once
             if self._fork(replacing=False):
                 return -1
@@ -94,14 +98,17 @@ class Spawner:
             elif info is not None and info.si_signo == signal.SIGHUP:
                 self._pass_on(signal.SIGHUP)
                 self._reload()
-            if os.getppid() != self.parent:
-                self.log.error(f"spawner process {os.getpid()}: the first process {self.parent} is gone: "
-                               "stopping the workers")
-                stop = signal.SIGTERM
+            if (info is not None and info.si_signo == PARENT_GONE) or os.getppid() != self.parent:
+                stop = self._orphaned()
             self._collect()
         self._pass_on(stop)
         reap(list(self.workers), self.server.opts.shutdown_grace, self.log)
         return 0
+
+    def _orphaned(self) -> int:
+        self.log.error(f"spawner process {os.getpid()}: the first process {self.parent} is gone: "
+                       "stopping the workers")
+        return 15  # SIGTERM
 
     def _fork(self, replacing: bool) -> bool:
         """Start one worker; True in it."""
@@ -115,7 +122,7 @@ class Spawner:
             return False
         if pid == 0:
             self.server.parent = me
-            if _die_with_parent(me):
+            if _die_with_parent(me, 15):  # SIGTERM: a worker stops as when told to
                 os.kill(os.getpid(), 15)  # delivered once its handlers are in place: it stops at once
             return True
         self.workers[pid] = now
