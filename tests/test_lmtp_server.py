@@ -659,6 +659,37 @@ def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(start: StartLmtpd, m
     _wait_gone([workers[1], replacement])
 
 
+def test_a_replacement_worker_uses_the_group_journal_as_its_own(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """With group commit, a replacement worker opens the group journal for itself (its slots'
+    OFD locks are its own, not the spawner's nor a dead worker's): its mbox deliveries, and the
+    first process's at the same time, all succeed and leave every slot idle."""
+    from vdeliver import recovery
+    from vdeliver.config import GROUP_JOURNAL
+
+    users = ["fred", "anna"]
+    boxes = [mailroot.add_mbox("away.com", u) for u in users]
+    server = start(processes=2, group_commit=True)
+    (worker,) = _workers(server, 1)
+    with _alone(server, worker), server.client() as c:
+        assert {r[0] for r in transaction(c, "s@example.org", [f"{u}@away.com" for u in users]).values()} == {250}
+    os.kill(worker, signal.SIGKILL)
+    (replacement,) = _workers(server, 1, exclude=(worker,))
+    with _alone(server, replacement), server.client() as c:
+        for n in range(3):
+            replies = transaction(c, "s@example.org", [f"{u}@away.com" for u in users], MSG + f"r{n}\r\n".encode())
+            assert {r[0] for r in replies.values()} == {250}, replies
+    clients = [server.client() for _ in range(4)]
+    for n, c in enumerate(clients):
+        assert {r[0] for r in transaction(c, "s@example.org", [f"{u}@away.com" for u in users],
+                                          MSG + f"m{n}\r\n".encode()).values()} == {250}
+        c.quit()
+    data = (mailroot.vbox / GROUP_JOURNAL).read_bytes()
+    assert all(data[i * recovery.GROUP_SLOT:].startswith(recovery.SLOT_IDLE) or not data[i * recovery.GROUP_SLOT]
+               for i in range(recovery.GROUP_SLOTS))
+    for box in boxes:
+        assert box.read_bytes().count(b"\nSubject: lmtp test\n") == 8
+
+
 def test_a_worker_dying_young_is_restarted_at_a_falling_rate(start: StartLmtpd, mailroot: MailRoot) -> None:
     """A worker that dies as soon as it starts (a crash loop; here every new one is killed at
     once) is restarted with a wait that doubles from 2 s: a few starts in 6 s, no fork storm."""
