@@ -586,3 +586,50 @@ def test_real_server_killed_under_load_then_restarted_keeps_every_acknowledged_m
         missing = {fi.message_id(m) for m in acked[u]} - set(ids)
         assert not missing, f"{u}: acknowledged messages lost: {missing}"
         assert recovery.state(str(tree.vbox / fi.DOMAIN / u)) in ("none", "idle")
+
+
+def test_server_start_recovery_stops_at_its_time_limit_and_deliveries_recover_the_rest(
+        tree: MailRoot, vmail: Account) -> None:
+    """Busy slots of a killed server whose mboxes another process keeps locked: each would cost
+    a lock wait at start (min(lock_timeout, 10) s), 40 s for these four, past the start timeout
+    of a service manager.  With [lmtp] recovery_time_limit = 2 the server listens after about
+    2 s, says how many slots it left, and the next delivery into each mbox recovers its slot."""
+    from tests.test_lmtp_server import Lmtpd, transaction
+
+    users = ["fred", "anna", "bob", "cleo"]
+    partial = b"From s@example.org  Sat Dec  5 23:00:00 2026\nSubject: cut short\n\n" + b"x" * 300
+    gfd = os.open(group_path(tree), os.O_RDWR)
+    for slot, u in enumerate(users):  # as a server killed mid-append leaves them (pid 1: not a server)
+        box = tree.vbox / fi.DOMAIN / u
+        with box.open("ab") as f:
+            f.write(partial)
+        st_ = os.stat(box)
+        rec = recovery.Record(st_.st_dev, st_.st_ino, 0, 5000, 1, partial[:recovery.HEAD])
+        os.pwrite(gfd, recovery.slot_block(rec, str(box)), slot * recovery.GROUP_SLOT)
+    os.close(gfd)
+    assert len(busy_slots(tree)) == 4
+    held = []
+    for u in users:  # another program (a mail reader, say) holds each mbox's fcntl lock
+        fd = os.open(tree.vbox / fi.DOMAIN / u, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        held.append(fd)
+    server = Lmtpd(tree, None, group_commit=True, recovery_time_limit=2)  # lock_timeout = 10: 10 s a slot
+    try:
+        server.start()  # waits 20 s at most for the 220 greeting
+        log = server.log()
+        assert "[lmtp] recovery_time_limit (2s) reached: " in log, log
+        assert len(busy_slots(tree)) == 4
+        for fd in held:
+            os.close(fd)
+        held = []
+        with server.client() as c:
+            for u in users:
+                assert transaction(c, "s@example.org", [f"{u}@{fi.DOMAIN}"])[f"{u}@{fi.DOMAIN}"][0] == 250
+        assert busy_slots(tree) == []
+        for u in users:  # the killed append was cut: only the new message is there
+            data = (tree.vbox / fi.DOMAIN / u).read_bytes()
+            assert b"cut short" not in data and data.count(b"\nFrom ") == 0 and data.startswith(b"From s@")
+    finally:
+        for fd in held:
+            os.close(fd)
+        server.stop()

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -473,34 +474,87 @@ def test_sigterm_finishes_the_message_in_flight(start: StartLmtpd, mailroot: Mai
 
 
 def _children(pid: int) -> list[int]:
+    """The live (not zombie) children of pid."""
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(name))
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid and fields[0] != "Z":
+                    out.append(int(name))
             except (OSError, ValueError, IndexError):
                 continue
     return out
 
 
-def _workers(server: Lmtpd, count: int) -> list[int]:
-    """The worker processes of a server started with [lmtp] processes, once `count` are up."""
+def _alive(pid: int) -> bool:
+    """Running (a zombie left to an init that does not reap counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _spawner(server: Lmtpd) -> int:
+    """The spawner of a server started with [lmtp] processes: the first process's one child."""
     assert server.proc is not None
     deadline = time.monotonic() + 10
-    while len(workers := _children(server.proc.pid)) < count:
+    while not (kids := _children(server.proc.pid)):
+        assert time.monotonic() < deadline, "no spawner process"
+        time.sleep(0.05)
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+def _workers(server: Lmtpd, count: int, exclude: tuple[int, ...] = ()) -> list[int]:
+    """The worker processes (the spawner's children), once `count` of them not in `exclude` are up."""
+    spawner = _spawner(server)
+    deadline = time.monotonic() + 20
+    while len(workers := [pid for pid in _children(spawner) if pid not in exclude]) < count:
         assert time.monotonic() < deadline, workers
         time.sleep(0.05)
     return workers
 
 
+def _wait_log(server: Lmtpd, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (log := server.log()):
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
+def _wait_gone(pids: list[int], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while left := [pid for pid in pids if _alive(pid)]:
+        assert time.monotonic() < deadline, f"still running: {left}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def _alone(server: Lmtpd, pid: int) -> Iterator[None]:
+    """Only worker `pid` accepts: the first process and the other workers are stopped (SIGSTOP)
+    meanwhile, so that a connection made now is served by it."""
+    assert server.proc is not None
+    others = [server.proc.pid] + [w for w in _children(_spawner(server)) if w != pid]
+    for other in others:
+        os.kill(other, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+
+
 def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroot: MailRoot) -> None:
     """[lmtp] processes = 3: three processes accept on the one socket (deliveries use every
     core); connections are served whichever takes them; SIGTERM to the first stops them all,
-    and only the first removes the socket and the pid file."""
+    the spawner too, and only the first removes the socket and the pid file."""
     box = mailroot.add_maildir("away.com", "fred")
     server = start(processes=3)
+    spawner = _spawner(server)
     workers = _workers(server, 2)
     clients = [server.client() for _ in range(6)]
     for i, c in enumerate(clients):
@@ -510,34 +564,207 @@ def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroo
     assert server.log().count("listening on") == 1
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} still running"
+    for pid in [spawner, *workers]:
+        assert not _alive(pid), f"process {pid} still running"
     assert not server.pid_file.exists() and not server.socket.exists()
+    assert "worker process" not in server.log()  # a stop is no death
 
 
-def test_a_worker_killed_is_reported_and_the_others_keep_serving(start: StartLmtpd, mailroot: MailRoot) -> None:
-    """[lmtp] processes = 3 and one worker killed (the OOM killer, say): the first process reaps
-    it and says so in the log with how many processes still serve; mail keeps being delivered
-    through the socket, and SIGTERM still stops everything."""
+def test_sigterm_lets_a_worker_finish_its_message_in_flight(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """SIGTERM to the first process reaches a worker through the spawner: the worker stops
+    accepting, finishes the message it is receiving, and every process exits."""
+    box = mailroot.add_mbox("away.com", "fred")
+    server = start(processes=2)
+    spawner = _spawner(server)
+    (worker,) = _workers(server, 1)
+    with _alone(server, worker):
+        s, got = raw_until_data(server, b"LHLO c\r\nMAIL FROM:<s@x.org>\r\nRCPT TO:<fred@away.com>\r\nDATA\r\n")
+    with s:
+        s.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        server.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while server.socket.exists():  # the first process stopped accepting
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # (the worker has had the signal: it still waits for the rest)
+        assert _alive(worker)
+        s.sendall(b"second half\r\n.\r\n")
+        lines = got.count(b"\r\n")
+        while got.count(b"\r\n") == lines:
+            data = s.recv(4096)
+            assert data, got
+            got += data
+    assert b"250 2.0.0 <fred@away.com> delivered\r\n" in got
+    assert server.wait() == 0
+    _wait_gone([spawner, worker])
+    assert b"first half\nsecond half\n" in box.read_bytes()
+
+
+def test_a_killed_worker_is_replaced_and_mail_keeps_flowing(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """[lmtp] processes = 3 and one worker killed (the OOM killer, say): the spawner reaps it,
+    logs it, and starts another at once, which serves the socket; the count (and its gauge)
+    is back to 3.  A client delivering all along gets its mail delivered before and after."""
+    from tests.test_metrics import samples, scrape
+
     box = mailroot.add_maildir("away.com", "fred")
-    server = start(processes=3)
+    metrics = str(mailroot.base / "run" / "metrics.sock")
+    server = start(processes=3, metrics=metrics)
     workers = _workers(server, 2)
-    victim, survivor = workers[0], workers[1]
-    os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while f"worker process {victim} killed by signal 9: 2 of 3 processes serving" not in server.log():
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{victim}")  # reaped, not a zombie
-    for i in range(6):
-        with server.client() as c:
-            replies = transaction(c, "s@example.org", ["fred@away.com"], MSG + f"n{i}\r\n".encode())
-            assert replies["fred@away.com"][0] == 250
-    assert len(os.listdir(box / "new")) == 6
+    victim = workers[0]
+    delivered: list[float] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                with server.client() as c:
+                    if transaction(c, "s@example.org", ["fred@away.com"], MSG + f"n{n}\r\n".encode())[
+                            "fred@away.com"][0] == 250:
+                        delivered.append(time.monotonic())
+            except (smtplib.SMTPException, OSError):
+                pass  # a connection of the killed worker: its client retries
+            time.sleep(0.01)
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(delivered) < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        log = _wait_log(server, "started worker process ")
+        assert f"worker process {victim} killed by signal 9: 2 of 3 processes serving" in log, log
+        replacement = int(log.split("started worker process ", 1)[1].split(":", 1)[0])
+        assert f"started worker process {replacement}: 3 of 3 processes serving" in log
+        assert sorted(_workers(server, 2, exclude=(victim,))) == sorted([workers[1], replacement])
+        deadline = time.monotonic() + 10
+        while len([d for d in delivered if d > killed]) < 5:
+            assert time.monotonic() < deadline, "no mail delivered after the kill"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(30)
+    assert samples(scrape(metrics)[1])["vdeliver_lmtp_processes"] == 3
+    with _alone(server, replacement), server.client() as c:
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    assert any(line.startswith(f"vdeliver-lmtpd[{replacement}]: ") and "status=sent" in line
+               for line in server.log().splitlines())
+    assert len(os.listdir(box / "new")) == len(delivered) + 1
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    assert not os.path.exists(f"/proc/{survivor}"), f"worker {survivor} still running"
-    assert "worker process" not in server.log().split(f"worker process {victim}", 1)[1]  # a stop is no death
+    _wait_gone([workers[1], replacement])
+
+
+def test_a_replacement_worker_uses_the_group_journal_as_its_own(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """With group commit, a replacement worker opens the group journal for itself (its slots'
+    OFD locks are its own, not the spawner's nor a dead worker's): its mbox deliveries, and the
+    first process's at the same time, all succeed and leave every slot idle."""
+    from vdeliver import recovery
+    from vdeliver.config import GROUP_JOURNAL
+
+    users = ["fred", "anna"]
+    boxes = [mailroot.add_mbox("away.com", u) for u in users]
+    server = start(processes=2, group_commit=True)
+    (worker,) = _workers(server, 1)
+    with _alone(server, worker), server.client() as c:
+        assert {r[0] for r in transaction(c, "s@example.org", [f"{u}@away.com" for u in users]).values()} == {250}
+    os.kill(worker, signal.SIGKILL)
+    (replacement,) = _workers(server, 1, exclude=(worker,))
+    with _alone(server, replacement), server.client() as c:
+        for n in range(3):
+            replies = transaction(c, "s@example.org", [f"{u}@away.com" for u in users], MSG + f"r{n}\r\n".encode())
+            assert {r[0] for r in replies.values()} == {250}, replies
+    clients = [server.client() for _ in range(4)]
+    for n, c in enumerate(clients):
+        assert {r[0] for r in transaction(c, "s@example.org", [f"{u}@away.com" for u in users],
+                                          MSG + f"m{n}\r\n".encode()).values()} == {250}
+        c.quit()
+    data = (mailroot.vbox / GROUP_JOURNAL).read_bytes()
+    assert all(data[i * recovery.GROUP_SLOT:].startswith(recovery.SLOT_IDLE) or not data[i * recovery.GROUP_SLOT]
+               for i in range(recovery.GROUP_SLOTS))
+    for box in boxes:
+        assert box.read_bytes().count(b"\nSubject: lmtp test\n") == 8
+
+
+def test_a_worker_dying_young_is_restarted_at_a_falling_rate(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """A worker that dies as soon as it starts (a crash loop; here every new one is killed at
+    once) is restarted with a wait that doubles from 2 s: a few starts in 6 s, no fork storm."""
+    mailroot.add_maildir("away.com", "fred")
+    server = start(processes=2)
+    spawner = _spawner(server)
+    _workers(server, 1)
+    killed: set[int] = set()
+    end = time.monotonic() + 6
+    while time.monotonic() < end:
+        for pid in _children(spawner):
+            if pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.01)
+    log = server.log()
+    starts = log.count("started worker process ")
+    assert 1 <= starts <= 3, log
+    assert len(killed) <= 4, log
+    assert "the next start waits 2s (crash loop?)" in log
+    with server.client() as c:  # the first process serves all along
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    _wait_gone([spawner, *_children(spawner)])
+
+
+def test_first_process_killed_takes_the_spawner_and_workers_down(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """kill -9 of the first process: the spawner notices (PR_SET_PDEATHSIG), stops its workers
+    and exits; no process goes on serving unsupervised."""
+    server = start(processes=3)
+    spawner = _spawner(server)
+    workers = _workers(server, 2)
+    assert server.proc is not None
+    first = server.proc.pid
+    os.kill(first, signal.SIGKILL)
+    server.wait(10)
+    _wait_gone([spawner, *workers])
+    assert f"spawner process {spawner}: the first process {first} is gone: stopping the workers" in server.log()
+
+
+def test_a_killed_spawner_is_logged_and_the_first_process_serves_on(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """kill -9 of the spawner: its workers stop (they finish what they have), the first process
+    says so loudly and serves alone until a restart."""
+    mailroot.add_maildir("away.com", "fred")
+    server = start(processes=3)
+    spawner = _spawner(server)
+    workers = _workers(server, 2)
+    os.kill(spawner, signal.SIGKILL)
+    _wait_log(server, f"spawner process {spawner} (it starts the worker processes) killed by signal 9: its workers "
+              "stop; 1 of 3 processes serving until vdeliver-lmtpd is restarted")
+    _wait_gone(workers)
+    with server.client() as c:
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"][0] == 250
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_sighup_reaches_replacement_workers_and_they_start_reloaded(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """A worker started after a reload serves the reloaded configuration (the spawner reloads
+    too), and a reload after its start reaches it."""
+    server = start(processes=2, max_message_size=1000)
+    (worker,) = _workers(server, 1)
+    write_config(mailroot, **{**server.settings, "max_message_size": 2000})
+    server.signal(signal.SIGHUP)
+    _wait_log(server, f"vdeliver-lmtpd[{worker}]: reloaded")
+    os.kill(worker, signal.SIGKILL)
+    (replacement,) = _workers(server, 1, exclude=(worker,))
+    with _alone(server, replacement), server.client() as c:
+        assert c.esmtp_features["size"] == "2000"
+    write_config(mailroot, **{**server.settings, "max_message_size": 3000})
+    server.signal(signal.SIGHUP)
+    _wait_log(server, f"vdeliver-lmtpd[{replacement}]: reloaded")
+    with _alone(server, replacement), server.client() as c:
+        assert c.esmtp_features["size"] == "3000"
 
 
 def test_sighup_reloads_and_keeps_a_good_config(start: StartLmtpd, mailroot: MailRoot) -> None:
@@ -571,6 +798,7 @@ def test_sighup_reloads_and_keeps_a_good_config(start: StartLmtpd, mailroot: Mai
         ('socket_mode = "rw"', "[lmtp] socket_mode: must be an octal mode"),
         ('tcp = "0.0.0.0:24"', "[lmtp] tcp: only loopback addresses are allowed"),
         ('tcp = "127.0.0.1"', "[lmtp] tcp: must be HOST:PORT"),
+        ("recovery_time_limit = 0", "[lmtp] recovery_time_limit: must be at least 1"),
         ("colour = 1", "[lmtp] colour: unknown key"),
     ],
 )

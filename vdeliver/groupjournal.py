@@ -76,16 +76,20 @@ if TYPE_CHECKING:
     from vdeliver.hooks import Log
 
 def recover_all(jpath: str, *, host: str, lock_timeout: float, stale_age: float, keep: bool,
-                log: "Log | None") -> "list[str]":
+                log: "Log | None", time_limit: float = 1e9) -> "tuple[list[str], int]":
     """Server start: settle the busy slots of dead owners, each under its mbox's locks.  A slot
     whose mbox is gone or was replaced names nothing that could be cut: it is reset.  Returns
-    what was done (for the log); one that cannot be settled now waits for the next delivery
-    into its mbox."""
+    what was done (for the log) and how many slots were left when `time_limit` seconds ran out
+    (mbox lock waits included, each cut to half the time left): a slot that cannot be
+    settled now waits for the next delivery into its mbox, which recovers it under the same
+    locks (recovery.check_group()), so the server need not wait for all of them to listen."""
     try:
         gfd = open_journal(jpath, False)
     except OSError:
-        return []
+        return [], 0
     said: "list[str]" = []
+    deadline = time.monotonic() + time_limit
+    left = 0
     try:
         data = os.pread(gfd, GROUP_SIZE, 0)
         for slot in range(GROUP_SLOTS):
@@ -107,8 +111,13 @@ def recover_all(jpath: str, *, host: str, lock_timeout: float, stale_age: float,
                     continue
             finally:
                 _lock(gfd, slot, fcntl.F_UNLCK)
-            try:
-                with MailboxLock(path, host=host, lock_timeout=lock_timeout, stale_age=stale_age) as box:
+            remaining = deadline - time.monotonic()
+            if remaining < 1:
+                left += 1
+                continue
+            try:  # half the time left at most: the dotlock and the fcntl lock may each wait this long
+                with MailboxLock(path, host=host, lock_timeout=min(lock_timeout, remaining / 2),
+                                 stale_age=stale_age) as box:
                     assert box.st is not None
                     outcome, text = recovery.recover(box.fd, path, box.st, log, keep, group=jpath)
                 said.append(f"{path}: slot {slot} (pid {rec.pid}): {outcome}" + (f" ({text})" if text else ""))
@@ -117,7 +126,7 @@ def recover_all(jpath: str, *, host: str, lock_timeout: float, stale_age: float,
                 said.append(f"{path}: slot {slot} (pid {rec.pid}) left for the next delivery: {text}")
     finally:
         os.close(gfd)
-    return said
+    return said, left
 
 
 class Batch:

@@ -7,7 +7,8 @@ deliver.resolve() at RCPT time and deliver.deliver() after DATA, with the same
 configuration file, locks, fsync, rollback, headers and log lines.
 
 Shape: protocol.py holds every protocol rule and does no I/O; settings.py the [lmtp]
-table; session.py one connection; this module the listeners, the threads and start-up.
+table; session.py one connection; processes.py the spawner of [lmtp] processes' workers;
+this module the listeners, the threads and start-up.
 One thread per connection (bounded by [lmtp] max_connections);
 a message with several recipients is delivered to them in parallel by a small
 pool, and the replies go out in RCPT order as each becomes ready.  Deliveries are
@@ -32,11 +33,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from mmap import mmap
 
 from vdeliver import __version__, unixd
 from vdeliver.config import Config, ConfigError
 from vdeliver.errors import DeliveryError
 from vdeliver.lmtp import protocol as p
+from vdeliver.lmtp.processes import SPAWNER_SIGNALS, fork_spawner, reap, spawner_gone
 from vdeliver.lmtp.session import POLL, Session, where
 from vdeliver.lmtp.settings import Settings, load
 from vdeliver.log import Logger, RateLimited
@@ -82,6 +85,7 @@ class Server:
         self._refusals = RateLimited(logger, 10.0)
         self._socket_ino = -1
         self.run_user: unixd.RunUser | None = None  # set by _run() before listen()
+        self.parent = 0  # in a worker: its spawner (processes.py), whose end stops it
         self.metrics = self._registry()
         self.metrics_server: MetricsServer | None = None
 
@@ -144,6 +148,10 @@ class Server:
             sel.register(wakeup, selectors.EVENT_READ, "wake")
         try:
             while not self.stopping.is_set():
+                if self.parent and os.getppid() != self.parent:  # besides PR_SET_PDEATHSIG
+                    self.log.error(f"worker process {os.getpid()}: its spawner {self.parent} is gone: stopping")
+                    self.stop()
+                    break
                 for key, _ in sel.select(POLL):
                     if key.data == "wake":
                         try:
@@ -297,75 +305,6 @@ class Server:
 
 
 
-def _fork_workers(server: Server, count: int) -> tuple[bool, list[int]]:
-    """[lmtp] processes: `count` more processes accepting on the same listeners, so that
-    deliveries use every core (one Python process runs its threads' Python code on one core at a
-    time).  Forked once the sockets are bound and root is given up, before any thread starts.
-    Returns (True, []) in a worker and (False, pids) in the first process, which alone owns the
-    socket file, the pid file, the metrics endpoint and the service manager's notifications,
-    and passes its signals on."""
-    pids: list[int] = []
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:
-            os.environ.pop("NOTIFY_SOCKET", None)
-            server._socket_ino = -1  # the socket file is the first process's to remove
-            metrics, server.metrics_server = server.metrics_server, None
-            if metrics is not None and metrics.sock is not None:
-                metrics.sock.close()  # no shutdown(): the socket itself is shared
-            return True, []
-        pids.append(pid)
-    return False, pids
-
-
-def _gone_workers(pids: list[int], total: int, logger: Logger) -> None:
-    """A worker process that ended while the server runs (killed by the OOM killer, by hand, or
-    by a bug in the interpreter) is reaped and reported, loudly: the others keep serving the
-    socket, with less capacity, until the service is restarted.  Not forked again: this process
-    runs threads, and a fork from a threaded process may inherit a lock held mid-update."""
-    for pid in list(pids):
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done, status = pid, 0
-        if not done:
-            continue
-        pids.remove(pid)
-        if os.WIFSIGNALED(status):
-            how = f"killed by signal {os.WTERMSIG(status)}"
-        else:
-            how = f"exited with status {os.waitstatus_to_exitcode(status)}"
-        logger.error(f"worker process {pid} {how}: {len(pids) + 1} of {total} processes serving until "
-                     "vdeliver-lmtpd is restarted")
-
-
-def _reap(pids: list[int], grace: int, logger: Logger) -> None:
-    """Wait for the workers to finish their messages (as long as shutdown_grace, and a little)."""
-    deadline = time.monotonic() + grace + 5
-    left = list(pids)
-    while left:
-        for pid in list(left):
-            try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                left.remove(pid)
-        if left and time.monotonic() > deadline:
-            logger.warning(f"{len(left)} worker process(es) still running after shutdown_grace: killed")
-            import signal
-
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                except OSError:
-                    pass
-            return
-        if left:
-            time.sleep(0.05)
-
-
 def _refuse(client: socket.socket, reply: p.Reply) -> None:
     """Answer a connection we will not serve, and close it."""
     try:
@@ -480,9 +419,16 @@ def _start_group(cfg: Config, opts: Settings, logger: Logger) -> None:
     from vdeliver.config import group_journal
 
     path = group_journal(cfg)
-    for line in groupjournal.recover_all(path, host=cfg.host(), lock_timeout=min(cfg.lock_timeout, 10),
-                                         stale_age=cfg.stale_lock_age, keep=cfg.mbox_journal, log=logger):
+    # Bounded as a whole: a service manager kills a server that does not start in time (systemd:
+    # 90 s), and would restart it into the same wait for ever.  What is left, the deliveries do.
+    said, left = groupjournal.recover_all(path, host=cfg.host(), lock_timeout=min(cfg.lock_timeout, 10),
+                                          stale_age=cfg.stale_lock_age, keep=cfg.mbox_journal, log=logger,
+                                          time_limit=opts.recovery_time_limit)
+    for line in said:
         logger.warning(f"mbox recovery: group journal: {line}")
+    if left:
+        logger.warning(f"mbox recovery: group journal: [lmtp] recovery_time_limit ({opts.recovery_time_limit}s) "
+                       f"reached: {left} busy slot(s) left, each recovered by the next delivery into its mailbox")
     deliver.GROUP[:] = []
     if not (opts.group_commit and cfg.mbox_journal):
         return
@@ -517,6 +463,12 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
 
     from vdeliver import locking, maildir, mbox, message  # noqa: F401
 
+    if opts.processes > 1:
+        try:
+            import ctypes  # noqa: F401  (the spawner's and workers' PR_SET_PDEATHSIG)
+        except (ImportError, OSError, MemoryError):
+            pass  # they look at their parent instead
+
     server = Server(cfg, opts, logger)
     server.run_user = owner
     server.listen()
@@ -529,14 +481,18 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         server.close_listeners()
         raise
     _start_group(cfg, opts, logger)
-    worker, workers = _fork_workers(server, opts.processes - 1)
+    worker, spawner, shared = False, [0], None
+    if opts.processes > 1:
+        shared = mmap(-1, 4)  # the spawner's count of live workers, for the gauge
+        signal.pthread_sigmask(signal.SIG_BLOCK, SPAWNER_SIGNALS)
+        worker, spawner[0] = fork_spawner(server, config, logger, opts.processes - 1, shared)
 
     reload_wanted = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        for pid in workers:  # the workers follow the first process: stop, or reload
+        if spawner[0]:  # the spawner passes it on to the workers: stop, or reload
             try:
-                os.kill(pid, signum)
+                os.kill(spawner[0], signum)
             except OSError:
                 pass
         if signum == signal.SIGHUP:
@@ -546,8 +502,8 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
             server.stop()
 
     def on_wake() -> None:
-        if workers and not server.stopping.is_set():
-            _gone_workers(workers, opts.processes, logger)
+        if spawner[0] and not server.stopping.is_set() and spawner_gone(spawner[0], opts.processes, logger):
+            spawner[0] = 0
         if not reload_wanted.is_set():
             return
         reload_wanted.clear()
@@ -572,11 +528,13 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
-        if workers:  # a worker's end wakes the loop (through the wakeup fd), which reports it
+        if spawner[0]:  # the spawner's end wakes the loop (through the wakeup fd), which reports it
             signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
-    if not worker and opts.processes > 1:
+    if shared is not None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SPAWNER_SIGNALS)
+    if not worker and shared is not None:
         server.metrics.gauge("processes", "Server processes serving the socket(s): this one and its live workers.",
-                             lambda: len(workers) + 1)
+                             lambda: 1 + (int.from_bytes(shared[:4], "little") if spawner[0] else 0))
     where = opts.socket + (f" and {opts.tcp[0]}:{opts.tcp[1]}" if opts.tcp else "")
     if server.metrics_server is not None:
         server.metrics_server.start()
@@ -598,7 +556,8 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
                 s.close()
         if pid_file is not None and not worker:
             pid_file.remove()
-        _reap(workers, opts.shutdown_grace, logger)
+        if spawner[0]:  # it waits for its workers as long (and a little): wait for it a little longer
+            reap([spawner[0]], opts.shutdown_grace + 5, logger, "spawner process")
     logger.info("stopped")
     if server.abandoned:
         # Delivery threads still waiting on a lock would hold interpreter shutdown (it joins

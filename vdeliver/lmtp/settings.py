@@ -33,6 +33,7 @@ LMTP_KEYS: dict[str, tuple[object, str]] = {
     "rcpt_check_quota": (True, "bool"),
     "group_commit": (False, "bool"),
     "group_journal": ("", "path?"),
+    "recovery_time_limit": (30, "count"),
 }
 
 
@@ -61,6 +62,7 @@ class Settings:
     rcpt_check_quota: bool  # refuse a full Maildir at RCPT (452 4.2.2 / 552 5.2.2)
     group_commit: bool  # concurrent mbox appends share the group journal's syncs (vdeliver/groupjournal.py)
     group_journal: str  # where; "" = beside the mbox domains (config.group_journal())
+    recovery_time_limit: int  # seconds start-up spends recovering the group journal before listening
 
     def restart_keys(self) -> tuple[object, ...]:
         return (self.socket, self.socket_mode, self.socket_owner, self.tcp, self.user, self.group, self.pid_file,
