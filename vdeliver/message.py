@@ -478,10 +478,12 @@ class Prepared:
 
 
 class _Reader:
-    """Raw reads from a file descriptor, counting bytes and enforcing a size limit."""
+    """Raw reads from a file descriptor, or the message itself already in memory (the LMTP
+    server holds a small one), counting bytes and enforcing a size limit."""
 
-    def __init__(self, fd: int, max_size: int) -> None:
-        self.fd = fd
+    def __init__(self, source: "int | bytes", max_size: int) -> None:
+        self.fd = source if isinstance(source, int) else -1
+        self.held = b"" if isinstance(source, int) else source
         self.max_size = max_size
         self.total = 0
         self.eof = False
@@ -489,10 +491,21 @@ class _Reader:
     def read(self) -> bytes:
         if self.eof:
             return b""
+        if self.fd < 0:
+            return self._next_held()
         try:
             data = os.read(self.fd, CHUNK)
         except OSError as exc:
             raise DeliveryError(Status("4.3.0", "cannot read message", exc.strerror or "")) from None
+        if not data:
+            self.eof = True
+            return b""
+        self._count(len(data))
+        return data
+
+    def _next_held(self) -> bytes:
+        """The next CHUNK of the message in memory, as os.read() would give it."""
+        data, self.held = self.held[:CHUNK], self.held[CHUNK:]
         if not data:
             self.eof = True
             return b""
@@ -535,7 +548,7 @@ def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) 
 
 
 def prepare(
-    fd: int,
+    fd: "int | bytes",
     *,
     sender: "str | None",
     recipient: str,
@@ -550,7 +563,7 @@ def prepare(
     over_quota_bounce: bool = False,
     when: "float | None" = None,
 ) -> Prepared:
-    """Read the whole message from fd and build the record for one mailbox.
+    """Read the whole message from fd (or take it as bytes) and build the record for one mailbox.
 
     recipient is `user@domain` for Delivered-To and the loop check.  `near`: a directory to
     spool a large record in first, the target Maildir's tmp/: the spool file is then on the
