@@ -165,6 +165,16 @@ def test_sender_is_sanitised() -> None:
     assert len(sanitize_sender("x" * 5000)) == message.MAX_SENDER
 
 
+@given(st.text(alphabet=st.sampled_from([chr(i) for i in range(0x80)] + ["é", "\udc80", "\u2028"]), max_size=24))
+def test_sanitize_sender_equals_the_character_rule(sender: str) -> None:
+    """The shortcut for a sender with nothing to replace gives what the rule gives."""
+    s = sender.strip()
+    if s.startswith("<") and s.endswith(">"):
+        s = s[1:-1].strip()
+    rule = "".join("_" if ch <= " " or ch == "\x7f" or ch in "<>" else ch for ch in s[:message.MAX_SENDER])
+    assert sanitize_sender(sender) == rule
+
+
 def test_loop_is_a_bounce() -> None:
     with pytest.raises(DeliveryError) as info:
         run_prepare(b"Delivered-To: Fred@Away.com\nSubject: x\n\nb\n")

@@ -75,6 +75,8 @@ def sanitize_sender(sender: str) -> str:
         s = s[1:-1].strip()
     if len(s) > MAX_SENDER:
         s = s[:MAX_SENDER]
+    if s.isascii() and s.isprintable() and " " not in s and "<" not in s and ">" not in s:
+        return s  # nothing to replace (nearly every sender): no loop over its characters
     out = []
     for ch in s:
         if ch <= " " or ch == "\x7f" or ch in "<>":

@@ -451,8 +451,9 @@ class Session:
         if sender is None:
             sender = txn.sender if txn is not None else ""
         delay = time.time() - txn.started if txn is not None else 0.0
-        line = delivery_line(address, sender, size, delay, status.dsn, status.word, why)
-        self.server.log.info(f"{self.name}: {line}")
+        if self.server.log.enabled:  # log = "none": no line to build (the metrics still count)
+            line = delivery_line(address, sender, size, delay, status.dsn, status.word, why)
+            self.server.log.info(f"{self.name}: {line}")
         metrics = self.server.metrics
         metrics.inc("deliveries_total", "Recipients by result (sent, deferred, bounced), RCPT refusals included.",
                     status=status.word)
