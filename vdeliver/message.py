@@ -524,6 +524,9 @@ class _Reader:
 
 def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) -> "tuple[bytes, bool]":
     """Drop the named headers (with their continuation lines); report a loop."""
+    low = block.lower()
+    if not any(name in low for name in strip) and not (loop_value and b"delivered-to" in low):
+        return block, False  # no such header at all (one pass in C): no loop over the lines
     out = []
     keep = True
     loop = False
