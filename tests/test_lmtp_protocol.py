@@ -503,3 +503,9 @@ def test_data_equals_the_line_by_line_reading(pieces: list[bytes], cuts: list[in
     assert (end.error is not None) == too_big
     if not too_big:
         assert bytes(got) == want
+
+
+@given(st.text(alphabet=st.sampled_from([chr(i) for i in range(0x80)] + ["é", "\u2028", "\udc80"]), max_size=12))
+def test_printable_check_equals_the_character_rule(text: str) -> None:
+    """The C check of an address (isascii, isprintable, no space) says what the loop said."""
+    assert p._printable(text) == all(" " < ch < "\x7f" for ch in text)

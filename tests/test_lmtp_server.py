@@ -236,6 +236,43 @@ def test_big_message_is_streamed_not_refused(start: StartLmtpd, mailroot: MailRo
     assert len(data) > 2_900_000
 
 
+def test_small_message_needs_no_spool_file_a_large_one_does(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """A message up to session.HOLD bytes is held in memory (no spool file to create, write,
+    read back and release); a longer one is spooled, so with spool_dir gone only it fails."""
+    md = mailroot.add_maildir("away.com", "fred")
+    server = start()
+    (mailroot.base / "spool").rmdir()
+    big = MSG + b"z" * 100 + b"\r\n" + b"".join(b"%07d " % i + b"y" * 90 + b"\r\n" for i in range(1000))  # ~100 KB
+    with server.client() as c:
+        assert transaction(c, "s@example.org", ["fred@away.com"])["fred@away.com"] == (
+            250, b"2.0.0 <fred@away.com> delivered")
+        assert transaction(c, "s@example.org", ["fred@away.com"], big)["fred@away.com"][0] == 451
+    (only,) = maildir_files(md)
+    assert only.endswith(b"\n\nHello\n.leading dot\nFrom the body\n")
+    assert "cannot spool in" in server.log()
+
+
+def test_message_just_past_hold_reaches_every_recipient_intact(start: StartLmtpd, mailroot: MailRoot) -> None:
+    """The held part of a message that grows past HOLD is written to the spool first, then the
+    rest: every recipient (in parallel, each with its own reader) gets all of it in order."""
+    from vdeliver.lmtp.session import HOLD
+
+    box = mailroot.add_mbox("away.com", "fred")
+    md = mailroot.add_maildir("home.com", "wilma")
+    lines = [b"%07d " % i + b"q" * 57 + b"\r\n" for i in range(HOLD // 64 + 8)]
+    server = start()
+    for body in (b"".join(lines[:HOLD // 64 - 2]), b"".join(lines)):  # below HOLD, then past it
+        with server.client() as c:
+            replies = transaction(c, "s@example.org", ["fred@away.com", "wilma@home.com"], MSG + body)
+        assert set(replies.values()) == {(250, b"2.0.0 <fred@away.com> delivered"),
+                                         (250, b"2.0.0 <wilma@home.com> delivered")}
+        want = b"Hello\n.leading dot\n%sFrom the body\n" + body.replace(b"\r\n", b"\n")
+        assert box.read_bytes().endswith(want % b">" + b"\n")
+        newest = max((md / "new").iterdir(), key=lambda f: f.stat().st_mtime_ns).read_bytes()
+        assert newest.endswith(want % b"")
+    assert spool_empty(mailroot)
+
+
 # -- bad input: the right reply, nothing partial written, the server keeps serving -----------
 
 

@@ -165,6 +165,48 @@ def test_sender_is_sanitised() -> None:
     assert len(sanitize_sender("x" * 5000)) == message.MAX_SENDER
 
 
+@given(st.text(alphabet=st.sampled_from([chr(i) for i in range(0x80)] + ["é", "\udc80", "\u2028"]), max_size=24))
+def test_sanitize_sender_equals_the_character_rule(sender: str) -> None:
+    """The shortcut for a sender with nothing to replace gives what the rule gives."""
+    s = sender.strip()
+    if s.startswith("<") and s.endswith(">"):
+        s = s[1:-1].strip()
+    rule = "".join("_" if ch <= " " or ch == "\x7f" or ch in "<>" else ch for ch in s[:message.MAX_SENDER])
+    assert sanitize_sender(sender) == rule
+
+
+def filter_by_line(block: bytes, strip: frozenset[bytes], loop_value: bytes) -> tuple[bytes, bool]:
+    """_filter_headers' rule, one line at a time: a named header goes with its continuations."""
+    out, keep, loop = [], True, False
+    lines = block.split(b"\n")
+    partial = lines.pop()
+    lines += [partial] if partial else []
+    for line in lines:
+        if line[:1] not in (b" ", b"\t"):
+            name, colon, value = line.partition(b":")
+            lname = name.rstrip(b" \t").lower() if colon else b""
+            keep = lname not in strip
+            loop = loop or (bool(loop_value) and lname == b"delivered-to" and value.strip().lower() == loop_value)
+        if keep:
+            out.append(line)
+    return (b"\n".join(out) + (b"" if partial and keep else b"\n") if out else b""), loop
+
+
+HEADER_LINES = [b"Subject: x", b"Return-Path: <a>", b"return-path :x", b"Delivered-To: fred@a.com", b" cont",
+                b"\tcont", b"DELIVERED-TO: Fred@A.com", b"", b"Status: RO", b"From: a", b"noheader", b"x-uid:"]
+
+
+@given(st.lists(st.sampled_from(HEADER_LINES), max_size=6), st.booleans(),
+       st.sampled_from([frozenset(), frozenset({b"return-path"}), message.MBOX_STRIP]), st.booleans())
+def test_header_filter_equals_the_line_rule(lines: list[bytes], newline: bool, strip: frozenset[bytes],
+                                            loop: bool) -> None:
+    """The shortcut for a header block without any header to drop or check gives what the
+    line-by-line rule gives."""
+    block = b"\n".join(lines) + (b"\n" if newline else b"")
+    want = b"fred@a.com" if loop else b""
+    assert message._filter_headers(block, strip, want) == filter_by_line(block, strip, want)
+
+
 def test_loop_is_a_bounce() -> None:
     with pytest.raises(DeliveryError) as info:
         run_prepare(b"Delivered-To: Fred@Away.com\nSubject: x\n\nb\n")

@@ -173,6 +173,29 @@ def test_lmtp_metrics(lmtpd: Lmtpd) -> None:
     assert got["vdeliver_lmtp_resident_memory_bytes"] > 1_000_000
 
 
+def test_lmtp_metrics_count_deliveries_with_log_none(mailroot: MailRoot) -> None:
+    """log = "none" skips building the delivery lines, not the counters behind them."""
+    if not IS_ROOT:
+        pytest.skip("the server tests start vdeliver-lmtpd as root serving as vmail")
+    mailroot.add_maildir("example.org", "fred")
+    mailroot.extra["log"] = "none"
+    server = Lmtpd(mailroot, metrics=str(mailroot.base / "run" / "lmtp-metrics.sock")).start()
+    try:
+        c = server.client()
+        try:
+            replies = transaction(c, "s@example.org", ["fred@example.org", "nobody@nowhere.example"])
+        finally:
+            c.quit()
+        got = samples(scrape(str(server.rundir / "lmtp-metrics.sock"))[1])
+    finally:
+        server.stop()
+    assert replies["fred@example.org"][0] == 250 and replies["nobody@nowhere.example"][0] >= 400
+    assert got['vdeliver_lmtp_deliveries_total{status="sent"}'] == 1
+    assert sum(v for k, v in got.items() if k.startswith("vdeliver_lmtp_deliveries_total")) == 2
+    assert got["vdeliver_lmtp_delivered_bytes_total"] > 0 and got["vdeliver_lmtp_delivery_seconds_count"] == 1
+    assert "status=sent" not in server.log()
+
+
 def test_socketmap_metrics() -> None:
     base = world_tmpdir("vdeliver-smm-")
     try:

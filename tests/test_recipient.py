@@ -126,3 +126,18 @@ def test_invalid_idn_labels_get_one_clear_line(raw: str) -> None:
         normalize_domain(raw)
     text = err.value.status.text()
     assert "\n" not in text and ("invalid IDN domain" in text or "invalid character" in text)
+
+
+@given(st.text(alphabet=st.sampled_from([chr(i) for i in range(0x80)] + ["é", "\u2028"]), max_size=12))
+def test_control_character_in_any_address_is_refused(local: str) -> None:
+    """Whatever path the check takes (printable ASCII is checked in C), a control character
+    or DEL in the user or the domain argument is refused."""
+    bad = any(ch < " " or ch == "\x7f" for ch in local)
+    for user_arg, domain_arg in ((f"{local}@away.com", None), ("fred", local or "x")):
+        try:
+            parse(domain_arg, user_arg)
+        except RecipientError as exc:
+            if bad:
+                assert "control character" in exc.status.detail
+            continue
+        assert not bad

@@ -360,17 +360,18 @@ def _rejected(cfg: Config, rcpt: Recipient, home: str, msg: "Prepared", planned:
     return [target], []
 
 
-def deliver(cfg: Config, rcpt: Recipient, fd: int, sender: "str | None", target: "Target | None" = None,
+def deliver(cfg: Config, rcpt: Recipient, fd: "int | bytes", sender: "str | None", target: "Target | None" = None,
             log: "Log | None" = None, shared: "dict[str, object] | None" = None, refuse: bool = False,
             prepared: "Prepared | None" = None, copies: "Copies | None" = None) -> Result:
-    """Read the message from fd and store it for rcpt.  Raises DeliveryError.  `log` hears
-    what crash recovery did to the mailbox (the caller's logger).  `shared`: one dict for all
-    the recipients of one message (the LMTP server's transaction), where Sieve keeps the
-    message parsed once.  `refuse`: the caller can still refuse the message in its protocol
-    (LMTP, before its reply), so a script's reject always refuses.  `prepared`: the record
-    already prepared by the caller (fd is not read; the caller closes it): the LMTP server
-    prepares a message once for all its Maildir recipients (message.for_recipient()), and
-    `copies` lets the stores of that very record be hard links to its first copy."""
+    """Read the message from fd (or take it as bytes: the LMTP server's small message) and
+    store it for rcpt.  Raises DeliveryError.  `log` hears what crash recovery did to the
+    mailbox (the caller's logger).  `shared`: one dict for all the recipients of one message
+    (the LMTP server's transaction), where Sieve keeps the message parsed once.  `refuse`:
+    the caller can still refuse the message in its protocol (LMTP, before its reply), so a
+    script's reject always refuses.  `prepared`: the record already prepared by the caller
+    (fd is not read; the caller closes it): the LMTP server prepares a message once for all
+    its Maildir recipients (message.for_recipient()), and `copies` lets the stores of that
+    very record be hard links to its first copy."""
     from vdeliver import message
 
     if target is None:

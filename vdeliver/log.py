@@ -41,6 +41,7 @@ class Logger:
     def __init__(self, ident: str = "vdeliver", facility: str = "mail", mode: str = "syslog") -> None:
         self.ident = ident
         self.mode = mode
+        self.enabled = mode != "none"  # a caller may skip building a line nobody reads
         self._syslog = None
         if mode == "syslog":
             if exists("/dev/log"):
@@ -73,6 +74,8 @@ class Logger:
 
 
 def _escaped(text: str, extra: str) -> str:
+    if text.isascii() and text.isprintable() and not any(ch in text for ch in extra):
+        return text  # nothing to escape (nearly every line): no loop over its characters
     out = []
     for ch in text:
         o = ord(ch)

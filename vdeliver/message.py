@@ -75,6 +75,8 @@ def sanitize_sender(sender: str) -> str:
         s = s[1:-1].strip()
     if len(s) > MAX_SENDER:
         s = s[:MAX_SENDER]
+    if s.isascii() and s.isprintable() and " " not in s and "<" not in s and ">" not in s:
+        return s  # nothing to replace (nearly every sender): no loop over its characters
     out = []
     for ch in s:
         if ch <= " " or ch == "\x7f" or ch in "<>":
@@ -478,10 +480,12 @@ class Prepared:
 
 
 class _Reader:
-    """Raw reads from a file descriptor, counting bytes and enforcing a size limit."""
+    """Raw reads from a file descriptor, or the message itself already in memory (the LMTP
+    server holds a small one), counting bytes and enforcing a size limit."""
 
-    def __init__(self, fd: int, max_size: int) -> None:
-        self.fd = fd
+    def __init__(self, source: "int | bytes", max_size: int) -> None:
+        self.fd = source if isinstance(source, int) else -1
+        self.held = b"" if isinstance(source, int) else source
         self.max_size = max_size
         self.total = 0
         self.eof = False
@@ -489,10 +493,21 @@ class _Reader:
     def read(self) -> bytes:
         if self.eof:
             return b""
+        if self.fd < 0:
+            return self._next_held()
         try:
             data = os.read(self.fd, CHUNK)
         except OSError as exc:
             raise DeliveryError(Status("4.3.0", "cannot read message", exc.strerror or "")) from None
+        if not data:
+            self.eof = True
+            return b""
+        self._count(len(data))
+        return data
+
+    def _next_held(self) -> bytes:
+        """The next CHUNK of the message in memory, as os.read() would give it."""
+        data, self.held = self.held[:CHUNK], self.held[CHUNK:]
         if not data:
             self.eof = True
             return b""
@@ -509,6 +524,9 @@ class _Reader:
 
 def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) -> "tuple[bytes, bool]":
     """Drop the named headers (with their continuation lines); report a loop."""
+    low = block.lower()
+    if not any(name in low for name in strip) and not (loop_value and b"delivered-to" in low):
+        return block, False  # no such header at all (one pass in C): no loop over the lines
     out = []
     keep = True
     loop = False
@@ -535,7 +553,7 @@ def _filter_headers(block: bytes, strip: "frozenset[bytes]", loop_value: bytes) 
 
 
 def prepare(
-    fd: int,
+    fd: "int | bytes",
     *,
     sender: "str | None",
     recipient: str,
@@ -550,7 +568,7 @@ def prepare(
     over_quota_bounce: bool = False,
     when: "float | None" = None,
 ) -> Prepared:
-    """Read the whole message from fd and build the record for one mailbox.
+    """Read the whole message from fd (or take it as bytes) and build the record for one mailbox.
 
     recipient is `user@domain` for Delivered-To and the loop check.  `near`: a directory to
     spool a large record in first, the target Maildir's tmp/: the spool file is then on the

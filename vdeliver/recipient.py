@@ -171,10 +171,12 @@ def parse(
     given: sendmail appends the machine's own name there (always_add_domain).
     """
     shown = user_arg[:80]
-    for ch in user_arg:
-        if ch < " " or ch == "\x7f":
-            raise RecipientError("bad user argument", f"control character in {shown!r}")
-    if domain_arg is not None:
+    # Printable ASCII (nearly every address) is checked in C; only the others are walked.
+    if not (user_arg.isascii() and user_arg.isprintable()):
+        for ch in user_arg:
+            if ch < " " or ch == "\x7f":
+                raise RecipientError("bad user argument", f"control character in {shown!r}")
+    if domain_arg is not None and not (domain_arg.isascii() and domain_arg.isprintable()):
         for ch in domain_arg:
             if ch < " " or ch == "\x7f":
                 raise RecipientError("bad domain argument", "control character in domain")

@@ -167,7 +167,8 @@ Event = Hello | MailFrom | RcptTo | DataStart | Data | EndOfData | Reset | Noop 
 
 
 def _printable(text: str) -> bool:
-    return all(" " < ch < "\x7f" for ch in text)
+    """Every character visible ASCII (no space): checked in C, not a loop per character."""
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 class Connection:
@@ -352,7 +353,8 @@ class Connection:
         path, params, error = _parse_path(arg, "FROM:")
         if error:
             return self._reject("MAIL", Reply(501, "5.5.4", f"syntax: MAIL FROM:<address> ({error})"))
-        if len(path) > MAX_PATH or (path and not all(" " < ch != "\x7f" for ch in path)):
+        # 8-bit senders are kept (see _command_event): only an ASCII one is checked in C.
+        if len(path) > MAX_PATH or (not _printable(path) and not all(" " < ch != "\x7f" for ch in path)):
             return self._reject("MAIL", Reply(501, "5.1.7", "bad sender address syntax"))
         size: int | None = None
         body: str | None = None

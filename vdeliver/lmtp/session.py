@@ -7,8 +7,9 @@ deliver.deliver() after DATA, one reply per recipient in RCPT order.  Once deliv
 returned, the answer is 250 whatever happens next: a 4xx would make the client send the
 message again.
 
-The message is streamed to an unnamed spool file (fileio.anonymous_spool): a client that
-disconnects mid-DATA leaves nothing behind, and nothing is delivered.
+A message up to HOLD bytes (most mail) is kept in memory; a longer one is streamed to an
+unnamed spool file (fileio.anonymous_spool).  Either way a client that disconnects mid-DATA
+leaves nothing behind, and nothing is delivered.
 
 Several Maildir recipients share one prepared record (message.for_recipient() adds each
 one's Delivered-To), and when their bytes are the same (delivered_to = false) one file is
@@ -31,7 +32,7 @@ from typing import Protocol
 from vdeliver.config import Config
 from vdeliver.deliver import Copies, Target, deliver, resolve
 from vdeliver.errors import DeliveryError, Status
-from vdeliver.fileio import anonymous_spool, write_all
+from vdeliver.fileio import anonymous_spool, write_all, writev_all
 from vdeliver.lmtp import protocol as p
 from vdeliver.lmtp.settings import Settings
 from vdeliver.log import Logger, delivery_line
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 
 POLL = 0.5  # how often a waiting connection looks at the stop flag
 RECV = 1 << 16
+# A message up to this size stays in memory: creating, writing, reading back and releasing
+# a spool file cost more than handling a 4 KB message itself (a tenth of a millisecond).
+HOLD = 1 << 16
 
 
 class Host(Protocol):
@@ -84,12 +88,26 @@ class _Txn:
         self.sender = sender
         self.started = time.time()
         self.targets: list[tuple[str, Recipient, Target]] = []  # (as given, parsed, mailbox) per accepted RCPT
-        self.spool = -1
+        self.held: list[bytes | bytearray | memoryview] | None = None  # the message while it is within HOLD
+        self.spool = -1  # past HOLD, the spool file; -2: it could not be made or written
         self.size = 0
         self.shared: dict[str, object] = {}  # Sieve: the message parsed once for all recipients
         self.declared = 0  # MAIL FROM's SIZE=, if the client gave one
 
+    def message(self) -> int | bytes:
+        """What deliver() reads the message from: the bytes in memory, or the spool at its start."""
+        if self.held is not None:
+            return b"".join(self.held)
+        os.lseek(self.spool, 0, os.SEEK_SET)
+        return self.spool
+
+    def reader(self) -> int | bytes:
+        """A reader of its own for a delivery in another thread: the bytes in memory, or a
+        second open file description of the spool, with its own offset (-1 if impossible)."""
+        return b"".join(self.held) if self.held is not None else _reopen(self.spool)
+
     def close(self) -> None:
+        self.held = None
         if self.spool >= 0:
             os.close(self.spool)
             self.spool = -1
@@ -208,7 +226,8 @@ class Session:
         elif isinstance(event, p.RcptTo):
             self.conn.answer_rcpt(self._rcpt(event.address))
         elif isinstance(event, p.DataStart):
-            self._open_spool()
+            assert self.txn is not None
+            self.txn.held = []  # in memory until it is longer than HOLD (_spool)
         elif isinstance(event, p.Data):
             self._spool(event.data)
         elif isinstance(event, p.EndOfData):
@@ -254,33 +273,48 @@ class Session:
 
     # -- DATA ------------------------------------------------------------------------------
 
-    def _open_spool(self) -> None:
-        txn = self.txn
-        assert txn is not None
-        spool_dir = txn.cfg.spool_dir
-        try:
-            txn.spool = anonymous_spool(spool_dir, "lmtp.")
-        except OSError as exc:
-            self.server.log.error(f"{self.name}: cannot spool in {spool_dir}: {exc.strerror}")
-            txn.spool = -2  # remembered: every recipient gets 451 after the data
-
     def _spool(self, data: bytes) -> None:
         txn = self.txn
-        if txn is None or txn.spool < 0:
+        if txn is None or txn.spool == -2:
+            return
+        txn.size += len(data)
+        if txn.held is not None:
+            txn.held.append(data)
+            if txn.size <= HOLD:
+                return
+        if txn.spool == -1 and not self._open_spool(txn):
             return
         try:
-            write_all(txn.spool, data)
-            txn.size += len(data)
+            if txn.held is not None:
+                writev_all(txn.spool, txn.held)  # what was held, now that the message is long
+                txn.held = None
+            else:
+                write_all(txn.spool, data)
         except OSError as exc:
             self.server.log.error(f"{self.name}: cannot spool: {exc.strerror}")
             os.close(txn.spool)
             txn.spool = -2
+            # The log's size= says what was spooled: none of what was held, or up to this piece.
+            txn.size = 0 if txn.held is not None else txn.size - len(data)
+            txn.held = None
+
+    def _open_spool(self, txn: _Txn) -> bool:
+        spool_dir = txn.cfg.spool_dir
+        try:
+            txn.spool = anonymous_spool(spool_dir, "lmtp.")
+            return True
+        except OSError as exc:
+            self.server.log.error(f"{self.name}: cannot spool in {spool_dir}: {exc.strerror}")
+            txn.spool = -2  # remembered: every recipient gets 451 after the data
+            txn.held = None
+            txn.size = 0  # nothing spooled
+            return False
 
     def _deliver_all(self) -> None:
         txn = self.txn
         assert txn is not None
         targets = txn.targets
-        if txn.spool < 0:
+        if txn.spool == -2:
             for address, rcpt, _target in targets:
                 status = Status("4.3.0", "cannot spool message", txn.cfg.spool_dir)
                 self._log(rcpt.address, status, txn.size, f"{status.reason}: {status.detail}")
@@ -291,8 +325,8 @@ class Session:
             self._deliver_shared(txn)
             self._reset()
             return
-        readers = [_reopen(txn.spool) for _ in targets] if len(targets) > 1 else []
-        if len(targets) > 1 and all(fd >= 0 for fd in readers):
+        readers = [txn.reader() for _ in targets] if len(targets) > 1 else []
+        if len(targets) > 1 and all(not isinstance(fd, int) or fd >= 0 for fd in readers):
             # Several recipients: deliver in parallel, answer in RCPT order as each is ready.
             pool = self.server.pool()
             futures = [
@@ -304,11 +338,10 @@ class Session:
                 self._send()
         else:
             for fd in readers:
-                if fd >= 0:
+                if isinstance(fd, int) and fd >= 0:
                     os.close(fd)
             for address, rcpt, target in targets:
-                os.lseek(txn.spool, 0, os.SEEK_SET)
-                self.conn.answer_data(self._deliver_one(txn, address, rcpt, target, txn.spool, own=False))
+                self.conn.answer_data(self._deliver_one(txn, address, rcpt, target, txn.message(), own=False))
                 self._send()
         self._reset()
 
@@ -326,8 +359,7 @@ class Session:
         cfg = txn.cfg
         shared: Prepared | Status
         try:
-            os.lseek(txn.spool, 0, os.SEEK_SET)
-            shared = prepare(txn.spool, sender=txn.sender, recipient="", mbox=False, escape=cfg.mbox_escape,
+            shared = prepare(txn.message(), sender=txn.sender, recipient="", mbox=False, escape=cfg.mbox_escape,
                              return_path=cfg.return_path, delivered_to=False, max_size=cfg.max_message_size,
                              spool_threshold=cfg.spool_threshold, spool_dir=cfg.spool_dir)
         except DeliveryError as exc:
@@ -343,12 +375,11 @@ class Session:
         try:
             for address, rcpt, target in txn.targets:
                 if target.format != "maildir":
-                    fd = _reopen(txn.spool)
-                    if fd >= 0:
+                    fd = txn.reader()
+                    if not isinstance(fd, int) or fd >= 0:
                         answers.append(pool.submit(self._deliver_one, txn, address, rcpt, target, fd))
                     else:
-                        os.lseek(txn.spool, 0, os.SEEK_SET)
-                        answers.append(self._deliver_one(txn, address, rcpt, target, txn.spool, own=False))
+                        answers.append(self._deliver_one(txn, address, rcpt, target, txn.message(), own=False))
                 elif copies is None:
                     assert isinstance(shared, Status)
                     self._log(rcpt.address, shared, txn.size, shared.reason + (f": {shared.detail}"
@@ -369,7 +400,7 @@ class Session:
             if copies is not None:
                 copies.msg.close()
 
-    def _deliver_one(self, txn: _Txn, given: str, rcpt: Recipient, target: Target, fd: int,
+    def _deliver_one(self, txn: _Txn, given: str, rcpt: Recipient, target: Target, fd: int | bytes,
                      own: bool = True, copies: Copies | None = None) -> p.Reply:
         """Deliver one copy; the reply names the address as the client gave it, the log as resolved.
         With `copies`, the record prepared once for the transaction (fd is not read)."""
@@ -399,7 +430,7 @@ class Session:
             self._log(address, status, txn.size, f"{status.reason}: {status.detail}")
             return reply_for(status, given)
         finally:
-            if own:
+            if own and isinstance(fd, int):
                 try:
                     os.close(fd)
                 except OSError:
@@ -420,8 +451,9 @@ class Session:
         if sender is None:
             sender = txn.sender if txn is not None else ""
         delay = time.time() - txn.started if txn is not None else 0.0
-        line = delivery_line(address, sender, size, delay, status.dsn, status.word, why)
-        self.server.log.info(f"{self.name}: {line}")
+        if self.server.log.enabled:  # log = "none": no line to build (the metrics still count)
+            line = delivery_line(address, sender, size, delay, status.dsn, status.word, why)
+            self.server.log.info(f"{self.name}: {line}")
         metrics = self.server.metrics
         metrics.inc("deliveries_total", "Recipients by result (sent, deferred, bounced), RCPT refusals included.",
                     status=status.word)
