@@ -113,7 +113,8 @@ def test_cli_bench_quick_run_writes_its_rows_and_curves(tmp_path: Path) -> None:
     quick_run("benchmarks.cli_bench", "--out", str(tmp_path), timeout=240)
     text = (tmp_path / "cli.md").read_text()
     for row in ("| vdeliver new, mbox |", "| vdeliver new, maildir |", "| mbox | procmail 3.22 |",
-                "| Maildir | 1000 messages |", ": main cpu=", "| mbox | bare python3 -IS", "| maildir | bare python3 -IS"):
+                "| Maildir | 1000 messages |", ": main cpu=", "| mbox | bare python3 -IS",
+                "| maildir | bare python3 -IS"):
         assert row in text, row
     assert_plotted(text, tmp_path / "cli-growth.png")
 
