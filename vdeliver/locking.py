@@ -173,7 +173,7 @@ class DotLock:
 def _read_lock(path: str) -> bytes:
     """The start of a lock file, without blocking: a FIFO or device planted as the lock
     must not hang us (O_NONBLOCK), and it is not read unless it is a regular file."""
-    import stat
+    import _stat as stat
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)

@@ -172,7 +172,7 @@ def state(mbox_path: str) -> str:
     never followed: "none", "idle", "busy" (an append in progress, or interrupted: the next
     delivery or `vdeliver --repair` recovers it), "torn", "old" (a version 1 or 2 journal),
     "wrong size" or "not a regular file"."""
-    import stat
+    import _stat as stat
 
     if fileio.lexists(journal_path(mbox_path, OLD_SUFFIX)):
         return "old"
