@@ -607,6 +607,35 @@ def test_processes_share_the_socket_and_stop_together(start: StartLmtpd, mailroo
     assert "worker process" not in server.log()  # a stop is no death
 
 
+def test_a_stop_signalled_to_every_process_again_and_again_ends_each_cleanly(start: StartLmtpd,
+                                                                              mailroot: MailRoot) -> None:
+    """systemd stops a unit by signalling every process in it (KillMode=control-group), so each
+    worker gets SIGTERM from the service manager and again from the spawner, at any moment of
+    its shutdown.  However often it comes, every process finishes, says `stopped` and exits;
+    none is killed on its way out by a late SIGTERM (whose default action once did that)."""
+    box = mailroot.add_maildir("away.com", "fred")
+    server = start(processes=3)
+    assert server.proc is not None
+    pids = [server.proc.pid, _spawner(server), *_workers(server, 2)]
+    c = server.client()
+    assert transaction(c, "s@example.org", ["fred@away.com"], MSG)["fred@away.com"][0] == 250
+    c.quit()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids):  # TERM again and again: a late one may land anywhere
+        assert time.monotonic() < deadline, "still running"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.002)
+    assert server.wait() == 0
+    log = server.log()
+    for pid in [pids[0], *pids[2:]]:
+        assert f"[{pid}]: stopped" in log, log[-2000:]
+    assert len(os.listdir(box / "new")) == 1
+
+
 def test_sigterm_lets_a_worker_finish_its_message_in_flight(start: StartLmtpd, mailroot: MailRoot) -> None:
     """SIGTERM to the first process reaches a worker through the spawner: the worker stops
     accepting, finishes the message it is receiving, and every process exits."""

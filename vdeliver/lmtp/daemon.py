@@ -549,8 +549,12 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
     finally:
         if in_main:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
+            # Stopping already: a later TERM, INT or HUP changes nothing.  Under systemd a worker
+            # gets the stop twice (the service manager signals every process of the unit, the
+            # spawner passes its own on), and the default action would kill it on its way out.
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for s in (wake_r, wake_w):
             if s is not None:
                 s.close()
