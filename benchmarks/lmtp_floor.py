@@ -100,9 +100,9 @@ def session(conn):
             conn.sendall(b"250 2.1.0 ok\r\n")
         elif verb == b"RCPT":
             rcpts.append(line[line.find(b"<") + 1:line.rfind(b">")])
-            if b"DATA" not in buf:  # pipelined: answer RCPT and DATA in one write
+            if buf[:4].upper() != b"DATA" or buf.find(b"\n") < 0:
                 conn.sendall(b"250 2.1.5 ok\r\n")
-            else:
+            else:  # pipelined, the next line DATA: both answers in one write
                 buf = buf[buf.find(b"\n") + 1:]
                 conn.sendall(b"250 2.1.5 ok\r\n354 go ahead\r\n")
                 buf = data_phase(conn, buf, sender, rcpts)
@@ -114,13 +114,18 @@ def session(conn):
             break
         else:
             conn.sendall(b"250 2.0.0 ok\r\n")
+        if buf is None:  # the client went away inside DATA
+            break
     conn.close()
 
 def data_phase(conn, buf, sender, rcpts):
     data = b"\r\n" + buf
     end = data.find(b"\r\n.\r\n")
     while end < 0:
-        data += conn.recv(65536)
+        got = conn.recv(65536)
+        if not got:
+            return None  # no end of data: nothing stored
+        data += got
         end = data.find(b"\r\n.\r\n", len(data) - 65536 - 5 if len(data) > 65541 else 0)
     rest = data[end + 5:]
     body = data[2:end + 2].replace(b"\r\n..", b"\r\n.").replace(b"\r\n", b"\n")

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from benchmarks.agents import Agent, Context, DovecotLmtp, FsyncFloor, JournalFloor, LmtpClient, Sample, lmtp_payload
 from benchmarks.lmtp_floor import BareLmtp
-from benchmarks.runner import cleanup_boxes, make_context, remove_workdir, write_results
+from benchmarks.runner import cleanup_boxes, make_context, ready_agents, remove_workdir, write_results
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
 from benchmarks.workloads import SENDER, SIZES, Box, Message, check
 
@@ -333,22 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    servers: list[Agent] = []
-    skipped = []
     vd = VdeliverLmtp()
     vd.connections = max(clients) + 8
     vd.lmtp_settings = f"processes = {args.processes}\n"
     candidates: list[Agent] = [vd, DovecotLmtp()]
-    for agent in candidates:
-        if agent.key not in args.servers.split(","):
-            continue
-        why = agent.missing()
-        if why is None:
-            agent.prepare(ctx)
-            servers.append(agent)
-        else:
-            skipped.append(f"{agent.label}: {why}")
-            say(f"skip {agent.key}: {why}")
+    servers, skipped = ready_agents(ctx, [a for a in candidates if a.key in args.servers.split(",")], say)
     floor = FsyncFloor()
     floor.prepare(ctx)
     floor2 = JournalFloor()

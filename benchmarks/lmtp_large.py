@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from benchmarks.agents import Agent, DovecotLmtp, FsyncFloor
-from benchmarks.runner import cleanup_boxes, make_context, remove_workdir, write_results
+from benchmarks.runner import cleanup_boxes, make_context, ready_agents, remove_workdir, write_results
 from benchmarks.vdeliver_lmtp import VdeliverLmtp
 from benchmarks.workloads import Message, check
 
@@ -141,21 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    servers: list[Agent] = []
-    skipped = []
     vd = VdeliverLmtp()
     vd.lmtp_settings = f"processes = {os.cpu_count() or 1}\n"
     candidates: list[Agent] = [vd, DovecotLmtp()]
-    for agent in candidates:
-        if agent.key not in args.servers.split(","):
-            continue
-        why = agent.missing()
-        if why is None:
-            agent.prepare(ctx)
-            servers.append(agent)
-        else:
-            skipped.append(f"{agent.label}: {why}")
-            say(f"skip {agent.key}: {why}")
+    servers, skipped = ready_agents(ctx, [a for a in candidates if a.key in args.servers.split(",")], say)
     floor = FsyncFloor()
     floor.prepare(ctx)
     rows = {}

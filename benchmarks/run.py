@@ -35,7 +35,7 @@ from benchmarks.agents import (
     VdeliverScript,
     VdeliverVenv,
 )
-from benchmarks.runner import Cell, Row, make_context, run_cell
+from benchmarks.runner import Cell, Row, make_context, ready_agents, run_cell
 from benchmarks.workloads import Message
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -222,23 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    agents: list[Agent] = []
-    skipped: list[str] = []
     wanted = set(args.only.split(",")) if args.only else None
-    for agent in all_agents():
-        if wanted is not None and agent.key not in wanted:
-            continue
-        why = agent.missing()
-        if why is None:
-            try:
-                agent.prepare(ctx)
-            except Exception as exc:  # noqa: BLE001
-                why = f"setup failed: {type(exc).__name__}: {exc}"
-        if why is not None:
-            skipped.append(f"{agent.label}: {why}")
-            say(f"skip {agent.key}: {why}")
-        else:
-            agents.append(agent)
+    agents, skipped = ready_agents(ctx, [a for a in all_agents() if wanted is None or a.key in wanted], say)
 
     rows: list[Row] = []
     notes: list[str] = []

@@ -145,6 +145,26 @@ def make_context(workdir: str, quick: bool) -> Context:
     return Context(workdir, layout, creds, quick=quick)
 
 
+def ready_agents(ctx: Context, candidates: list[Agent], say) -> tuple[list[Agent], list[str]]:  # type: ignore[no-untyped-def]
+    """The candidates whose peer is installed and whose set-up worked (each prepared), and a
+    line for each one skipped, saying why."""
+    ready: list[Agent] = []
+    skipped: list[str] = []
+    for agent in candidates:
+        why = agent.missing()
+        if why is None:
+            try:
+                agent.prepare(ctx)
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot be set up is skipped, named
+                why = f"setup failed: {type(exc).__name__}: {exc}"
+        if why is None:
+            ready.append(agent)
+        else:
+            skipped.append(f"{agent.label}: {why}")
+            say(f"skip {agent.key}: {why}")
+    return ready, skipped
+
+
 def write_results(out: str, text: str, say, wall: float) -> None:  # type: ignore[no-untyped-def]
     """A benchmark module's Markdown results, written and echoed."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
