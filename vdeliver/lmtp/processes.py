@@ -29,6 +29,7 @@ Standard library only; only the server imports this module.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from mmap import mmap
 
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 # The signals a spawner waits for with sigtimedwait(); blocked from before its fork until each
 # process has its handlers (a signal in between waits instead of killing it).  SIGUSR2 is the
 # spawner's parent-death signal: a SIGTERM may be the first process's own, passed on.
-SPAWNER_SIGNALS = (15, 2, 1, 17, 12)  # SIGTERM, SIGINT, SIGHUP, SIGCHLD, SIGUSR2 (Linux)
-PARENT_GONE = 12
+SPAWNER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2)
+PARENT_GONE = signal.SIGUSR2
 YOUNG = 10.0  # a worker that dies sooner after its start makes the next start wait twice as long
 MAX_DELAY = 60.0  # the longest wait between two starts of a crash-looping worker
 
@@ -81,8 +82,6 @@ class Spawner:
     def run(self) -> int:
         """The spawner's loop: -1 in a worker just forked (which goes on to serve, its signals
         still blocked), else the spawner's exit status once its workers are gone."""
-        import signal
-
         stop = 0 if not _die_with_parent(self.parent, PARENT_GONE) else self._orphaned()
         for _ in range(self.count):  # the first workers, at once
             if self._fork(replacing=False):
@@ -108,7 +107,7 @@ class Spawner:
     def _orphaned(self) -> int:
         self.log.error(f"spawner process {os.getpid()}: the first process {self.parent} is gone: "
                        "stopping the workers")
-        return 15  # SIGTERM
+        return signal.SIGTERM
 
     def _fork(self, replacing: bool) -> bool:
         """Start one worker; True in it."""
@@ -122,8 +121,8 @@ class Spawner:
             return False
         if pid == 0:
             self.server.parent = me
-            if _die_with_parent(me, 15):  # SIGTERM: a worker stops as when told to
-                os.kill(os.getpid(), 15)  # delivered once its handlers are in place: it stops at once
+            if _die_with_parent(me, signal.SIGTERM):  # a worker stops as when told to
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered once its handlers are in place: it stops at once
             return True
         self.workers[pid] = now
         self._publish()
@@ -240,8 +239,6 @@ def reap(pids: list[int], grace: int, logger: Logger, what: str = "worker proces
                 left.remove(pid)
         if left and time.monotonic() > deadline:
             logger.warning(f"{len(left)} {what} still running after shutdown_grace: killed")
-            import signal
-
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
