@@ -271,7 +271,12 @@ def part_start(b: Bench, names: list[str]) -> list[str]:
     msg = message(4096, "start")
     runs: dict[str, object] = {"python3 -IS -c pass": b.python_floor,
                                "python3 -IS, ended with posix._exit(0)": lambda: b.python_floor(EXIT[2:])}
+    record = msg[len(FROM_LINE):]
     for fmt in ("mbox", "maildir"):
+        # The least a delivery process of this runtime costs: the interpreter, the pipe read and the
+        # store's syscalls (mbox: one write and one fsync, no journal), nothing imported.
+        target = str(b.mbox("start-bare")) if fmt == "mbox" else str(b.maildir("start-bare-md"))
+        runs[f"bare python3 -IS: read the pipe, write, fsync, {fmt}"] = lambda f=fmt, t=target: b.bare(f, t, record)
         runs.update(b.import_floors(names[0], fmt))
     for name in names:
         for fmt in ("mbox", "maildir"):
@@ -289,7 +294,9 @@ def part_start(b: Bench, names: list[str]) -> list[str]:
         lines.append(f"| {key} | {w * 1000:.2f} | {w / fw:.2f}x | {c * 1000:.2f} | {(c - fc) * 1000:+.2f} |")
     lines += ["", ("The floors decompose the start-up. The goal's yardstick, `python3 -IS -c pass`, includes "
               "the interpreter's teardown; a delivery skips it (vdeliver.cli.run ends with posix._exit), "
-              "and so do the floors below the first: the interpreter ended that way; plus the import "
+              "and so do the floors below the first: the interpreter ended that way; a bare program that "
+              "reads the message from the pipe and stores it with the syncs of the format (mbox: one fsync, "
+              "no journal) and imports nothing; the interpreter plus the import "
               "system's fixed work for a package of as many modules (empty ones) and the standard-library "
               "modules a delivery imports; plus the delivery's own code imported (no work done). A "
               "delivery adds its work and two syncs (the fsync floor of a 4 KB record is about 0.3 ms "
