@@ -487,26 +487,37 @@ def _run(cfg: Config, opts: Settings, logger: Logger, config: str | None) -> int
         signal.pthread_sigmask(signal.SIG_BLOCK, SPAWNER_SIGNALS)
         worker, spawner[0] = fork_spawner(server, config, logger, opts.processes - 1, shared)
 
-    reload_wanted = threading.Event()
+    # What the signal handler saw, for the loop to act on.  A Python handler runs in the main
+    # thread between two bytecodes of whatever it is doing, inside a lock that code holds
+    # (threading.Event.set() in server.stop(), say) and inside itself when signals come fast:
+    # a handler that took such a lock (Event.set() did) waited for itself, each further signal
+    # nested one more handler, and the stop storm of a service manager ended in RecursionError,
+    # exit 1.  So the handler only notes the signal (a dict store takes no lock); the wakeup fd
+    # wakes the loop, and on_wake() does the rest there.
+    signalled: dict[int, bool] = {}
 
     def on_signal(signum: int, _frame: object) -> None:
+        signalled[signum] = True
+
+    def on_wake() -> None:
+        if spawner[0] and not server.stopping.is_set() and spawner_gone(spawner[0], opts.processes, logger):
+            spawner[0] = 0
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if signalled.pop(signum, False):
+                on_stop_or_reload(signum)
+
+    def on_stop_or_reload(signum: int) -> None:
         if spawner[0]:  # the spawner passes it on to the workers: stop, or reload
             try:
                 os.kill(spawner[0], signum)
             except OSError:
                 pass
-        if signum == signal.SIGHUP:
-            reload_wanted.set()
-        else:
+        if signum != signal.SIGHUP:
             unixd.notify("STOPPING=1")
             server.stop()
-
-    def on_wake() -> None:
-        if spawner[0] and not server.stopping.is_set() and spawner_gone(spawner[0], opts.processes, logger):
-            spawner[0] = 0
-        if not reload_wanted.is_set():
             return
-        reload_wanted.clear()
+        if server.stopping.is_set():
+            return
         unixd.notify("RELOADING=1")
         try:
             new_cfg, new_opts = load(config)
