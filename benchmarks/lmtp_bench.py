@@ -57,8 +57,8 @@ class Tree:
     """A private mail tree: vbox/<domain>/u<i> (mbox) and home/<domain>/u<i>/Maildir; with
     `sieve`, each user's home holds the 30-rule script of sieve_bench as the active script."""
 
-    def __init__(self, fmt: str, users: int, sieve: bool = False) -> None:
-        self.base = tempfile.mkdtemp(prefix="lmtp-bench-", dir="/tmp")
+    def __init__(self, fmt: str, users: int, sieve: bool = False, parent: str = "/tmp") -> None:
+        self.base = tempfile.mkdtemp(prefix="lmtp-bench-", dir=parent)
         os.chmod(self.base, 0o755)
         self.fmt = fmt
         self.sieve = sieve
