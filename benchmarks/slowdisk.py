@@ -177,7 +177,7 @@ class SlowDisk:
             if time.monotonic() > until:
                 raise RuntimeError(f"slow-flush disk: {image} did not appear within {self.deadline:.0f} s")
             time.sleep(0.05)
-        self.loop = _run(["losetup", "--find", "--show", image]).strip()
+        self.loop = (_run(["losetup", "--find", "--show", image]) or "").strip()
         _run(["mkfs.ext4", "-q", "-F", self.loop])
         _run(["mount", self.loop, self.path])
         os.chmod(self.path, 0o755)
@@ -194,13 +194,16 @@ class SlowDisk:
             return 0
 
     def __exit__(self, *_exc: object) -> None:
-        if self.path and os.path.ismount(self.path):
-            _run(["umount", self.path], check=False)
+        # Something still holding the file system open: detach it lazily rather than leave it.
+        if self.path and os.path.ismount(self.path) and _run(["umount", self.path], check=False) is None:
+            _run(["umount", "--lazy", self.path], check=False)
         if self.loop:
             _run(["losetup", "--detach", self.loop], check=False)
             self.loop = ""
         if self.fuse is not None:
-            _run(["fusermount3", "-u", os.path.join(self.base, "fuse")], check=False)
+            fuse = os.path.join(self.base, "fuse")
+            if _run(["fusermount3", "-u", fuse], check=False) is None:
+                _run(["fusermount3", "-u", "-z", fuse], check=False)
             try:
                 self.fuse.wait(self.deadline)
             except subprocess.TimeoutExpired:
@@ -233,8 +236,16 @@ def sync_ms(directory: str, rounds: int = 20) -> float:
     return statistics.median(times) * 1000
 
 
-def _run(argv: list[str], check: bool = True) -> str:
-    r = subprocess.run(argv, capture_output=True, timeout=60)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"slow-flush disk: {' '.join(argv)}: {r.stderr.decode(errors='replace').strip()}")
+def _run(argv: list[str], check: bool = True) -> str | None:
+    """The command's output; a failure raises, or with check=False gives None."""
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        if check:
+            raise RuntimeError(f"slow-flush disk: {' '.join(argv)}: no answer within 60 s") from None
+        return None
+    if r.returncode != 0:
+        if check:
+            raise RuntimeError(f"slow-flush disk: {' '.join(argv)}: {r.stderr.decode(errors='replace').strip()}")
+        return None
     return r.stdout.decode()
