@@ -15,6 +15,9 @@ is measured against its peer in the same run, interleaved turn by turn:
   alone first and in the turns, the lower counts) and procmail (goal: faster), with the runtime
   floor beside them: a bare `python3 -IS` program reading the pipe and storing with the fsync
   floor's syscalls, nothing else (what any delivery process in this interpreter costs at least);
+  each process also delivers a 4 KB message in the same turns, and the difference is its data
+  path (what the 10 MB cost it, start-up aside: vdeliver's start is a Python interpreter's,
+  procmail's a C program's);
 - growth: 4 KB deliveries into an mbox filled with real 4 KB messages up to 2 GB (no sparse
   file: the delivery reads the end of the mbox), and into a Maildir with up to 200000 messages
   in cur/ and new/, each point against an empty mailbox in the same turns (goal: within 10%);
@@ -314,27 +317,42 @@ def part_large(b: Bench, names: list[str]) -> list[str]:
     size = (1 << 20) if b.quick else (10 << 20)
     turns = 2 if b.quick else 15
     msg = message(size, "large")
-    record = msg[len(FROM_LINE):]
+    small = message(4096, "large-4k")
+    record, small_record = msg[len(FROM_LINE):], small[len(FROM_LINE):]
     lines = [f"## Large messages: {size >> 20} MB through the command line (median of {turns}, interleaved)", "",
-             "| format | run | wall ms | x fsync floor | x procmail | CPU ms |", "|---|---|---:|---:|---:|---:|"]
+             ("Each process also delivers a 4 KB message in the same turns: the difference is what the "
+              f"{size >> 20} MB cost it beyond starting and ending (its data path), start-up aside."), "",
+             "| format | run | wall ms | x fsync floor | x procmail | CPU ms | 4 KB ms | data path ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for fmt in ("mbox", "maildir"):
         runs: dict[str, object] = {"fsync floor (write + fsync in one process)": lambda f=fmt: b.fsync_floor(f, record)}
+        twins: dict[str, object] = {}  # the same run with a 4 KB message, same target
         pm_target = str(b.mbox("large-procmail")) if fmt == "mbox" else str(b.maildir("large-procmail-md")) + "/"
         runs["procmail 3.22"] = lambda t=pm_target: b.procmail(t, msg)
+        twins["procmail 3.22"] = lambda t=pm_target: b.procmail(t, small)
         bare_target = str(b.mbox("large-bare")) if fmt == "mbox" else str(b.maildir("large-bare-md"))
-        runs["bare python3 -IS: read the pipe, write, fsync"] = lambda f=fmt, t=bare_target: b.bare(f, t, record)
+        bare = "bare python3 -IS: read the pipe, write, fsync"
+        runs[bare] = lambda f=fmt, t=bare_target: b.bare(f, t, record)
+        twins[bare] = lambda f=fmt, t=bare_target: b.bare(f, t, small_record)
         for name in names:
             user = f"large-{name.replace(' --', '-')}-{fmt}"
             b.mbox(user) if fmt == "mbox" else b.maildir(user)
             runs[f"vdeliver {name}"] = (lambda n=name, u=user: b.vdeliver(n, u, msg))
+            twins[f"vdeliver {name}"] = (lambda n=name, u=user: b.vdeliver(n, u, small))
         # The floor alone first: in the rotation it sometimes costs three times as much (20 ms
         # of this process's own CPU in the write; docs/benchmarks.md).  The lower floor counts.
         alone = median_rows({"x": [b.fsync_floor(fmt, record) for _ in range(3)]})["x"]
-        got = {"fsync floor alone (3 runs before the others)": alone, **interleave(turns, runs)}
+        got = {"fsync floor alone (3 runs before the others)": alone,
+               **interleave(turns, {**runs, **{f"{k} (4 KB)": v for k, v in twins.items()}})}
         floor = min(alone[0], got["fsync floor (write + fsync in one process)"][0])
         pm = got["procmail 3.22"][0]
         for key, (w, c) in got.items():
-            lines.append(f"| {fmt} | {key} | {w * 1000:.1f} | {w / floor:.2f}x | {w / pm:.2f}x | {c * 1000:.1f} |")
+            if key.endswith(" (4 KB)"):
+                continue
+            four = got.get(f"{key} (4 KB)")
+            extra = f" {four[0] * 1000:.1f} | {(w - four[0]) * 1000:.1f} |" if four else " - | - |"
+            lines.append(f"| {fmt} | {key} | {w * 1000:.1f} | {w / floor:.2f}x | {w / pm:.2f}x | {c * 1000:.1f} |"
+                         + extra)
         for user in [u for u in os.listdir(b.work / "vbox" / DOMAIN) if u.startswith("large")]:
             os.truncate(b.work / "vbox" / DOMAIN / user, 0)  # keep the disk free between formats
     return [*lines, ""]

@@ -123,7 +123,7 @@ def test_cli_bench_quick_run_writes_its_rows_and_curves(tmp_path: Path) -> None:
                 "| Maildir | 1000 messages |", ": main cpu=", "| mbox | bare python3 -IS",
                 "| maildir | bare python3 -IS", "| python3 -IS, ended with posix._exit(0) |",
                 "| bare python3 -IS: read the pipe, write, fsync, mbox |",
-                "| bare python3 -IS: read the pipe, write, fsync, maildir |"):
+                "| bare python3 -IS: read the pipe, write, fsync, maildir |", "| 4 KB ms | data path ms |"):
         assert row in text, row
     assert_plotted(text, tmp_path / "cli-growth.png")
 
